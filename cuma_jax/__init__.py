@@ -1,0 +1,1 @@
+"""cuma_jax: CuMA (Cultural Mixture of Adapters) in JAX/Flax."""
