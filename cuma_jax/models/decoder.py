@@ -1,0 +1,317 @@
+"""Functional linen decoder covering Qwen3 and Llama 3.x as Hugging Face defines them.
+
+One implementation, parameterised by :class:`ModelConfig`: RMSNorm, rotary embeddings
+(with Llama 3 ``rope_scaling``), grouped-query attention, Qwen3's q/k RMSNorm, SwiGLU,
+tied or untied embeddings, optional biases.  Norms and the attention softmax run in
+float32 whatever the compute dtype.  Layers can be scanned (``nn.scan``) and/or
+rematerialised with identical numbers.  Adapters (LoRA experts, routers, prefixes) plug
+into the projections through :mod:`cuma_jax.layers.inject`; with ``adapter=None`` the
+module is exactly the frozen backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cuma_jax import sharding as ax
+from cuma_jax.layers import inject
+from cuma_jax.models.config import ModelConfig, RopeConfig
+
+Dtype = Any
+OUTPUTS = ("logits", "hidden_states")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _partitioned(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+class RMSNorm(nn.Module):
+  """Hugging Face's RMSNorm: normalise in float32, cast back, then scale."""
+
+  eps: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", _partitioned(nn.initializers.ones, (ax.NORM,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
+  """Inverse frequencies (float32), including Llama 3's piecewise frequency scaling."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv_freq = (1.0 / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+  if rope.rope_type == "linear":
+    return inv_freq / np.float32(rope.factor)
+  if rope.rope_type == "llama3":
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotates ``x`` [B, T, heads, head_dim] by ``positions`` [B, T] (HF's half-split layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+def build_attention_mask(attention_mask, query_len, key_len, prefix_len=0):
+  """[B, T, P + S] boolean mask: causal over the sequence, padding on keys, prefix visible."""
+  causal = jnp.tril(jnp.ones((query_len, key_len), bool), k=key_len - query_len)
+  mask = causal[None] & attention_mask[:, None, :].astype(bool)
+  if prefix_len:
+    prefix = jnp.ones((mask.shape[0], query_len, prefix_len), bool)
+    mask = jnp.concatenate([prefix, mask], axis=-1)
+  return mask
+
+
+def dot_product_attention(q, k, v, mask, dtype):
+  """Grouped-query attention; q [B,T,H,D], k/v [B,S,KV,D], mask [B,T,S]. Softmax in fp32.
+
+  Keys and values are plain arguments so a key/value cache (or learned prefixes) can be
+  concatenated by the caller without touching this function.
+  """
+  batch, length, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (head_dim ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(batch, length, heads, head_dim)
+
+
+class Projection(nn.Module):
+  """A frozen linear map with named axes; ``DenseGeneral`` with logical partitioning."""
+
+  features: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  use_bias: bool
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.DenseGeneral(
+        features=self.features, axis=tuple(range(-len(self.in_axes), 0)),
+        use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=_partitioned(nn.initializers.normal(0.02), self.in_axes + self.out_axes),
+        bias_init=_partitioned(nn.initializers.zeros, self.out_axes),
+        name="linear")(x)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+  adapter: inject.AdapterConfig | None
+  dtype: Dtype
+  param_dtype: Dtype
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, mask, positions, demographics, token_mask):
+    cfg = self.config
+    heads = {"q_proj": (cfg.num_heads, ax.HEADS), "k_proj": (cfg.num_kv_heads, ax.KV_HEADS),
+             "v_proj": (cfg.num_kv_heads, ax.KV_HEADS)}
+    outputs, aux_in = inject.AdapterGroup(
+        adapter=self.adapter, group="attn_in", dtype=self.dtype,
+        deterministic=self.deterministic, name="adapters_in")(
+            x, demographics, token_mask,
+            {name: (n * cfg.head_dim, axis) for name, (n, axis) in heads.items()},
+            in_axis=ax.EMBED)
+    projected = {}
+    for name, (num, axis) in heads.items():
+      y = _proj(self, name, (num, cfg.head_dim), (ax.EMBED,), (axis, ax.HEAD_DIM),
+                cfg.attention_bias)(x)
+      if name in outputs:
+        y = y + outputs[name].reshape(y.shape).astype(y.dtype)
+      projected[name] = y
+    q, k, v = projected["q_proj"], projected["k_proj"], projected["v_proj"]
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
+    inv_freq = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    k, v = inject.with_prefix(self, self.adapter, k, v, self.dtype)
+    out = dot_product_attention(q, k, v, mask, self.dtype)
+    out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
+    flat = out.reshape(*out.shape[:2], -1)
+    deltas, aux_out = inject.AdapterGroup(
+        adapter=self.adapter, group="attn_out", dtype=self.dtype,
+        deterministic=self.deterministic, name="adapters_out")(
+            flat, demographics, token_mask, {"o_proj": (cfg.hidden_size, ax.EMBED)},
+            in_axis=ax.HEADS)
+    y = _proj(self, "o_proj", (cfg.hidden_size,), (ax.HEADS, ax.HEAD_DIM), (ax.EMBED,),
+              cfg.attention_bias)(out)
+    if "o_proj" in deltas:
+      y = y + deltas["o_proj"].astype(y.dtype)
+    return y, inject.merge_aux(aux_in, aux_out)
+
+
+class MLP(nn.Module):
+  config: ModelConfig
+  adapter: inject.AdapterConfig | None
+  dtype: Dtype
+  param_dtype: Dtype
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, demographics, token_mask):
+    cfg = self.config
+    inner = cfg.intermediate_size
+    deltas_in, aux_in = inject.AdapterGroup(
+        adapter=self.adapter, group="mlp_in", dtype=self.dtype,
+        deterministic=self.deterministic, name="adapters_in")(
+            x, demographics, token_mask,
+            {"gate_proj": (inner, ax.MLP), "up_proj": (inner, ax.MLP)}, in_axis=ax.EMBED)
+    hidden = {}
+    for name in ("gate_proj", "up_proj"):
+      y = _proj(self, name, (inner,), (ax.EMBED,), (ax.MLP,), cfg.mlp_bias)(x)
+      if name in deltas_in:
+        y = y + deltas_in[name].astype(y.dtype)
+      hidden[name] = y
+    h = nn.silu(hidden["gate_proj"]) * hidden["up_proj"]
+    h = nn.with_logical_constraint(h, (ax.BATCH, ax.LENGTH, ax.MLP))
+    deltas_out, aux_out = inject.AdapterGroup(
+        adapter=self.adapter, group="mlp_out", dtype=self.dtype,
+        deterministic=self.deterministic, name="adapters_out")(
+            h, demographics, token_mask, {"down_proj": (cfg.hidden_size, ax.EMBED)},
+            in_axis=ax.MLP)
+    y = _proj(self, "down_proj", (cfg.hidden_size,), (ax.MLP,), (ax.EMBED,), cfg.mlp_bias)(h)
+    if "down_proj" in deltas_out:
+      y = y + deltas_out["down_proj"].astype(y.dtype)
+    return y, inject.merge_aux(aux_in, aux_out)
+
+
+def _proj(module, name, features, in_axes, out_axes, use_bias):
+  return Projection(features=features, in_axes=in_axes, out_axes=out_axes, use_bias=use_bias,
+                    dtype=module.dtype, param_dtype=module.param_dtype, name=name)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+  adapter: inject.AdapterConfig | None
+  dtype: Dtype
+  param_dtype: Dtype
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, mask, positions, demographics, token_mask):
+    cfg = self.config
+    kwargs = dict(config=cfg, adapter=self.adapter, dtype=self.dtype,
+                  param_dtype=self.param_dtype, deterministic=self.deterministic)
+    h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x)
+    attn, aux_attn = Attention(**kwargs, name="self_attn")(
+        h, mask, positions, demographics, token_mask)
+    x = x + attn
+    h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype,
+                name="post_attention_layernorm")(x)
+    mlp, aux_mlp = MLP(**kwargs, name="mlp")(h, demographics, token_mask)
+    x = nn.with_logical_constraint(x + mlp, (ax.BATCH, ax.LENGTH, ax.EMBED))
+    return x, inject.merge_aux(aux_attn, aux_mlp)
+
+
+class Decoder(nn.Module):
+  """Qwen3 / Llama decoder.
+
+  ``apply({"params": p}, input_ids, attention_mask=m)`` returns float32 logits
+  [batch, length, vocab] (or final hidden states with ``output="hidden_states"``).  With an
+  adapter configured it returns ``(outputs, aux)`` where ``aux`` holds the summed balance
+  loss and per-router expert-usage counts (see :mod:`cuma_jax.layers.inject`).
+  """
+
+  config: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
+  output: str = "logits"
+  adapter: inject.AdapterConfig | None = None
+
+  def setup_check(self):
+    if self.output not in OUTPUTS:
+      raise ValueError(f"output={self.output!r}; allowed: {OUTPUTS}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}; allowed: {REMAT_POLICIES}")
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, positions=None, demographics=None,
+               deterministic: bool = True):
+    self.setup_check()
+    cfg = self.config
+    batch, length = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((batch, length), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if self.adapter is not None:
+      demographics = inject.check_demographics(self.adapter, demographics, batch)
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                     param_dtype=self.param_dtype,
+                     embedding_init=_partitioned(nn.initializers.normal(0.02),
+                                                 (ax.VOCAB, ax.EMBED)),
+                     name="embed_tokens")
+    x = nn.with_logical_constraint(embed(input_ids), (ax.BATCH, ax.LENGTH, ax.EMBED))
+    prefix_len = self.adapter.prefix_length if self.adapter is not None else 0
+    mask = build_attention_mask(attention_mask, length, length, prefix_len)
+    x, aux = self._layers(x, mask, positions, demographics, attention_mask, deterministic)
+    x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+    if self.output == "hidden_states":
+      out = x.astype(jnp.float32)
+    elif cfg.tie_word_embeddings:
+      out = embed.attend(x).astype(jnp.float32)
+    else:
+      out = nn.DenseGeneral(
+          cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=_partitioned(nn.initializers.normal(0.02), (ax.EMBED, ax.VOCAB)),
+          name="lm_head")(x).astype(jnp.float32)
+    out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.VOCAB))
+    if self.adapter is None:
+      return out
+    return out, inject.finalize_aux(aux)
+
+  def _layers(self, x, mask, positions, demographics, token_mask, deterministic):
+    cfg = self.config
+    kwargs = dict(config=cfg, adapter=self.adapter, dtype=self.dtype,
+                  param_dtype=self.param_dtype, deterministic=deterministic)
+    # A layer maps (x, *broadcast) -> (x, aux): exactly nn.scan's (carry, ys) contract.
+    layer_cls = DecoderLayer
+    if self.remat != "none":
+      policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                if self.remat == "dots" else None)
+      layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      scanned = nn.scan(
+          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: ax.LAYERS})
+      return scanned(**kwargs, name="layers")(x, mask, positions, demographics, token_mask)
+    per_layer = []
+    for i in range(cfg.num_layers):
+      x, aux = layer_cls(**kwargs, name=f"layers_{i}")(
+          x, mask, positions, demographics, token_mask)
+      per_layer.append(aux)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else {}
