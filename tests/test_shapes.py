@@ -7,16 +7,18 @@ import jax
 import numpy as np
 import pytest
 
+import cuma_jax
+
 from cuma_jax.api import abstract_params, build_decoder
 from cuma_jax.models.config import ModelConfig
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "data", "model_configs")
+CONFIGS = os.path.join(os.path.dirname(cuma_jax.__file__), "architectures")
 
 
 @pytest.mark.parametrize("filename, output, expected", [
-    ("qwen3-8b.config.json", "logits", 8_190_735_360),
-    ("llama-3.1-8b.config.json", "logits", 8_030_261_248),
-    ("qwen3-embedding-0.6b.config.json", "hidden_states", 595_776_512),
+    ("qwen3-8b.json", "logits", 8_190_735_360),
+    ("llama-3.1-8b.json", "logits", 8_030_261_248),
+    ("qwen3-embedding-0.6b.json", "hidden_states", 595_776_512),
 ])
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_parameter_count_matches_hugging_face(filename, output, expected, scan_layers):
@@ -27,7 +29,7 @@ def test_parameter_count_matches_hugging_face(filename, output, expected, scan_l
 
 
 def test_every_parameter_has_logical_axes():
-  config = ModelConfig.from_pretrained(os.path.join(CONFIGS, "qwen3-8b.config.json"))
+  config = ModelConfig.from_pretrained(os.path.join(CONFIGS, "qwen3-8b.json"))
   boxed = abstract_params(build_decoder(config, scan_layers=True))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)

@@ -30,17 +30,19 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 class TensorIndex:
   """Which file holds which tensor, for a single-file or sharded checkpoint directory."""
 
-  def __init__(self, directory: str | os.PathLike):
+  def __init__(self, directory: str | os.PathLike, filename: str | None = None):
+    """``filename``: read that one file of ``directory`` instead of the checkpoint."""
     directory = os.fspath(directory)
     index_path = os.path.join(directory, INDEX_FILE)
-    single_path = os.path.join(directory, SINGLE_FILE)
-    if os.path.isfile(index_path):
+    weight_map = None
+    if filename is not None:
+      files = [filename]
+    elif os.path.isfile(index_path):
       with open(index_path) as f:
         weight_map = json.load(f)["weight_map"]
       files = sorted(set(weight_map.values()))
-    elif os.path.isfile(single_path):
+    elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
       files = [SINGLE_FILE]
-      weight_map = None
     else:
       raise FileNotFoundError(
           f"{directory} is not a safetensors checkpoint: neither {SINGLE_FILE} nor "
@@ -49,17 +51,16 @@ class TensorIndex:
     for name in files:
       path = os.path.join(directory, name)
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"{INDEX_FILE} names {name}, which is missing from {directory}")
+        raise FileNotFoundError(f"{name} is missing from {directory}")
       self._headers[path] = _read_header(path)
     self._location = {}
     for path, (header, _) in self._headers.items():
       for tensor in header:
         self._location[tensor] = path
-    if weight_map is not None:
-      for tensor, name in weight_map.items():
-        if self._location.get(tensor) != os.path.join(directory, name):
-          raise ValueError(f"{INDEX_FILE} places tensor {tensor!r} in {name}, which does not "
-                           "hold it")
+    for tensor, name in (weight_map or {}).items():
+      if self._location.get(tensor) != os.path.join(directory, name):
+        raise ValueError(f"{INDEX_FILE} places tensor {tensor!r} in {name}, which does not "
+                         "hold it")
 
   def names(self) -> list[str]:
     return list(self._location)

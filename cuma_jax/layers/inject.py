@@ -22,7 +22,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cuma_jax import sharding as ax
@@ -49,6 +48,7 @@ class AdapterConfig:
   router_hidden: tuple[int, ...] = (256,)
   router_dropout: float = 0.0
   demographic_dim: int = 1024
+  demographic_projection: tuple[int, ...] = ()
   share_router: bool = False
   gate_mode: str = "reference"
   strategy: str = "auto"
@@ -58,6 +58,7 @@ class AdapterConfig:
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
     object.__setattr__(self, "router_hidden", tuple(self.router_hidden))
+    object.__setattr__(self, "demographic_projection", tuple(self.demographic_projection))
     unknown = [t for t in self.targets if t not in TARGET_MODULES]
     if unknown:
       raise ValueError(f"adapter.targets {unknown} match no projection; the projections "

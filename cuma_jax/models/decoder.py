@@ -21,6 +21,7 @@ import numpy as np
 from cuma_jax import sharding as ax
 from cuma_jax.layers import inject
 from cuma_jax.models.config import ModelConfig, RopeConfig
+from cuma_jax.models.demographic import DemographicProjection
 
 Dtype = Any
 OUTPUTS = ("logits", "hidden_states")
@@ -259,7 +260,9 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, demographics=None,
-               deterministic: bool = True):
+               deterministic: bool = True, logit_indices=None):
+    """``logit_indices`` [batch, K]: score only these positions (the supervised tokens or
+    the last prompt position), so the [batch, length, vocab] logits are never formed."""
     self.setup_check()
     cfg = self.config
     batch, length = input_ids.shape
@@ -269,6 +272,10 @@ class Decoder(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if self.adapter is not None:
       demographics = inject.check_demographics(self.adapter, demographics, batch)
+      if demographics is not None and self.adapter.demographic_projection:
+        demographics = DemographicProjection(
+            self.adapter.demographic_projection, self.adapter.param_dtype,
+            name="adapters_demographic")(demographics)
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                      param_dtype=self.param_dtype,
                      embedding_init=_partitioned(nn.initializers.normal(0.02),
@@ -279,6 +286,8 @@ class Decoder(nn.Module):
     mask = build_attention_mask(attention_mask, length, length, prefix_len)
     x, aux = self._layers(x, mask, positions, demographics, attention_mask, deterministic)
     x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+    if logit_indices is not None:
+      x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)
     if self.output == "hidden_states":
       out = x.astype(jnp.float32)
     elif cfg.tie_word_embeddings:

@@ -1,0 +1,7 @@
+"""Ablation: CuMA with soft routing (top-k experts weighted by raw probabilities)."""
+
+from cuma_jax.presets import experiment_config
+
+
+def get_config(preset="demo"):
+  return experiment_config("cuma", preset, ablation="soft_routing")

@@ -1,0 +1,61 @@
+"""Trainable and total parameter counts of a config, from ``jax.eval_shape`` (no allocation).
+
+    python -m cuma_jax.count --config=configs/cuma.py:qwen3_8b_r64
+
+Percentages are relative to the frozen backbone's own parameter count, as in the paper.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+from flax import traverse_util
+
+from cuma_jax import api, presets
+from cuma_jax.models.config import ModelConfig
+from cuma_jax.training.partition import is_trainable
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file:preset.",
+                                          lock_config=True)
+
+
+def architecture(config) -> ModelConfig:
+  """The backbone's architecture: the checkpoint's config.json, else the bundled one."""
+  if config.model.checkpoint:
+    return ModelConfig.from_pretrained(config.model.checkpoint)
+  if not config.model.architecture:
+    raise ValueError("config.model.checkpoint and config.model.architecture are both empty")
+  return ModelConfig.from_pretrained(
+      os.path.join(presets.ARCHITECTURES_DIR, config.model.architecture + ".json"))
+
+
+def count_parameters(config, model_config: ModelConfig | None = None) -> dict[str, float]:
+  model_config = model_config or architecture(config)
+  module = api.build_decoder(model_config, adapter=presets.adapter_config(config))
+  shapes = traverse_util.flatten_dict(nn.unbox(api.abstract_params(module)))
+  sizes = {path: int(np.prod(x.shape)) for path, x in shapes.items()}
+  trainable = sum(n for p, n in sizes.items() if is_trainable(p, config.trainable))
+  backbone = sum(n for p, n in sizes.items() if not api.is_adapter_path(p))
+  return {"trainable": trainable, "total": sum(sizes.values()), "backbone": backbone,
+          "trainable_percent": 100.0 * trainable / backbone}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  presets.validate(config)
+  counts = count_parameters(config)
+  print(f"method={config.method} ablation={config.ablation} "
+        f"architecture={config.model.checkpoint or config.model.architecture}")
+  print(f"trainable parameters: {counts['trainable']:,}")
+  print(f"total parameters:     {counts['total']:,} (frozen backbone {counts['backbone']:,})")
+  print(f"trainable:            {counts['trainable_percent']:.2f}% of the backbone")
+
+
+if __name__ == "__main__":
+  app.run(main)

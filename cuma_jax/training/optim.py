@@ -1,0 +1,35 @@
+"""Optax optimiser over the trainable parameters: AdamW, schedules, clipping, accumulation."""
+
+from __future__ import annotations
+
+import optax
+
+
+def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
+  """Constant / linear decay / cosine decay to zero, each after a linear warmup."""
+  peak, warmup = optim.learning_rate, optim.warmup_steps
+  decay_steps = max(total_steps - warmup, 1)
+  if optim.schedule == "constant":
+    main = optax.constant_schedule(peak)
+  elif optim.schedule == "linear":
+    main = optax.linear_schedule(peak, 0.0, decay_steps)
+  elif optim.schedule == "cosine":
+    main = optax.cosine_decay_schedule(peak, decay_steps)
+  else:
+    raise ValueError(f"optim.schedule={optim.schedule!r}; allowed: constant, linear, cosine")
+  if not warmup:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+  """``total_steps`` counts optimiser updates (after gradient accumulation)."""
+  chain = []
+  if optim.grad_clip:
+    chain.append(optax.clip_by_global_norm(optim.grad_clip))
+  chain.append(optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1,
+                           b2=optim.b2, weight_decay=optim.weight_decay))
+  tx = optax.chain(*chain)
+  if optim.accumulation_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulation_steps)
+  return tx

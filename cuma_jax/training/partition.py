@@ -1,0 +1,46 @@
+"""Trainable / frozen split of a parameter tree.
+
+Training differentiates and optimises only the trainable part; the frozen backbone is
+passed as a non-differentiated argument (it never gets a gradient or optimizer state) and
+may stay in bfloat16 while the trainable part is kept in float32 master weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from cuma_jax.api import is_adapter_path
+
+TRAINABLE_MODES = ("adapters", "all")
+
+
+def is_trainable(path: tuple[str, ...], mode: str) -> bool:
+  if mode not in TRAINABLE_MODES:
+    raise ValueError(f"trainable={mode!r}; allowed: {TRAINABLE_MODES}")
+  return mode == "all" or is_adapter_path(path)
+
+
+def split_params(params, mode: str = "adapters", *, trainable_dtype: Any = jnp.float32,
+                 frozen_dtype: Any = None):
+  """Returns ``(trainable, frozen)`` nested dicts whose union is ``params``."""
+  flat = traverse_util.flatten_dict(params)
+  trainable, frozen = {}, {}
+  for path, value in flat.items():
+    if is_trainable(path, mode):
+      trainable[path] = value.astype(trainable_dtype) if trainable_dtype else value
+    else:
+      frozen[path] = value.astype(frozen_dtype) if frozen_dtype else value
+  if not trainable:
+    raise ValueError(f"trainable={mode!r} selects no parameter: the model has no adapters")
+  return (traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen))
+
+
+def merge_params(trainable, frozen):
+  """Inverse of :func:`split_params` (frozen leaves are stopped from gradients)."""
+  flat = traverse_util.flatten_dict(jax.lax.stop_gradient(frozen)) if frozen else {}
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)
