@@ -56,9 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
       shuffle_seed=42, num_workers=0,
       # Synthetic survey sizes (ignored for wvb).
       synthetic=ml_collections.ConfigDict(dict(
-          seed=0, num_cultures=4, num_countries=12, num_questions=24,
-          num_train_participants=2000, num_test_participants=300,
-          num_zero_shot_participants=300))))
+          seed=0, num_cultures=4, num_countries=12, num_questions=24, num_train=2000,
+          num_valid=0, num_test=250, num_zero_shot=250))))
+  # Only used when model.checkpoint is "": the embedded default builds its own backbone.
+  c.tiny_backbone = ml_collections.ConfigDict(dict(
+      vocab_size=1024, hidden_size=64, num_layers=2, warmup_steps=300,
+      warmup_learning_rate=3e-3, warmup_batch_size=32))
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-6, b1=0.9, b2=0.999, weight_decay=0.01, schedule="constant",
       warmup_steps=0, grad_clip=1.0, accumulation_steps=1, label_smoothing=0.0,
@@ -121,16 +124,19 @@ def _set_scale(c, scale: str) -> None:
     c.adapter.update(rank=8, alpha=16.0, num_experts=4, top_k=2, router_hidden=(32,))
     if c.adapter.demographic_dim:
       c.adapter.demographic_dim = 32
-    c.data.update(dataset="synthetic", max_length=96, batch_size=32)
+    c.data.update(dataset="synthetic", max_length=160, batch_size=32)
     c.optim.update(learning_rate=3e-3, schedule="cosine", warmup_steps=10)
     c.train.update(num_epochs=1, log_every=10, checkpoint_every=100, keep_checkpoints=2)
     c.eval.batch_size = 128
     c.mesh.shape = (("data", -1), ("model", 1))
     if scale == "tiny":
-      c.data.synthetic.update(num_questions=6, num_train_participants=60,
-                              num_test_participants=20, num_zero_shot_participants=20)
+      c.data.synthetic.update(num_countries=4, num_questions=6, num_train=60, num_test=10,
+                              num_zero_shot=10)
+      c.tiny_backbone.update(vocab_size=600, hidden_size=32, warmup_steps=4,
+                             warmup_batch_size=8)
       c.train.update(num_steps=4, log_every=1, checkpoint_every=2, progress_bar=False)
       c.data.batch_size = 8
+      c.eval.batch_size = 16
   else:
     raise ValueError(f"preset scale {scale!r}; allowed: {SCALES}")
   if c.method == "full" and scale not in ("demo", "tiny"):
@@ -199,6 +205,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError("config.method='full' needs config.trainable='all'")
   if c.method != "full":
     adapter_config(c)  # AdapterConfig's own checks name the adapter.* field.
+
+
+def warmup_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The embedded default's warm-up stage: full fine-tuning without profiles in the prompt."""
+  w = ml_collections.ConfigDict(c.to_dict())
+  w.method, w.ablation, w.trainable = "full", "none", "all"
+  w.model.update(dtype="float32", param_dtype="float32", scan_layers=False, remat="none")
+  w.data.demographic_system_prompt = False
+  w.data.batch_size = c.tiny_backbone.warmup_batch_size
+  w.optim.update(learning_rate=c.tiny_backbone.warmup_learning_rate, schedule="cosine",
+                 warmup_steps=min(20, c.tiny_backbone.warmup_steps // 10), lambda_aux=0.0)
+  w.train.update(num_steps=c.tiny_backbone.warmup_steps,
+                 checkpoint_every=max(c.tiny_backbone.warmup_steps, 1))
+  w.lock()
+  return w
 
 
 def available_architectures() -> tuple[str, ...]:

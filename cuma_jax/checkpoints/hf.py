@@ -79,9 +79,9 @@ class Rule:
 def _projection_rules(module, names, num_in_dims, bias_flag):
   rules = []
   for name in names:
-    rules.append(Rule(f"{module}.{name}.weight", (module, name, "linear", "kernel"),
+    rules.append(Rule(f"{module}.{name}.weight", (module, name, "kernel"),
                       Kernel(num_in_dims)))
-    rules.append(Rule(f"{module}.{name}.bias", (module, name, "linear", "bias"), Bias(),
+    rules.append(Rule(f"{module}.{name}.bias", (module, name, "bias"), Bias(),
                       when=lambda cfg, flag=bias_flag: getattr(cfg, flag)))
   return rules
 

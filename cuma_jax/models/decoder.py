@@ -106,7 +106,11 @@ def dot_product_attention(q, k, v, mask, dtype):
 
 
 class Projection(nn.Module):
-  """A frozen linear map with named axes; ``DenseGeneral`` with logical partitioning."""
+  """A linear map over the trailing ``len(in_axes)`` dimensions, with named axes.
+
+  The kernel is created at its full named shape (not flattened and reshaped, as
+  ``nn.DenseGeneral`` does), so its logical sharding applies even inside a mesh context.
+  """
 
   features: tuple[int, ...]
   in_axes: tuple[str, ...]
@@ -117,12 +121,18 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.DenseGeneral(
-        features=self.features, axis=tuple(range(-len(self.in_axes), 0)),
-        use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_partitioned(nn.initializers.normal(0.02), self.in_axes + self.out_axes),
-        bias_init=_partitioned(nn.initializers.zeros, self.out_axes),
-        name="linear")(x)
+    n_in = len(self.in_axes)
+    kernel = self.param("kernel", _partitioned(nn.initializers.normal(0.02),
+                                               self.in_axes + self.out_axes),
+                        x.shape[-n_in:] + tuple(self.features), self.param_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
+                            (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", _partitioned(nn.initializers.zeros, self.out_axes),
+                        tuple(self.features), self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
 
 
 class Attention(nn.Module):

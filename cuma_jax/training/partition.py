@@ -24,19 +24,22 @@ def is_trainable(path: tuple[str, ...], mode: str) -> bool:
   return mode == "all" or is_adapter_path(path)
 
 
+def partition(tree, mode: str = "adapters"):
+  """Splits any tree shaped like the parameters (arrays, shardings, ...) by trainability."""
+  flat = traverse_util.flatten_dict(tree)
+  trainable = {p: v for p, v in flat.items() if is_trainable(p, mode)}
+  if not trainable:
+    raise ValueError(f"trainable={mode!r} selects no parameter: the model has no adapters")
+  frozen = {p: v for p, v in flat.items() if p not in trainable}
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
 def split_params(params, mode: str = "adapters", *, trainable_dtype: Any = jnp.float32,
                  frozen_dtype: Any = None):
   """Returns ``(trainable, frozen)`` nested dicts whose union is ``params``."""
-  flat = traverse_util.flatten_dict(params)
-  trainable, frozen = {}, {}
-  for path, value in flat.items():
-    if is_trainable(path, mode):
-      trainable[path] = value.astype(trainable_dtype) if trainable_dtype else value
-    else:
-      frozen[path] = value.astype(frozen_dtype) if frozen_dtype else value
-  if not trainable:
-    raise ValueError(f"trainable={mode!r} selects no parameter: the model has no adapters")
-  return (traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen))
+  trainable, frozen = partition(params, mode)
+  cast = lambda dtype: (lambda x: x.astype(dtype)) if dtype else (lambda x: x)
+  return jax.tree.map(cast(trainable_dtype), trainable), jax.tree.map(cast(frozen_dtype), frozen)
 
 
 def merge_params(trainable, frozen):

@@ -1,0 +1,25 @@
+"""Runs one experiment: ``python -m cuma_jax.main --config=configs/cuma.py:demo --workdir=DIR``.
+
+Thin on purpose: the work is in :mod:`cuma_jax.experiment`, importable from notebooks.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cuma_jax import experiment
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file and preset, e.g. configs/cuma.py:qwen3_8b_r64.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  experiment.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

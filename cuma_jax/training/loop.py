@@ -1,0 +1,182 @@
+"""The SFT training loop: resumable, sharded, observable; importable from a notebook.
+
+:func:`train` runs ``config.train`` steps of :func:`~cuma_jax.training.step.make_train_step`
+over a grain iterator, checkpointing {trainable params, optimiser state, step, RNG, data
+iterator state, config} with Orbax and resuming from the workdir's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from cuma_jax import sharding
+from cuma_jax.api import abstract_params
+from cuma_jax.training import checkpointing, optim
+from cuma_jax.training.metrics_log import MetricWriter
+from cuma_jax.training.partition import partition, split_params
+from cuma_jax.training.step import MAX_TARGETS, demographics_for, make_train_step
+
+BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "profile_index")
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+  trainable: Any
+  frozen: Any
+  step: int
+  losses: list[float]
+
+
+def total_steps(config, examples_per_epoch: int) -> int:
+  """Optimiser updates: ``train.num_steps`` if set, else epochs over the data."""
+  if config.train.num_steps > 0:
+    return config.train.num_steps
+  batches = examples_per_epoch // config.data.batch_size
+  return max(config.train.num_epochs * batches // config.optim.accumulation_steps, 1)
+
+
+def train(config, workdir: str, module, params, train_dataset, *, num_steps: int,
+          demographic_table=None, log=print) -> TrainResult:
+  """Trains ``module``'s trainable parameters; resumes from ``workdir`` when it has a checkpoint.
+
+  ``train_dataset`` is an (infinitely repeating) grain IterDataset of numpy batches;
+  ``demographic_table`` is [num_profiles, d] (batches carry ``profile_index``) or None.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  steps = num_steps
+  updates_per_step = config.optim.accumulation_steps
+  tx = optim.make_optimizer(config.optim, steps)
+  schedule = optim.learning_rate_schedule(config.optim, steps)
+  frozen_dtype = jnp.dtype(config.model.param_dtype)
+  trainable, frozen = split_params(params, config.trainable, frozen_dtype=frozen_dtype)
+  del params
+
+  trainable_sh, frozen_sh = partition(
+      sharding.param_shardings(abstract_params(module), mesh, rules), config.trainable)
+  trainable = jax.device_put(trainable, trainable_sh)
+  frozen = jax.device_put(frozen, frozen_sh)
+  opt_state = jax.jit(tx.init)(trainable)
+  opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+  batch_sh = sharding.logical_sharding(mesh, (sharding.BATCH,), rules)
+  replicated = NamedSharding(mesh, P())
+  table = None
+  if demographic_table is not None:
+    table = jax.device_put(jnp.asarray(demographic_table, jnp.float32), replicated)
+
+  step_fn = make_train_step(module, tx, lambda_aux=config.optim.lambda_aux,
+                            label_smoothing=config.optim.label_smoothing)
+
+  def full_step(trainable, frozen, opt_state, table, batch, rng):
+    z = demographics_for(table, batch)
+    return step_fn(trainable, frozen, opt_state, batch, z, rng)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jitted = jax.jit(
+        full_step,
+        in_shardings=(trainable_sh, frozen_sh, opt_sh, replicated, batch_sh, replicated),
+        out_shardings=(trainable_sh, opt_sh, replicated), donate_argnums=(0, 2))
+
+  ckpt = checkpointing.TrainCheckpoints(
+      os.path.join(workdir, "checkpoints"), save_every=config.train.checkpoint_every,
+      keep=config.train.keep_checkpoints,
+      config_json=checkpointing.config_to_json(config))
+  iterator = iter(train_dataset)
+  base_rng = jax.random.PRNGKey(config.seed)
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, _abstract({"trainable": trainable,
+                                                        "opt_state": opt_state}))
+    trainable, opt_state, start = state["trainable"], state["opt_state"], int(state["step"])
+    iterator.set_state(data_state)
+    log(f"resumed from {ckpt.directory} at step {start}")
+
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  bar = tqdm(total=steps, initial=start, disable=not config.train.progress_bar,
+             desc="train", unit="step", dynamic_ncols=True)
+  losses = []
+  last_good = latest
+  tokens_seen, t0 = 0, time.perf_counter()
+  try:
+    for step in range(start, steps):
+      accumulated = []
+      for micro in range(updates_per_step):
+        batch = _device_batch(next(iterator), batch_sh)
+        rng = jax.random.fold_in(base_rng, step * updates_per_step + micro)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+          trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, table, batch, rng)
+        accumulated.append(metrics)
+        tokens_seen += int(batch["attention_mask"].size)
+      loss = float(np.mean([float(m["loss"]) for m in accumulated]))
+      if not math.isfinite(loss):
+        ckpt.wait()
+        raise NonFiniteLoss(
+            f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint "
+            f"(step {last_good}) in {ckpt.directory} is intact.")
+      losses.append(loss)
+      done = step + 1
+      if ckpt.save(done, {"trainable": trainable, "opt_state": opt_state,
+                          "step": np.asarray(done, np.int64)}, iterator.get_state()):
+        last_good = done
+      bar.update(1)
+      bar.set_postfix(loss=f"{loss:.4f}")
+      if done % config.train.log_every == 0 or done == steps:
+        elapsed = time.perf_counter() - t0
+        scalars = {
+            "loss": loss,
+            "task_loss": float(np.mean([float(m["task_loss"]) for m in accumulated])),
+            "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
+            "grad_norm": float(accumulated[-1]["grad_norm"]),
+            "learning_rate": float(schedule(step)),
+            "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
+        usage = {k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
+                 for k, v in accumulated[-1]["expert_counts"].items()}
+        writer.write(done, scalars, usage)
+        tokens_seen, t0 = 0, time.perf_counter()
+  finally:
+    bar.close()
+    ckpt.wait()
+    writer.close()
+  if ckpt.latest_step() != steps and steps > start:
+    ckpt.save(steps, {"trainable": trainable, "opt_state": opt_state,
+                      "step": np.asarray(steps, np.int64)}, iterator.get_state(), force=True)
+    ckpt.wait()
+  ckpt.close()
+  return TrainResult(trainable=trainable, frozen=frozen, step=max(start, steps), losses=losses)
+
+
+def _abstract(state: dict) -> dict:
+  state = dict(state, step=np.zeros((), np.int64))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+
+
+def abstract_state(config, trainable) -> dict:
+  """Shapes of a training checkpoint's state, for restoring it outside :func:`train`."""
+  tx = optim.make_optimizer(config.optim, 1)
+  return _abstract({"trainable": trainable, "opt_state": jax.eval_shape(tx.init, trainable)})
+
+
+def _device_batch(batch: dict, batch_sh) -> dict:
+  supervised = int(np.max(batch["loss_mask"].sum(-1)))
+  if supervised > MAX_TARGETS:
+    raise ValueError(f"an example supervises {supervised} tokens; at most {MAX_TARGETS} are "
+                     "supported (answer letter + end-of-turn)")
+  return {k: jax.device_put(np.asarray(batch[k]), batch_sh) for k in BATCH_KEYS}
