@@ -65,14 +65,27 @@ def load_data(config, workdir: str) -> SurveyData:
   return SurveyData(sources=dict(sources), eval_splits=eval_splits, oracle=oracle)
 
 
-def demographic_table(encoder: DemographicEncoder | None, tables: SurveyTables):
-  """[num_profiles, d] embeddings of a split's distinct profiles (None: router ignores z)."""
-  if encoder is None:
-    return None
-  return encoder.encode(list(tables.profiles))
+@dataclasses.dataclass
+class Demographics:
+  """Profile strings -> router inputs: the encoder, optionally standardised with the
+  training profiles' per-dimension mean and std (``encoder.standardize``)."""
+
+  encoder: DemographicEncoder
+  mean: np.ndarray | float = 0.0
+  std: np.ndarray | float = 1.0
+
+  def table(self, tables: SurveyTables) -> np.ndarray:
+    """[num_profiles, d] for a split's sorted distinct profiles."""
+    return (self.encoder.encode(list(tables.profiles)) - self.mean) / self.std
 
 
-def make_encoder(config, backbone_dir: str) -> DemographicEncoder | None:
+def demographic_table(demographics: Demographics | None, tables: SurveyTables):
+  return None if demographics is None else demographics.table(tables)
+
+
+def make_demographics(config, backbone_dir: str, train_tables: SurveyTables | None = None
+                 ) -> Demographics | None:
+  """The router's demographic inputs (None when the routers do not read them)."""
   adapter = presets.adapter_config(config)
   if adapter is None or not adapter.uses_demographics:
     return None
@@ -82,17 +95,23 @@ def make_encoder(config, backbone_dir: str) -> DemographicEncoder | None:
   if encoder.dim != adapter.demographic_dim:
     raise ValueError(f"the demographic encoder at {path} gives vectors of width {encoder.dim}, "
                      f"but config.adapter.demographic_dim={adapter.demographic_dim}")
-  return encoder
+  demographics = Demographics(encoder)
+  if config.encoder.standardize:
+    if train_tables is None:
+      raise ValueError("encoder.standardize needs the training profiles")
+    train = encoder.encode(list(train_tables.profiles))
+    demographics = Demographics(encoder, train.mean(0), train.std(0) + 1e-6)
+  return demographics
 
 
-def evaluate(config, module, params, tokenizer, source, encoder, oracle=None) -> dict:
+def evaluate(config, module, params, tokenizer, source, demographics, oracle=None) -> dict:
   """Restricted-argmax predictions on one split and their metrics (plus the oracle's)."""
   dataset, tables = make_dataset(
       source, tokenizer, max_length=config.data.max_length, batch_size=config.eval.batch_size,
       shuffle=False, num_epochs=1, drop_remainder=False,
       demographic_system_prompt=config.data.demographic_system_prompt,
       shard_index=0, shard_count=1)
-  table = demographic_table(encoder, tables)
+  table = demographic_table(demographics, tables)
   table = None if table is None else jnp.asarray(table)
   letter_ids = np.asarray(predict.letter_token_ids(tokenizer, prompts.LETTERS))
   eval_step = jax.jit(make_eval_step(module))
@@ -214,11 +233,11 @@ def run(config, workdir: str, log=print) -> dict:
       scan_layers=config.model.scan_layers, remat=config.model.remat, adapter=adapter,
       rng=jax.random.PRNGKey(config.seed))
   tokenizer = api.load_tokenizer(backbone_dir)
-  encoder = make_encoder(config, backbone_dir)
+  demographics = make_demographics(config, backbone_dir, SurveyTables.of(data.sources["train"]))
   results = {}
   train_dir = os.path.join(workdir, "train")
   if config.mode == "train":
-    results["untrained"] = _evaluate_all(config, module, params, tokenizer, data, encoder)
+    results["untrained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
     _report("untrained", results["untrained"], log)
     dataset, tables = make_dataset(
         data.sources["train"], tokenizer, max_length=config.data.max_length,
@@ -226,7 +245,7 @@ def run(config, workdir: str, log=print) -> dict:
         demographic_system_prompt=config.data.demographic_system_prompt)
     steps = loop.total_steps(config, len(data.sources["train"]))
     result = loop.train(config, train_dir, module, params, dataset, num_steps=steps,
-                        demographic_table=demographic_table(encoder, tables), log=log)
+                        demographic_table=demographic_table(demographics, tables), log=log)
     trainable, frozen = result.trainable, result.frozen
     if adapter is not None:
       checkpointing.export_adapters(trainable, json.loads(config.adapter.to_json()),
@@ -234,15 +253,15 @@ def run(config, workdir: str, log=print) -> dict:
   else:
     trainable, frozen = _restore_trainable(config, train_dir, module, params)
   params = merge_params(trainable, frozen)
-  results["trained"] = _evaluate_all(config, module, params, tokenizer, data, encoder)
+  results["trained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
   _report("trained", results["trained"], log)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
 
 
-def _evaluate_all(config, module, params, tokenizer, data, encoder):
-  return {split: evaluate(config, module, params, tokenizer, data.sources[split], encoder,
+def _evaluate_all(config, module, params, tokenizer, data, demographics):
+  return {split: evaluate(config, module, params, tokenizer, data.sources[split], demographics,
                           data.oracle) for split in data.eval_splits}
 
 

@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.encoder = ml_collections.ConfigDict(dict(
       checkpoint="",  # Local Qwen3-Embedding-style directory; "" = use precomputed.
       architecture="qwen3-embedding-0.6b",
-      pooling="mean", max_length=128, dim=1024, projection=()))
+      pooling="mean", max_length=128, projection=(),
+      # Centre and scale each dimension over the training profiles (train statistics are
+      # reused for evaluation); for weak encoders whose vectors are nearly parallel.
+      standardize=False))
   c.adapter = ml_collections.ConfigDict(dict(
       targets=("q_proj", "v_proj"), rank=64, alpha=128.0, dropout=0.0, num_experts=8,
       top_k=2, shared_a=False, use_router=True, router_hidden=(256,), router_dropout=0.0,
@@ -57,7 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Synthetic survey sizes (ignored for wvb).
       synthetic=ml_collections.ConfigDict(dict(
           seed=0, num_cultures=4, num_countries=12, num_questions=24, num_train=2000,
-          num_valid=0, num_test=250, num_zero_shot=250))))
+          num_valid=0, num_test=250, num_zero_shot=250,
+          # Sharp, culture-specific answers: the optimum beats the population mode by
+          # 0.69 vs 0.27 accuracy (0.78 nats of cross-entropy per answer).
+          answer_width=0.3, country_strength=5.0))))
   # Only used when model.checkpoint is "": the embedded default builds its own backbone.
   c.tiny_backbone = ml_collections.ConfigDict(dict(
       vocab_size=1024, hidden_size=64, num_layers=2, warmup_steps=300,
@@ -120,23 +126,25 @@ def _set_scale(c, scale: str) -> None:
     # CPU scale on the synthetic survey: a tiny Qwen3-shaped backbone built locally.
     c.model.update(checkpoint="", architecture="", dtype="float32", param_dtype="float32",
                    scan_layers=False, remat="none")
-    c.encoder.update(checkpoint="", architecture="", dim=32)
-    c.adapter.update(rank=8, alpha=16.0, num_experts=4, top_k=2, router_hidden=(32,))
-    if c.adapter.demographic_dim:
-      c.adapter.demographic_dim = 32
+    c.encoder.update(checkpoint="", architecture="", standardize=True)
+    c.adapter.update(rank=8, alpha=16.0, num_experts=4, top_k=2, router_hidden=(32,),
+                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                              "down_proj"))
     c.data.update(dataset="synthetic", max_length=160, batch_size=32)
     c.optim.update(learning_rate=3e-3, schedule="cosine", warmup_steps=10)
-    c.train.update(num_epochs=1, log_every=10, checkpoint_every=100, keep_checkpoints=2)
+    c.train.update(num_steps=800, log_every=10, checkpoint_every=200, keep_checkpoints=2)
     c.eval.batch_size = 128
     c.mesh.shape = (("data", -1), ("model", 1))
     if scale == "tiny":
       c.data.synthetic.update(num_countries=4, num_questions=6, num_train=60, num_test=10,
                               num_zero_shot=10)
-      c.tiny_backbone.update(vocab_size=600, hidden_size=32, warmup_steps=4,
+      c.tiny_backbone.update(hidden_size=32, warmup_steps=4,
                              warmup_batch_size=8)
       c.train.update(num_steps=4, log_every=1, checkpoint_every=2, progress_bar=False)
       c.data.batch_size = 8
       c.eval.batch_size = 16
+    if c.adapter.demographic_dim:  # The tiny backbone doubles as the profile encoder.
+      c.adapter.demographic_dim = c.tiny_backbone.hidden_size
   else:
     raise ValueError(f"preset scale {scale!r}; allowed: {SCALES}")
   if c.method == "full" and scale not in ("demo", "tiny"):

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -72,10 +73,12 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
       sharding.param_shardings(abstract_params(module), mesh, rules), config.trainable)
   trainable = jax.device_put(trainable, trainable_sh)
   frozen = jax.device_put(frozen, frozen_sh)
-  opt_state = jax.jit(tx.init)(trainable)
-  opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-  batch_sh = sharding.logical_sharding(mesh, (sharding.BATCH,), rules)
   replicated = NamedSharding(mesh, P())
+  # Moments take their parameter's sharding; everything else (step counts) is replicated.
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, trainable),
+                                 trainable_sh, transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+  batch_sh = sharding.logical_sharding(mesh, (sharding.BATCH,), rules)
   table = None
   if demographic_table is not None:
     table = jax.device_put(jnp.asarray(demographic_table, jnp.float32), replicated)
@@ -136,7 +139,7 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
                           "step": np.asarray(done, np.int64)}, iterator.get_state()):
         last_good = done
       bar.update(1)
-      bar.set_postfix(loss=f"{loss:.4f}")
+      bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
       if done % config.train.log_every == 0 or done == steps:
         elapsed = time.perf_counter() - t0
         scalars = {

@@ -45,15 +45,14 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, lambda_a
                     label_smoothing: float) -> Callable:
   """(trainable, frozen, opt_state, batch, demographics, rng) -> (trainable, opt_state, metrics).
 
-  ``batch`` holds ``input_ids``, ``attention_mask`` and ``loss_mask`` (loss_mask[t] = 1
-  where the logits at t predict the supervised token input_ids[t + 1]); ``demographics``
+  ``batch`` holds ``input_ids``, ``attention_mask``, ``targets`` (targets[t] =
+  input_ids[t + 1]) and ``loss_mask`` (1 where targets[t] is supervised); ``demographics``
   is [batch, d] or None.  Gradients exist only for ``trainable``.
   """
   def loss_fn(trainable, frozen, batch, demographics, rng):
     params = merge_params(trainable, frozen)
     positions, weights = supervised_positions(batch["loss_mask"])
-    targets = jnp.take_along_axis(batch["input_ids"], jnp.minimum(
-        positions + 1, batch["input_ids"].shape[1] - 1), axis=1)
+    targets = jnp.take_along_axis(batch["targets"], positions, axis=1)
     deterministic = rng is None
     logits, aux = forward(module, params, batch, demographics, logit_indices=positions,
                           deterministic=deterministic, rng=rng)
@@ -67,16 +66,20 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, lambda_a
                                                      rng)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return trainable, opt_state, metrics
 
   return step
 
 
 def make_eval_step(module) -> Callable:
-  """(params, batch, demographics) -> [B, V] logits at each example's last prompt position."""
+  """(params, batch, demographics) -> [B, V] logits at each example's last prompt position.
+
+  ``prompt_length`` is that position's index (the data pipeline's convention): the logits
+  there predict the answer letter.
+  """
   def step(params, batch, demographics):
-    last = (batch["prompt_length"] - 1)[:, None]
+    last = batch["prompt_length"][:, None]
     logits, _ = forward(module, params, batch, demographics, logit_indices=last)
     return logits[:, 0]
   return step
