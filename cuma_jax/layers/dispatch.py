@@ -1,0 +1,153 @@
+"""The gated mixture of LoRA experts, sum_{i in top-k} g_i (x A_i) B_i, two ways.
+
+``mixture_dense`` runs every expert and zeroes the unselected ones through the gates:
+one plain matmul over the N*r expert columns, no data movement, N/k times the needed
+FLOPs. ``mixture_ragged`` sorts (token, slot) pairs by expert and runs only the selected
+experts with ``jax.lax.ragged_dot``, paying for a permutation of the activations instead.
+Both are exact; ``resolve_strategy`` picks the cheaper for the backend and shapes.
+
+Layouts: x [B, T, d_in]; a [d_in, r] (shared by all experts) or [N, d_in, r];
+b [N, r, d_out]. Maths runs in x's dtype; gates are cast to it before they touch the
+activations so nothing of size [B, T, N, r] is materialised in float32 for bf16 models.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cuma_jax.layers.routing import Routing, dense_gates
+
+STRATEGIES = ("dense", "ragged", "auto")
+
+# Accelerator FLOPs per byte of HBM traffic (H100 bf16: ~990 TFLOP/s / 3.35 TB/s; TPU
+# v5p: ~459 / 2.77; both ~300). Used to price the ragged path's permutations in FLOPs.
+_ACCELERATOR_FLOPS_PER_BYTE = 300.0
+# Below this many tokens a call is latency bound (decode): sort + extra launches lose.
+_MIN_RAGGED_TOKENS = 256
+
+
+def check_strategy(strategy: str) -> None:
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def resolve_strategy(
+  strategy: str,
+  *,
+  backend: str,
+  num_tokens: int,
+  d_in: int,
+  d_out: int,
+  num_experts: int,
+  rank: int,
+  top_k: int,
+) -> str:
+  """Maps "auto" to the faster of "dense" and "ragged"; returns the others unchanged.
+
+  cpu: always dense. XLA:CPU has no ragged-dot kernel, ``ragged_dot`` lowers to a masked
+  dense expansion over all N groups, i.e. k times the dense path's FLOPs plus the sort
+  (experiments/bench/layer.py measures it slower at every N from 8 to 64).
+
+  gpu/tpu: ragged when the FLOPs the dense path wastes on unselected experts exceed the
+  permutation traffic priced at the chip's FLOP/byte ratio. Per token, fwd+bwd (3 matmuls
+  of 2 FLOPs per MAC), for every projected feature column c (d_out, plus d_in when A is
+  per-expert): dense wastes 6 (N - k) r FLOPs; ragged moves ~6 k bf16 values (gather,
+  unsort and their transposes) = 12 k bytes. The column count cancels, leaving
+  ragged iff 6 (N - k) r > 12 k * FLOPS_PER_BYTE, i.e. (N - k) r > 600 k:
+  N=8, k=2, r=64 (the paper's setting) stays dense; at k=2, r=64 ragged wins from N=21.
+  Calls with fewer than 256 tokens stay dense (latency bound). d_in/d_out are accepted
+  so callers describe the whole projection; under this cost model they cancel.
+  """
+  check_strategy(strategy)
+  if strategy != "auto":
+    return strategy
+  del d_in, d_out  # cancel in the per-column cost model above
+  if backend == "cpu" or num_tokens < _MIN_RAGGED_TOKENS:
+    return "dense"
+  wasted_flops = 6.0 * (num_experts - top_k) * rank
+  moved_bytes = 12.0 * top_k
+  return "ragged" if wasted_flops > _ACCELERATOR_FLOPS_PER_BYTE * moved_bytes else "dense"
+
+
+def mixture_dense(
+  x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, scale: float = 1.0
+) -> jax.Array:
+  """All experts at once: gate the [.., N, r] expert inputs, then one [N*r, d_out] matmul.
+
+  ``scale`` (LoRA's alpha/r) is folded into the gates, on the small side of the matmul.
+  """
+  dtype = x.dtype
+  num_experts, rank, d_out = b.shape
+  gates = (dense_gates(routing, num_experts) * scale).astype(dtype)
+  if a.ndim == 2:
+    gated = gates[..., :, None] * (x @ a.astype(dtype))[..., None, :]
+  else:
+    gated = gates[..., None] * jnp.einsum("...d,ndr->...nr", x, a.astype(dtype))
+  flat = gated.reshape(*x.shape[:-1], num_experts * rank)
+  return flat @ b.astype(dtype).reshape(num_experts * rank, d_out)
+
+
+def _grouped_matmul(lhs: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """Per batch row: rows of lhs [B, M, K] grouped by expert times w[expert] [N, K, O].
+
+  ragged_dot batches only when every operand carries the batch axis, hence the
+  broadcast of w; under SPMD each device only broadcasts to its own rows.
+  """
+  rows = lhs.shape[0]
+  return jax.vmap(jax.lax.ragged_dot)(lhs, jnp.broadcast_to(w, (rows, *w.shape)), group_sizes)
+
+
+def mixture_ragged(
+  x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, scale: float = 1.0
+) -> jax.Array:
+  """Only the selected experts: sort (token, slot) pairs by expert within each batch row.
+
+  Sorting per row (never across rows) keeps a batch sharded over devices local: no
+  global gather. Gates multiply the r-wide expert inputs, not the d_out-wide outputs.
+  """
+  dtype = x.dtype
+  rows, tokens, _ = x.shape
+  num_experts, _, d_out = b.shape
+  top_k = routing.experts.shape[-1]
+  experts = routing.experts.reshape(rows, tokens * top_k)
+  order = jnp.argsort(experts, axis=-1, stable=True)
+  source = (order // top_k)[..., None]  # token of each sorted (token, slot) pair
+  group_sizes = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32), axis=1)
+  gates = jnp.take_along_axis(routing.gates.reshape(rows, tokens * top_k), order, axis=-1)
+  gates = (gates * scale).astype(dtype)[..., None]
+  if a.ndim == 2:
+    h = jnp.take_along_axis(x @ a.astype(dtype), source, axis=1)
+  else:
+    xs = jnp.take_along_axis(x, source, axis=1)
+    h = _grouped_matmul(xs, a.astype(dtype), group_sizes)
+  y = _grouped_matmul(h * gates, b.astype(dtype), group_sizes)
+  inverse = jnp.argsort(order, axis=-1)[..., None]
+  y = jnp.take_along_axis(y, inverse, axis=1)
+  return y.reshape(rows, tokens, top_k, d_out).sum(axis=2)
+
+
+def mixture(
+  x: jax.Array,
+  a: jax.Array,
+  b: jax.Array,
+  routing: Routing,
+  strategy: str = "auto",
+  scale: float = 1.0,
+) -> jax.Array:
+  """scale * sum_{i in top-k} g_i (x A_i) B_i as [B, T, d_out], by the chosen strategy."""
+  if x.ndim != 3:
+    raise ValueError(f"x must be [batch, length, features], got shape {x.shape}")
+  num_experts, rank, d_out = b.shape
+  strategy = resolve_strategy(
+    strategy,
+    backend=jax.default_backend(),
+    num_tokens=x.shape[0] * x.shape[1],
+    d_in=x.shape[-1],
+    d_out=d_out,
+    num_experts=num_experts,
+    rank=rank,
+    top_k=routing.experts.shape[-1],
+  )
+  fn = mixture_dense if strategy == "dense" else mixture_ragged
+  return fn(x, a, b, routing, scale)

@@ -1,0 +1,200 @@
+"""Router and LoraExperts modules against plain numpy MLP / LoRA built from their params."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cuma_jax.layers.adapter import LoraExperts, Router
+from cuma_jax.layers.routing import select_experts
+from cuma_jax.sharding import DEMO, EMBED, EXPERTS, HEADS, LORA_RANK, ROUTER_HIDDEN
+
+B, T, D_IN, D_DEMO, D_OUT = 2, 4, 6, 5, 7
+RNG = np.random.default_rng(0)
+X = jnp.asarray(RNG.normal(size=(B, T, D_IN)), jnp.float32)
+Z = jnp.asarray(RNG.normal(size=(B, D_DEMO)), jnp.float32)
+
+
+def _params(variables):
+  return jax.tree.map(np.asarray, nn.unbox(variables)["params"])
+
+
+def _init(module, *args):
+  """Jitted init: eager Flax init compiles op by op, which dominates these tiny tests."""
+  return jax.jit(module.init)(jax.random.PRNGKey(0), *args)
+
+
+def _shapes(module, *args):
+  """Parameter boxes (logical names) and shapes without compiling anything."""
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)["params"]
+
+
+def _naive_router(p, x, z, hidden_dims):
+  """The reference's router literally: concat(x, z) per token through one MLP."""
+  u = x if z is None else np.concatenate([x, np.broadcast_to(z[:, None], (B, T, D_DEMO))], -1)
+  w1 = p["in_x"] if z is None else np.concatenate([p["in_x"], p["in_z"]], 0)
+  h = u @ w1 + p["in_bias"]
+  for i in range(1, len(hidden_dims) + 1):
+    h = np.maximum(h, 0.0) @ p[f"layer{i}_w"] + p[f"layer{i}_bias"]
+  return h
+
+
+@pytest.mark.parametrize(
+  "hidden_dims,use_demographics", [((), True), ((8,), True), ((8, 3), False)]
+)
+def test_router_z_split_equals_concat_mlp(hidden_dims, use_demographics):
+  router = Router(num_experts=4, hidden_dims=hidden_dims, use_demographics=use_demographics)
+  x_bf16 = X.astype(jnp.bfloat16)
+
+  @jax.jit
+  def run(key):
+    variables = router.init(key, X, Z)
+    return variables, router.apply(variables, x_bf16, Z)
+
+  variables, logits = run(jax.random.PRNGKey(0))
+  assert logits.dtype == jnp.float32 and logits.shape == (B, T, 4)
+  z = np.asarray(Z) if use_demographics else None
+  want = _naive_router(_params(variables), np.asarray(x_bf16, np.float32), z, hidden_dims)
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden_dims", [(), (8,), (8, 3)])
+def test_router_parameter_count_equals_one_concat_matrix(hidden_dims):
+  params = nn.unbox(_shapes(Router(num_experts=4, hidden_dims=hidden_dims), X, Z))
+  widths = [D_IN + D_DEMO, *hidden_dims, 4]
+  expected = sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))
+  assert sum(np.prod(v.shape) for v in jax.tree.leaves(params)) == expected
+
+
+def test_router_init_is_torch_linear_default_over_full_fan_in():
+  p = _params(_init(Router(num_experts=4, hidden_dims=(64,)), X, Z))
+  bound = 1.0 / np.sqrt(D_IN + D_DEMO)
+  for name in ("in_x", "in_z", "in_bias"):
+    assert np.abs(p[name]).max() <= bound and np.abs(p[name]).max() > 0.5 * bound
+  assert np.abs(p["layer1_w"]).max() <= 1.0 / np.sqrt(64)
+
+
+def test_router_logical_axes():
+  params = _shapes(Router(num_experts=4, hidden_dims=(8, 3), in_axis=EMBED), X, Z)
+  assert {k: v.names for k, v in params.items()} == {
+    "in_x": (EMBED, ROUTER_HIDDEN),
+    "in_z": (DEMO, ROUTER_HIDDEN),
+    "in_bias": (ROUTER_HIDDEN,),
+    "layer1_w": (ROUTER_HIDDEN, ROUTER_HIDDEN),
+    "layer1_bias": (ROUTER_HIDDEN,),
+    "layer2_w": (ROUTER_HIDDEN, EXPERTS),
+    "layer2_bias": (EXPERTS,),
+  }
+
+
+def test_router_dropout_masks_z_per_token():
+  router = Router(num_experts=4, hidden_dims=(), dropout=0.5)
+  zero_x = jnp.zeros_like(X)  # logits then depend on z (and its dropout mask) only
+
+  @jax.jit
+  def run(key):
+    variables = router.init(key, X, Z)
+    train = router.apply(variables, zero_x, Z, deterministic=False, rngs={"dropout": key})
+    return router.apply(variables, zero_x, Z), train
+
+  eval_logits, train_logits = run(jax.random.PRNGKey(0))
+  np.testing.assert_allclose(eval_logits[:, 0], eval_logits[:, 1], atol=1e-6)
+  assert not np.allclose(train_logits[:, 0], train_logits[:, 1])
+
+
+def _lora_experts(num_experts, shared_a, strategy="dense", **kw):
+  fields = dict(features=D_OUT, rank=3, alpha=6.0, in_axis=EMBED, out_axis=HEADS)
+  return LoraExperts(
+    num_experts=num_experts, shared_a=shared_a, strategy=strategy, **{**fields, **kw}
+  )
+
+
+def _randomise(variables, seed):
+  """B starts at zero; give every parameter random values so the check means something."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), v.dtype), variables)
+
+
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_one_expert_equals_plain_lora(shared_a):
+  routing = select_experts(jnp.zeros((B, T, 1)), 1, "reference")
+  modules = {s: _lora_experts(1, shared_a, s) for s in ("dense", "ragged", "auto")}
+  variables = _randomise(nn.unbox(_shapes(modules["dense"], X, routing)), 1)
+  deltas = jax.jit(lambda v: {s: m.apply(v, X, routing) for s, m in modules.items()})(
+    {"params": variables}
+  )
+  a, b = variables["a"], variables["b"]
+  a = np.asarray(a if shared_a else a[0])
+  want = np.asarray(X) @ a @ np.asarray(b[0]) * (6.0 / 3)
+  for strategy, delta in deltas.items():
+    np.testing.assert_allclose(delta, want, rtol=1e-5, atol=1e-5, err_msg=strategy)
+
+
+def test_lora_experts_applies_alpha_over_rank_to_gated_experts():
+  logits = jnp.asarray(RNG.normal(size=(B, T, 4)), jnp.float32)
+  routing = select_experts(logits, 2, "paper")
+  module = _lora_experts(4, False)
+  variables = {"params": _randomise(nn.unbox(_shapes(module, X, routing)), 2)}
+  a, b = (np.asarray(variables["params"][k]) for k in ("a", "b"))
+  gates = np.zeros((B, T, 4))
+  np.put_along_axis(gates, np.asarray(routing.experts), np.asarray(routing.gates), -1)
+  want = 2.0 * np.einsum("btn,btd,ndr,nro->bto", gates, np.asarray(X), a, b)
+  delta = jax.jit(module.apply)(variables, X, routing)
+  np.testing.assert_allclose(delta, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_a", [True, False])
+def test_lora_experts_init_and_axes(shared_a):
+  routing = select_experts(jnp.zeros((B, T, 4)), 2)
+  module = _lora_experts(4, shared_a)
+  variables = _init(module, X, routing)
+  a, b = variables["params"]["a"], variables["params"]["b"]
+  if shared_a:
+    assert a.value.shape == (D_IN, 3) and a.names == (EMBED, LORA_RANK)
+  else:
+    assert a.value.shape == (4, D_IN, 3) and a.names == (EXPERTS, EMBED, LORA_RANK)
+  assert b.value.shape == (4, 3, D_OUT) and b.names == (EXPERTS, LORA_RANK, HEADS)
+  assert not np.any(b.value) and 0.003 < float(jnp.std(a.value)) < 0.03
+  np.testing.assert_array_equal(jax.jit(module.apply)(variables, X, routing), 0.0)
+
+
+def test_lora_experts_dtype_and_dropout():
+  routing = select_experts(jnp.zeros((B, T, 4)), 2)
+  module = _lora_experts(4, True, dtype=jnp.bfloat16, dropout=0.5)
+  variables = {"params": _randomise(nn.unbox(_shapes(module, X, routing)), 3)}
+
+  @jax.jit
+  def run(key):
+    train = module.apply(variables, X, routing, deterministic=False, rngs={"dropout": key})
+    return module.apply(variables, X, routing), train
+
+  eval_out, train_out = run(jax.random.PRNGKey(1))
+  assert eval_out.dtype == jnp.bfloat16
+  assert not np.allclose(np.asarray(train_out, np.float32), np.asarray(eval_out, np.float32))
+
+
+@pytest.mark.parametrize(
+  "make,field",
+  [
+    (lambda: _lora_experts(4, True, rank=0), "rank"),
+    (lambda: LoraExperts(features=4, num_experts=0, rank=2, alpha=4.0), "num_experts"),
+    (lambda: LoraExperts(features=0, num_experts=2, rank=2, alpha=4.0), "features"),
+    (lambda: _lora_experts(4, True, strategy="sparse"), r"strategy.*dense.*ragged.*auto"),
+    (lambda: _lora_experts(4, True, dropout=1.0), "dropout"),
+    (lambda: Router(num_experts=0), "num_experts"),
+    (lambda: Router(num_experts=4, hidden_dims=(0,)), "hidden_dims"),
+    (lambda: Router(num_experts=4, dropout=-0.1), "dropout"),
+  ],
+)
+def test_validation_names_the_field(make, field):
+  with pytest.raises(ValueError, match=field):
+    make()
+
+
+def test_call_time_validation():
+  with pytest.raises(ValueError, match="z"):
+    Router(num_experts=4).init(jax.random.PRNGKey(0), X, None)
+  routing = select_experts(jnp.zeros((B, T, 3)), 2)
+  with pytest.raises(ValueError, match="num_experts"):
+    _lora_experts(4, True).init(jax.random.PRNGKey(0), X, routing)
