@@ -21,7 +21,7 @@ from cuma_jax import api, presets
 from cuma_jax.data import builders, prompts, synthetic
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.evaluation import metrics, predict
-from cuma_jax.models.demographic import DemographicEncoder
+from cuma_jax.models.demographic import DemographicEncoder, PrecomputedEncoder
 from cuma_jax.training import checkpointing, loop
 from cuma_jax.training.partition import merge_params, split_params
 from cuma_jax.training.step import demographics_for, make_eval_step
@@ -70,7 +70,7 @@ class Demographics:
   """Profile strings -> router inputs: the encoder, optionally standardised with the
   training profiles' per-dimension mean and std (``encoder.standardize``)."""
 
-  encoder: DemographicEncoder
+  encoder: DemographicEncoder | PrecomputedEncoder
   mean: np.ndarray | float = 0.0
   std: np.ndarray | float = 1.0
 
@@ -89,9 +89,13 @@ def make_demographics(config, backbone_dir: str, train_tables: SurveyTables | No
   adapter = presets.adapter_config(config)
   if adapter is None or not adapter.uses_demographics:
     return None
-  path = config.encoder.checkpoint or backbone_dir
-  encoder = DemographicEncoder.from_pretrained(
-      path, pooling=config.encoder.pooling, max_length=config.encoder.max_length)
+  if config.encoder.precomputed:
+    path = config.encoder.precomputed
+    encoder = PrecomputedEncoder(path)
+  else:
+    path = config.encoder.checkpoint or backbone_dir
+    encoder = DemographicEncoder.from_pretrained(
+        path, pooling=config.encoder.pooling, max_length=config.encoder.max_length)
   if encoder.dim != adapter.demographic_dim:
     raise ValueError(f"the demographic encoder at {path} gives vectors of width {encoder.dim}, "
                      f"but config.adapter.demographic_dim={adapter.demographic_dim}")

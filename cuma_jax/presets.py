@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
       architecture="qwen3-8b",  # Bundled config.json for shape-only work (count).
       dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, remat="full"))
   c.encoder = ml_collections.ConfigDict(dict(
-      checkpoint="",  # Local Qwen3-Embedding-style directory; "" = use precomputed.
+      checkpoint="",  # Local Qwen3-Embedding-style directory ("" = the backbone's own).
+      precomputed="",  # .npz of profiles/embeddings; used instead of encoding when set.
       architecture="qwen3-embedding-0.6b",
       pooling="mean", max_length=128, projection=(),
       # Centre and scale each dimension over the training profiles (train statistics are

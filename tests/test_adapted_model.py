@@ -230,3 +230,14 @@ def test_demographic_encoder_matches_automodel_pooling(tiny_checkpoint, tmp_path
   order = {t: i for i, t in enumerate(sorted(set(texts)))}
   np.testing.assert_allclose(got, expected[[order[t] for t in texts]], atol=1e-4)
   assert len(encoder._cache) == 2  # The repeated profile was encoded once.
+
+
+def test_precomputed_embeddings_are_accepted(tmp_path):
+  from cuma_jax.models.demographic import PrecomputedEncoder
+  vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
+  np.savez(tmp_path / "z.npz", profiles=np.array(["p one", "p two"]), embeddings=vectors)
+  encoder = PrecomputedEncoder(tmp_path / "z.npz")
+  np.testing.assert_array_equal(encoder.encode(["p two", "p one", "p two"]),
+                                vectors[[1, 0, 1]])
+  with pytest.raises(KeyError, match="p three"):
+    encoder.encode(["p three"])

@@ -64,26 +64,18 @@ def _rewrite_tensors(path, edit):
   write_safetensors(str(path / "model.safetensors"), tensors.items())
 
 
-def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), KeyError,
+     r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"),
+    (lambda t: t.update({"model.layers.0.self_attn.extra.weight": np.zeros((2, 2), np.float32)}),
+     KeyError, r"unexpected.*model\.layers\.0\.self_attn\.extra\.weight"),
+    (lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((8, 32), np.float32)}),
+     ValueError, r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(8, 32\)"),
+], ids=["missing", "unexpected", "shape"])
+def test_bad_tensor_is_named(tiny_checkpoint, tmp_path, edit, error, message):
   path = _copy(tiny_checkpoint("qwen3")[0], tmp_path)
-  _rewrite_tensors(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-  with pytest.raises(KeyError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
-    load_pretrained(path)
-
-
-def test_unexpected_tensor_is_named(tiny_checkpoint, tmp_path):
-  path = _copy(tiny_checkpoint("qwen3")[0], tmp_path)
-  _rewrite_tensors(path, lambda t: t.update(
-      {"model.layers.0.self_attn.extra.weight": np.zeros((2, 2), np.float32)}))
-  with pytest.raises(KeyError, match=r"unexpected.*model\.layers\.0\.self_attn\.extra\.weight"):
-    load_pretrained(path)
-
-
-def test_shape_mismatch_is_named(tiny_checkpoint, tmp_path):
-  path = _copy(tiny_checkpoint("qwen3")[0], tmp_path)
-  _rewrite_tensors(path, lambda t: t.update(
-      {"model.layers.0.self_attn.k_proj.weight": np.zeros((8, 32), np.float32)}))
-  with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(8, 32\)"):
+  _rewrite_tensors(path, edit)
+  with pytest.raises(error, match=message):
     load_pretrained(path)
 
 

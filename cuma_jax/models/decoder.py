@@ -135,112 +135,98 @@ class Projection(nn.Module):
     return y
 
 
-class Attention(nn.Module):
+class _Block(nn.Module):
+  """Fields shared by the attention, MLP and decoder-layer modules."""
+
   config: ModelConfig
   adapter: inject.AdapterConfig | None
   dtype: Dtype
   param_dtype: Dtype
   deterministic: bool
 
+  def norm(self, name):
+    return RMSNorm(self.config.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+
+
+def _adapted_projections(block: _Block, group: str, x, demographics, token_mask, in_axes,
+                         projections, use_bias):
+  """Frozen projections of ``x`` plus their adapters' deltas (one router group).
+
+  ``projections``: {name: (features, out_axes)}.  Adapters see ``x`` with its feature
+  dimensions flattened (their input axis is the first of ``in_axes``) and return flat
+  deltas that are reshaped onto each projection's output.
+  """
+  flat = x.reshape(*x.shape[:2], -1)
+  deltas, aux = inject.AdapterGroup(
+      adapter=block.adapter, group=group, dtype=block.dtype,
+      deterministic=block.deterministic, name=f"adapters_{group.split('_')[1]}")(
+          flat, demographics, token_mask,
+          {n: (int(np.prod(f)), axes[0]) for n, (f, axes) in projections.items()},
+          in_axis=in_axes[0])
+  outputs = {}
+  for name, (features, out_axes) in projections.items():
+    y = Projection(features=features, in_axes=in_axes, out_axes=out_axes, use_bias=use_bias,
+                   dtype=block.dtype, param_dtype=block.param_dtype, name=name)(x)
+    if name in deltas:
+      y = y + deltas[name].reshape(y.shape).astype(y.dtype)
+    outputs[name] = y
+  return outputs, aux
+
+
+class Attention(_Block):
+
   @nn.compact
   def __call__(self, x, mask, positions, demographics, token_mask):
     cfg = self.config
-    heads = {"q_proj": (cfg.num_heads, ax.HEADS), "k_proj": (cfg.num_kv_heads, ax.KV_HEADS),
-             "v_proj": (cfg.num_kv_heads, ax.KV_HEADS)}
-    outputs, aux_in = inject.AdapterGroup(
-        adapter=self.adapter, group="attn_in", dtype=self.dtype,
-        deterministic=self.deterministic, name="adapters_in")(
-            x, demographics, token_mask,
-            {name: (n * cfg.head_dim, axis) for name, (n, axis) in heads.items()},
-            in_axis=ax.EMBED)
-    projected = {}
-    for name, (num, axis) in heads.items():
-      y = _proj(self, name, (num, cfg.head_dim), (ax.EMBED,), (axis, ax.HEAD_DIM),
-                cfg.attention_bias)(x)
-      if name in outputs:
-        y = y + outputs[name].reshape(y.shape).astype(y.dtype)
-      projected[name] = y
-    q, k, v = projected["q_proj"], projected["k_proj"], projected["v_proj"]
+    head = (ax.HEAD_DIM,)
+    qkv, aux_in = _adapted_projections(
+        self, "attn_in", x, demographics, token_mask, (ax.EMBED,),
+        {"q_proj": ((cfg.num_heads, cfg.head_dim), (ax.HEADS,) + head),
+         "k_proj": ((cfg.num_kv_heads, cfg.head_dim), (ax.KV_HEADS,) + head),
+         "v_proj": ((cfg.num_kv_heads, cfg.head_dim), (ax.KV_HEADS,) + head)},
+        cfg.attention_bias)
+    q, k, v = qkv["q_proj"], qkv["k_proj"], qkv["v_proj"]
     if cfg.qk_norm:
-      q = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
-      k = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
+      q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
     inv_freq = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     k, v = inject.with_prefix(self, self.adapter, k, v, self.dtype)
     out = dot_product_attention(q, k, v, mask, self.dtype)
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
-    flat = out.reshape(*out.shape[:2], -1)
-    deltas, aux_out = inject.AdapterGroup(
-        adapter=self.adapter, group="attn_out", dtype=self.dtype,
-        deterministic=self.deterministic, name="adapters_out")(
-            flat, demographics, token_mask, {"o_proj": (cfg.hidden_size, ax.EMBED)},
-            in_axis=ax.HEADS)
-    y = _proj(self, "o_proj", (cfg.hidden_size,), (ax.HEADS, ax.HEAD_DIM), (ax.EMBED,),
-              cfg.attention_bias)(out)
-    if "o_proj" in deltas:
-      y = y + deltas["o_proj"].astype(y.dtype)
-    return y, inject.merge_aux(aux_in, aux_out)
+    o, aux_out = _adapted_projections(
+        self, "attn_out", out, demographics, token_mask, (ax.HEADS, ax.HEAD_DIM),
+        {"o_proj": ((cfg.hidden_size,), (ax.EMBED,))}, cfg.attention_bias)
+    return o["o_proj"], inject.merge_aux(aux_in, aux_out)
 
 
-class MLP(nn.Module):
-  config: ModelConfig
-  adapter: inject.AdapterConfig | None
-  dtype: Dtype
-  param_dtype: Dtype
-  deterministic: bool
+class MLP(_Block):
 
   @nn.compact
   def __call__(self, x, demographics, token_mask):
     cfg = self.config
-    inner = cfg.intermediate_size
-    deltas_in, aux_in = inject.AdapterGroup(
-        adapter=self.adapter, group="mlp_in", dtype=self.dtype,
-        deterministic=self.deterministic, name="adapters_in")(
-            x, demographics, token_mask,
-            {"gate_proj": (inner, ax.MLP), "up_proj": (inner, ax.MLP)}, in_axis=ax.EMBED)
-    hidden = {}
-    for name in ("gate_proj", "up_proj"):
-      y = _proj(self, name, (inner,), (ax.EMBED,), (ax.MLP,), cfg.mlp_bias)(x)
-      if name in deltas_in:
-        y = y + deltas_in[name].astype(y.dtype)
-      hidden[name] = y
-    h = nn.silu(hidden["gate_proj"]) * hidden["up_proj"]
+    inner = ((cfg.intermediate_size,), (ax.MLP,))
+    gate_up, aux_in = _adapted_projections(
+        self, "mlp_in", x, demographics, token_mask, (ax.EMBED,),
+        {"gate_proj": inner, "up_proj": inner}, cfg.mlp_bias)
+    h = nn.silu(gate_up["gate_proj"]) * gate_up["up_proj"]
     h = nn.with_logical_constraint(h, (ax.BATCH, ax.LENGTH, ax.MLP))
-    deltas_out, aux_out = inject.AdapterGroup(
-        adapter=self.adapter, group="mlp_out", dtype=self.dtype,
-        deterministic=self.deterministic, name="adapters_out")(
-            h, demographics, token_mask, {"down_proj": (cfg.hidden_size, ax.EMBED)},
-            in_axis=ax.MLP)
-    y = _proj(self, "down_proj", (cfg.hidden_size,), (ax.MLP,), (ax.EMBED,), cfg.mlp_bias)(h)
-    if "down_proj" in deltas_out:
-      y = y + deltas_out["down_proj"].astype(y.dtype)
-    return y, inject.merge_aux(aux_in, aux_out)
+    down, aux_out = _adapted_projections(
+        self, "mlp_out", h, demographics, token_mask, (ax.MLP,),
+        {"down_proj": ((cfg.hidden_size,), (ax.EMBED,))}, cfg.mlp_bias)
+    return down["down_proj"], inject.merge_aux(aux_in, aux_out)
 
 
-def _proj(module, name, features, in_axes, out_axes, use_bias):
-  return Projection(features=features, in_axes=in_axes, out_axes=out_axes, use_bias=use_bias,
-                    dtype=module.dtype, param_dtype=module.param_dtype, name=name)
-
-
-class DecoderLayer(nn.Module):
-  config: ModelConfig
-  adapter: inject.AdapterConfig | None
-  dtype: Dtype
-  param_dtype: Dtype
-  deterministic: bool
+class DecoderLayer(_Block):
 
   @nn.compact
   def __call__(self, x, mask, positions, demographics, token_mask):
-    cfg = self.config
-    kwargs = dict(config=cfg, adapter=self.adapter, dtype=self.dtype,
+    kwargs = dict(config=self.config, adapter=self.adapter, dtype=self.dtype,
                   param_dtype=self.param_dtype, deterministic=self.deterministic)
-    h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x)
     attn, aux_attn = Attention(**kwargs, name="self_attn")(
-        h, mask, positions, demographics, token_mask)
+        self.norm("input_layernorm")(x), mask, positions, demographics, token_mask)
     x = x + attn
-    h = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype,
-                name="post_attention_layernorm")(x)
-    mlp, aux_mlp = MLP(**kwargs, name="mlp")(h, demographics, token_mask)
+    mlp, aux_mlp = MLP(**kwargs, name="mlp")(
+        self.norm("post_attention_layernorm")(x), demographics, token_mask)
     x = nn.with_logical_constraint(x + mlp, (ax.BATCH, ax.LENGTH, ax.EMBED))
     return x, inject.merge_aux(aux_attn, aux_mlp)
 

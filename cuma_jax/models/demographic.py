@@ -121,3 +121,29 @@ class DemographicProjection(nn.Module):
       if not last:
         z = nn.relu(z)
     return z
+
+
+class PrecomputedEncoder:
+  """Demographic embeddings computed elsewhere and stored with the data.
+
+  ``path`` is an ``.npz`` with ``profiles`` (strings) and ``embeddings`` [n, d]; asking for
+  a profile the file does not hold is an error naming it.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    with np.load(path, allow_pickle=False) as data:
+      profiles, embeddings = data["profiles"], np.asarray(data["embeddings"], np.float32)
+    if embeddings.ndim != 2 or len(profiles) != len(embeddings):
+      raise ValueError(f"{path}: 'embeddings' must be [len(profiles), d], got "
+                       f"{embeddings.shape} for {len(profiles)} profiles")
+    self.path = os.fspath(path)
+    self.dim = embeddings.shape[1]
+    self._table = dict(zip(profiles.tolist(), embeddings))
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    missing = [t for t in texts if t not in self._table]
+    if missing:
+      raise KeyError(f"{self.path} has no embedding for profile {missing[0]!r} "
+                     f"({len(missing)} missing)")
+    return np.stack([self._table[t] for t in texts]) if texts else np.zeros((0, self.dim),
+                                                                            np.float32)
