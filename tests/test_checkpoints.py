@@ -1,5 +1,6 @@
 """Import/export round trip and the errors a bad checkpoint must raise."""
 
+import copy
 import json
 import os
 import shutil
@@ -31,8 +32,8 @@ def test_import_export_round_trip_is_bit_exact(tiny_checkpoint, tmp_path, name, 
 def test_bfloat16_round_trip_and_sharded_export(tiny_checkpoint, tmp_path):
   directory, torch_model = tiny_checkpoint("llama3")
   bf16_dir = tmp_path / "bf16"
-  torch_model.to(torch.bfloat16).save_pretrained(bf16_dir)
-  torch_model.to(torch.float32)
+  # A copy: the fixture's model is shared with the parity tests and must stay float32.
+  copy.deepcopy(torch_model).to(torch.bfloat16).save_pretrained(bf16_dir)
   module, params = load_pretrained(bf16_dir, dtype=jax.numpy.bfloat16)
   out = tmp_path / "out"
   # A small shard limit forces model.safetensors.index.json and several files.
