@@ -3,7 +3,10 @@
 Thin on purpose: the work is in :mod:`cuma_jax.experiment`, importable from notebooks.
 """
 
+import logging
+
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from cuma_jax import experiment
@@ -14,10 +17,20 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Libraries whose INFO chatter (every checkpoint write, every TFDS shard) drowns the job's own.
+_CHATTY = ("/orbax/", "/tensorflow_datasets/", "/array_record/")
+
+
+class _QuietLibraries(logging.Filter):
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _CHATTY)
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   experiment.run(_CONFIG.value, _WORKDIR.value)
 
 

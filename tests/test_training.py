@@ -164,6 +164,9 @@ def test_main_job_runs_end_to_end_on_tiny(tmp_path):
   assert [r["step"] for r in records] == [1, 2, 3]
   assert all(np.isfinite(r["loss"]) and "expert_usage" in r for r in records)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "train" / "tb"))
-  assert os.path.isfile(workdir / "adapters" / "adapters.safetensors")
+  adapters, adapter_config = checkpointing.load_adapters(str(workdir / "adapters"))
+  assert adapter_config["rank"] == 8 and "layers_0" in adapters
+  assert all(k.startswith("adapters_") for layer in adapters.values() for block in
+             layer.values() for k in block)
   results = json.load(open(workdir / "results.json"))
   assert set(results["trained"]) == {"test", "zero_shot"}

@@ -105,8 +105,7 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
-    state, data_state = ckpt.restore(latest, _abstract({"trainable": trainable,
-                                                        "opt_state": opt_state}))
+    state, data_state = ckpt.restore(latest, _abstract(trainable, opt_state))
     trainable, opt_state, start = state["trainable"], state["opt_state"], int(state["step"])
     iterator.set_state(data_state)
     log(f"resumed from {ckpt.directory} at step {start}")
@@ -135,8 +134,7 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
             f"(step {last_good}) in {ckpt.directory} is intact.")
       losses.append(loss)
       done = step + 1
-      if ckpt.save(done, {"trainable": trainable, "opt_state": opt_state,
-                          "step": np.asarray(done, np.int64)}, iterator.get_state()):
+      if ckpt.save(done, _state(trainable, opt_state, done), iterator.get_state()):
         last_good = done
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -158,23 +156,27 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
     ckpt.wait()
     writer.close()
   if ckpt.latest_step() != steps and steps > start:
-    ckpt.save(steps, {"trainable": trainable, "opt_state": opt_state,
-                      "step": np.asarray(steps, np.int64)}, iterator.get_state(), force=True)
+    ckpt.save(steps, _state(trainable, opt_state, steps), iterator.get_state(), force=True)
     ckpt.wait()
   ckpt.close()
   return TrainResult(trainable=trainable, frozen=frozen, step=max(start, steps), losses=losses)
 
 
-def _abstract(state: dict) -> dict:
-  state = dict(state, step=np.zeros((), np.int64))
+def _state(trainable, opt_state, step: int) -> dict:
+  """What a training checkpoint holds besides the data iterator and the config."""
+  return {"trainable": trainable, "opt_state": opt_state, "step": np.asarray(step, np.int64)}
+
+
+def _abstract(trainable, opt_state) -> dict:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+      x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      _state(trainable, opt_state, 0))
 
 
 def abstract_state(config, trainable) -> dict:
   """Shapes of a training checkpoint's state, for restoring it outside :func:`train`."""
   tx = optim.make_optimizer(config.optim, 1)
-  return _abstract({"trainable": trainable, "opt_state": jax.eval_shape(tx.init, trainable)})
+  return _abstract(trainable, jax.eval_shape(tx.init, trainable))
 
 
 def _device_batch(batch: dict, batch_sh) -> dict:
