@@ -82,7 +82,8 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=N
   """Loads a local Hugging Face Qwen3 / Llama checkpoint.
 
   Returns ``(module, params)``: ``module.apply({"params": params}, input_ids,
-  attention_mask=mask)`` gives float32 logits [batch, length, vocab].  ``dtype`` is the
+  attention_mask=mask)`` gives float32 logits [batch, length, vocab] (with ``adapter``:
+  ``(logits, aux)``, and ``demographics=`` when its routers read them).  ``dtype`` is the
   compute dtype, ``param_dtype`` (default: ``dtype``) the dtype the weights are cast to.
   With ``adapter``, freshly initialised adapter parameters (from ``rng``) are merged in.
   """

@@ -21,6 +21,7 @@ from cuma_jax import api, presets
 from cuma_jax.data import builders, prompts, synthetic
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.evaluation import metrics, predict
+from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.demographic import DemographicEncoder, PrecomputedEncoder
 from cuma_jax.training import checkpointing, loop
 from cuma_jax.training.partition import merge_params, split_params
@@ -94,6 +95,11 @@ def make_demographics(config, backbone_dir: str, train_tables: SurveyTables | No
     encoder = PrecomputedEncoder(path)
   else:
     path = config.encoder.checkpoint or backbone_dir
+    width = ModelConfig.from_pretrained(path).hidden_size
+    if width != adapter.demographic_dim:  # Checked before loading a possibly large model.
+      raise ValueError(f"the demographic encoder at {path} gives vectors of width {width}, "
+                       f"but config.adapter.demographic_dim={adapter.demographic_dim}; set "
+                       "config.encoder.checkpoint (e.g. Qwen3-Embedding-0.6B)")
     encoder = DemographicEncoder.from_pretrained(
         path, pooling=config.encoder.pooling, max_length=config.encoder.max_length)
   if encoder.dim != adapter.demographic_dim:
@@ -252,8 +258,9 @@ def run(config, workdir: str, log=print) -> dict:
                         demographic_table=demographic_table(demographics, tables), log=log)
     trainable, frozen = result.trainable, result.frozen
     if adapter is not None:
-      checkpointing.export_adapters(trainable, json.loads(config.adapter.to_json()),
-                                    os.path.join(workdir, "adapters"))
+      exported = dict(dataclasses.asdict(adapter), param_dtype=jnp.dtype(
+          adapter.param_dtype).name)
+      checkpointing.export_adapters(trainable, exported, os.path.join(workdir, "adapters"))
   else:
     trainable, frozen = _restore_trainable(config, train_dir, module, params)
   params = merge_params(trainable, frozen)

@@ -56,8 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainable = "adapters"
   c.data = ml_collections.ConfigDict(dict(
       dataset="wvb", builder_config="sampled_50k", manual_dir="", data_dir="",
+      # batch_size is per process (each process reads its own shard of the data).
       max_length=1024, batch_size=16, demographic_system_prompt=True,
-      shuffle_seed=42, num_workers=0,
+      shuffle_seed=42,
       # Synthetic survey sizes (ignored for wvb).
       synthetic=ml_collections.ConfigDict(dict(
           seed=0, num_cultures=4, num_countries=12, num_questions=24, num_train=2000,
@@ -70,12 +71,13 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=1024, hidden_size=64, num_layers=2, warmup_steps=300,
       warmup_learning_rate=3e-3, warmup_batch_size=32))
   c.optim = ml_collections.ConfigDict(dict(
+      # Weight decay applies to matrices only (not biases, norm scales), as HF's Trainer.
       learning_rate=5e-6, b1=0.9, b2=0.999, weight_decay=0.01, schedule="constant",
       warmup_steps=0, grad_clip=1.0, accumulation_steps=1, label_smoothing=0.0,
       lambda_aux=0.01))
   c.train = ml_collections.ConfigDict(dict(
       num_epochs=3, num_steps=-1, log_every=10, checkpoint_every=500, keep_checkpoints=3,
-      eval_every=-1, progress_bar=True))
+      progress_bar=True))
   c.eval = ml_collections.ConfigDict(dict(batch_size=32, splits=("test",)))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(("data", -1), ("model", 1)),
@@ -97,7 +99,8 @@ def _set_method(c, method: str) -> None:
     a.targets, a.prefix_length, a.demographic_dim = (), 32, 0
   elif method == "full":
     c.trainable = "all"
-    c.optim.learning_rate = 2e-5
+    if c.model.architecture:  # The paper's recipe; CPU scales keep their own rate.
+      c.optim.learning_rate = 2e-5
   else:
     raise ValueError(f"method={method!r}; allowed: {METHODS}")
   c.method = method
@@ -152,19 +155,18 @@ def _set_scale(c, scale: str) -> None:
       c.adapter.demographic_dim = c.tiny_backbone.hidden_size
   else:
     raise ValueError(f"preset scale {scale!r}; allowed: {SCALES}")
-  if c.method == "full" and scale not in ("demo", "tiny"):
-    c.optim.learning_rate = 2e-5
 
 
 def experiment_config(method: str, preset: str,
                       ablation: str = "none") -> ml_collections.ConfigDict:
   """The locked config of ``method`` (and ``ablation``) at scale ``preset``."""
   c = base_config()
+  # Scale first: the method and the ablation then override the adapter fields they define.
+  _set_scale(c, preset or "tiny")
   _set_method(c, method)
   if ablation not in ABLATIONS:
     raise ValueError(f"ablation={ablation!r}; allowed: {ABLATIONS}")
   _set_ablation(c, ablation)
-  _set_scale(c, preset or "tiny")
   validate(c)
   c.lock()
   return c

@@ -1,7 +1,7 @@
 """Resumable training checkpoints (Orbax, async) and adapter-only export.
 
 A training checkpoint holds the trainable parameters, the optimiser state, the step, the
-RNG key, the data iterator's state and the config (JSON) — never the frozen backbone,
+data iterator's state and the config (JSON) — never the frozen backbone,
 which is re-read from its own checkpoint directory.  Resuming into a workdir written by
 a different config is refused with the keys that differ, before anything is overwritten.
 """
@@ -19,9 +19,13 @@ from flax import traverse_util
 
 from cuma_jax.checkpoints.safetensors_io import write_safetensors
 
-# Keys whose change makes an existing checkpoint belong to another experiment.
+# Keys whose change makes an existing checkpoint belong to another experiment; the
+# per-step RNG is derived from ``seed`` and the step, so it needs no saving of its own.
 IDENTITY_KEYS = ("method", "ablation", "model", "encoder", "adapter", "trainable", "data",
                  "seed")
+# Under IDENTITY_KEYS but free to change on resume: where files live, and memory knobs.
+RELOCATABLE_KEYS = ("model.checkpoint", "encoder.checkpoint", "encoder.precomputed",
+                    "data.data_dir", "data.manual_dir", "model.remat")
 
 
 class CheckpointConfigMismatch(ValueError):
@@ -43,7 +47,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   """Dotted keys under IDENTITY_KEYS whose values differ between two config dicts."""
   a = _flatten({k: saved.get(k) for k in IDENTITY_KEYS})
   b = _flatten({k: current.get(k) for k in IDENTITY_KEYS})
-  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  return sorted(k for k in set(a) | set(b)
+                if a.get(k) != b.get(k) and k not in RELOCATABLE_KEYS)
 
 
 def config_to_json(config) -> dict:

@@ -1,8 +1,9 @@
 """The SFT training loop: resumable, sharded, observable; importable from a notebook.
 
-:func:`train` runs ``config.train`` steps of :func:`~cuma_jax.training.step.make_train_step`
-over a grain iterator, checkpointing {trainable params, optimiser state, step, RNG, data
-iterator state, config} with Orbax and resuming from the workdir's latest checkpoint.
+:func:`train` runs :func:`~cuma_jax.training.step.make_train_step` over a grain iterator,
+checkpointing {trainable params, optimiser state, step, data iterator state, config} with
+Orbax and resuming from the workdir's latest checkpoint.  Step ``s`` draws its dropout RNG
+from ``fold_in(seed, s)``, so a resumed run continues the same random stream.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def total_steps(config, examples_per_epoch: int) -> int:
   """Optimiser updates: ``train.num_steps`` if set, else epochs over the data."""
   if config.train.num_steps > 0:
     return config.train.num_steps
-  batches = examples_per_epoch // config.data.batch_size
+  batches = examples_per_epoch // (config.data.batch_size * jax.process_count())
   return max(config.train.num_epochs * batches // config.optim.accumulation_steps, 1)
 
 
@@ -125,13 +126,14 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
           trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, table, batch, rng)
         accumulated.append(metrics)
-        tokens_seen += int(batch["attention_mask"].size)
+        tokens_seen += int(metrics["input_tokens"])
       loss = float(np.mean([float(m["loss"]) for m in accumulated]))
-      if not math.isfinite(loss):
+      grad_norms = [float(m["grad_norm"]) for m in accumulated]
+      if not math.isfinite(loss) or not all(map(math.isfinite, grad_norms)):
         ckpt.wait()
         raise NonFiniteLoss(
-            f"loss is {loss} at step {step + 1}; stopping. The last good checkpoint "
-            f"(step {last_good}) in {ckpt.directory} is intact.")
+            f"loss {loss}, gradient norms {grad_norms} at step {step + 1}; stopping. The last "
+            f"good checkpoint (step {last_good}) in {ckpt.directory} is intact.")
       losses.append(loss)
       done = step + 1
       if ckpt.save(done, _state(trainable, opt_state, done), iterator.get_state()):
@@ -144,9 +146,9 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
             "loss": loss,
             "task_loss": float(np.mean([float(m["task_loss"]) for m in accumulated])),
             "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
-            "grad_norm": float(accumulated[-1]["grad_norm"]),
+            "grad_norm": max(grad_norms),  # Before clipping; the largest micro-batch's.
             "learning_rate": float(schedule(step)),
-            "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}
+            "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}  # Non-padding tokens.
         usage = {k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
                  for k, v in accumulated[-1]["expert_counts"].items()}
         writer.write(done, scalars, usage)
@@ -184,4 +186,6 @@ def _device_batch(batch: dict, batch_sh) -> dict:
   if supervised > MAX_TARGETS:
     raise ValueError(f"an example supervises {supervised} tokens; at most {MAX_TARGETS} are "
                      "supported (answer letter + end-of-turn)")
-  return {k: jax.device_put(np.asarray(batch[k]), batch_sh) for k in BATCH_KEYS}
+  # Each process holds its own shard of the global batch (grain shards by process).
+  return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
+          for k in BATCH_KEYS}

@@ -1,4 +1,4 @@
-"""SFT objective: masked token cross-entropy (+ label smoothing) and the balance loss."""
+"""SFT objective: masked token cross-entropy with optional label smoothing."""
 
 from __future__ import annotations
 

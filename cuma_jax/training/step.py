@@ -59,7 +59,8 @@ def make_train_step(module, optimizer: optax.GradientTransformation, *, lambda_a
     task, tokens = masked_cross_entropy(logits, targets, weights, label_smoothing)
     total = task + lambda_aux * aux["balance_loss"]
     return total, {"loss": total, "task_loss": task, "balance_loss": aux["balance_loss"],
-                   "supervised_tokens": tokens, "expert_counts": aux["expert_counts"]}
+                   "supervised_tokens": tokens, "expert_counts": aux["expert_counts"],
+                   "input_tokens": batch["attention_mask"].sum()}
 
   def step(trainable, frozen, opt_state, batch, demographics, rng):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, frozen, batch, demographics,

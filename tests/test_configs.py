@@ -1,0 +1,49 @@
+"""Every shipped config file builds at every preset, and each method keeps its identity."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from cuma_jax import presets
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs")
+FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_experiment_of_the_paper_has_a_config_file():
+  names = {os.path.basename(f)[:-3] for f in FILES}
+  assert names == {"cuma", "full_finetune", "lora", "hydralora", "mixlora", "prefix_tuning",
+                   "ablation_soft_routing", "ablation_no_demographics",
+                   "ablation_no_balance_loss", "ablation_minimal"}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.basename(p)[:-3])
+@pytest.mark.parametrize("preset", presets.SCALES)
+def test_config_builds_and_keeps_its_method(path, preset):
+  c = _load(path).get_config(preset)
+  adapter = presets.adapter_config(c)
+  if c.method == "lora":
+    assert (adapter.use_router, adapter.num_experts, adapter.top_k) == (False, 1, 1)
+  elif c.method == "mixlora":
+    assert adapter.router_hidden == () and adapter.share_router and not adapter.shared_a
+  elif c.method == "hydralora":
+    assert adapter.shared_a and not adapter.uses_demographics
+  elif c.method == "prefix":
+    assert adapter.targets == () and adapter.prefix_length == 32
+  elif c.method == "full":
+    assert adapter is None and c.trainable == "all"
+  else:
+    assert adapter.num_experts > 1 and adapter.router_hidden
+    assert adapter.uses_demographics == (c.ablation not in ("no_demographics", "minimal"))
+    assert (adapter.gate_mode == "soft") == (c.ablation in ("soft_routing", "minimal"))
+    assert (c.optim.lambda_aux == 0) == (c.ablation in ("no_balance_loss", "minimal"))
