@@ -93,18 +93,17 @@ def make_demographics(config, backbone_dir: str, train_tables: SurveyTables | No
   if config.encoder.precomputed:
     path = config.encoder.precomputed
     encoder = PrecomputedEncoder(path)
+    width = encoder.dim
   else:
     path = config.encoder.checkpoint or backbone_dir
-    width = ModelConfig.from_pretrained(path).hidden_size
-    if width != adapter.demographic_dim:  # Checked before loading a possibly large model.
-      raise ValueError(f"the demographic encoder at {path} gives vectors of width {width}, "
-                       f"but config.adapter.demographic_dim={adapter.demographic_dim}; set "
-                       "config.encoder.checkpoint (e.g. Qwen3-Embedding-0.6B)")
+    width = ModelConfig.from_pretrained(path).hidden_size  # Before loading a large model.
+  if width != adapter.demographic_dim:
+    raise ValueError(f"the demographic encoder at {path} gives vectors of width {width}, "
+                     f"but config.adapter.demographic_dim={adapter.demographic_dim}; set "
+                     "config.encoder.checkpoint (e.g. Qwen3-Embedding-0.6B)")
+  if not config.encoder.precomputed:
     encoder = DemographicEncoder.from_pretrained(
         path, pooling=config.encoder.pooling, max_length=config.encoder.max_length)
-  if encoder.dim != adapter.demographic_dim:
-    raise ValueError(f"the demographic encoder at {path} gives vectors of width {encoder.dim}, "
-                     f"but config.adapter.demographic_dim={adapter.demographic_dim}")
   demographics = Demographics(encoder)
   if config.encoder.standardize:
     if train_tables is None:
