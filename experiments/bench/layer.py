@@ -7,7 +7,8 @@ random cotangent: gradient w.r.t. the input x AND every trainable parameter; the
 W0 only lets the gradient through) of:
   base_q     x @ W0, q_proj 4096 -> 4096 (W0 frozen: gradient w.r.t. x only)
   lora_q     base + plain LoRA r=64
-  cuma_q_*   base + CuMA (Router + select_experts + LoraExperts), strategy dense/ragged/auto
+  cuma_q_*   base + CuMA, strategy dense/ragged/auto: the decoder's own adapter block
+             (AdapterGroup: router, top-k, LoRA experts, balance loss with lambda 0.01)
   base_qv / cuma_qv   the attention input block: q (4096) and v (1024) projections of the
              same x, CuMA with ONE router shared by both, evaluated once
   sweep      the adapter alone (router + mixture) at 8, 16, 32, 64 experts, dense and ragged
@@ -32,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuma_jax.layers.adapter import LoraExperts, Router
-from cuma_jax.layers.dispatch import mixture, resolve_strategy
-from cuma_jax.layers.routing import select_experts
+from cuma_jax.layers.dispatch import resolve_strategy
+from cuma_jax.layers.inject import AdapterConfig, AdapterGroup
 from cuma_jax.sharding import EMBED, HEADS, KV_HEADS
 
 D_MODEL, D_Q, D_V = 4096, 4096, 1024
 RANK, ALPHA, TOP_K, EXPERTS, D_DEMO, ROUTER_HIDDEN = 64, 128.0, 2, 8, 1024, (256,)
+LAMBDA_AUX = 0.01
 SWEEP_EXPERTS = (8, 16, 32, 64)
 
 
@@ -72,8 +73,11 @@ class Cases:
                    "v": _random(self.rng, (D_MODEL, D_V), 0.02)}
     self.cot = {"q": _random(self.rng, (1, tokens, D_Q)), "v": _random(self.rng, (1, tokens, D_V))}
 
-  def _case(self, fn, params, targets):
+  def _case(self, fn, params, targets, balance_weight=None):
+    """``balance_weight``: the balance loss's cotangent (lambda_aux) when fn returns it."""
     cot = {t: self.cot[t] for t in targets}
+    if balance_weight is not None:
+      cot["balance"] = jnp.float32(balance_weight)
     step = _fwd_bwd(fn)
     args = (self.x, params, self.frozen, self.z, cot)
     return lambda: jax.block_until_ready(step(*args))
@@ -87,41 +91,45 @@ class Cases:
     fn = lambda x, p, w, z: {"q": x @ w["q"] + (ALPHA / RANK) * ((x @ p["a"]) @ p["b"])}
     return self._case(fn, params, ("q",))
 
-  def _modules(self, targets, strategy, num_experts):
-    router = Router(num_experts=num_experts, hidden_dims=ROUTER_HIDDEN, in_axis=EMBED)
-    out = {"q": (D_Q, HEADS), "v": (D_V, KV_HEADS)}
-    experts = {t: LoraExperts(features=out[t][0], num_experts=num_experts, rank=RANK,
-                              alpha=ALPHA, shared_a=True, strategy=strategy, in_axis=EMBED,
-                              out_axis=out[t][1]) for t in targets}
-    key = jax.random.PRNGKey(0)
-    params = {"router": jax.jit(router.init)(key, self.x, self.z)["params"]}
-    routing = select_experts(jnp.zeros((1, 1, num_experts)), TOP_K, "reference")
-    for t, module in experts.items():
-      params[t] = jax.jit(module.init)(key, self.x[:, :1], routing)["params"]
+  def _group(self, targets, strategy, num_experts):
+    """The decoder's adapter block for the attention input: one router shared by q and v."""
+    adapter = AdapterConfig(
+        targets=tuple(f"{t}_proj" for t in targets), rank=RANK, alpha=ALPHA,
+        num_experts=num_experts, top_k=TOP_K, shared_a=True, router_hidden=ROUTER_HIDDEN,
+        demographic_dim=D_DEMO, share_router=True, gate_mode="reference", strategy=strategy)
+    group = AdapterGroup(adapter=adapter, group="attn_in", dtype=jnp.float32,
+                         deterministic=True)
+    outputs = {f"{t}_proj": ({"q": D_Q, "v": D_V}[t], {"q": HEADS, "v": KV_HEADS}[t])
+               for t in targets}
+    params = jax.jit(lambda key: group.init(key, self.x[:, :1], self.z, None, outputs, EMBED))(
+        jax.random.PRNGKey(0))["params"]
     params = _randomise(nn.unbox(params), self.rng)
-    return router, experts, params
+
+    def deltas(x, p, z):
+      out, aux = group.apply({"params": p}, x, z, None, outputs, EMBED)
+      return {t: out[f"{t}_proj"] for t in targets}, aux["balance_loss"]
+
+    return deltas, params
 
   def cuma(self, targets, strategy, num_experts=EXPERTS):
-    """Frozen projections + CuMA deltas, one router shared by all targets."""
-    router, experts, params = self._modules(targets, strategy, num_experts)
+    """Frozen projections + CuMA deltas (+ the balance loss's gradient)."""
+    deltas, params = self._group(targets, strategy, num_experts)
 
     def fn(x, p, w, z):
-      logits = router.apply({"params": p["router"]}, x, z)
-      routing = select_experts(logits, TOP_K, "reference")
-      return {t: x @ w[t] + m.apply({"params": p[t]}, x, routing) for t, m in experts.items()}
+      delta, balance = deltas(x, p, z)
+      return {**{t: x @ w[t] + delta[t] for t in targets}, "balance": balance}
 
-    return self._case(fn, params, targets)
+    return self._case(fn, params, targets, LAMBDA_AUX)
 
   def adapter_only(self, strategy, num_experts):
     """Router + mixture alone (no frozen projection), to isolate the experts' scaling."""
-    router, experts, params = self._modules(("q",), strategy, num_experts)
+    deltas, params = self._group(("q",), strategy, num_experts)
 
     def fn(x, p, w, z):
-      routing = select_experts(router.apply({"params": p["router"]}, x, z), TOP_K, "reference")
-      lora = p["q"]
-      return {"q": mixture(x, lora["a"], lora["b"], routing, strategy, scale=ALPHA / RANK)}
+      delta, balance = deltas(x, p, z)
+      return {"q": delta["q"], "balance": balance}
 
-    return self._case(fn, params, ("q",))
+    return self._case(fn, params, ("q",), LAMBDA_AUX)
 
 
 def flops(tokens, targets, adapter, experts_run=None, num_experts=EXPERTS):
