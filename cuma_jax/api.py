@@ -14,9 +14,6 @@ from cuma_jax.layers.inject import AdapterConfig
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.decoder import Decoder
 
-BACKBONE = "backbone"
-
-
 def build_decoder(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
                   scan_layers: bool = False, remat: str = "none", output: str = "logits",
                   adapter: AdapterConfig | None = None) -> Decoder:

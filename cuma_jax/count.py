@@ -34,9 +34,8 @@ def architecture(config) -> ModelConfig:
       os.path.join(presets.ARCHITECTURES_DIR, config.model.architecture + ".json"))
 
 
-def count_parameters(config, model_config: ModelConfig | None = None) -> dict[str, float]:
-  model_config = model_config or architecture(config)
-  module = api.build_decoder(model_config, adapter=presets.adapter_config(config))
+def count_parameters(config) -> dict[str, float]:
+  module = api.build_decoder(architecture(config), adapter=presets.adapter_config(config))
   shapes = traverse_util.flatten_dict(nn.unbox(api.abstract_params(module)))
   sizes = {path: int(np.prod(x.shape)) for path, x in shapes.items()}
   trainable = sum(n for p, n in sizes.items() if is_trainable(p, config.trainable))

@@ -121,7 +121,7 @@ def test_bfloat16_inputs_compute_in_bfloat16(strategy):
   )
 
 
-SHAPES = dict(num_tokens=4096, d_in=4096, d_out=4096, rank=64, top_k=2)
+SHAPES = dict(num_tokens=4096, rank=64, top_k=2)
 
 
 def test_auto_is_dense_on_cpu_at_every_expert_count():

@@ -106,7 +106,6 @@ def make_dataset(
     shard_count: int | None = None,
     drop_remainder: bool = True,
     tables: SurveyTables | None = None,
-    read_options: grain.ReadOptions | None = None,
 ) -> tuple[grain.IterDataset, SurveyTables]:
     """Builds the batched dataset over `source` (a TFDS data source or a list of example dicts).
 
@@ -129,6 +128,6 @@ def make_dataset(
         indices.repeat(num_epochs)
         .map(_EncodeExample(source, tokenizer, tables, max_length, demographic_system_prompt))
         .batch(batch_size, drop_remainder=drop_remainder)
-        .to_iter_dataset(read_options)
+        .to_iter_dataset()
     )
     return dataset, tables

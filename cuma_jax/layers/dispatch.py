@@ -37,8 +37,6 @@ def resolve_strategy(
   *,
   backend: str,
   num_tokens: int,
-  d_in: int,
-  d_out: int,
   num_experts: int,
   rank: int,
   top_k: int,
@@ -56,13 +54,11 @@ def resolve_strategy(
   unsort and their transposes) = 12 k bytes. The column count cancels, leaving
   ragged iff 6 (N - k) r > 12 k * FLOPS_PER_BYTE, i.e. (N - k) r > 600 k:
   N=8, k=2, r=64 (the paper's setting) stays dense; at k=2, r=64 ragged wins from N=21.
-  Calls with fewer than 256 tokens stay dense (latency bound). d_in/d_out are accepted
-  so callers describe the whole projection; under this cost model they cancel.
+  Calls with fewer than 256 tokens stay dense (latency bound).
   """
   check_strategy(strategy)
   if strategy != "auto":
     return strategy
-  del d_in, d_out  # cancel in the per-column cost model above
   if backend == "cpu" or num_tokens < _MIN_RAGGED_TOKENS:
     return "dense"
   wasted_flops = 6.0 * (num_experts - top_k) * rank
@@ -138,13 +134,11 @@ def mixture(
   """scale * sum_{i in top-k} g_i (x A_i) B_i as [B, T, d_out], by the chosen strategy."""
   if x.ndim != 3:
     raise ValueError(f"x must be [batch, length, features], got shape {x.shape}")
-  num_experts, rank, d_out = b.shape
+  num_experts, rank, _ = b.shape
   strategy = resolve_strategy(
     strategy,
     backend=jax.default_backend(),
     num_tokens=x.shape[0] * x.shape[1],
-    d_in=x.shape[-1],
-    d_out=d_out,
     num_experts=num_experts,
     rank=rank,
     top_k=routing.experts.shape[-1],

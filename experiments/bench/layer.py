@@ -178,7 +178,7 @@ def main():
 
   c = Cases(args.tokens)
   auto = resolve_strategy("auto", backend=jax.default_backend(), num_tokens=args.tokens,
-                          d_in=D_MODEL, d_out=D_Q, num_experts=EXPERTS, rank=RANK, top_k=TOP_K)
+                          num_experts=EXPERTS, rank=RANK, top_k=TOP_K)
   groups = [
       {"base_q": c.base(("q",)), "lora_q": c.lora(), "cuma_q_auto": c.cuma(("q",), "auto"),
        "cuma_q_dense": c.cuma(("q",), "dense"), "cuma_q_ragged": c.cuma(("q",), "ragged")},
