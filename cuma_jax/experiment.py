@@ -225,7 +225,7 @@ def _survey_corpus(source):
   for profile in SurveyTables.of(source).profiles:
     yield profile
   yield prompts.DEFAULT_SYSTEM_PROMPT
-  yield "You can only choose one option."
+  yield prompts.INSTRUCTION
 
 
 def run(config, workdir: str, log=print) -> dict:
@@ -242,19 +242,20 @@ def run(config, workdir: str, log=print) -> dict:
       scan_layers=config.model.scan_layers, remat=config.model.remat, adapter=adapter,
       rng=jax.random.PRNGKey(config.seed))
   tokenizer = api.load_tokenizer(backbone_dir)
-  demographics = make_demographics(config, backbone_dir, SurveyTables.of(data.sources["train"]))
+  train_tables = SurveyTables.of(data.sources["train"])
+  demographics = make_demographics(config, backbone_dir, train_tables)
   results = {}
   train_dir = os.path.join(workdir, "train")
   if config.mode == "train":
     results["untrained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
     _report("untrained", results["untrained"], log)
-    dataset, tables = make_dataset(
+    dataset, _ = make_dataset(
         data.sources["train"], tokenizer, max_length=config.data.max_length,
         batch_size=config.data.batch_size, seed=config.data.shuffle_seed, num_epochs=None,
-        demographic_system_prompt=config.data.demographic_system_prompt)
+        demographic_system_prompt=config.data.demographic_system_prompt, tables=train_tables)
     steps = loop.total_steps(config, len(data.sources["train"]))
     result = loop.train(config, train_dir, module, params, dataset, num_steps=steps,
-                        demographic_table=demographic_table(demographics, tables), log=log)
+                        demographic_table=demographic_table(demographics, train_tables), log=log)
     trainable, frozen = result.trainable, result.frozen
     if adapter is not None:
       exported = dict(dataclasses.asdict(adapter), param_dtype=jnp.dtype(

@@ -15,6 +15,7 @@ import ml_collections
 from cuma_jax import sharding
 from cuma_jax.layers import dispatch, routing
 from cuma_jax.layers.inject import TARGET_MODULES, AdapterConfig
+from cuma_jax.models.decoder import REMAT_POLICIES
 from cuma_jax.models.demographic import POOLING_MODES
 from cuma_jax.training.partition import TRAINABLE_MODES
 
@@ -184,7 +185,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _choice("mode", c.mode, MODES)
   _choice("model.dtype", c.model.dtype, DTYPES)
   _choice("model.param_dtype", c.model.param_dtype, DTYPES)
-  _choice("model.remat", c.model.remat, ("none", "full", "dots"))
+  _choice("model.remat", c.model.remat, REMAT_POLICIES)
   _choice("encoder.pooling", c.encoder.pooling, POOLING_MODES)
   _choice("trainable", c.trainable, TRAINABLE_MODES)
   _choice("data.dataset", c.data.dataset, DATASETS)

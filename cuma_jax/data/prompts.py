@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 LETTERS = string.ascii_uppercase
 MAX_OPTIONS = len(LETTERS)
 
+# Closes every user turn (the released prompt).
+INSTRUCTION = "You can only choose one option."
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that answers survey questions honestly."
 
 # Profile fields in the order the demographic sentence names them, and their WVB columns.
@@ -64,7 +66,7 @@ def user_prompt(question: str, choices: Sequence[str]) -> str:
     if not 1 <= len(choices) <= MAX_OPTIONS:
         raise ValueError(f"a question needs 1..{MAX_OPTIONS} choices, got {len(choices)}")
     lettered = " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
-    return f"{question}? {lettered}. You can only choose one option."
+    return f"{question}? {lettered}. {INSTRUCTION}"
 
 
 def system_prompt(profile: str, demographic_system_prompt: bool) -> str:
