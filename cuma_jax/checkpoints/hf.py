@@ -18,7 +18,12 @@ import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
-from cuma_jax.checkpoints.safetensors_io import TensorIndex, write_safetensors
+from cuma_jax.checkpoints.safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    TensorIndex,
+    write_safetensors,
+)
 from cuma_jax.models.config import ModelConfig
 
 
@@ -192,15 +197,16 @@ def export_params(params, cfg: ModelConfig, directory: str | os.PathLike, *, out
   tensors = []
   for hf_name, path, transform, layer in mapping(cfg, output=output, scan_layers=scan_layers,
                                                   prefix=prefix):
-    array = np.asarray(jax.device_get(_get(params, path)))
-    if layer is not None:
+    array = _get(params, path)
+    if layer is not None:  # One layer of a scanned stack: slice before copying to host.
       array = array[layer]
+    array = np.asarray(jax.device_get(array))
     if dtype is not None:
       array = array.astype(np.dtype(dtype))
     tensors.append((hf_name, transform.to_hf(array)))
   shards = _split(tensors, max_shard_bytes)
   if len(shards) == 1:
-    write_safetensors(os.path.join(directory, "model.safetensors"), shards[0])
+    write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0])
   else:
     weight_map = {}
     for n, shard in enumerate(shards, 1):
@@ -208,7 +214,7 @@ def export_params(params, cfg: ModelConfig, directory: str | os.PathLike, *, out
       write_safetensors(os.path.join(directory, name), shard)
       weight_map.update({tensor: name for tensor, _ in shard})
     total = sum(a.nbytes for _, a in tensors)
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   with open(os.path.join(directory, "config.json"), "w") as f:
     f.write(cfg.hf_config_json)
