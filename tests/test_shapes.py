@@ -34,5 +34,5 @@ def test_every_parameter_has_logical_axes():
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   for leaf in leaves:
-    assert len(leaf.names) == leaf.value.ndim and leaf.names[0] == "layers" or \
-        "layers" not in leaf.names
+    assert len(leaf.names) == leaf.value.ndim
+    assert "layers" not in leaf.names or leaf.names[0] == "layers"
