@@ -1,6 +1,5 @@
 """The adapted decoder: exactness at init, LoRA equivalence, the trainable split, counts."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,14 +84,14 @@ def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint):
   a, _ = lora_module.apply({"params": lora_params}, ids, attention_mask=mask)
   b, _ = moe_module.apply({"params": moe_params}, ids, attention_mask=mask, demographics=z)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # And LoRA itself is W0 x + (alpha / r) B A x: compare one projection with numpy.
+  # And the (randomised) LoRA really changes the model; the next test checks its formula.
   base_module, base_params = load_pretrained(directory)
   assert not np.allclose(np.asarray(a), np.asarray(
       base_module.apply({"params": base_params}, ids, attention_mask=mask)))
 
 
 def test_lora_projection_matches_numpy_formula(tiny_checkpoint):
-  """Only v_proj adapted, one layer checked through the attention input/output algebra."""
+  """Only down_proj adapted: its delta from the loaded parameters vs (alpha / r) h A B."""
   directory, _ = tiny_checkpoint("qwen3")
   adapter = AdapterConfig(targets=("down_proj",), rank=3, alpha=6.0, num_experts=1, top_k=1,
                           use_router=False, demographic_dim=0)
@@ -201,7 +200,7 @@ def test_demographics_shape_is_checked(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("pooling", ["mean", "mean_unmasked", "last_token"])
-def test_demographic_encoder_matches_automodel_pooling(tiny_checkpoint, tmp_path, pooling):
+def test_demographic_encoder_matches_automodel_pooling(tiny_checkpoint, pooling):
   directory, _ = tiny_checkpoint("qwen3_tied")
   from tokenizers import Tokenizer, models, pre_tokenizers
   words = "you are a person from egypt chile japan age group 16-24 years old male female".split()

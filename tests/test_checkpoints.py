@@ -41,7 +41,7 @@ def test_bfloat16_round_trip_and_sharded_export(tiny_checkpoint, tmp_path):
   hf.export_params(params, module.config, out, output="logits", scan_layers=False,
                    max_shard_bytes=20_000)
   assert os.path.isfile(out / "model.safetensors.index.json")
-  reread_module, reread = load_pretrained(out, dtype=jax.numpy.bfloat16)
+  _, reread = load_pretrained(out, dtype=jax.numpy.bfloat16)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reread)):
     assert a.dtype == b.dtype and np.array_equal(np.asarray(a, np.float32),
                                                  np.asarray(b, np.float32))

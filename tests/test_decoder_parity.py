@@ -1,5 +1,6 @@
 """Logits parity with Hugging Face's PyTorch models (the oracle)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_bf16_compute_close_to_float32_pytorch(tiny_checkpoint):
   directory, torch_model = tiny_checkpoint("llama3")
   ids, mask = _batch(torch_model.config.vocab_size, seed=2)
   module, params = load_pretrained(directory, dtype=jnp.bfloat16)
-  assert all(p.dtype == jnp.bfloat16 for p in __import__("jax").tree.leaves(params))
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
   logits = module.apply({"params": params}, ids, attention_mask=mask)
   expected = _torch_logits(torch_model, ids, mask)
   valid = mask.astype(bool)
