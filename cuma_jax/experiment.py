@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from cuma_jax import api, presets
 from cuma_jax.data import builders, prompts, synthetic
-from cuma_jax.data.pipeline import SurveyTables, make_dataset
+from cuma_jax.data.pipeline import SurveyTables, as_text, make_dataset
 from cuma_jax.evaluation import metrics, predict
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.demographic import DemographicEncoder, PrecomputedEncoder
@@ -149,8 +149,7 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 def score_predictions(source, chosen_options, example_indices, oracle=None) -> dict:
   """Metrics of predicted option indices; with an oracle also its two reference predictors."""
   records = [source[int(i)] for i in example_indices]
-  text = lambda v: v.decode() if isinstance(v, bytes) else v
-  qids = np.array([text(r["question_id"]) for r in records])
+  qids = np.array([as_text(r["question_id"]) for r in records])
   codes = [np.asarray(r["option_codes"]) for r in records]
   true_option = np.array([int(r["answer_option"]) for r in records])
   scales = {q["question_id"]: (q["scale_min"], q["scale_max"])
@@ -158,9 +157,9 @@ def score_predictions(source, chosen_options, example_indices, oracle=None) -> d
   for qid, c in zip(qids, codes):
     if scales.get(qid, (None, None))[0] is None:
       scales[qid] = (min(c), max(c))  # Non-ordinal questions: the option codes' range.
-  fields = {f: np.array([text(r["demographics"][f]) for r in records])
+  fields = {f: np.array([as_text(r["demographics"][f]) for r in records])
             for f in prompts.PROFILE_FIELDS if f != "country"}
-  countries = np.array([text(r["demographics"]["country"]) for r in records])
+  countries = np.array([as_text(r["demographics"]["country"]) for r in records])
 
   def summary(options):
     return metrics.summarize(
@@ -172,7 +171,7 @@ def score_predictions(source, chosen_options, example_indices, oracle=None) -> d
 
   result = {"model": summary(chosen_options)}
   if oracle is not None:
-    profiles = [text(r["profile"]) for r in records]
+    profiles = [as_text(r["profile"]) for r in records]
     result["optimum"] = summary([oracle.optimal_option(p, q) for p, q in zip(profiles, qids)])
     result["population_mean"] = summary([oracle.population_option(q) for q in qids])
   return result

@@ -52,11 +52,11 @@ class SurveyTables:
             return cls(profiles=tuple(metadata["profiles"][split]),
                        question_ids=tuple(q["question_id"] for q in metadata["questions"]))
         records = [source[i] for i in range(len(source))]
-        return cls(profiles=tuple(sorted({_text(r["profile"]) for r in records})),
-                   question_ids=tuple(dict.fromkeys(_text(r["question_id"]) for r in records)))
+        return cls(profiles=tuple(sorted({as_text(r["profile"]) for r in records})),
+                   question_ids=tuple(dict.fromkeys(as_text(r["question_id"]) for r in records)))
 
 
-def _text(value: str | bytes) -> str:
+def as_text(value: str | bytes) -> str:
     """TFDS returns Text features as bytes; plain Python sources hold str."""
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
@@ -74,17 +74,17 @@ class _EncodeExample:
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         record = self.source[int(index)]
-        profile = _text(record["profile"])
+        profile = as_text(record["profile"])
         system = prompts.system_prompt(profile, self.demographic_system_prompt)
-        encoded = self.encoder(prompts.chat_messages(system, _text(record["user"])),
-                               _text(record["answer_letter"]))
+        encoded = self.encoder(prompts.chat_messages(system, as_text(record["user"])),
+                               as_text(record["answer_letter"]))
         codes = np.full(prompts.MAX_OPTIONS, -1, np.int32)
         option_codes = np.asarray(record["option_codes"], np.int32)
         codes[:len(option_codes)] = option_codes
         return {
             **encoded,
             "profile_index": np.int32(self.profile_index[profile]),
-            "question_index": np.int32(self.question_index[_text(record["question_id"])]),
+            "question_index": np.int32(self.question_index[as_text(record["question_id"])]),
             "answer_option": np.int32(record["answer_option"]),
             "option_count": np.int32(len(option_codes)),
             "option_codes": codes,
