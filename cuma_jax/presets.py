@@ -143,7 +143,6 @@ def _set_scale(c, scale: str) -> None:
     c.optim.update(learning_rate=3e-3, schedule="cosine", warmup_steps=10)
     c.train.update(num_steps=800, log_every=10, checkpoint_every=200, keep_checkpoints=2)
     c.eval.batch_size = 128
-    c.mesh.shape = (("data", -1), ("model", 1))
     if scale == "tiny":
       c.data.synthetic.update(num_countries=4, num_questions=6, num_train=60, num_test=10,
                               num_zero_shot=10)
