@@ -14,11 +14,26 @@ from cuma_jax.layers.inject import AdapterConfig
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.decoder import Decoder
 
-def build_decoder(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None,
-                  scan_layers: bool = False, remat: str = "none", output: str = "logits",
-                  adapter: AdapterConfig | None = None) -> Decoder:
-  return Decoder(config=config, dtype=dtype, param_dtype=param_dtype or dtype,
-                 scan_layers=scan_layers, remat=remat, output=output, adapter=adapter)
+
+def build_decoder(
+  config: ModelConfig,
+  *,
+  dtype=jnp.float32,
+  param_dtype=None,
+  scan_layers: bool = False,
+  remat: str = "none",
+  output: str = "logits",
+  adapter: AdapterConfig | None = None,
+) -> Decoder:
+  return Decoder(
+    config=config,
+    dtype=dtype,
+    param_dtype=param_dtype or dtype,
+    scan_layers=scan_layers,
+    remat=remat,
+    output=output,
+    adapter=adapter,
+  )
 
 
 def dummy_inputs(module: Decoder, batch: int = 1, length: int = 2) -> dict[str, Any]:
@@ -41,9 +56,11 @@ def is_adapter_path(path: tuple[str, ...]) -> bool:
 
 def init_adapter_params(module: Decoder, rng) -> dict:
   """Initialises only the adapter parameters (XLA drops the unused backbone init)."""
+
   def init(key):
     params = nn.unbox(module.init(key, **dummy_inputs(module))["params"])
     return _filter(params, keep=is_adapter_path)
+
   return jax.jit(init)(rng)
 
 
@@ -73,9 +90,17 @@ def merge_trees(a: dict, b: dict) -> dict:
   return out
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None,
-                    scan_layers: bool = False, remat: str = "none", output: str = "logits",
-                    adapter: AdapterConfig | None = None, rng=None):
+def load_pretrained(
+  path: str | os.PathLike,
+  dtype=jnp.float32,
+  *,
+  param_dtype=None,
+  scan_layers: bool = False,
+  remat: str = "none",
+  output: str = "logits",
+  adapter: AdapterConfig | None = None,
+  rng=None,
+):
   """Loads a local Hugging Face Qwen3 / Llama checkpoint.
 
   Returns ``(module, params)``: ``module.apply({"params": params}, input_ids,
@@ -85,12 +110,20 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=N
   With ``adapter``, freshly initialised adapter parameters (from ``rng``) are merged in.
   """
   config = ModelConfig.from_pretrained(path)
-  module = build_decoder(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                         remat=remat, output=output, adapter=adapter)
+  module = build_decoder(
+    config,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scan_layers=scan_layers,
+    remat=remat,
+    output=output,
+    adapter=adapter,
+  )
   backbone_module = module.clone(adapter=None)
   shapes = nn.unbox(abstract_params(backbone_module))
-  params = hf.import_params(path, config, shapes, output=output, scan_layers=scan_layers,
-                            dtype=module.param_dtype)
+  params = hf.import_params(
+    path, config, shapes, output=output, scan_layers=scan_layers, dtype=module.param_dtype
+  )
   params = jax.tree.map(jnp.asarray, params)
   if adapter is not None:
     rng = jax.random.key(0) if rng is None else rng
@@ -101,8 +134,9 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=N
 def save_pretrained(module: Decoder, params, path: str | os.PathLike, dtype=None) -> None:
   """Writes the backbone back as a Hugging Face checkpoint (adapters are not merged)."""
   backbone = _filter(params, keep=lambda p: not is_adapter_path(p))
-  hf.export_params(backbone, module.config, path, output=module.output,
-                   scan_layers=module.scan_layers, dtype=dtype)
+  hf.export_params(
+    backbone, module.config, path, output=module.output, scan_layers=module.scan_layers, dtype=dtype
+  )
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import os
 
-import flax.linen as nn
-
-import numpy as np
 from absl import app
-from ml_collections import config_flags
 from flax import traverse_util
+import flax.linen as nn
+from ml_collections import config_flags
+import numpy as np
 
 from cuma_jax import api, presets
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.training.partition import is_trainable
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file:preset.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file:preset.", lock_config=True
+)
 
 
 def architecture(config) -> ModelConfig:
@@ -31,7 +31,8 @@ def architecture(config) -> ModelConfig:
   if not config.model.architecture:
     raise ValueError("config.model.checkpoint and config.model.architecture are both empty")
   return ModelConfig.from_pretrained(
-      os.path.join(presets.ARCHITECTURES_DIR, config.model.architecture + ".json"))
+    os.path.join(presets.ARCHITECTURES_DIR, config.model.architecture + ".json")
+  )
 
 
 def count_parameters(config) -> dict[str, float]:
@@ -40,8 +41,12 @@ def count_parameters(config) -> dict[str, float]:
   sizes = {path: int(np.prod(x.shape)) for path, x in shapes.items()}
   trainable = sum(n for p, n in sizes.items() if is_trainable(p, config.trainable))
   backbone = sum(n for p, n in sizes.items() if not api.is_adapter_path(p))
-  return {"trainable": trainable, "total": sum(sizes.values()), "backbone": backbone,
-          "trainable_percent": 100.0 * trainable / backbone}
+  return {
+    "trainable": trainable,
+    "total": sum(sizes.values()),
+    "backbone": backbone,
+    "trainable_percent": 100.0 * trainable / backbone,
+  }
 
 
 def main(argv):
@@ -49,8 +54,10 @@ def main(argv):
   config = _CONFIG.value
   presets.validate(config)
   counts = count_parameters(config)
-  print(f"method={config.method} ablation={config.ablation} "
-        f"architecture={config.model.checkpoint or config.model.architecture}")
+  print(
+    f"method={config.method} ablation={config.ablation} "
+    f"architecture={config.model.checkpoint or config.model.architecture}"
+  )
   print(f"trainable parameters: {counts['trainable']:,}")
   print(f"total parameters:     {counts['total']:,} (frozen backbone {counts['backbone']:,})")
   print(f"trainable:            {counts['trainable_percent']:.2f}% of the backbone")

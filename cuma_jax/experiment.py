@@ -44,7 +44,8 @@ def load_data(config, workdir: str) -> SurveyData:
     digest = hashlib.sha1(json.dumps(dataclasses.asdict(survey), sort_keys=True).encode())
     name = "s" + digest.hexdigest()[:12]
     builder = builders.CumaSyntheticSurvey(
-        data_dir=data_dir, config=builders.SyntheticConfig(name=name, survey=survey))
+      data_dir=data_dir, config=builders.SyntheticConfig(name=name, survey=survey)
+    )
     builder.download_and_prepare()
     sources = builder.as_data_source()
     eval_splits = ("test", "zero_shot")
@@ -52,12 +53,16 @@ def load_data(config, workdir: str) -> SurveyData:
   else:
     if not config.data.manual_dir or not os.path.isdir(config.data.manual_dir):
       raise FileNotFoundError(
-          f"config.data.manual_dir={config.data.manual_dir!r} is not a directory; point it at "
-          "the WorldValuesBench root (see wvb-format in the README)")
+        f"config.data.manual_dir={config.data.manual_dir!r} is not a directory; point it at "
+        "the WorldValuesBench root (see wvb-format in the README)"
+      )
     sources = tfds.data_source(
-        f"cuma_world_values_bench/{config.data.builder_config}", data_dir=data_dir,
-        download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(
-            manual_dir=config.data.manual_dir)})
+      f"cuma_world_values_bench/{config.data.builder_config}",
+      data_dir=data_dir,
+      download_and_prepare_kwargs={
+        "download_config": tfds.download.DownloadConfig(manual_dir=config.data.manual_dir)
+      },
+    )
     eval_splits = tuple(s for s in config.eval.splits if s in sources)
     oracle = None
   for split, source in sources.items():
@@ -84,8 +89,9 @@ def demographic_table(demographics: Demographics | None, tables: SurveyTables):
   return None if demographics is None else demographics.table(tables)
 
 
-def make_demographics(config, backbone_dir: str, train_tables: SurveyTables | None = None
-                 ) -> Demographics | None:
+def make_demographics(
+  config, backbone_dir: str, train_tables: SurveyTables | None = None
+) -> Demographics | None:
   """The router's demographic inputs (None when the routers do not read them)."""
   adapter = presets.adapter_config(config)
   if adapter is None or not adapter.uses_demographics:
@@ -98,12 +104,15 @@ def make_demographics(config, backbone_dir: str, train_tables: SurveyTables | No
     path = config.encoder.checkpoint or backbone_dir
     width = ModelConfig.from_pretrained(path).hidden_size  # Before loading a large model.
   if width != adapter.demographic_dim:
-    raise ValueError(f"the demographic encoder at {path} gives vectors of width {width}, "
-                     f"but config.adapter.demographic_dim={adapter.demographic_dim}; set "
-                     "config.encoder.checkpoint (e.g. Qwen3-Embedding-0.6B)")
+    raise ValueError(
+      f"the demographic encoder at {path} gives vectors of width {width}, "
+      f"but config.adapter.demographic_dim={adapter.demographic_dim}; set "
+      "config.encoder.checkpoint (e.g. Qwen3-Embedding-0.6B)"
+    )
   if not config.encoder.precomputed:
     encoder = DemographicEncoder.from_pretrained(
-        path, pooling=config.encoder.pooling, max_length=config.encoder.max_length)
+      path, pooling=config.encoder.pooling, max_length=config.encoder.max_length
+    )
   demographics = Demographics(encoder)
   if config.encoder.standardize:
     if train_tables is None:
@@ -116,10 +125,17 @@ def make_demographics(config, backbone_dir: str, train_tables: SurveyTables | No
 def evaluate(config, module, params, tokenizer, source, demographics, oracle=None) -> dict:
   """Restricted-argmax predictions on one split and their metrics (plus the oracle's)."""
   dataset, tables = make_dataset(
-      source, tokenizer, max_length=config.data.max_length, batch_size=config.eval.batch_size,
-      shuffle=False, num_epochs=1, drop_remainder=False,
-      demographic_system_prompt=config.data.demographic_system_prompt,
-      shard_index=0, shard_count=1)
+    source,
+    tokenizer,
+    max_length=config.data.max_length,
+    batch_size=config.eval.batch_size,
+    shuffle=False,
+    num_epochs=1,
+    drop_remainder=False,
+    demographic_system_prompt=config.data.demographic_system_prompt,
+    shard_index=0,
+    shard_count=1,
+  )
   table = demographic_table(demographics, tables)
   table = None if table is None else jnp.asarray(table)
   letter_ids = np.asarray(predict.letter_token_ids(tokenizer, prompts.LETTERS))
@@ -129,8 +145,9 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
     n = len(batch["input_ids"])
     padded = {k: _pad_rows(np.asarray(v), config.eval.batch_size) for k, v in batch.items()}
     z = demographics_for(table, padded)
-    last_logits = eval_step(params, {k: padded[k] for k in (
-        "input_ids", "attention_mask", "prompt_length")}, z)
+    last_logits = eval_step(
+      params, {k: padded[k] for k in ("input_ids", "attention_mask", "prompt_length")}, z
+    )
     option_ids = np.broadcast_to(letter_ids, (len(last_logits), len(letter_ids)))
     option_mask = np.arange(len(letter_ids))[None] < padded["option_count"][:, None]
     chosen = np.asarray(predict.restricted_argmax(last_logits, option_ids, option_mask))
@@ -152,22 +169,31 @@ def score_predictions(source, chosen_options, example_indices, oracle=None) -> d
   qids = np.array([as_text(r["question_id"]) for r in records])
   codes = [np.asarray(r["option_codes"]) for r in records]
   true_option = np.array([int(r["answer_option"]) for r in records])
-  scales = {q["question_id"]: (q["scale_min"], q["scale_max"])
-            for q in source.dataset_info.metadata["questions"]}
+  scales = {
+    q["question_id"]: (q["scale_min"], q["scale_max"])
+    for q in source.dataset_info.metadata["questions"]
+  }
   for qid, c in zip(qids, codes):
     if scales.get(qid, (None, None))[0] is None:
       scales[qid] = (min(c), max(c))  # Non-ordinal questions: the option codes' range.
-  fields = {f: np.array([as_text(r["demographics"][f]) for r in records])
-            for f in prompts.PROFILE_FIELDS if f != "country"}
+  fields = {
+    f: np.array([as_text(r["demographics"][f]) for r in records])
+    for f in prompts.PROFILE_FIELDS
+    if f != "country"
+  }
   countries = np.array([as_text(r["demographics"]["country"]) for r in records])
 
   def summary(options):
     return metrics.summarize(
-        pred_letters=np.array([prompts.LETTERS[o] for o in options]),
-        true_letters=np.array([prompts.LETTERS[o] for o in true_option]),
-        pred_codes=np.array([c[o] for c, o in zip(codes, options)]),
-        true_codes=np.array([c[o] for c, o in zip(codes, true_option)]),
-        question_ids=qids, countries=countries, profile_fields=fields, scales=scales)
+      pred_letters=np.array([prompts.LETTERS[o] for o in options]),
+      true_letters=np.array([prompts.LETTERS[o] for o in true_option]),
+      pred_codes=np.array([c[o] for c, o in zip(codes, options)]),
+      true_codes=np.array([c[o] for c, o in zip(codes, true_option)]),
+      question_ids=qids,
+      countries=countries,
+      profile_fields=fields,
+      scales=scales,
+    )
 
   result = {"model": summary(chosen_options)}
   if oracle is not None:
@@ -194,23 +220,42 @@ def build_tiny_backbone(config, workdir: str, data: SurveyData, log=print) -> st
   if not tiny_backbone.is_checkpoint(random_dir):
     train = data.sources["train"]
     corpus = _survey_corpus(train)
-    tokenizer = tiny.build_tiny_tokenizer(corpus, random_dir,
-                                          vocab_size=config.tiny_backbone.vocab_size)
+    tokenizer = tiny.build_tiny_tokenizer(
+      corpus, random_dir, vocab_size=config.tiny_backbone.vocab_size
+    )
     tiny_backbone.write_random_qwen3(
-        random_dir, tokenizer, seed=config.seed, hidden_size=config.tiny_backbone.hidden_size,
-        num_hidden_layers=config.tiny_backbone.num_layers,
-        intermediate_size=2 * config.tiny_backbone.hidden_size)
+      random_dir,
+      tokenizer,
+      seed=config.seed,
+      hidden_size=config.tiny_backbone.hidden_size,
+      num_hidden_layers=config.tiny_backbone.num_layers,
+      intermediate_size=2 * config.tiny_backbone.hidden_size,
+    )
   warm = presets.warmup_config(config)
-  log(f"warm-up: full fine-tuning of the tiny backbone for {warm.train.num_steps} steps "
-      "on the survey without profiles")
+  log(
+    f"warm-up: full fine-tuning of the tiny backbone for {warm.train.num_steps} steps "
+    "on the survey without profiles"
+  )
   module, params = api.load_pretrained(random_dir)
   tokenizer = api.load_tokenizer(random_dir)
   dataset, _ = make_dataset(
-      data.sources["train"], tokenizer, max_length=warm.data.max_length,
-      batch_size=warm.data.batch_size, seed=warm.data.shuffle_seed, num_epochs=None,
-      demographic_system_prompt=False)
-  result = loop.train(warm, os.path.join(workdir, "warmup"), module, params, dataset,
-                      num_steps=warm.train.num_steps, log=log)
+    data.sources["train"],
+    tokenizer,
+    max_length=warm.data.max_length,
+    batch_size=warm.data.batch_size,
+    seed=warm.data.shuffle_seed,
+    num_epochs=None,
+    demographic_system_prompt=False,
+  )
+  result = loop.train(
+    warm,
+    os.path.join(workdir, "warmup"),
+    module,
+    params,
+    dataset,
+    num_steps=warm.train.num_steps,
+    log=log,
+  )
   api.save_pretrained(module, merge_params(result.trainable, result.frozen), final + ".tmp")
   tokenizer.save_pretrained(final + ".tmp")
   os.replace(final + ".tmp", final)
@@ -233,13 +278,19 @@ def run(config, workdir: str, log=print) -> dict:
   os.makedirs(workdir, exist_ok=True)
   data = load_data(config, workdir)
   backbone_dir = config.model.checkpoint or build_tiny_backbone(
-      config, os.path.join(workdir, "assets"), data, log)
+    config, os.path.join(workdir, "assets"), data, log
+  )
   adapter = presets.adapter_config(config)
   dtype = jnp.dtype(config.model.dtype)
   module, params = api.load_pretrained(
-      backbone_dir, dtype=dtype, param_dtype=jnp.dtype(config.model.param_dtype),
-      scan_layers=config.model.scan_layers, remat=config.model.remat, adapter=adapter,
-      rng=jax.random.PRNGKey(config.seed))
+    backbone_dir,
+    dtype=dtype,
+    param_dtype=jnp.dtype(config.model.param_dtype),
+    scan_layers=config.model.scan_layers,
+    remat=config.model.remat,
+    adapter=adapter,
+    rng=jax.random.PRNGKey(config.seed),
+  )
   tokenizer = api.load_tokenizer(backbone_dir)
   train_tables = SurveyTables.of(data.sources["train"])
   demographics = make_demographics(config, backbone_dir, train_tables)
@@ -249,16 +300,29 @@ def run(config, workdir: str, log=print) -> dict:
     results["untrained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
     _report("untrained", results["untrained"], log)
     dataset, _ = make_dataset(
-        data.sources["train"], tokenizer, max_length=config.data.max_length,
-        batch_size=config.data.batch_size, seed=config.data.shuffle_seed, num_epochs=None,
-        demographic_system_prompt=config.data.demographic_system_prompt, tables=train_tables)
+      data.sources["train"],
+      tokenizer,
+      max_length=config.data.max_length,
+      batch_size=config.data.batch_size,
+      seed=config.data.shuffle_seed,
+      num_epochs=None,
+      demographic_system_prompt=config.data.demographic_system_prompt,
+      tables=train_tables,
+    )
     steps = loop.total_steps(config, len(data.sources["train"]))
-    result = loop.train(config, train_dir, module, params, dataset, num_steps=steps,
-                        demographic_table=demographic_table(demographics, train_tables), log=log)
+    result = loop.train(
+      config,
+      train_dir,
+      module,
+      params,
+      dataset,
+      num_steps=steps,
+      demographic_table=demographic_table(demographics, train_tables),
+      log=log,
+    )
     trainable, frozen = result.trainable, result.frozen
     if adapter is not None:
-      exported = dict(dataclasses.asdict(adapter), param_dtype=jnp.dtype(
-          adapter.param_dtype).name)
+      exported = dict(dataclasses.asdict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
       checkpointing.export_adapters(trainable, exported, os.path.join(workdir, "adapters"))
   else:
     trainable, frozen = _restore_trainable(config, train_dir, module, params)
@@ -271,17 +335,25 @@ def run(config, workdir: str, log=print) -> dict:
 
 
 def _evaluate_all(config, module, params, tokenizer, data, demographics):
-  return {split: evaluate(config, module, params, tokenizer, data.sources[split], demographics,
-                          data.oracle) for split in data.eval_splits}
+  return {
+    split: evaluate(
+      config, module, params, tokenizer, data.sources[split], demographics, data.oracle
+    )
+    for split in data.eval_splits
+  }
 
 
 def _restore_trainable(config, train_dir, module, params):
   """mode=eval: the latest training checkpoint's trainable parameters."""
-  trainable, frozen = split_params(params, config.trainable,
-                                   frozen_dtype=jnp.dtype(config.model.param_dtype))
+  trainable, frozen = split_params(
+    params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
+  )
   ckpt = checkpointing.TrainCheckpoints(
-      os.path.join(train_dir, "checkpoints"), save_every=1, keep=1,
-      config_json=checkpointing.config_to_json(config))
+    os.path.join(train_dir, "checkpoints"),
+    save_every=1,
+    keep=1,
+    config_json=checkpointing.config_to_json(config),
+  )
   step = ckpt.latest_step()
   if step is None:
     raise FileNotFoundError(f"mode=eval needs a training checkpoint in {train_dir}/checkpoints")
@@ -294,5 +366,7 @@ def _report(name, results, log):
   for split, by_predictor in results.items():
     for predictor, m in by_predictor.items():
       label = name if predictor == "model" else predictor
-      log(f"[{split}] {label:>16}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-          f"EMD {m['emd_mean']:.4f}  diversity {m['profile_diversity']:.2f}")
+      log(
+        f"[{split}] {label:>16}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+        f"EMD {m['emd_mean']:.4f}  diversity {m['profile_diversity']:.2f}"
+      )

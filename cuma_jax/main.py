@@ -12,8 +12,11 @@ from ml_collections import config_flags
 from cuma_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file and preset, e.g. configs/cuma.py:qwen3_8b_r64.",
-    lock_config=True)
+  "config",
+  None,
+  "Experiment config file and preset, e.g. configs/cuma.py:qwen3_8b_r64.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -22,7 +25,6 @@ _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/array_record/")
 
 
 class _QuietLibraries(logging.Filter):
-
   def filter(self, record):
     return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _CHATTY)
 

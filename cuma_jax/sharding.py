@@ -28,21 +28,21 @@ PREFIX = "prefix"
 # Default: data parallel over "data", tensor parallel over "model"; adapters and
 # routers are small and replicated apart from the axes they share with the backbone.
 DEFAULT_RULES = (
-    (BATCH, "data"),
-    (LENGTH, None),
-    (EMBED, None),
-    (VOCAB, "model"),
-    (HEADS, "model"),
-    (KV_HEADS, "model"),
-    (HEAD_DIM, None),
-    (MLP, "model"),
-    (LAYERS, None),
-    (NORM, None),
-    (EXPERTS, None),
-    (LORA_RANK, None),
-    (ROUTER_HIDDEN, None),
-    (DEMO, None),
-    (PREFIX, None),
+  (BATCH, "data"),
+  (LENGTH, None),
+  (EMBED, None),
+  (VOCAB, "model"),
+  (HEADS, "model"),
+  (KV_HEADS, "model"),
+  (HEAD_DIM, None),
+  (MLP, "model"),
+  (LAYERS, None),
+  (NORM, None),
+  (EXPERTS, None),
+  (LORA_RANK, None),
+  (ROUTER_HIDDEN, None),
+  (DEMO, None),
+  (PREFIX, None),
 )
 
 
@@ -65,8 +65,9 @@ def make_mesh(shape, devices=None):
     sizes[sizes.index(-1)] = max(len(devices) // known, 1)
   total = int(np.prod(sizes))
   if total > len(devices):
-    raise ValueError(f"mesh.shape {tuple(zip(names, sizes))} needs {total} devices; "
-                     f"{len(devices)} are available")
+    raise ValueError(
+      f"mesh.shape {tuple(zip(names, sizes))} needs {total} devices; {len(devices)} are available"
+    )
   return jax.sharding.Mesh(np.asarray(devices[:total]).reshape(sizes), names)
 
 

@@ -11,23 +11,50 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-            max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = dict(
+  vocab_size=96,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+  max_position_embeddings=64,
+  rms_norm_eps=1e-6,
+)
 
 # name -> (config class, causal LM class, extra config fields)
 TINY_MODELS = {
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
-              dict(tie_word_embeddings=False, rope_theta=10000.0)),
-    "qwen3_tied": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
-                   dict(tie_word_embeddings=True, attention_bias=True)),
-    "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-               dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
-                   "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
-    "llama_tied_bias": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-                        dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-                             num_key_value_heads=4)),
+  "qwen3": (
+    transformers.Qwen3Config,
+    transformers.Qwen3ForCausalLM,
+    dict(tie_word_embeddings=False, rope_theta=10000.0),
+  ),
+  "qwen3_tied": (
+    transformers.Qwen3Config,
+    transformers.Qwen3ForCausalLM,
+    dict(tie_word_embeddings=True, attention_bias=True),
+  ),
+  "llama3": (
+    transformers.LlamaConfig,
+    transformers.LlamaForCausalLM,
+    dict(
+      tie_word_embeddings=False,
+      rope_theta=500000.0,
+      rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+      },
+    ),
+  ),
+  "llama_tied_bias": (
+    transformers.LlamaConfig,
+    transformers.LlamaForCausalLM,
+    dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, num_key_value_heads=4),
+  ),
 }
 
 

@@ -1,5 +1,6 @@
 """The adapted decoder: exactness at init, LoRA equivalence, the trainable split, counts."""
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,6 @@ import optax
 import pytest
 import torch
 import transformers
-from flax import traverse_util
 
 from cuma_jax import count, presets
 from cuma_jax.api import load_pretrained
@@ -16,9 +16,16 @@ from cuma_jax.models.demographic import DemographicEncoder
 from cuma_jax.training.partition import merge_params, split_params
 
 D_DEMO = 6
-CUMA = AdapterConfig(targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                     rank=4, alpha=8.0, num_experts=4, top_k=2, router_hidden=(16,),
-                     demographic_dim=D_DEMO, strategy="dense")
+CUMA = AdapterConfig(
+  targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+  rank=4,
+  alpha=8.0,
+  num_experts=4,
+  top_k=2,
+  router_hidden=(16,),
+  demographic_dim=D_DEMO,
+  strategy="dense",
+)
 
 
 def _inputs(vocab, seed=0):
@@ -41,21 +48,37 @@ def _randomize_b(params, seed=1):
   return traverse_util.unflatten_dict(flat)
 
 
-@pytest.mark.parametrize("adapter", [
+@pytest.mark.parametrize(
+  "adapter",
+  [
     CUMA,
-    AdapterConfig(targets=("q_proj", "k_proj", "v_proj"), rank=4, alpha=8.0, num_experts=3,
-                  top_k=1, shared_a=True, demographic_dim=0, share_router=True,
-                  strategy="ragged", gate_mode="paper"),
+    AdapterConfig(
+      targets=("q_proj", "k_proj", "v_proj"),
+      rank=4,
+      alpha=8.0,
+      num_experts=3,
+      top_k=1,
+      shared_a=True,
+      demographic_dim=0,
+      share_router=True,
+      strategy="ragged",
+      gate_mode="paper",
+    ),
     AdapterConfig(targets=(), prefix_length=3, demographic_dim=0),
-])
+  ],
+)
 def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, adapter):
   directory, torch_model = tiny_checkpoint("qwen3")
   ids, mask, z = _inputs(torch_model.config.vocab_size)
   base_module, base_params = load_pretrained(directory)
   module, params = load_pretrained(directory, adapter=adapter, rng=jax.random.key(3))
   expected = base_module.apply({"params": base_params}, ids, attention_mask=mask)
-  logits, aux = module.apply({"params": params}, ids, attention_mask=mask,
-                             demographics=z if adapter.uses_demographics else None)
+  logits, aux = module.apply(
+    {"params": params},
+    ids,
+    attention_mask=mask,
+    demographics=z if adapter.uses_demographics else None,
+  )
   if adapter.prefix_length:
     # Prefixes are not a zero-initialised residual: they must change the output.
     assert not np.allclose(logits, expected)
@@ -68,10 +91,18 @@ def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint):
   directory, torch_model = tiny_checkpoint("llama3")
   ids, mask, z = _inputs(torch_model.config.vocab_size, seed=4)
   targets = ("q_proj", "v_proj", "down_proj")
-  lora = AdapterConfig(targets=targets, rank=4, alpha=8.0, num_experts=1, top_k=1,
-                       use_router=False, demographic_dim=0)
-  moe = AdapterConfig(targets=targets, rank=4, alpha=8.0, num_experts=1, top_k=1,
-                      demographic_dim=D_DEMO, router_hidden=(8,))
+  lora = AdapterConfig(
+    targets=targets, rank=4, alpha=8.0, num_experts=1, top_k=1, use_router=False, demographic_dim=0
+  )
+  moe = AdapterConfig(
+    targets=targets,
+    rank=4,
+    alpha=8.0,
+    num_experts=1,
+    top_k=1,
+    demographic_dim=D_DEMO,
+    router_hidden=(8,),
+  )
   lora_module, lora_params = load_pretrained(directory, adapter=lora)
   lora_params = _randomize_b(lora_params)
   moe_module, moe_params = load_pretrained(directory, adapter=moe)
@@ -86,25 +117,36 @@ def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint):
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # And the (randomised) LoRA really changes the model; the next test checks its formula.
   base_module, base_params = load_pretrained(directory)
-  assert not np.allclose(np.asarray(a), np.asarray(
-      base_module.apply({"params": base_params}, ids, attention_mask=mask)))
+  assert not np.allclose(
+    np.asarray(a), np.asarray(base_module.apply({"params": base_params}, ids, attention_mask=mask))
+  )
 
 
 def test_lora_projection_matches_numpy_formula(tiny_checkpoint):
   """Only down_proj adapted: its delta from the loaded parameters vs (alpha / r) h A B."""
   directory, _ = tiny_checkpoint("qwen3")
-  adapter = AdapterConfig(targets=("down_proj",), rank=3, alpha=6.0, num_experts=1, top_k=1,
-                          use_router=False, demographic_dim=0)
+  adapter = AdapterConfig(
+    targets=("down_proj",),
+    rank=3,
+    alpha=6.0,
+    num_experts=1,
+    top_k=1,
+    use_router=False,
+    demographic_dim=0,
+  )
   module, params = load_pretrained(directory, adapter=adapter)
   params = _randomize_b(params)
   lora = params["layers_0"]["mlp"]["adapters_out"]["down_proj_lora"]
   h = np.random.default_rng(0).normal(size=(1, 5, 48)).astype(np.float32)
   from cuma_jax.layers.adapter import LoraExperts
   from cuma_jax.layers.routing import Routing
-  experts = LoraExperts(features=32, num_experts=1, rank=3, alpha=6.0, shared_a=False,
-                        strategy="dense")
-  routing = Routing(gates=jnp.ones((1, 5, 1)), experts=jnp.zeros((1, 5, 1), jnp.int32),
-                    probs=jnp.ones((1, 5, 1)))
+
+  experts = LoraExperts(
+    features=32, num_experts=1, rank=3, alpha=6.0, shared_a=False, strategy="dense"
+  )
+  routing = Routing(
+    gates=jnp.ones((1, 5, 1)), experts=jnp.zeros((1, 5, 1), jnp.int32), probs=jnp.ones((1, 5, 1))
+  )
   delta = experts.apply({"params": lora}, jnp.asarray(h), routing)
   a = np.asarray(lora["a"]).reshape(48, 3)
   b = np.asarray(lora["b"]).reshape(3, 32)
@@ -120,9 +162,10 @@ def test_one_step_updates_only_trainable_parameters(tiny_checkpoint, mode):
   frozen_before = jax.tree.map(np.array, frozen)
 
   def loss(trainable, frozen):
-    logits, aux = module.apply({"params": merge_params(trainable, frozen)}, ids,
-                               attention_mask=mask, demographics=z)
-    return jnp.mean(logits ** 2) + 0.01 * aux["balance_loss"]
+    logits, aux = module.apply(
+      {"params": merge_params(trainable, frozen)}, ids, attention_mask=mask, demographics=z
+    )
+    return jnp.mean(logits**2) + 0.01 * aux["balance_loss"]
 
   grads = jax.grad(loss)(trainable, frozen)
   assert jax.tree.structure(grads) == jax.tree.structure(trainable)
@@ -135,8 +178,9 @@ def test_one_step_updates_only_trainable_parameters(tiny_checkpoint, mode):
   tx = optax.adamw(1e-2)
   updates, _ = tx.update(grads, tx.init(trainable), trainable)
   new = optax.apply_updates(trainable, updates)
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new),
-                                                      jax.tree.leaves(trainable)))
+  assert any(
+    not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(trainable))
+  )
   for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
     np.testing.assert_array_equal(np.asarray(a), b)
 
@@ -161,8 +205,7 @@ def test_scanned_and_unscanned_adapted_models_agree(tiny_checkpoint):
   a, aux_a = m1.apply({"params": p1}, ids, attention_mask=mask, demographics=z)
   b, aux_b = m2.apply({"params": p2}, ids, attention_mask=mask, demographics=z)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-  np.testing.assert_allclose(float(aux_a["balance_loss"]), float(aux_b["balance_loss"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(float(aux_a["balance_loss"]), float(aux_b["balance_loss"]), rtol=1e-6)
   for key, counts in aux_a["expert_counts"].items():
     assert counts.shape == (2, 4)
     # Each non-padded token sends top_k assignments per router per layer.
@@ -170,21 +213,33 @@ def test_scanned_and_unscanned_adapted_models_agree(tiny_checkpoint):
     np.testing.assert_array_equal(np.asarray(counts), np.asarray(aux_b["expert_counts"][key]))
 
 
-@pytest.mark.parametrize("method, preset, percent", [
-    ("cuma", "qwen3_8b_r8", 1.53), ("cuma", "qwen3_8b_r64", 4.15),
-    ("hydralora", "qwen3_8b_r64", 2.31), ("lora", "qwen3_8b_r64", 0.37),
-    ("mixlora", "qwen3_8b_r64", 3.01)])
+@pytest.mark.parametrize(
+  "method, preset, percent",
+  [
+    ("cuma", "qwen3_8b_r8", 1.53),
+    ("cuma", "qwen3_8b_r64", 4.15),
+    ("hydralora", "qwen3_8b_r64", 2.31),
+    ("lora", "qwen3_8b_r64", 0.37),
+    ("mixlora", "qwen3_8b_r64", 3.01),
+  ],
+)
 def test_trainable_percentages_reproduce_the_paper(method, preset, percent):
   counts = count.count_parameters(presets.experiment_config(method, preset))
   assert counts["backbone"] == 8_190_735_360
   assert round(counts["trainable_percent"], 2) == percent
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(top_k=0), r"top_k"), (dict(top_k=9, num_experts=8), r"top_k"),
-    (dict(rank=0), r"rank"), (dict(targets=("qkv_proj",)), r"q_proj.*down_proj"),
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(top_k=0), r"top_k"),
+    (dict(top_k=9, num_experts=8), r"top_k"),
+    (dict(rank=0), r"rank"),
+    (dict(targets=("qkv_proj",)), r"q_proj.*down_proj"),
     (dict(gate_mode="hard"), r"gate_mode.*reference"),
-    (dict(strategy="sparse"), r"strategy.*dense")])
+    (dict(strategy="sparse"), r"strategy.*dense"),
+  ],
+)
 def test_bad_adapter_configs_fail_at_construction(kwargs, message):
   with pytest.raises(ValueError, match=message):
     AdapterConfig(**kwargs)
@@ -203,16 +258,21 @@ def test_demographics_shape_is_checked(tiny_checkpoint):
 def test_demographic_encoder_matches_automodel_pooling(tiny_checkpoint, pooling):
   directory, _ = tiny_checkpoint("qwen3_tied")
   from tokenizers import Tokenizer, models, pre_tokenizers
+
   words = "you are a person from egypt chile japan age group 16-24 years old male female".split()
   vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                                   pad_token="<pad>")
+  tokenizer = transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>"
+  )
   module, params = load_pretrained(directory, output="hidden_states")
   encoder = DemographicEncoder(module, params, tokenizer, pooling=pooling, batch_size=8)
-  texts = ["you are a person from egypt", "age group 16-24 years old male chile japan female",
-           "you are a person from egypt"]
+  texts = [
+    "you are a person from egypt",
+    "age group 16-24 years old male chile japan female",
+    "you are a person from egypt",
+  ]
   got = encoder.encode(texts)
   base = transformers.AutoModel.from_pretrained(directory).eval()
   batch = tokenizer(sorted(set(texts)), padding=True, return_tensors="pt")
@@ -233,10 +293,10 @@ def test_demographic_encoder_matches_automodel_pooling(tiny_checkpoint, pooling)
 
 def test_precomputed_embeddings_are_accepted(tmp_path):
   from cuma_jax.models.demographic import PrecomputedEncoder
+
   vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
   np.savez(tmp_path / "z.npz", profiles=np.array(["p one", "p two"]), embeddings=vectors)
   encoder = PrecomputedEncoder(tmp_path / "z.npz")
-  np.testing.assert_array_equal(encoder.encode(["p two", "p one", "p two"]),
-                                vectors[[1, 0, 1]])
+  np.testing.assert_array_equal(encoder.encode(["p two", "p one", "p two"]), vectors[[1, 0, 1]])
   with pytest.raises(KeyError, match="p three"):
     encoder.encode(["p three"])

@@ -225,13 +225,23 @@ def test_adapter_group_matches_oracle(strategy, shared_a, share_router):
   A) against the written-out formula: outputs and every gradient."""
   from cuma_jax.layers.inject import AdapterConfig, AdapterGroup
 
-  adapter = AdapterConfig(targets=("q_proj", "k_proj", "v_proj"), rank=3, alpha=6.0,
-                          num_experts=4, top_k=2, shared_a=shared_a, router_hidden=(8,),
-                          demographic_dim=D_DEMO, share_router=share_router, strategy=strategy)
+  adapter = AdapterConfig(
+    targets=("q_proj", "k_proj", "v_proj"),
+    rank=3,
+    alpha=6.0,
+    num_experts=4,
+    top_k=2,
+    shared_a=shared_a,
+    router_hidden=(8,),
+    demographic_dim=D_DEMO,
+    share_router=share_router,
+    strategy=strategy,
+  )
   group = AdapterGroup(adapter=adapter, group="attn_in", dtype=jnp.float32, deterministic=True)
   outputs = {"q_proj": (D_OUT, HEADS), "k_proj": (2, HEADS), "v_proj": (3, HEADS)}
-  shapes = jax.eval_shape(lambda key: group.init(key, X, Z, None, outputs, EMBED),
-                          jax.random.PRNGKey(0))["params"]
+  shapes = jax.eval_shape(
+    lambda key: group.init(key, X, Z, None, outputs, EMBED), jax.random.PRNGKey(0)
+  )["params"]
   params = _randomise(nn.unbox(shapes), 4)
   router_of = (lambda t: "attn_in") if share_router else (lambda t: t)
   cot = {t: jnp.asarray(RNG.normal(size=(B, T, d)), jnp.float32) for t, (d, _) in outputs.items()}

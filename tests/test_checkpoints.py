@@ -38,13 +38,16 @@ def test_bfloat16_round_trip_and_sharded_export(tiny_checkpoint, tmp_path):
   out = tmp_path / "out"
   # A small shard limit forces model.safetensors.index.json and several files.
   from cuma_jax.checkpoints import hf
-  hf.export_params(params, module.config, out, output="logits", scan_layers=False,
-                   max_shard_bytes=20_000)
+
+  hf.export_params(
+    params, module.config, out, output="logits", scan_layers=False, max_shard_bytes=20_000
+  )
   assert os.path.isfile(out / "model.safetensors.index.json")
   _, reread = load_pretrained(out, dtype=jax.numpy.bfloat16)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reread)):
-    assert a.dtype == b.dtype and np.array_equal(np.asarray(a, np.float32),
-                                                 np.asarray(b, np.float32))
+    assert a.dtype == b.dtype and np.array_equal(
+      np.asarray(a, np.float32), np.asarray(b, np.float32)
+    )
   hf_again = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
   hf_orig = transformers.LlamaForCausalLM.from_pretrained(bf16_dir, dtype=torch.bfloat16)
   for key, value in hf_orig.state_dict().items():
@@ -59,20 +62,34 @@ def _copy(directory, tmp_path):
 
 def _rewrite_tensors(path, edit):
   from cuma_jax.checkpoints.safetensors_io import TensorIndex
+
   index = TensorIndex(path)
   tensors = {name: np.array(index.read(name)) for name in index.names()}
   edit(tensors)
   write_safetensors(str(path / "model.safetensors"), tensors.items())
 
 
-@pytest.mark.parametrize("edit, error, message", [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), KeyError,
-     r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"),
-    (lambda t: t.update({"model.layers.0.self_attn.extra.weight": np.zeros((2, 2), np.float32)}),
-     KeyError, r"unexpected.*model\.layers\.0\.self_attn\.extra\.weight"),
-    (lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((8, 32), np.float32)}),
-     ValueError, r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(8, 32\)"),
-], ids=["missing", "unexpected", "shape"])
+@pytest.mark.parametrize(
+  "edit, error, message",
+  [
+    (
+      lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+      KeyError,
+      r"missing.*model\.layers\.1\.mlp\.up_proj\.weight",
+    ),
+    (
+      lambda t: t.update({"model.layers.0.self_attn.extra.weight": np.zeros((2, 2), np.float32)}),
+      KeyError,
+      r"unexpected.*model\.layers\.0\.self_attn\.extra\.weight",
+    ),
+    (
+      lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((8, 32), np.float32)}),
+      ValueError,
+      r"model\.layers\.0\.self_attn\.k_proj\.weight.*\(8, 32\)",
+    ),
+  ],
+  ids=["missing", "unexpected", "shape"],
+)
 def test_bad_tensor_is_named(tiny_checkpoint, tmp_path, edit, error, message):
   path = _copy(tiny_checkpoint("qwen3")[0], tmp_path)
   _rewrite_tensors(path, edit)
@@ -90,8 +107,9 @@ def test_directory_without_checkpoint_is_named(tmp_path):
 
 def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
   path = _copy(tiny_checkpoint("qwen3")[0], tmp_path)
-  (path / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+  (path / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
+  )
   with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors"):
     load_pretrained(path)
 
@@ -104,6 +122,7 @@ def test_unsupported_model_type_lists_supported(tmp_path):
 
 def test_tokenizer_loads_from_the_checkpoint_directory(tmp_path):
   from tokenizers import Tokenizer, models, pre_tokenizers
+
   vocab = {"<unk>": 0, "hello": 1, "world": 2}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -112,5 +131,6 @@ def test_tokenizer_loads_from_the_checkpoint_directory(tmp_path):
   fast.save_pretrained(tmp_path)
   loaded = load_tokenizer(tmp_path)
   assert loaded.encode("hello world", add_special_tokens=False) == [1, 2]
-  assert loaded.apply_chat_template([{"role": "user", "content": "hi"}],
-                                    tokenize=False) == "[user]hi"
+  assert (
+    loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user]hi"
+  )

@@ -8,8 +8,7 @@ import pytest
 
 from cuma_jax import presets
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
 
 
@@ -22,9 +21,18 @@ def _load(path):
 
 def test_every_experiment_of_the_paper_has_a_config_file():
   names = {os.path.basename(f)[:-3] for f in FILES}
-  assert names == {"cuma", "full_finetune", "lora", "hydralora", "mixlora", "prefix_tuning",
-                   "ablation_soft_routing", "ablation_no_demographics",
-                   "ablation_no_balance_loss", "ablation_minimal"}
+  assert names == {
+    "cuma",
+    "full_finetune",
+    "lora",
+    "hydralora",
+    "mixlora",
+    "prefix_tuning",
+    "ablation_soft_routing",
+    "ablation_no_demographics",
+    "ablation_no_balance_loss",
+    "ablation_minimal",
+  }
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.basename(p)[:-3])

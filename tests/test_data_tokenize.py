@@ -16,90 +16,95 @@ FORMATS = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    root = write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
-    reader = WvbReader(root)
-    return [e for split in ("train", "valid", "test") for e in reader.examples(split)]
+  root = write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
+  reader = WvbReader(root)
+  return [e for split in ("train", "valid", "test") for e in reader.examples(split)]
 
 
 @pytest.fixture(scope="module", params=sorted(FORMATS))
 def chat_format(request):
-    return request.param
+  return request.param
 
 
 @pytest.fixture(scope="module")
 def tokenizer(chat_format, examples, tmp_path_factory):
-    corpus = [e["user"] for e in examples] + [e["profile"] for e in examples]
-    out = tmp_path_factory.mktemp(chat_format)
-    build_tiny_tokenizer([*corpus, prompts.DEFAULT_SYSTEM_PROMPT], out, chat_format=chat_format)
-    return AutoTokenizer.from_pretrained(out)  # reloaded from disk, as users will
+  corpus = [e["user"] for e in examples] + [e["profile"] for e in examples]
+  out = tmp_path_factory.mktemp(chat_format)
+  build_tiny_tokenizer([*corpus, prompts.DEFAULT_SYSTEM_PROMPT], out, chat_format=chat_format)
+  return AutoTokenizer.from_pretrained(out)  # reloaded from disk, as users will
 
 
 def test_tiny_tokenizer_letters_vocab_and_round_trip(tokenizer, examples):
-    assert len(tokenizer) <= 2048
-    for letter in prompts.LETTERS:
-        assert len(tokenizer.encode(letter, add_special_tokens=False)) == 1
-    text = tokenizer.apply_chat_template(
-        prompts.chat_messages(examples[0]["profile"], examples[0]["user"], "A"), tokenize=False)
-    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+  assert len(tokenizer) <= 2048
+  for letter in prompts.LETTERS:
+    assert len(tokenizer.encode(letter, add_special_tokens=False)) == 1
+  text = tokenizer.apply_chat_template(
+    prompts.chat_messages(examples[0]["profile"], examples[0]["user"], "A"), tokenize=False
+  )
+  assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
 def test_qwen3_template_renders_like_qwen3(tmp_path):
-    tok = build_tiny_tokenizer(["hello"], tmp_path)
-    messages = prompts.chat_messages("S", "U", "B")
-    assert tok.apply_chat_template(messages, tokenize=False) == (
-        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\nB<|im_end|>\n")
-    assert render_prompt(tok, messages[:2]) == (
-        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True) == (
-        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n")
-    assert (tok.pad_token, tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
+  tok = build_tiny_tokenizer(["hello"], tmp_path)
+  messages = prompts.chat_messages("S", "U", "B")
+  assert tok.apply_chat_template(messages, tokenize=False) == (
+    "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\nB<|im_end|>\n"
+  )
+  assert render_prompt(tok, messages[:2]) == (
+    "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+  )
+  assert tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True) == (
+    "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+  )
+  assert (tok.pad_token, tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
 
 
 @pytest.mark.parametrize("demographic", [False, True])
 def test_only_letter_and_end_of_turn_are_supervised(chat_format, tokenizer, examples, demographic):
-    end_of_turn = FORMATS[chat_format]
-    encoder = ChatEncoder(tokenizer, max_length=192)
-    for example in examples:
-        system = prompts.system_prompt(example["profile"], demographic)
-        messages = prompts.chat_messages(system, example["user"])
-        out = encoder(messages, example["answer_letter"])
-        mask = out["loss_mask"].astype(bool)
-        assert tokenizer.decode(out["targets"][mask]) == example["answer_letter"] + end_of_turn
-        assert mask.sum() == 2
-        p = int(out["prompt_length"])
-        assert mask[p] and not mask[:p].any()
-        # The prompt part is exactly what evaluation renders; the answer follows it.
-        assert tokenizer.decode(out["input_ids"][:p + 1]) == render_prompt(tokenizer, messages)
-        assert tokenizer.decode(out["targets"][p:p + 1]) == example["answer_letter"]
-        n = int(out["attention_mask"].sum())
-        assert n == p + 3 and out["attention_mask"][:n].all()
-        assert (out["input_ids"][n:] == tokenizer.pad_token_id).all()
-        np.testing.assert_array_equal(out["targets"][:n - 1], out["input_ids"][1:n])
-        assert out["truncated_tokens"] == 0
+  end_of_turn = FORMATS[chat_format]
+  encoder = ChatEncoder(tokenizer, max_length=192)
+  for example in examples:
+    system = prompts.system_prompt(example["profile"], demographic)
+    messages = prompts.chat_messages(system, example["user"])
+    out = encoder(messages, example["answer_letter"])
+    mask = out["loss_mask"].astype(bool)
+    assert tokenizer.decode(out["targets"][mask]) == example["answer_letter"] + end_of_turn
+    assert mask.sum() == 2
+    p = int(out["prompt_length"])
+    assert mask[p] and not mask[:p].any()
+    # The prompt part is exactly what evaluation renders; the answer follows it.
+    assert tokenizer.decode(out["input_ids"][: p + 1]) == render_prompt(tokenizer, messages)
+    assert tokenizer.decode(out["targets"][p : p + 1]) == example["answer_letter"]
+    n = int(out["attention_mask"].sum())
+    assert n == p + 3 and out["attention_mask"][:n].all()
+    assert (out["input_ids"][n:] == tokenizer.pad_token_id).all()
+    np.testing.assert_array_equal(out["targets"][: n - 1], out["input_ids"][1:n])
+    assert out["truncated_tokens"] == 0
 
 
 def test_left_truncation_keeps_the_answer(chat_format, tokenizer, examples):
-    example = examples[0]
-    messages = prompts.chat_messages(example["profile"], example["user"])
-    full = ChatEncoder(tokenizer, max_length=256)(messages, "A")
-    n = int(full["attention_mask"].sum())
-    short = ChatEncoder(tokenizer, max_length=20)(messages, "A")
-    assert short["truncated_tokens"] == n - 20
-    assert short["attention_mask"].all()
-    np.testing.assert_array_equal(short["input_ids"], full["input_ids"][n - 20:n])
-    assert short["prompt_length"] == 17
-    supervised = short["targets"][short["loss_mask"].astype(bool)]
-    assert tokenizer.decode(supervised) == "A" + FORMATS[chat_format]
+  example = examples[0]
+  messages = prompts.chat_messages(example["profile"], example["user"])
+  full = ChatEncoder(tokenizer, max_length=256)(messages, "A")
+  n = int(full["attention_mask"].sum())
+  short = ChatEncoder(tokenizer, max_length=20)(messages, "A")
+  assert short["truncated_tokens"] == n - 20
+  assert short["attention_mask"].all()
+  np.testing.assert_array_equal(short["input_ids"], full["input_ids"][n - 20 : n])
+  assert short["prompt_length"] == 17
+  supervised = short["targets"][short["loss_mask"].astype(bool)]
+  assert tokenizer.decode(supervised) == "A" + FORMATS[chat_format]
 
 
 def test_template_whose_answer_rendering_disagrees_with_the_prompt_is_rejected(tmp_path):
-    tok = build_tiny_tokenizer(["hello"], tmp_path)
-    # Generation prompt with a think block, answers rendered without one: prompts would differ.
-    tok.chat_template = (
-        "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-        "'<|im_end|>\\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}"
-        "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}")
-    with pytest.raises(ValueError, match="renders the conversation with its answer differently"):
-        ChatEncoder(tok, 64)(prompts.chat_messages("S", "U"), "A")
+  tok = build_tiny_tokenizer(["hello"], tmp_path)
+  # Generation prompt with a think block, answers rendered without one: prompts would differ.
+  tok.chat_template = (
+    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+  )
+  with pytest.raises(ValueError, match="renders the conversation with its answer differently"):
+    ChatEncoder(tok, 64)(prompts.chat_messages("S", "U"), "A")

@@ -13,126 +13,167 @@ tfds.disable_progress_bar()
 
 @pytest.fixture(scope="module")
 def wvb_root(tmp_path_factory):
-    return write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
+  return write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
 
 
 def test_worked_example_character_for_character(wvb_root):
-    first = next(WvbReader(wvb_root).examples("train"))
-    assert first["user"] == (
-        "Important in life: Family? A. Very important B. Rather important C. Not very important "
-        "D. Not at all important. You can only choose one option.")
-    assert first["profile"] == (
-        "You are a person from China, age group: 25-34 years old, gender: Female, education: "
-        "Bachelor or equivalent (ISCED 6), marital status: Married, religion: Do not belong to a "
-        "denomination, ethnicity: CN: Han Chinese, employment: Full time (30 hours a week or "
-        "more).")
-    assert prompts.DEFAULT_SYSTEM_PROMPT == (
-        "You are a helpful assistant that answers survey questions honestly.")
-    assert (first["question_id"], first["participant_id"], first["answer_letter"],
-            first["answer_option"], first["answer_code"], first["option_codes"],
-            first["num_options"]) == ("Q1", 156070001, "A", 0, 1, [1, 2, 3, 4], 4)
-    assert first["demographics"]["age_group"] == "25-34 years old"
+  first = next(WvbReader(wvb_root).examples("train"))
+  assert first["user"] == (
+    "Important in life: Family? A. Very important B. Rather important C. Not very important "
+    "D. Not at all important. You can only choose one option."
+  )
+  assert first["profile"] == (
+    "You are a person from China, age group: 25-34 years old, gender: Female, education: "
+    "Bachelor or equivalent (ISCED 6), marital status: Married, religion: Do not belong to a "
+    "denomination, ethnicity: CN: Han Chinese, employment: Full time (30 hours a week or "
+    "more)."
+  )
+  assert prompts.DEFAULT_SYSTEM_PROMPT == (
+    "You are a helpful assistant that answers survey questions honestly."
+  )
+  assert (
+    first["question_id"],
+    first["participant_id"],
+    first["answer_letter"],
+    first["answer_option"],
+    first["answer_code"],
+    first["option_codes"],
+    first["num_options"],
+  ) == ("Q1", 156070001, "A", 0, 1, [1, 2, 3, 4], 4)
+  assert first["demographics"]["age_group"] == "25-34 years old"
 
 
 def test_ten_point_scale_prompt_and_old_age_group(wvb_root):
-    examples = list(WvbReader(wvb_root).examples("train"))
-    us = next(e for e in examples if e["participant_id"] == 840070003)
-    assert us["question_id"] == "Q106" and us["answer_letter"] == "J" and us["answer_code"] == 10
-    assert us["user"] == (
-        "Income equality vs larger income differences? A. Incomes more equal B. 2 C. 3 D. 4 "
-        "E. 5 F. 6 G. 7 H. 8 I. 9 J. Larger income differences. You can only choose one option.")
-    assert "age group: 65 and more years old," in us["profile"]
+  examples = list(WvbReader(wvb_root).examples("train"))
+  us = next(e for e in examples if e["participant_id"] == 840070003)
+  assert us["question_id"] == "Q106" and us["answer_letter"] == "J" and us["answer_code"] == 10
+  assert us["user"] == (
+    "Income equality vs larger income differences? A. Incomes more equal B. 2 C. 3 D. 4 "
+    "E. 5 F. 6 G. 7 H. 8 I. 9 J. Larger income differences. You can only choose one option."
+  )
+  assert "age group: 65 and more years old," in us["profile"]
 
 
 def test_question_mark_is_appended_as_the_released_code_does():
-    assert prompts.user_prompt("Why?", ["Yes", "No"]) == (
-        "Why?? A. Yes B. No. You can only choose one option.")
-    with pytest.raises(ValueError):
-        prompts.user_prompt("Q", [str(i) for i in range(27)])
+  assert prompts.user_prompt("Why?", ["Yes", "No"]) == (
+    "Why?? A. Yes B. No. You can only choose one option."
+  )
+  with pytest.raises(ValueError):
+    prompts.user_prompt("Q", [str(i) for i in range(27)])
 
 
 def test_examples_and_skip_counts(wvb_root):
-    counts = SkipCounts()
-    got = [(e["participant_id"], e["question_id"], e["answer_letter"])
-           for e in WvbReader(wvb_root).examples("train", counts)]
-    assert got == [
-        (156070001, "Q1", "A"), (156070001, "Q46", "B"), (156070001, "Q106", "G"),
-        (818070002, "Q1", "A"),
-        (840070003, "Q106", "J"),
-        (410070006, "Q1", "B"), (410070006, "Q46", "D"), (410070006, "Q106", "A"),
-    ]
-    assert counts.as_dict() == {
-        "examples": 8, "missing_answer": 4, "negative_answer": 1, "non_numeric_answer": 1,
-        "answer_not_in_options": 1, "participants_missing_profile": 2,
-        "examples_missing_profile": 3, "skipped_questions": ["Q999"]}
-    assert counts.skipped_examples == 6
+  counts = SkipCounts()
+  got = [
+    (e["participant_id"], e["question_id"], e["answer_letter"])
+    for e in WvbReader(wvb_root).examples("train", counts)
+  ]
+  assert got == [
+    (156070001, "Q1", "A"),
+    (156070001, "Q46", "B"),
+    (156070001, "Q106", "G"),
+    (818070002, "Q1", "A"),
+    (840070003, "Q106", "J"),
+    (410070006, "Q1", "B"),
+    (410070006, "Q46", "D"),
+    (410070006, "Q106", "A"),
+  ]
+  assert counts.as_dict() == {
+    "examples": 8,
+    "missing_answer": 4,
+    "negative_answer": 1,
+    "non_numeric_answer": 1,
+    "answer_not_in_options": 1,
+    "participants_missing_profile": 2,
+    "examples_missing_profile": 3,
+    "skipped_questions": ["Q999"],
+  }
+  assert counts.skipped_examples == 6
 
 
 def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
-        WvbReader(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="codebook.json"):
-        WvbReader(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"split 'probe'.*probe_demographic_qa.tsv"):
-        list(WvbReader(wvb_root).examples("probe"))
+  with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+    WvbReader(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="codebook.json"):
+    WvbReader(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"split 'probe'.*probe_demographic_qa.tsv"):
+    list(WvbReader(wvb_root).examples("probe"))
 
-    from cuma_jax.data.fixtures import CODEBOOK, QUESTION_METADATA
-    demographic = [{"D_INTERVIEW": "1", "B_COUNTRY": "Chile", "X003R": "16-24 years",
-                    "Q260": "Male", "Q275": "x", "Q273": "x", "Q289": "x", "Q290": "x",
-                    "Q279": "x"}]
-    values = [{"D_INTERVIEW": "1", "Q1": "", "Q46": "-2"}]
-    write_wvb_tree(tmp_path / "empty", CODEBOOK, QUESTION_METADATA,
-                   {"train": (demographic, values)})
-    with pytest.raises(ValueError, match="split 'train' of .*empty has no valid"):
-        list(WvbReader(tmp_path / "empty").examples("train"))
+  from cuma_jax.data.fixtures import CODEBOOK, QUESTION_METADATA
+
+  demographic = [
+    {
+      "D_INTERVIEW": "1",
+      "B_COUNTRY": "Chile",
+      "X003R": "16-24 years",
+      "Q260": "Male",
+      "Q275": "x",
+      "Q273": "x",
+      "Q289": "x",
+      "Q290": "x",
+      "Q279": "x",
+    }
+  ]
+  values = [{"D_INTERVIEW": "1", "Q1": "", "Q46": "-2"}]
+  write_wvb_tree(tmp_path / "empty", CODEBOOK, QUESTION_METADATA, {"train": (demographic, values)})
+  with pytest.raises(ValueError, match="split 'train' of .*empty has no valid"):
+    list(WvbReader(tmp_path / "empty").examples("train"))
 
 
 def _key(example):
-    return (example["participant_id"], example["question_id"])
+  return (example["participant_id"], example["question_id"])
 
 
 def _decoded(record):
-    """A TFDS record with bytes -> str and numpy -> Python, comparable to a reader example."""
-    if isinstance(record, dict):
-        return {k: _decoded(v) for k, v in record.items()}
-    if isinstance(record, bytes):
-        return record.decode()
-    if isinstance(record, (list, np.ndarray)):
-        return [int(v) for v in record]
-    return int(record)
+  """A TFDS record with bytes -> str and numpy -> Python, comparable to a reader example."""
+  if isinstance(record, dict):
+    return {k: _decoded(v) for k, v in record.items()}
+  if isinstance(record, bytes):
+    return record.decode()
+  if isinstance(record, (list, np.ndarray)):
+    return [int(v) for v in record]
+  return int(record)
 
 
 def test_tfds_full_config_reads_back_every_example(wvb_root, tmp_path):
-    sources = tfds.data_source(
-        "cuma_world_values_bench/full", data_dir=tmp_path,
-        download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(
-            manual_dir=str(wvb_root))})
-    reader = WvbReader(wvb_root)
-    assert {split: len(source) for split, source in sources.items()} == {
-        "train": 8, "valid": 3, "test": 6}
-    for split, source in sources.items():
-        expected = sorted(reader.examples(split), key=_key)
-        assert sorted((_decoded(r) for r in source), key=_key) == expected
-    metadata = sources["train"].dataset_info.metadata
-    assert metadata["profiles"]["test"] == sorted({e["profile"] for e in reader.examples("test")})
-    assert [q["question_id"] for q in metadata["questions"]] == ["Q1", "Q46", "Q106"]
-    assert metadata["skip_counts"]["train"]["answer_not_in_options"] == 1
+  sources = tfds.data_source(
+    "cuma_world_values_bench/full",
+    data_dir=tmp_path,
+    download_and_prepare_kwargs={
+      "download_config": tfds.download.DownloadConfig(manual_dir=str(wvb_root))
+    },
+  )
+  reader = WvbReader(wvb_root)
+  assert {split: len(source) for split, source in sources.items()} == {
+    "train": 8,
+    "valid": 3,
+    "test": 6,
+  }
+  for split, source in sources.items():
+    expected = sorted(reader.examples(split), key=_key)
+    assert sorted((_decoded(r) for r in source), key=_key) == expected
+  metadata = sources["train"].dataset_info.metadata
+  assert metadata["profiles"]["test"] == sorted({e["profile"] for e in reader.examples("test")})
+  assert [q["question_id"] for q in metadata["questions"]] == ["Q1", "Q46", "Q106"]
+  assert metadata["skip_counts"]["train"]["answer_not_in_options"] == 1
 
 
 def test_tfds_sampled_config_matches_seeded_permutation(wvb_root, tmp_path):
-    config = builders.WvbConfig(name="sampled_5", train_size=5, test_size=2, sample_seed=42)
-    builder = builders.CumaWorldValuesBench(data_dir=tmp_path, config=config)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(wvb_root)))
-    sources = builder.as_data_source()
-    reader = WvbReader(wvb_root)
-    for split, size in (("train", 5), ("test", 2)):
-        examples = list(reader.examples(split))
-        order = np.random.default_rng(42).permutation(len(examples))[:size]
-        assert [_decoded(r) for r in sources[split]] == [examples[i] for i in order]
+  config = builders.WvbConfig(name="sampled_5", train_size=5, test_size=2, sample_seed=42)
+  builder = builders.CumaWorldValuesBench(data_dir=tmp_path, config=config)
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(wvb_root))
+  )
+  sources = builder.as_data_source()
+  reader = WvbReader(wvb_root)
+  for split, size in (("train", 5), ("test", 2)):
+    examples = list(reader.examples(split))
+    order = np.random.default_rng(42).permutation(len(examples))[:size]
+    assert [_decoded(r) for r in sources[split]] == [examples[i] for i in order]
 
 
 def test_split_files_layout(tmp_path):
-    assert split_files(tmp_path, "valid") == (
-        tmp_path / "WorldValuesBench/valid/valid_demographic_qa.tsv",
-        tmp_path / "WorldValuesBench/valid/valid_value_qa.tsv")
+  assert split_files(tmp_path, "valid") == (
+    tmp_path / "WorldValuesBench/valid/valid_demographic_qa.tsv",
+    tmp_path / "WorldValuesBench/valid/valid_value_qa.tsv",
+  )

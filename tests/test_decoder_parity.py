@@ -72,8 +72,9 @@ def test_hidden_states_variant_matches_automodel(tiny_checkpoint, tmp_path, scan
     module, params = load_pretrained(source, output="hidden_states", scan_layers=scan_layers)
     hidden = module.apply({"params": params}, ids, attention_mask=mask)
     with torch.no_grad():
-      expected = base(input_ids=torch.tensor(ids),
-                      attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+      expected = base(
+        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+      ).last_hidden_state.numpy()
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(hidden)[valid], expected[valid], atol=1e-4, rtol=0)
 

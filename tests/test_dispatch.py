@@ -74,9 +74,7 @@ def test_every_strategy_matches_einsum_oracle(num_experts, top_k, shared_a):
   for strategy, (out, grads) in results.items():
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5, err_msg=strategy)
     for name, got, want in zip(("x", "a", "b", "router"), grads, want_grads):
-      np.testing.assert_allclose(
-        got, want, rtol=1e-5, atol=1e-5, err_msg=f"{strategy}: d/d{name}"
-      )
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{strategy}: d/d{name}")
   if top_k > 1:  # the router really receives gradient through the gates
     assert float(jnp.abs(want_grads[3]).max()) > 1e-3
 

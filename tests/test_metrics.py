@@ -18,272 +18,272 @@ from transformers import PreTrainedTokenizerFast
 from cuma_jax.evaluation import metrics
 from cuma_jax.evaluation.predict import letter_token_ids, option_log_probs, restricted_argmax
 
-
 # ----------------------------------------------------------------------------- classification
 
 
 def test_accuracy():
-    assert metrics.accuracy(list("ABCA"), list("ABBB")) == 0.5
+  assert metrics.accuracy(list("ABCA"), list("ABBB")) == 0.5
 
 
 def test_macro_f1_hand_example():
-    true = list("AAABBC")
-    pred = list("AABBCD")
-    # A: TP=2 (0,1), FP=0, FN=1 (2)      -> P=1,   R=2/3, F1=0.8
-    # B: TP=1 (3),   FP=1 (2), FN=1 (4)  -> P=1/2, R=1/2, F1=0.5
-    # C: TP=0,       FP=1 (4), FN=1 (5)  -> P=0,   R=0,   F1=0
-    # D: TP=0,       FP=1 (5), FN=0      -> P=0,   R undefined (0/0), F1=0 (zero_division=0)
-    # macro = (0.8 + 0.5 + 0 + 0) / 4
-    assert metrics.macro_f1(pred, true) == pytest.approx(0.325)
+  true = list("AAABBC")
+  pred = list("AABBCD")
+  # A: TP=2 (0,1), FP=0, FN=1 (2)      -> P=1,   R=2/3, F1=0.8
+  # B: TP=1 (3),   FP=1 (2), FN=1 (4)  -> P=1/2, R=1/2, F1=0.5
+  # C: TP=0,       FP=1 (4), FN=1 (5)  -> P=0,   R=0,   F1=0
+  # D: TP=0,       FP=1 (5), FN=0      -> P=0,   R undefined (0/0), F1=0 (zero_division=0)
+  # macro = (0.8 + 0.5 + 0 + 0) / 4
+  assert metrics.macro_f1(pred, true) == pytest.approx(0.325)
 
 
 def test_macro_f1_matches_sklearn():
-    from sklearn import metrics as sk_metrics
-    rng = np.random.default_rng(0)
-    true = rng.choice(list("ABCDE"), size=200)
-    pred = rng.choice(list("ABCDEF"), size=200)
-    expected = sk_metrics.f1_score(true, pred, average="macro", zero_division=0)
-    assert metrics.macro_f1(pred, true) == pytest.approx(expected)
+  from sklearn import metrics as sk_metrics
+
+  rng = np.random.default_rng(0)
+  true = rng.choice(list("ABCDE"), size=200)
+  pred = rng.choice(list("ABCDEF"), size=200)
+  expected = sk_metrics.f1_score(true, pred, average="macro", zero_division=0)
+  assert metrics.macro_f1(pred, true) == pytest.approx(expected)
 
 
 def test_country_macro_accuracy():
-    # Country x: 1/1 correct, country y: 1/3 correct -> (1 + 1/3) / 2 (plain accuracy: 2/4).
-    pred = list("AABC")
-    true = list("AAAA")
-    countries = ["x", "y", "y", "y"]
-    assert metrics.country_macro_accuracy(pred, true, countries) == pytest.approx(2 / 3)
+  # Country x: 1/1 correct, country y: 1/3 correct -> (1 + 1/3) / 2 (plain accuracy: 2/4).
+  pred = list("AABC")
+  true = list("AAAA")
+  countries = ["x", "y", "y", "y"]
+  assert metrics.country_macro_accuracy(pred, true, countries) == pytest.approx(2 / 3)
 
 
 def test_sigma_inequity_hand_example():
-    correct = np.array([1, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 1], bool)
-    groups = {
-        # M: 4/6, F: 1/5, X: 1 sample (< 5, skipped) -> std([2/3, 1/5]) = (2/3 - 1/5) / 2 = 7/30
-        "gender": ["M"] * 6 + ["F"] * 5 + ["X"],
-        # old has 1 sample -> only one subgroup left -> dimension skipped
-        "age": ["young"] * 11 + ["old"],
-        # a: 4/6, b: 2/6 -> std = 1/6
-        "region": ["a"] * 6 + ["b"] * 6,
-    }
-    # mean(7/30, 5/30) = 0.2
-    assert metrics.sigma_inequity(correct, groups) == pytest.approx(0.2)
-    # With every subgroup kept, X (accuracy 1) and the age dimension now count.
-    gender_all = np.std([4 / 6, 1 / 5, 1.0])
-    age_all = np.std([5 / 11, 1.0])
-    expected = (gender_all + age_all + 1 / 6) / 3
-    assert metrics.sigma_inequity(correct, groups, min_count=1) == pytest.approx(expected)
+  correct = np.array([1, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 1], bool)
+  groups = {
+    # M: 4/6, F: 1/5, X: 1 sample (< 5, skipped) -> std([2/3, 1/5]) = (2/3 - 1/5) / 2 = 7/30
+    "gender": ["M"] * 6 + ["F"] * 5 + ["X"],
+    # old has 1 sample -> only one subgroup left -> dimension skipped
+    "age": ["young"] * 11 + ["old"],
+    # a: 4/6, b: 2/6 -> std = 1/6
+    "region": ["a"] * 6 + ["b"] * 6,
+  }
+  # mean(7/30, 5/30) = 0.2
+  assert metrics.sigma_inequity(correct, groups) == pytest.approx(0.2)
+  # With every subgroup kept, X (accuracy 1) and the age dimension now count.
+  gender_all = np.std([4 / 6, 1 / 5, 1.0])
+  age_all = np.std([5 / 11, 1.0])
+  expected = (gender_all + age_all + 1 / 6) / 3
+  assert metrics.sigma_inequity(correct, groups, min_count=1) == pytest.approx(expected)
 
 
 def test_sigma_inequity_nan_when_no_dimension_qualifies():
-    assert math.isnan(metrics.sigma_inequity([True] * 6, {"gender": ["M"] * 6}))
+  assert math.isnan(metrics.sigma_inequity([True] * 6, {"gender": ["M"] * 6}))
 
 
 # ----------------------------------------------------------------------------- EMD
 
 
 @pytest.mark.parametrize(
-    "scale, n_true, n_pred", [((1, 4), 50, 50), ((1, 10), 37, 91), ((0, 1), 5, 13), ((1, 5), 40, 1)]
+  "scale, n_true, n_pred", [((1, 4), 50, 50), ((1, 10), 37, 91), ((0, 1), 5, 13), ((1, 5), 40, 1)]
 )
 def test_question_emd_matches_scipy(scale, n_true, n_pred):
-    rng = np.random.default_rng(sum(scale) + n_true)
-    lo, hi = scale
-    true = rng.integers(lo, hi + 1, size=n_true)
-    pred = rng.integers(lo, hi + 1, size=n_pred)
-    expected = wasserstein_distance((true - lo) / (hi - lo), (pred - lo) / (hi - lo))
-    assert metrics.question_emd(true, pred, lo, hi) == pytest.approx(expected, abs=1e-12)
+  rng = np.random.default_rng(sum(scale) + n_true)
+  lo, hi = scale
+  true = rng.integers(lo, hi + 1, size=n_true)
+  pred = rng.integers(lo, hi + 1, size=n_pred)
+  expected = wasserstein_distance((true - lo) / (hi - lo), (pred - lo) / (hi - lo))
+  assert metrics.question_emd(true, pred, lo, hi) == pytest.approx(expected, abs=1e-12)
 
 
 def test_question_emd_extremes():
-    # All mass at opposite ends of the normalised scale -> distance 1; identical samples -> 0.
-    assert metrics.question_emd([1, 1], [4, 4, 4], 1, 4) == pytest.approx(1.0)
-    assert metrics.question_emd([2, 3], [3, 2], 1, 4) == 0.0
+  # All mass at opposite ends of the normalised scale -> distance 1; identical samples -> 0.
+  assert metrics.question_emd([1, 1], [4, 4, 4], 1, 4) == pytest.approx(1.0)
+  assert metrics.question_emd([2, 3], [3, 2], 1, 4) == 0.0
 
 
 def test_emd_by_question_matches_scipy_per_question():
-    rng = np.random.default_rng(1)
-    scales = {"Q7": (1, 4), "Q2": (1, 10), "Q31": (0, 1)}
-    qids = rng.choice(list(scales), size=300)
-    true = np.array([rng.integers(scales[q][0], scales[q][1] + 1) for q in qids])
-    pred = np.array([rng.integers(scales[q][0], scales[q][1] + 1) for q in qids])
-    emds = metrics.emd_by_question(qids, true, pred, scales)
-    first_seen = list(dict.fromkeys(qids.tolist()))
-    assert list(emds) == first_seen
-    # Object arrays (e.g. from a pandas column) give the same plain-str keys.
-    assert metrics.emd_by_question(qids.astype(object), true, pred, scales) == emds
-    for q, (lo, hi) in scales.items():
-        rows = qids == q
-        span = hi - lo
-        expected = wasserstein_distance((true[rows] - lo) / span, (pred[rows] - lo) / span)
-        assert emds[q] == pytest.approx(expected, abs=1e-12)
+  rng = np.random.default_rng(1)
+  scales = {"Q7": (1, 4), "Q2": (1, 10), "Q31": (0, 1)}
+  qids = rng.choice(list(scales), size=300)
+  true = np.array([rng.integers(scales[q][0], scales[q][1] + 1) for q in qids])
+  pred = np.array([rng.integers(scales[q][0], scales[q][1] + 1) for q in qids])
+  emds = metrics.emd_by_question(qids, true, pred, scales)
+  first_seen = list(dict.fromkeys(qids.tolist()))
+  assert list(emds) == first_seen
+  # Object arrays (e.g. from a pandas column) give the same plain-str keys.
+  assert metrics.emd_by_question(qids.astype(object), true, pred, scales) == emds
+  for q, (lo, hi) in scales.items():
+    rows = qids == q
+    span = hi - lo
+    expected = wasserstein_distance((true[rows] - lo) / span, (pred[rows] - lo) / span)
+    assert emds[q] == pytest.approx(expected, abs=1e-12)
 
 
 def test_emd_by_question_missing_scale():
-    with pytest.raises(KeyError, match="Q9"):
-        metrics.emd_by_question(["Q1", "Q9"], [1, 2], [1, 2], {"Q1": (1, 4)})
+  with pytest.raises(KeyError, match="Q9"):
+    metrics.emd_by_question(["Q1", "Q9"], [1, 2], [1, 2], {"Q1": (1, 4)})
 
 
 def test_emd_summary_auc_identity():
-    rng = np.random.default_rng(2)
-    emds = rng.uniform(0, 1, size=40)
-    summary = metrics.emd_summary({f"Q{i}": e for i, e in enumerate(emds)})
-    assert summary["mean"] == pytest.approx(emds.mean())
-    assert summary["median"] == pytest.approx(np.median(emds))
-    # Exact identity for EMDs in [0, 1]: area under F(t) = P(emd <= t) over [0, 1] = 1 - mean.
-    assert summary["auc"] == pytest.approx(1 - emds.mean(), abs=1e-12)
-    # Independent check: trapezoid of the empirical curve on a fine threshold grid.
-    grid = np.linspace(0, 1, 200_001)
-    curve = np.searchsorted(np.sort(emds), grid, side="right") / emds.size
-    assert summary["auc"] == pytest.approx(np.trapezoid(curve, grid), abs=1e-4)
+  rng = np.random.default_rng(2)
+  emds = rng.uniform(0, 1, size=40)
+  summary = metrics.emd_summary({f"Q{i}": e for i, e in enumerate(emds)})
+  assert summary["mean"] == pytest.approx(emds.mean())
+  assert summary["median"] == pytest.approx(np.median(emds))
+  # Exact identity for EMDs in [0, 1]: area under F(t) = P(emd <= t) over [0, 1] = 1 - mean.
+  assert summary["auc"] == pytest.approx(1 - emds.mean(), abs=1e-12)
+  # Independent check: trapezoid of the empirical curve on a fine threshold grid.
+  grid = np.linspace(0, 1, 200_001)
+  curve = np.searchsorted(np.sort(emds), grid, side="right") / emds.size
+  assert summary["auc"] == pytest.approx(np.trapezoid(curve, grid), abs=1e-4)
 
 
 def test_emd_summary_auc_clips_emds_above_one():
-    # A question with EMD > 1 never enters the curve on [0, 1]: contributes 0, not negative.
-    emds = np.array([0.25, 1.5])
-    grid = np.linspace(0, 1, 200_001)
-    curve = np.searchsorted(np.sort(emds), grid, side="right") / emds.size
-    auc = metrics.emd_summary(emds)["auc"]
-    assert auc == pytest.approx(0.375)
-    assert auc == pytest.approx(np.trapezoid(curve, grid), abs=1e-4)
+  # A question with EMD > 1 never enters the curve on [0, 1]: contributes 0, not negative.
+  emds = np.array([0.25, 1.5])
+  grid = np.linspace(0, 1, 200_001)
+  curve = np.searchsorted(np.sort(emds), grid, side="right") / emds.size
+  auc = metrics.emd_summary(emds)["auc"]
+  assert auc == pytest.approx(0.375)
+  assert auc == pytest.approx(np.trapezoid(curve, grid), abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- mean collapse
 
 
 def test_prediction_entropy_hand_example():
-    # q1: A,A,B,B -> ln 2 nats; q2: C,C,C -> 0; averaged over questions -> ln(2) / 2.
-    qids = ["q1", "q2", "q1", "q2", "q1", "q2", "q1"]
-    preds = ["A", "C", "A", "C", "B", "C", "B"]
-    assert metrics.prediction_entropy(qids, preds) == pytest.approx(math.log(2) / 2)
+  # q1: A,A,B,B -> ln 2 nats; q2: C,C,C -> 0; averaged over questions -> ln(2) / 2.
+  qids = ["q1", "q2", "q1", "q2", "q1", "q2", "q1"]
+  preds = ["A", "C", "A", "C", "B", "C", "B"]
+  assert metrics.prediction_entropy(qids, preds) == pytest.approx(math.log(2) / 2)
 
 
 def test_profile_diversity_hand_example():
-    # q1: profiles p1,p2,p3 -> predictions A,A,B -> 2 distinct
-    # q2: profiles p1,p2    -> predictions C,C   -> 1 distinct
-    # q3: only profile p1   -> skipped (cannot show diversity)
-    qids = ["q1", "q1", "q1", "q2", "q2", "q3", "q3"]
-    profiles = ["p1", "p2", "p3", "p1", "p2", "p1", "p1"]
-    preds = ["A", "A", "B", "C", "C", "A", "B"]
-    assert metrics.profile_diversity(qids, profiles, preds) == pytest.approx(1.5)
+  # q1: profiles p1,p2,p3 -> predictions A,A,B -> 2 distinct
+  # q2: profiles p1,p2    -> predictions C,C   -> 1 distinct
+  # q3: only profile p1   -> skipped (cannot show diversity)
+  qids = ["q1", "q1", "q1", "q2", "q2", "q3", "q3"]
+  profiles = ["p1", "p2", "p3", "p1", "p2", "p1", "p1"]
+  preds = ["A", "A", "B", "C", "C", "A", "B"]
+  assert metrics.profile_diversity(qids, profiles, preds) == pytest.approx(1.5)
 
 
 def test_distinct_n_hand_example():
-    texts = ["a b a b", "a b"]
-    # unigrams: a b a b a b -> 2 unique / 6
-    assert metrics.distinct_n(texts, 1) == pytest.approx(1 / 3)
-    # bigrams: (a,b) (b,a) (a,b) | (a,b) -> 2 unique / 4
-    assert metrics.distinct_n(texts, 2) == pytest.approx(0.5)
-    # n-grams never cross texts: (a,b) | (a,b) -> 1 / 2, not (a,b) (b,a) (a,b) -> 2 / 3
-    assert metrics.distinct_n(["a b", "a b"], 2) == pytest.approx(0.5)
-    assert metrics.distinct_n(["a", "b"], 2) == 0.0
+  texts = ["a b a b", "a b"]
+  # unigrams: a b a b a b -> 2 unique / 6
+  assert metrics.distinct_n(texts, 1) == pytest.approx(1 / 3)
+  # bigrams: (a,b) (b,a) (a,b) | (a,b) -> 2 unique / 4
+  assert metrics.distinct_n(texts, 2) == pytest.approx(0.5)
+  # n-grams never cross texts: (a,b) | (a,b) -> 1 / 2, not (a,b) (b,a) (a,b) -> 2 / 3
+  assert metrics.distinct_n(["a b", "a b"], 2) == pytest.approx(0.5)
+  assert metrics.distinct_n(["a", "b"], 2) == 0.0
 
 
 # ----------------------------------------------------------------------------- EMD tool input
 
 
 def test_write_emd_input_round_trip(tmp_path):
-    path = tmp_path / "preds.tsv"
-    qids = ["Q1", "Q1", "Q2"]
-    pids = [156070594, np.int64(586070648), 608070097]
-    scores = [4, np.int32(3), 2]
-    metrics.write_emd_input(path, qids, pids, scores)
-    assert path.read_text().splitlines()[0] == "QUESTION_ID\tPARTICIPANT_ID\tSCORE"
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    assert rows == [
-        {"QUESTION_ID": "Q1", "PARTICIPANT_ID": "156070594", "SCORE": "4"},
-        {"QUESTION_ID": "Q1", "PARTICIPANT_ID": "586070648", "SCORE": "3"},
-        {"QUESTION_ID": "Q2", "PARTICIPANT_ID": "608070097", "SCORE": "2"},
-    ]
+  path = tmp_path / "preds.tsv"
+  qids = ["Q1", "Q1", "Q2"]
+  pids = [156070594, np.int64(586070648), 608070097]
+  scores = [4, np.int32(3), 2]
+  metrics.write_emd_input(path, qids, pids, scores)
+  assert path.read_text().splitlines()[0] == "QUESTION_ID\tPARTICIPANT_ID\tSCORE"
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f, delimiter="\t"))
+  assert rows == [
+    {"QUESTION_ID": "Q1", "PARTICIPANT_ID": "156070594", "SCORE": "4"},
+    {"QUESTION_ID": "Q1", "PARTICIPANT_ID": "586070648", "SCORE": "3"},
+    {"QUESTION_ID": "Q2", "PARTICIPANT_ID": "608070097", "SCORE": "2"},
+  ]
 
 
 # ----------------------------------------------------------------------------- summarize
 
 
 def test_summarize_wires_the_metrics():
-    rng = np.random.default_rng(3)
-    n = 120
-    scales = {"Q1": (1, 4), "Q2": (1, 3)}
-    qids = rng.choice(list(scales), size=n)
-    true_codes = np.array([rng.integers(1, scales[q][1] + 1) for q in qids])
-    pred_codes = np.array([rng.integers(1, scales[q][1] + 1) for q in qids])
-    to_letter = np.array(list("ABCD"))
-    true_letters, pred_letters = to_letter[true_codes - 1], to_letter[pred_codes - 1]
-    countries = rng.choice(["Egypt", "Peru"], size=n)
-    fields = {"gender": rng.choice(["Male", "Female"], size=n), "age": rng.choice(["a", "b"], n)}
-    profiles = [f"{c}|{g}|{a}" for c, g, a in zip(countries, fields["gender"], fields["age"])]
+  rng = np.random.default_rng(3)
+  n = 120
+  scales = {"Q1": (1, 4), "Q2": (1, 3)}
+  qids = rng.choice(list(scales), size=n)
+  true_codes = np.array([rng.integers(1, scales[q][1] + 1) for q in qids])
+  pred_codes = np.array([rng.integers(1, scales[q][1] + 1) for q in qids])
+  to_letter = np.array(list("ABCD"))
+  true_letters, pred_letters = to_letter[true_codes - 1], to_letter[pred_codes - 1]
+  countries = rng.choice(["Egypt", "Peru"], size=n)
+  fields = {"gender": rng.choice(["Male", "Female"], size=n), "age": rng.choice(["a", "b"], n)}
+  profiles = [f"{c}|{g}|{a}" for c, g, a in zip(countries, fields["gender"], fields["age"])]
 
-    out = metrics.summarize(
-        pred_letters, true_letters, pred_codes, true_codes, qids, countries, fields, scales
-    )
-    emd = metrics.emd_summary(metrics.emd_by_question(qids, true_codes, pred_codes, scales))
-    assert out == pytest.approx(
-        {
-            "accuracy": np.mean(pred_letters == true_letters),
-            "macro_f1": metrics.macro_f1(pred_letters, true_letters),
-            "country_macro_accuracy": metrics.country_macro_accuracy(
-                pred_letters, true_letters, countries
-            ),
-            "sigma_inequity": metrics.sigma_inequity(pred_letters == true_letters, fields),
-            "emd_mean": emd["mean"],
-            "emd_median": emd["median"],
-            "emd_auc": emd["auc"],
-            "entropy_pred": metrics.prediction_entropy(qids, pred_letters),
-            "entropy_true": metrics.prediction_entropy(qids, true_letters),
-            "profile_diversity": metrics.profile_diversity(qids, profiles, pred_letters),
-            "num_examples": n,
-            "num_questions": 2,
-        }
-    )
+  out = metrics.summarize(
+    pred_letters, true_letters, pred_codes, true_codes, qids, countries, fields, scales
+  )
+  emd = metrics.emd_summary(metrics.emd_by_question(qids, true_codes, pred_codes, scales))
+  assert out == pytest.approx(
+    {
+      "accuracy": np.mean(pred_letters == true_letters),
+      "macro_f1": metrics.macro_f1(pred_letters, true_letters),
+      "country_macro_accuracy": metrics.country_macro_accuracy(
+        pred_letters, true_letters, countries
+      ),
+      "sigma_inequity": metrics.sigma_inequity(pred_letters == true_letters, fields),
+      "emd_mean": emd["mean"],
+      "emd_median": emd["median"],
+      "emd_auc": emd["auc"],
+      "entropy_pred": metrics.prediction_entropy(qids, pred_letters),
+      "entropy_true": metrics.prediction_entropy(qids, true_letters),
+      "profile_diversity": metrics.profile_diversity(qids, profiles, pred_letters),
+      "num_examples": n,
+      "num_questions": 2,
+    }
+  )
 
 
 # ----------------------------------------------------------------------------- predict
 
 
 def test_restricted_argmax_ignores_tokens_outside_the_options():
-    logits = jnp.array(
-        [
-            [0.0, 0.0, 1.0, 3.0, 2.0, 0.0, 0.0, 100.0],  # token 7 is not an option
-            [50.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0],  # token 0 is a padded option
-        ]
-    )
-    option_ids = jnp.array([[2, 3, 4], [5, 6, 0]])
-    mask = jnp.array([[True, True, True], [True, True, False]])
-    np.testing.assert_array_equal(restricted_argmax(logits, option_ids, mask), [1, 1])
+  logits = jnp.array(
+    [
+      [0.0, 0.0, 1.0, 3.0, 2.0, 0.0, 0.0, 100.0],  # token 7 is not an option
+      [50.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0],  # token 0 is a padded option
+    ]
+  )
+  option_ids = jnp.array([[2, 3, 4], [5, 6, 0]])
+  mask = jnp.array([[True, True, True], [True, True, False]])
+  np.testing.assert_array_equal(restricted_argmax(logits, option_ids, mask), [1, 1])
 
 
 def test_option_log_probs_renormalise_over_valid_options():
-    rng = np.random.default_rng(4)
-    logits = rng.normal(size=(2, 10)).astype(np.float32)
-    option_ids = np.array([[3, 1, 7, 0], [2, 9, 0, 0]])
-    mask = np.array([[True, True, True, True], [True, True, False, False]])
-    out = np.asarray(option_log_probs(jnp.asarray(logits), option_ids, mask))
-    for b in range(2):
-        valid = logits[b, option_ids[b][mask[b]]]
-        expected = valid - np.log(np.sum(np.exp(valid)))
-        np.testing.assert_allclose(out[b][mask[b]], expected, rtol=1e-5)
-        assert np.all(np.isneginf(out[b][~mask[b]]))
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(2, 10)).astype(np.float32)
+  option_ids = np.array([[3, 1, 7, 0], [2, 9, 0, 0]])
+  mask = np.array([[True, True, True, True], [True, True, False, False]])
+  out = np.asarray(option_log_probs(jnp.asarray(logits), option_ids, mask))
+  for b in range(2):
+    valid = logits[b, option_ids[b][mask[b]]]
+    expected = valid - np.log(np.sum(np.exp(valid)))
+    np.testing.assert_allclose(out[b][mask[b]], expected, rtol=1e-5)
+    assert np.all(np.isneginf(out[b][~mask[b]]))
 
 
 def _tokenizer(prefix_space: bool) -> PreTrainedTokenizerFast:
-    """WordLevel tokenizer over {A, B, C}; with prefix_space, "A" encodes as ["▁", "A"]."""
-    vocab = {"[UNK]": 0, "▁": 1, "A": 2, "B": 3, "C": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    if prefix_space:
-        tok.normalizer = normalizers.Prepend("▁")
-        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="isolated")
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+  """WordLevel tokenizer over {A, B, C}; with prefix_space, "A" encodes as ["▁", "A"]."""
+  vocab = {"[UNK]": 0, "▁": 1, "A": 2, "B": 3, "C": 4}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  if prefix_space:
+    tok.normalizer = normalizers.Prepend("▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="isolated")
+  else:
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
 def test_letter_token_ids():
-    assert letter_token_ids(_tokenizer(prefix_space=False), "CAB") == [4, 2, 3]
+  assert letter_token_ids(_tokenizer(prefix_space=False), "CAB") == [4, 2, 3]
 
 
 def test_letter_token_ids_rejects_multi_token_letter():
-    with pytest.raises(ValueError, match="'A' is not a single token"):
-        letter_token_ids(_tokenizer(prefix_space=True), "AB")
+  with pytest.raises(ValueError, match="'A' is not a single token"):
+    letter_token_ids(_tokenizer(prefix_space=True), "AB")
 
 
 def test_letter_token_ids_rejects_unknown_letter():
-    with pytest.raises(ValueError, match="'D'"):
-        letter_token_ids(_tokenizer(prefix_space=False), "ABCD")
+  with pytest.raises(ValueError, match="'D'"):
+    letter_token_ids(_tokenizer(prefix_space=False), "ABCD")

@@ -15,7 +15,6 @@ dense_gates = jax.jit(R.dense_gates, static_argnums=1)
 expert_counts = jax.jit(R.expert_counts, static_argnums=2)
 
 
-
 def _normal(seed, shape):
   return np.random.default_rng(seed).normal(size=shape)
 

@@ -8,18 +8,20 @@ import numpy as np
 import pytest
 
 import cuma_jax
-
 from cuma_jax.api import abstract_params, build_decoder
 from cuma_jax.models.config import ModelConfig
 
 CONFIGS = os.path.join(os.path.dirname(cuma_jax.__file__), "architectures")
 
 
-@pytest.mark.parametrize("filename, output, expected", [
+@pytest.mark.parametrize(
+  "filename, output, expected",
+  [
     ("qwen3-8b.json", "logits", 8_190_735_360),
     ("llama-3.1-8b.json", "logits", 8_030_261_248),
     ("qwen3-embedding-0.6b.json", "hidden_states", 595_776_512),
-])
+  ],
+)
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_parameter_count_matches_hugging_face(filename, output, expected, scan_layers):
   config = ModelConfig.from_pretrained(os.path.join(CONFIGS, filename))

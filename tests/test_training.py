@@ -36,28 +36,42 @@ def assets(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("assets"))
   config = _config()
   data = experiment.load_data(config, workdir)
-  backbone = experiment.build_tiny_backbone(config, os.path.join(workdir, "assets"), data,
-                                            log=lambda *_: None)
+  backbone = experiment.build_tiny_backbone(
+    config, os.path.join(workdir, "assets"), data, log=lambda *_: None
+  )
   return data, backbone
 
 
 def _run(config, workdir, assets, stop_after=None):
   data, backbone = assets
-  module, params = api.load_pretrained(backbone, adapter=presets.adapter_config(config),
-                                       rng=jax.random.PRNGKey(config.seed))
+  module, params = api.load_pretrained(
+    backbone, adapter=presets.adapter_config(config), rng=jax.random.PRNGKey(config.seed)
+  )
   tokenizer = api.load_tokenizer(backbone)
-  demographics = experiment.make_demographics(config, backbone, SurveyTables.of(
-      data.sources["train"]))
+  demographics = experiment.make_demographics(
+    config, backbone, SurveyTables.of(data.sources["train"])
+  )
   dataset, tables = make_dataset(
-      data.sources["train"], tokenizer, max_length=config.data.max_length,
-      batch_size=config.data.batch_size, seed=config.data.shuffle_seed, num_epochs=None,
-      demographic_system_prompt=config.data.demographic_system_prompt)
+    data.sources["train"],
+    tokenizer,
+    max_length=config.data.max_length,
+    batch_size=config.data.batch_size,
+    seed=config.data.shuffle_seed,
+    num_epochs=None,
+    demographic_system_prompt=config.data.demographic_system_prompt,
+  )
   if stop_after is not None:
     dataset = _CrashAfter(dataset, stop_after)
-  return loop.train(config, workdir, module, params, dataset,
-                    num_steps=config.train.num_steps,
-                    demographic_table=experiment.demographic_table(demographics, tables),
-                    log=lambda *_: None)
+  return loop.train(
+    config,
+    workdir,
+    module,
+    params,
+    dataset,
+    num_steps=config.train.num_steps,
+    demographic_table=experiment.demographic_table(demographics, tables),
+    log=lambda *_: None,
+  )
 
 
 class _CrashAfter:
@@ -103,8 +117,9 @@ def test_resumption_is_exact(assets, tmp_path):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
   full, split = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
   assert sorted(full) == sorted(split) == [1, 2, 3, 4, 5, 6]
-  np.testing.assert_allclose([split[s] for s in range(1, 7)], [full[s] for s in range(1, 7)],
-                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+    [split[s] for s in range(1, 7)], [full[s] for s in range(1, 7)], atol=1e-6, rtol=0
+  )
   assert not np.allclose(full[1], full[6])  # It did learn something.
 
 
@@ -116,24 +131,37 @@ def test_checkpoint_of_another_config_is_refused(assets, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
-  config = _config(**{"train.num_steps": 6, "train.checkpoint_every": 1,
-                      "optim.learning_rate": 1e38, "optim.grad_clip": 0.0,
-                      "optim.schedule": "constant", "optim.warmup_steps": 0})
+  config = _config(
+    **{
+      "train.num_steps": 6,
+      "train.checkpoint_every": 1,
+      "optim.learning_rate": 1e38,
+      "optim.grad_clip": 0.0,
+      "optim.schedule": "constant",
+      "optim.warmup_steps": 0,
+    }
+  )
   with pytest.raises(loop.NonFiniteLoss, match=r"last good checkpoint \(step (\d+)\)") as err:
     _run(config, str(tmp_path), assets)
   good = int(err.value.args[0].split("(step ")[1].split(")")[0])
-  ckpt = checkpointing.TrainCheckpoints(str(tmp_path / "checkpoints"), save_every=1, keep=5,
-                                        config_json=checkpointing.config_to_json(config))
+  ckpt = checkpointing.TrainCheckpoints(
+    str(tmp_path / "checkpoints"),
+    save_every=1,
+    keep=5,
+    config_json=checkpointing.config_to_json(config),
+  )
   assert ckpt.latest_step() == good
   ckpt.close()
 
 
 def test_config_validation_names_the_key():
   c = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
-  for key, value, message in [("adapter.top_k", 9, r"top_k"),
-                              ("optim.schedule", "step", r"optim\.schedule.*cosine"),
-                              ("data.dataset", "imagenet", r"data\.dataset.*synthetic"),
-                              ("encoder.pooling", "max", r"encoder\.pooling.*last_token")]:
+  for key, value, message in [
+    ("adapter.top_k", 9, r"top_k"),
+    ("optim.schedule", "step", r"optim\.schedule.*cosine"),
+    ("data.dataset", "imagenet", r"data\.dataset.*synthetic"),
+    ("encoder.pooling", "max", r"encoder\.pooling.*last_token"),
+  ]:
     bad = ml_collections.ConfigDict(c.to_dict())
     parent, leaf = key.split(".")
     bad[parent][leaf] = value
@@ -154,9 +182,20 @@ def test_main_job_runs_end_to_end_on_tiny(tmp_path):
   workdir = tmp_path / "run"
   env = dict(os.environ, XLA_FLAGS="")
   proc = subprocess.run(
-      [sys.executable, "-m", "cuma_jax.main", "--config=configs/cuma.py:tiny",
-       f"--workdir={workdir}", "--config.train.num_steps=3"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "cuma_jax.main",
+      "--config=configs/cuma.py:tiny",
+      f"--workdir={workdir}",
+      "--config.train.num_steps=3",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "trained: accuracy" in proc.stdout
   assert os.listdir(workdir / "train" / "checkpoints")
@@ -166,7 +205,11 @@ def test_main_job_runs_end_to_end_on_tiny(tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "train" / "tb"))
   adapters, adapter_config = checkpointing.load_adapters(str(workdir / "adapters"))
   assert adapter_config["rank"] == 8 and "layers_0" in adapters
-  assert all(k.startswith("adapters_") for layer in adapters.values() for block in
-             layer.values() for k in block)
+  assert all(
+    k.startswith("adapters_")
+    for layer in adapters.values()
+    for block in layer.values()
+    for k in block
+  )
   results = json.load(open(workdir / "results.json"))
   assert set(results["trained"]) == {"test", "zero_shot"}

@@ -19,10 +19,10 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
 from cuma_jax.checkpoints.safetensors_io import (
-    INDEX_FILE,
-    SINGLE_FILE,
-    TensorIndex,
-    write_safetensors,
+  INDEX_FILE,
+  SINGLE_FILE,
+  TensorIndex,
+  write_safetensors,
 )
 from cuma_jax.models.config import ModelConfig
 
@@ -51,11 +51,11 @@ class Kernel:
     return np.ascontiguousarray(tensor.T).reshape(shape)
 
   def hf_shape(self, shape):
-    d_in = int(np.prod(shape[:self.num_in_dims]))
-    return (int(np.prod(shape[self.num_in_dims:])), d_in)
+    d_in = int(np.prod(shape[: self.num_in_dims]))
+    return (int(np.prod(shape[self.num_in_dims :])), d_in)
 
   def to_hf(self, array):
-    d_in = int(np.prod(array.shape[:self.num_in_dims]))
+    d_in = int(np.prod(array.shape[: self.num_in_dims]))
     return np.ascontiguousarray(array.reshape(d_in, -1).T)
 
 
@@ -84,27 +84,40 @@ class Rule:
 def _projection_rules(module, names, num_in_dims, bias_flag):
   rules = []
   for name in names:
-    rules.append(Rule(f"{module}.{name}.weight", (module, name, "kernel"),
-                      Kernel(num_in_dims)))
-    rules.append(Rule(f"{module}.{name}.bias", (module, name, "bias"), Bias(),
-                      when=lambda cfg, flag=bias_flag: getattr(cfg, flag)))
+    rules.append(Rule(f"{module}.{name}.weight", (module, name, "kernel"), Kernel(num_in_dims)))
+    rules.append(
+      Rule(
+        f"{module}.{name}.bias",
+        (module, name, "bias"),
+        Bias(),
+        when=lambda cfg, flag=bias_flag: getattr(cfg, flag),
+      )
+    )
   return rules
 
 
 LAYER_RULES: tuple[Rule, ...] = (
-    Rule("input_layernorm.weight", ("input_layernorm", "scale"), Vector()),
-    Rule("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), Vector()),
-    *_projection_rules("self_attn", ("q_proj", "k_proj", "v_proj"), 1, "attention_bias"),
-    *_projection_rules("self_attn", ("o_proj",), 2, "attention_bias"),
-    Rule("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), Vector(),
-         when=lambda cfg: cfg.qk_norm),
-    Rule("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), Vector(),
-         when=lambda cfg: cfg.qk_norm),
-    *_projection_rules("mlp", ("gate_proj", "up_proj", "down_proj"), 1, "mlp_bias"),
+  Rule("input_layernorm.weight", ("input_layernorm", "scale"), Vector()),
+  Rule("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), Vector()),
+  *_projection_rules("self_attn", ("q_proj", "k_proj", "v_proj"), 1, "attention_bias"),
+  *_projection_rules("self_attn", ("o_proj",), 2, "attention_bias"),
+  Rule(
+    "self_attn.q_norm.weight",
+    ("self_attn", "q_norm", "scale"),
+    Vector(),
+    when=lambda cfg: cfg.qk_norm,
+  ),
+  Rule(
+    "self_attn.k_norm.weight",
+    ("self_attn", "k_norm", "scale"),
+    Vector(),
+    when=lambda cfg: cfg.qk_norm,
+  ),
+  *_projection_rules("mlp", ("gate_proj", "up_proj", "down_proj"), 1, "mlp_bias"),
 )
 MODEL_RULES: tuple[Rule, ...] = (
-    Rule("embed_tokens.weight", ("embed_tokens", "embedding"), Vector()),
-    Rule("norm.weight", ("norm", "scale"), Vector()),
+  Rule("embed_tokens.weight", ("embed_tokens", "embedding"), Vector()),
+  Rule("norm.weight", ("norm", "scale"), Vector()),
 )
 LM_HEAD_RULE = Rule("lm_head.weight", ("lm_head", "kernel"), Kernel(1))
 # Tensors a checkpoint may carry that the decoder derives instead of storing.
@@ -123,8 +136,12 @@ def mapping(cfg: ModelConfig, *, output: str, scan_layers: bool, prefix: str):
     for rule in LAYER_RULES:
       if rule.when(cfg):
         root = ("layers",) if scan_layers else (f"layers_{i}",)
-        yield (f"{prefix}layers.{i}.{rule.hf_name}", root + rule.path, rule.transform,
-               i if scan_layers else None)
+        yield (
+          f"{prefix}layers.{i}.{rule.hf_name}",
+          root + rule.path,
+          rule.transform,
+          i if scan_layers else None,
+        )
   if _has_lm_head(cfg, output):
     yield LM_HEAD_RULE.hf_name, LM_HEAD_RULE.path, LM_HEAD_RULE.transform, None
 
@@ -141,8 +158,15 @@ def _set(tree, path, value):
   tree[path[-1]] = value
 
 
-def import_params(directory: str | os.PathLike, cfg: ModelConfig, abstract_params, *,
-                  output: str, scan_layers: bool, dtype) -> dict:
+def import_params(
+  directory: str | os.PathLike,
+  cfg: ModelConfig,
+  abstract_params,
+  *,
+  output: str,
+  scan_layers: bool,
+  dtype,
+) -> dict:
   """Reads a Hugging Face safetensors checkpoint into a parameter tree of numpy arrays.
 
   ``abstract_params`` is the unboxed ``jax.eval_shape`` of the module's backbone params;
@@ -155,15 +179,20 @@ def import_params(directory: str | os.PathLike, cfg: ModelConfig, abstract_param
   expected = {row[0] for row in rows}
   missing = sorted(expected - available)
   if missing:
-    raise KeyError(f"checkpoint {directory} is missing tensor(s) {missing[:8]}"
-                   f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+    raise KeyError(
+      f"checkpoint {directory} is missing tensor(s) {missing[:8]}"
+      f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)"
+    )
   optional = {LM_HEAD_RULE.hf_name} if not _has_lm_head(cfg, output) else set()
-  unexpected = sorted(n for n in available - expected - optional
-                      if not n.endswith(IGNORED_SUFFIXES))
+  unexpected = sorted(
+    n for n in available - expected - optional if not n.endswith(IGNORED_SUFFIXES)
+  )
   if unexpected:
-    raise KeyError(f"checkpoint {directory} has unexpected tensor(s) {unexpected[:8]}"
-                   f"{' ...' if len(unexpected) > 8 else ''}: it does not match the "
-                   f"{cfg.model_type} architecture of its config.json")
+    raise KeyError(
+      f"checkpoint {directory} has unexpected tensor(s) {unexpected[:8]}"
+      f"{' ...' if len(unexpected) > 8 else ''}: it does not match the "
+      f"{cfg.model_type} architecture of its config.json"
+    )
   params: dict = {}
   np_dtype = np.dtype(dtype)
   for hf_name, path, transform, layer in rows:
@@ -187,16 +216,25 @@ def import_params(directory: str | os.PathLike, cfg: ModelConfig, abstract_param
   return params
 
 
-def export_params(params, cfg: ModelConfig, directory: str | os.PathLike, *, output: str,
-                  scan_layers: bool, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
+def export_params(
+  params,
+  cfg: ModelConfig,
+  directory: str | os.PathLike,
+  *,
+  output: str,
+  scan_layers: bool,
+  dtype=None,
+  max_shard_bytes: int = 5 * 2**30,
+) -> None:
   """Writes Hugging Face safetensors (sharded with an index past ``max_shard_bytes``) and
   the checkpoint's own config.json, so ``transformers`` reloads what was imported."""
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
   prefix = "model." if output == "logits" else ""
   tensors = []
-  for hf_name, path, transform, layer in mapping(cfg, output=output, scan_layers=scan_layers,
-                                                  prefix=prefix):
+  for hf_name, path, transform, layer in mapping(
+    cfg, output=output, scan_layers=scan_layers, prefix=prefix
+  ):
     array = _get(params, path)
     if layer is not None:  # One layer of a scanned stack: slice before copying to host.
       array = array[layer]

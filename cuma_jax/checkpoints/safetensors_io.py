@@ -19,10 +19,16 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
@@ -45,8 +51,9 @@ class TensorIndex:
       files = [SINGLE_FILE]
     else:
       raise FileNotFoundError(
-          f"{directory} is not a safetensors checkpoint: neither {SINGLE_FILE} nor "
-          f"{INDEX_FILE} is there")
+        f"{directory} is not a safetensors checkpoint: neither {SINGLE_FILE} nor "
+        f"{INDEX_FILE} is there"
+      )
     self._headers = {}
     for name in files:
       path = os.path.join(directory, name)
@@ -59,8 +66,7 @@ class TensorIndex:
         self._location[tensor] = path
     for tensor, name in (weight_map or {}).items():
       if self._location.get(tensor) != os.path.join(directory, name):
-        raise ValueError(f"{INDEX_FILE} places tensor {tensor!r} in {name}, which does not "
-                         "hold it")
+        raise ValueError(f"{INDEX_FILE} places tensor {tensor!r} in {name}, which does not hold it")
 
   def names(self) -> list[str]:
     return list(self._location)
@@ -100,16 +106,20 @@ def _read_header(path: str):
   return header, 8 + length
 
 
-def write_safetensors(path: str, tensors: Iterator[tuple[str, np.ndarray]],
-                      metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+  path: str, tensors: Iterator[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+) -> None:
   """Writes (name, array) pairs in order, streaming the data after the header."""
   tensors = list(tensors)
   header: dict = {"__metadata__": metadata or {"format": "pt"}}
   offset = 0
   for name, array in tensors:
     nbytes = array.size * array.dtype.itemsize
-    header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": _NAMES[array.dtype],
+      "shape": list(array.shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)  # Align the data section as the reference writer does.

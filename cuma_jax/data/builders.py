@@ -18,21 +18,22 @@ dataset's metadata (`source.dataset_info.metadata`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 import dataclasses
 import inspect
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from cuma_jax.data import prompts, synthetic, wvb
 
 RAW_DIR = "raw"  # the synthetic survey's WVB-layout files, next to its array_record files
 
-FEATURES = tfds.features.FeaturesDict({
+FEATURES = tfds.features.FeaturesDict(
+  {
     "question_id": tfds.features.Text(),
     "participant_id": np.int64,
     "user": tfds.features.Text(),
@@ -43,133 +44,146 @@ FEATURES = tfds.features.FeaturesDict({
     "answer_code": np.int32,
     "option_codes": tfds.features.Sequence(np.int32),
     "num_options": np.int32,
-})
+  }
+)
 
 
 class _SurveyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Shared features, file format and metadata of the survey datasets."""
+  """Shared features, file format and metadata of the survey datasets."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    DESCRIPTION = ""
+  VERSION = tfds.core.Version("1.0.0")
+  DESCRIPTION = ""
 
-    def __init__(self, *, file_format: str = "array_record", **kwargs: Any):
-        super().__init__(file_format=file_format, **kwargs)
+  def __init__(self, *, file_format: str = "array_record", **kwargs: Any):
+    super().__init__(file_format=file_format, **kwargs)
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """The defining file, as TFDS's own fallback finds it.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    """The defining file, as TFDS's own fallback finds it.
 
-        TFDS's default first probes `importlib_resources`, a package it uses but does not
-        declare as a dependency (tensorflow/datasets#11212); this avoids needing it.
-        """
-        return epath.Path(inspect.getfile(cls))
+    TFDS's default first probes `importlib_resources`, a package it uses but does not
+    declare as a dependency (tensorflow/datasets#11212); this avoids needing it.
+    """
+    return epath.Path(inspect.getfile(cls))
 
-    def _keep_generation_order(self) -> bool:
-        """Store records sorted by key; otherwise TFDS orders them by a hash of the key."""
-        return True
+  def _keep_generation_order(self) -> bool:
+    """Store records sorted by key; otherwise TFDS orders them by a hash of the key."""
+    return True
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self.DESCRIPTION,
-            features=FEATURES,
-            metadata=tfds.core.MetadataDict(),
-            disable_shuffling=self._keep_generation_order(),
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.DESCRIPTION,
+      features=FEATURES,
+      metadata=tfds.core.MetadataDict(),
+      disable_shuffling=self._keep_generation_order(),
+    )
 
-    def _set_questions(self, reader: wvb.WvbReader, split: str) -> None:
-        self.info.metadata["questions"] = [q.to_json() for q in reader.questions(split)]
+  def _set_questions(self, reader: wvb.WvbReader, split: str) -> None:
+    self.info.metadata["questions"] = [q.to_json() for q in reader.questions(split)]
 
-    def _generate_examples(
-        self, keyed_examples: Iterable[tuple[int, dict[str, Any]]], split: str,
-        counts: wvb.SkipCounts,
-    ) -> Iterator[tuple[int, dict[str, Any]]]:
-        profiles = set()
-        for key, example in keyed_examples:
-            profiles.add(example["profile"])
-            yield key, example
-        self.info.metadata.setdefault("profiles", {})[split] = sorted(profiles)
-        self.info.metadata.setdefault("skip_counts", {})[split] = counts.as_dict()
+  def _generate_examples(
+    self,
+    keyed_examples: Iterable[tuple[int, dict[str, Any]]],
+    split: str,
+    counts: wvb.SkipCounts,
+  ) -> Iterator[tuple[int, dict[str, Any]]]:
+    profiles = set()
+    for key, example in keyed_examples:
+      profiles.add(example["profile"])
+      yield key, example
+    self.info.metadata.setdefault("profiles", {})[split] = sorted(profiles)
+    self.info.metadata.setdefault("skip_counts", {})[split] = counts.as_dict()
 
-    def _split(self, reader: wvb.WvbReader, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        counts = wvb.SkipCounts()
-        return self._generate_examples(enumerate(reader.examples(split, counts)), split, counts)
+  def _split(self, reader: wvb.WvbReader, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    counts = wvb.SkipCounts()
+    return self._generate_examples(enumerate(reader.examples(split, counts)), split, counts)
 
 
 @dataclasses.dataclass(eq=False)
 class WvbConfig(tfds.core.BuilderConfig):
-    """train_size/test_size None: every example; else a seeded sample of the train/test splits."""
+  """train_size/test_size None: every example; else a seeded sample of the train/test splits."""
 
-    train_size: int | None = None
-    test_size: int | None = None
-    sample_seed: int = 42
+  train_size: int | None = None
+  test_size: int | None = None
+  sample_seed: int = 42
 
 
 class CumaWorldValuesBench(_SurveyBuilder):
-    """WorldValuesBench from a manual directory (WVS needs registration, so no download)."""
+  """WorldValuesBench from a manual directory (WVS needs registration, so no download)."""
 
-    name = "cuma_world_values_bench"
-    DESCRIPTION = "WorldValuesBench: one example per (participant, value question) answer."
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Obtain WVS wave 7 and run WorldValuesBench's dataset_construction/data_preparation.py; "
-        "pass the repository root as manual_dir. It must hold:\n" + wvb.LAYOUT)
-    BUILDER_CONFIGS = [
-        WvbConfig(name="full", description="All train/valid/test examples."),
-        WvbConfig(name="sampled_50k", train_size=50_000, test_size=5_000, sample_seed=42,
-                  description="The paper's sample: 50k train and 5k test examples, seed 42."),
-    ]
+  name = "cuma_world_values_bench"
+  DESCRIPTION = "WorldValuesBench: one example per (participant, value question) answer."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Obtain WVS wave 7 and run WorldValuesBench's dataset_construction/data_preparation.py; "
+    "pass the repository root as manual_dir. It must hold:\n" + wvb.LAYOUT
+  )
+  BUILDER_CONFIGS = [
+    WvbConfig(name="full", description="All train/valid/test examples."),
+    WvbConfig(
+      name="sampled_50k",
+      train_size=50_000,
+      test_size=5_000,
+      sample_seed=42,
+      description="The paper's sample: 50k train and 5k test examples, seed 42.",
+    ),
+  ]
 
-    def _keep_generation_order(self) -> bool:
-        # A sample keeps its sampling order. The full splits (15M examples) use TFDS's hashed
-        # order: keeping key order would make TFDS sort the whole split in memory.
-        return self.builder_config.train_size is not None
+  def _keep_generation_order(self) -> bool:
+    # A sample keeps its sampling order. The full splits (15M examples) use TFDS's hashed
+    # order: keeping key order would make TFDS sort the whole split in memory.
+    return self.builder_config.train_size is not None
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        reader = wvb.WvbReader(dl_manager.manual_dir)
-        self._set_questions(reader, "train")
-        config = self.builder_config
-        if config.train_size is None:
-            return {split: self._split(reader, split) for split in ("train", "valid", "test")}
-        return {split: self._sampled(reader, split, size, config.sample_seed)
-                for split, size in (("train", config.train_size), ("test", config.test_size))}
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    reader = wvb.WvbReader(dl_manager.manual_dir)
+    self._set_questions(reader, "train")
+    config = self.builder_config
+    if config.train_size is None:
+      return {split: self._split(reader, split) for split in ("train", "valid", "test")}
+    return {
+      split: self._sampled(reader, split, size, config.sample_seed)
+      for split, size in (("train", config.train_size), ("test", config.test_size))
+    }
 
-    def _sampled(self, reader: wvb.WvbReader, split: str, size: int, seed: int):
-        """`size` examples, as the authors' `Dataset.shuffle(seed).select(range(size))` picks."""
-        counts = wvb.SkipCounts()
-        total = sum(1 for _ in reader.examples(split, counts))
-        order = np.random.default_rng(seed).permutation(total)[:size]
-        rank = {int(i): r for r, i in enumerate(order)}
-        chosen = ((rank[i], ex) for i, ex in enumerate(reader.examples(split)) if i in rank)
-        return self._generate_examples(chosen, split, counts)
+  def _sampled(self, reader: wvb.WvbReader, split: str, size: int, seed: int):
+    """`size` examples, as the authors' `Dataset.shuffle(seed).select(range(size))` picks."""
+    counts = wvb.SkipCounts()
+    total = sum(1 for _ in reader.examples(split, counts))
+    order = np.random.default_rng(seed).permutation(total)[:size]
+    rank = {int(i): r for r, i in enumerate(order)}
+    chosen = ((rank[i], ex) for i, ex in enumerate(reader.examples(split)) if i in rank)
+    return self._generate_examples(chosen, split, counts)
 
 
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(tfds.core.BuilderConfig):
-    survey: synthetic.SyntheticSurveyConfig = synthetic.SyntheticSurveyConfig()
+  survey: synthetic.SyntheticSurveyConfig = synthetic.SyntheticSurveyConfig()
 
 
 class CumaSyntheticSurvey(_SurveyBuilder):
-    """The synthetic survey of `synthetic.py`, generated locally, read with the WVB reader."""
+  """The synthetic survey of `synthetic.py`, generated locally, read with the WVB reader."""
 
-    name = "cuma_synthetic_survey"
-    DESCRIPTION = "Synthetic cultural value survey with exact per-profile answer distributions."
-    BUILDER_CONFIGS = [
-        SyntheticConfig(name="default",
-                        description="12 countries, 24 questions, 2,750 participants."),
-        SyntheticConfig(name="tiny", description="For tests: a few hundred examples.",
-                        survey=synthetic.SyntheticSurveyConfig(
-                            num_countries=4, num_questions=6, num_train=60, num_valid=10,
-                            num_test=10, num_zero_shot=10)),
-    ]
+  name = "cuma_synthetic_survey"
+  DESCRIPTION = "Synthetic cultural value survey with exact per-profile answer distributions."
+  BUILDER_CONFIGS = [
+    SyntheticConfig(name="default", description="12 countries, 24 questions, 2,750 participants."),
+    SyntheticConfig(
+      name="tiny",
+      description="For tests: a few hundred examples.",
+      survey=synthetic.SyntheticSurveyConfig(
+        num_countries=4, num_questions=6, num_train=60, num_valid=10, num_test=10, num_zero_shot=10
+      ),
+    ),
+  ]
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        survey = synthetic.generate_survey(self.builder_config.survey)
-        reader = wvb.WvbReader(survey.write_wvb(Path(self.data_path) / RAW_DIR))
-        self._set_questions(reader, "train")
-        return {split: self._split(reader, split) for split in survey.participants}
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    survey = synthetic.generate_survey(self.builder_config.survey)
+    reader = wvb.WvbReader(survey.write_wvb(Path(self.data_path) / RAW_DIR))
+    self._set_questions(reader, "train")
+    return {split: self._split(reader, split) for split in survey.participants}
 
 
 def load_oracle(source) -> synthetic.SurveyOracle:
-    """The exact distributions stored beside a prepared synthetic survey (a data source of it)."""
-    return synthetic.SurveyOracle.load(Path(source.dataset_info.data_dir) / RAW_DIR)
+  """The exact distributions stored beside a prepared synthetic survey (a data source of it)."""
+  return synthetic.SurveyOracle.load(Path(source.dataset_info.data_dir) / RAW_DIR)

@@ -23,8 +23,8 @@ iterator continues with exactly the batches the original would have produced.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 from typing import Any
 
 import grain
@@ -37,97 +37,104 @@ from cuma_jax.data.tokenize import ChatEncoder
 
 @dataclasses.dataclass(frozen=True)
 class SurveyTables:
-    """Lookup tables the integer indices in a batch refer to."""
+  """Lookup tables the integer indices in a batch refer to."""
 
-    profiles: tuple[str, ...]  # sorted distinct profile strings of the source
-    question_ids: tuple[str, ...]
+  profiles: tuple[str, ...]  # sorted distinct profile strings of the source
+  question_ids: tuple[str, ...]
 
-    @classmethod
-    def of(cls, source: Sequence[dict[str, Any]]) -> SurveyTables:
-        """From a TFDS source's metadata (written by builders.py), else by reading every record."""
-        info = getattr(source, "dataset_info", None)
-        metadata = (info.metadata or {}) if info is not None else {}
-        split = str(getattr(source, "split", "")).split("[")[0]  # "train[:10%]" -> "train"
-        if split in metadata.get("profiles", {}):
-            return cls(profiles=tuple(metadata["profiles"][split]),
-                       question_ids=tuple(q["question_id"] for q in metadata["questions"]))
-        records = [source[i] for i in range(len(source))]
-        return cls(profiles=tuple(sorted({as_text(r["profile"]) for r in records})),
-                   question_ids=tuple(dict.fromkeys(as_text(r["question_id"]) for r in records)))
+  @classmethod
+  def of(cls, source: Sequence[dict[str, Any]]) -> SurveyTables:
+    """From a TFDS source's metadata (written by builders.py), else by reading every record."""
+    info = getattr(source, "dataset_info", None)
+    metadata = (info.metadata or {}) if info is not None else {}
+    split = str(getattr(source, "split", "")).split("[")[0]  # "train[:10%]" -> "train"
+    if split in metadata.get("profiles", {}):
+      return cls(
+        profiles=tuple(metadata["profiles"][split]),
+        question_ids=tuple(q["question_id"] for q in metadata["questions"]),
+      )
+    records = [source[i] for i in range(len(source))]
+    return cls(
+      profiles=tuple(sorted({as_text(r["profile"]) for r in records})),
+      question_ids=tuple(dict.fromkeys(as_text(r["question_id"]) for r in records)),
+    )
 
 
 def as_text(value: str | bytes) -> str:
-    """TFDS returns Text features as bytes; plain Python sources hold str."""
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+  """TFDS returns Text features as bytes; plain Python sources hold str."""
+  return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 class _EncodeExample:
-    """Source index -> one tokenised example (a picklable callable, for grain workers)."""
+  """Source index -> one tokenised example (a picklable callable, for grain workers)."""
 
-    def __init__(self, source, tokenizer, tables: SurveyTables, max_length: int,
-                 demographic_system_prompt: bool):
-        self.source = source
-        self.encoder = ChatEncoder(tokenizer, max_length)
-        self.profile_index = {p: i for i, p in enumerate(tables.profiles)}
-        self.question_index = {q: i for i, q in enumerate(tables.question_ids)}
-        self.demographic_system_prompt = demographic_system_prompt
+  def __init__(
+    self, source, tokenizer, tables: SurveyTables, max_length: int, demographic_system_prompt: bool
+  ):
+    self.source = source
+    self.encoder = ChatEncoder(tokenizer, max_length)
+    self.profile_index = {p: i for i, p in enumerate(tables.profiles)}
+    self.question_index = {q: i for i, q in enumerate(tables.question_ids)}
+    self.demographic_system_prompt = demographic_system_prompt
 
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
-        record = self.source[int(index)]
-        profile = as_text(record["profile"])
-        system = prompts.system_prompt(profile, self.demographic_system_prompt)
-        encoded = self.encoder(prompts.chat_messages(system, as_text(record["user"])),
-                               as_text(record["answer_letter"]))
-        codes = np.full(prompts.MAX_OPTIONS, -1, np.int32)
-        option_codes = np.asarray(record["option_codes"], np.int32)
-        codes[:len(option_codes)] = option_codes
-        return {
-            **encoded,
-            "profile_index": np.int32(self.profile_index[profile]),
-            "question_index": np.int32(self.question_index[as_text(record["question_id"])]),
-            "answer_option": np.int32(record["answer_option"]),
-            "option_count": np.int32(len(option_codes)),
-            "option_codes": codes,
-            "example_index": np.int32(index),
-        }
+  def __call__(self, index: int) -> dict[str, np.ndarray]:
+    record = self.source[int(index)]
+    profile = as_text(record["profile"])
+    system = prompts.system_prompt(profile, self.demographic_system_prompt)
+    encoded = self.encoder(
+      prompts.chat_messages(system, as_text(record["user"])), as_text(record["answer_letter"])
+    )
+    codes = np.full(prompts.MAX_OPTIONS, -1, np.int32)
+    option_codes = np.asarray(record["option_codes"], np.int32)
+    codes[: len(option_codes)] = option_codes
+    return {
+      **encoded,
+      "profile_index": np.int32(self.profile_index[profile]),
+      "question_index": np.int32(self.question_index[as_text(record["question_id"])]),
+      "answer_option": np.int32(record["answer_option"]),
+      "option_count": np.int32(len(option_codes)),
+      "option_codes": codes,
+      "example_index": np.int32(index),
+    }
 
 
 def make_dataset(
-    source: Sequence[dict[str, Any]],
-    tokenizer,
-    *,
-    max_length: int,
-    batch_size: int,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = 1,
-    demographic_system_prompt: bool = False,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    drop_remainder: bool = True,
-    tables: SurveyTables | None = None,
+  source: Sequence[dict[str, Any]],
+  tokenizer,
+  *,
+  max_length: int,
+  batch_size: int,
+  seed: int = 0,
+  shuffle: bool = True,
+  num_epochs: int | None = 1,
+  demographic_system_prompt: bool = False,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  drop_remainder: bool = True,
+  tables: SurveyTables | None = None,
 ) -> tuple[grain.IterDataset, SurveyTables]:
-    """Builds the batched dataset over `source` (a TFDS data source or a list of example dicts).
+  """Builds the batched dataset over `source` (a TFDS data source or a list of example dicts).
 
-    num_epochs=None repeats forever. shard_index/shard_count default to this JAX process's index
-    and the process count. Returns the dataset (iterate it; its iterator checkpoints with
-    get_state/set_state) and the tables its indices refer to.
-    """
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
-    tables = SurveyTables.of(source) if tables is None else tables
-    indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
-    if len(indices) == 0:
-        raise ValueError(f"shard {shard_index} of {shard_count} of a {len(source)}-example source "
-                         "is empty")
-    if shuffle:
-        indices = indices.shuffle(seed=seed)
-    dataset = (
-        indices.repeat(num_epochs)
-        .map(_EncodeExample(source, tokenizer, tables, max_length, demographic_system_prompt))
-        .batch(batch_size, drop_remainder=drop_remainder)
-        .to_iter_dataset()
+  num_epochs=None repeats forever. shard_index/shard_count default to this JAX process's index
+  and the process count. Returns the dataset (iterate it; its iterator checkpoints with
+  get_state/set_state) and the tables its indices refer to.
+  """
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
+  tables = SurveyTables.of(source) if tables is None else tables
+  indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
+  if len(indices) == 0:
+    raise ValueError(
+      f"shard {shard_index} of {shard_count} of a {len(source)}-example source is empty"
     )
-    return dataset, tables
+  if shuffle:
+    indices = indices.shuffle(seed=seed)
+  dataset = (
+    indices.repeat(num_epochs)
+    .map(_EncodeExample(source, tokenizer, tables, max_length, demographic_system_prompt))
+    .batch(batch_size, drop_remainder=drop_remainder)
+    .to_iter_dataset()
+  )
+  return dataset, tables

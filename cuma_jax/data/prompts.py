@@ -15,8 +15,8 @@ makes prompts byte-identical to the authors' data instead of silently differing 
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping, Sequence
+import string
 
 LETTERS = string.ascii_uppercase
 MAX_OPTIONS = len(LETTERS)
@@ -27,56 +27,62 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that answers survey questio
 
 # Profile fields in the order the demographic sentence names them, and their WVB columns.
 PROFILE_FIELDS = (
-    "country", "age_group", "gender", "education",
-    "marital_status", "religion", "ethnicity", "employment",
+  "country",
+  "age_group",
+  "gender",
+  "education",
+  "marital_status",
+  "religion",
+  "ethnicity",
+  "employment",
 )
 WVB_PROFILE_COLUMNS = {
-    "country": "B_COUNTRY",
-    "age_group": "X003R",
-    "gender": "Q260",
-    "education": "Q275",
-    "marital_status": "Q273",
-    "religion": "Q289",
-    "ethnicity": "Q290",
-    "employment": "Q279",
+  "country": "B_COUNTRY",
+  "age_group": "X003R",
+  "gender": "Q260",
+  "education": "Q275",
+  "marital_status": "Q273",
+  "religion": "Q289",
+  "ethnicity": "Q290",
+  "employment": "Q279",
 }
 
 
 def age_group_text(x003r: str) -> str:
-    """WVB's X003R value as the prompt states it: "16-24 years" -> "16-24 years old"."""
-    return x003r.replace(" years", " years old") if x003r.endswith("years") else x003r
+  """WVB's X003R value as the prompt states it: "16-24 years" -> "16-24 years old"."""
+  return x003r.replace(" years", " years old") if x003r.endswith("years") else x003r
 
 
 def profile_sentence(profile: Mapping[str, str]) -> str:
-    """The demographic system prompt; also the text the demographic encoder embeds."""
-    return (
-        f"You are a person from {profile['country']}, "
-        f"age group: {profile['age_group']}, "
-        f"gender: {profile['gender']}, "
-        f"education: {profile['education']}, "
-        f"marital status: {profile['marital_status']}, "
-        f"religion: {profile['religion']}, "
-        f"ethnicity: {profile['ethnicity']}, "
-        f"employment: {profile['employment']}."
-    )
+  """The demographic system prompt; also the text the demographic encoder embeds."""
+  return (
+    f"You are a person from {profile['country']}, "
+    f"age group: {profile['age_group']}, "
+    f"gender: {profile['gender']}, "
+    f"education: {profile['education']}, "
+    f"marital status: {profile['marital_status']}, "
+    f"religion: {profile['religion']}, "
+    f"ethnicity: {profile['ethnicity']}, "
+    f"employment: {profile['employment']}."
+  )
 
 
 def user_prompt(question: str, choices: Sequence[str]) -> str:
-    """The user turn: the question, lettered choices (codes ascending) and the instruction."""
-    if not 1 <= len(choices) <= MAX_OPTIONS:
-        raise ValueError(f"a question needs 1..{MAX_OPTIONS} choices, got {len(choices)}")
-    lettered = " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
-    return f"{question}? {lettered}. {INSTRUCTION}"
+  """The user turn: the question, lettered choices (codes ascending) and the instruction."""
+  if not 1 <= len(choices) <= MAX_OPTIONS:
+    raise ValueError(f"a question needs 1..{MAX_OPTIONS} choices, got {len(choices)}")
+  lettered = " ".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+  return f"{question}? {lettered}. {INSTRUCTION}"
 
 
 def system_prompt(profile: str, demographic_system_prompt: bool) -> str:
-    """The system turn: the profile sentence if demographics go in the prompt, else the default."""
-    return profile if demographic_system_prompt else DEFAULT_SYSTEM_PROMPT
+  """The system turn: the profile sentence if demographics go in the prompt, else the default."""
+  return profile if demographic_system_prompt else DEFAULT_SYSTEM_PROMPT
 
 
 def chat_messages(system: str, user: str, answer: str | None = None) -> list[dict[str, str]]:
-    """System + user (+ assistant) messages in the Hugging Face chat-template format."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return messages
+  """System + user (+ assistant) messages in the Hugging Face chat-template format."""
+  messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+  if answer is not None:
+    messages.append({"role": "assistant", "content": answer})
+  return messages

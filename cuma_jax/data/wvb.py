@@ -17,12 +17,12 @@ have rendered as "nan" in the prompt.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 import csv
 import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,270 +41,281 @@ LAYOUT = """\
 
 
 def split_files(root: str | Path, split: str) -> tuple[Path, Path]:
-    """Paths of a split's (demographic, value) TSVs."""
-    directory = Path(root) / "WorldValuesBench" / split
-    return (directory / f"{split}_demographic_qa.tsv", directory / f"{split}_value_qa.tsv")
+  """Paths of a split's (demographic, value) TSVs."""
+  directory = Path(root) / "WorldValuesBench" / split
+  return (directory / f"{split}_demographic_qa.tsv", directory / f"{split}_value_qa.tsv")
 
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-    """A value question as the model sees it: options are the codebook's codes >= 0, ascending."""
+  """A value question as the model sees it: options are the codebook's codes >= 0, ascending."""
 
-    question_id: str
-    text: str
-    option_codes: tuple[int, ...]
-    option_texts: tuple[str, ...]
-    scale_min: int | None = None
-    scale_max: int | None = None
+  question_id: str
+  text: str
+  option_codes: tuple[int, ...]
+  option_texts: tuple[str, ...]
+  scale_min: int | None = None
+  scale_max: int | None = None
 
-    @functools.cached_property
-    def user(self) -> str:
-        """The user turn asking this question."""
-        return prompts.user_prompt(self.text, self.option_texts)
+  @functools.cached_property
+  def user(self) -> str:
+    """The user turn asking this question."""
+    return prompts.user_prompt(self.text, self.option_texts)
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
 class SkipCounts:
-    """What a pass over a split kept and why it skipped the rest."""
+  """What a pass over a split kept and why it skipped the rest."""
 
-    examples: int = 0
-    missing_answer: int = 0  # empty cell: the participant gave no valid answer (expected, frequent)
-    negative_answer: int = 0  # WVS missing-value code (< 0) left in the file
-    non_numeric_answer: int = 0  # text in a value cell (WVB's non-ordinal questions)
-    answer_not_in_options: int = 0  # integer code that is not one of the question's choices
-    # Participants with valid answers but an empty profile field or no demographic row, and the
-    # valid answers dropped with them.
-    participants_missing_profile: int = 0
-    examples_missing_profile: int = 0
-    skipped_questions: list[str] = dataclasses.field(default_factory=list)  # unusable columns
+  examples: int = 0
+  missing_answer: int = 0  # empty cell: the participant gave no valid answer (expected, frequent)
+  negative_answer: int = 0  # WVS missing-value code (< 0) left in the file
+  non_numeric_answer: int = 0  # text in a value cell (WVB's non-ordinal questions)
+  answer_not_in_options: int = 0  # integer code that is not one of the question's choices
+  # Participants with valid answers but an empty profile field or no demographic row, and the
+  # valid answers dropped with them.
+  participants_missing_profile: int = 0
+  examples_missing_profile: int = 0
+  skipped_questions: list[str] = dataclasses.field(default_factory=list)  # unusable columns
 
-    @property
-    def skipped_examples(self) -> int:
-        """Cells that looked like answers but could not be used (empty cells excluded)."""
-        return (self.negative_answer + self.non_numeric_answer + self.answer_not_in_options
-                + self.examples_missing_profile)
+  @property
+  def skipped_examples(self) -> int:
+    """Cells that looked like answers but could not be used (empty cells excluded)."""
+    return (
+      self.negative_answer
+      + self.non_numeric_answer
+      + self.answer_not_in_options
+      + self.examples_missing_profile
+    )
 
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+  def as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 def _parse_code(cell: str) -> int | None:
-    """An answer code from a TSV cell ("3" or pandas' "3.0"); None for text."""
-    try:
-        return int(cell)
-    except ValueError:
-        pass
-    try:
-        value = float(cell)
-    except ValueError:
-        return None
-    return int(value) if value.is_integer() else None
+  """An answer code from a TSV cell ("3" or pandas' "3.0"); None for text."""
+  try:
+    return int(cell)
+  except ValueError:
+    pass
+  try:
+    value = float(cell)
+  except ValueError:
+    return None
+  return int(value) if value.is_integer() else None
 
 
 def _read_tsv(path: Path) -> Iterator[list[str]]:
-    """Yields the header, then the rows, of a TSV written by pandas (csv quoting rules)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path} is empty (no header row)")
-        yield header
-        yield from reader
+  """Yields the header, then the rows, of a TSV written by pandas (csv quoting rules)."""
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.reader(f, delimiter="\t")
+    header = next(reader, None)
+    if header is None:
+      raise ValueError(f"{path} is empty (no header row)")
+    yield header
+    yield from reader
 
 
 def _scale(value: Any) -> int | None:
-    """question_metadata's answer_scale_min/max: an int, or "" for non-ordinal questions."""
-    return None if value in ("", None) else int(value)
+  """question_metadata's answer_scale_min/max: an int, or "" for non-ordinal questions."""
+  return None if value in ("", None) else int(value)
 
 
 class WvbReader:
-    """Reads a WVB manual directory; every missing piece is an error that names its path."""
+  """Reads a WVB manual directory; every missing piece is an error that names its path."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"WorldValuesBench manual directory {self.root} does not exist. Build it with "
-                f"WorldValuesBench's dataset_construction/data_preparation.py; expected layout:\n"
-                f"{LAYOUT}")
-        self.codebook = self._load_json(CODEBOOK)
-        self.question_metadata = self._load_json(QUESTION_METADATA)
+  def __init__(self, root: str | Path):
+    self.root = Path(root)
+    if not self.root.is_dir():
+      raise FileNotFoundError(
+        f"WorldValuesBench manual directory {self.root} does not exist. Build it with "
+        f"WorldValuesBench's dataset_construction/data_preparation.py; expected layout:\n"
+        f"{LAYOUT}"
+      )
+    self.codebook = self._load_json(CODEBOOK)
+    self.question_metadata = self._load_json(QUESTION_METADATA)
 
-    def _load_json(self, relative: Path) -> dict[str, Any]:
-        path = self.root / relative
-        if not path.is_file():
-            raise FileNotFoundError(f"missing {path} (expected layout:\n{LAYOUT})")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+  def _load_json(self, relative: Path) -> dict[str, Any]:
+    path = self.root / relative
+    if not path.is_file():
+      raise FileNotFoundError(f"missing {path} (expected layout:\n{LAYOUT})")
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
 
-    def _files(self, split: str) -> tuple[Path, Path]:
-        files = split_files(self.root, split)
-        for path in files:
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"split {split!r}: missing {path} (expected layout:\n{LAYOUT})")
-        return files
+  def _files(self, split: str) -> tuple[Path, Path]:
+    files = split_files(self.root, split)
+    for path in files:
+      if not path.is_file():
+        raise FileNotFoundError(f"split {split!r}: missing {path} (expected layout:\n{LAYOUT})")
+    return files
 
-    def question(self, question_id: str) -> Question | None:
-        """The question's prompt data, or None if the codebook cannot letter its options."""
-        entry = self.codebook.get(question_id)
-        if not entry or not entry.get("question"):
-            return None
-        coded = ((_parse_code(code), text) for code, text in entry.get("choices", {}).items())
-        choices = sorted((code, text) for code, text in coded if code is not None and code >= 0)
-        if not 1 <= len(choices) <= prompts.MAX_OPTIONS:
-            return None
-        scale = self.question_metadata.get(question_id, {})
-        return Question(
-            question_id=question_id,
-            text=entry["question"],
-            option_codes=tuple(code for code, _ in choices),
-            option_texts=tuple(text for _, text in choices),
-            scale_min=_scale(scale.get("answer_scale_min")),
-            scale_max=_scale(scale.get("answer_scale_max")),
-        )
+  def question(self, question_id: str) -> Question | None:
+    """The question's prompt data, or None if the codebook cannot letter its options."""
+    entry = self.codebook.get(question_id)
+    if not entry or not entry.get("question"):
+      return None
+    coded = ((_parse_code(code), text) for code, text in entry.get("choices", {}).items())
+    choices = sorted((code, text) for code, text in coded if code is not None and code >= 0)
+    if not 1 <= len(choices) <= prompts.MAX_OPTIONS:
+      return None
+    scale = self.question_metadata.get(question_id, {})
+    return Question(
+      question_id=question_id,
+      text=entry["question"],
+      option_codes=tuple(code for code, _ in choices),
+      option_texts=tuple(text for _, text in choices),
+      scale_min=_scale(scale.get("answer_scale_min")),
+      scale_max=_scale(scale.get("answer_scale_max")),
+    )
 
-    def questions(self, split: str) -> list[Question]:
-        """The split's usable value questions, in column order."""
-        _, value_path = self._files(split)
-        header = next(_read_tsv(value_path))
-        found = (self.question(qid) for qid in header if qid != ID_COLUMN)
-        return [q for q in found if q is not None]
+  def questions(self, split: str) -> list[Question]:
+    """The split's usable value questions, in column order."""
+    _, value_path = self._files(split)
+    header = next(_read_tsv(value_path))
+    found = (self.question(qid) for qid in header if qid != ID_COLUMN)
+    return [q for q in found if q is not None]
 
-    def _profiles(self, path: Path) -> dict[str, tuple[str, dict[str, str]] | None]:
-        """participant id -> (profile sentence, profile fields), or None when a field is empty."""
-        rows = _read_tsv(path)
-        header = next(rows)
-        try:
-            id_col = header.index(ID_COLUMN)
-            columns = {field: header.index(column)
-                       for field, column in prompts.WVB_PROFILE_COLUMNS.items()}
-        except ValueError as e:
-            raise ValueError(f"{path} lacks a required column: {e}") from None
-        profiles: dict[str, tuple[str, dict[str, str]] | None] = {}
-        for row in rows:
-            values = {field: row[col].strip() if col < len(row) else ""
-                      for field, col in columns.items()}
-            values["age_group"] = prompts.age_group_text(values["age_group"])
-            profile = (prompts.profile_sentence(values), values) if all(values.values()) else None
-            profiles[row[id_col].strip()] = profile
-        return profiles
+  def _profiles(self, path: Path) -> dict[str, tuple[str, dict[str, str]] | None]:
+    """participant id -> (profile sentence, profile fields), or None when a field is empty."""
+    rows = _read_tsv(path)
+    header = next(rows)
+    try:
+      id_col = header.index(ID_COLUMN)
+      columns = {
+        field: header.index(column) for field, column in prompts.WVB_PROFILE_COLUMNS.items()
+      }
+    except ValueError as e:
+      raise ValueError(f"{path} lacks a required column: {e}") from None
+    profiles: dict[str, tuple[str, dict[str, str]] | None] = {}
+    for row in rows:
+      values = {field: row[col].strip() if col < len(row) else "" for field, col in columns.items()}
+      values["age_group"] = prompts.age_group_text(values["age_group"])
+      profile = (prompts.profile_sentence(values), values) if all(values.values()) else None
+      profiles[row[id_col].strip()] = profile
+    return profiles
 
-    def examples(self, split: str, counts: SkipCounts | None = None) -> Iterator[dict[str, Any]]:
-        """Yields the split's examples as raw-text dicts (the TFDS feature layout).
+  def examples(self, split: str, counts: SkipCounts | None = None) -> Iterator[dict[str, Any]]:
+    """Yields the split's examples as raw-text dicts (the TFDS feature layout).
 
-        `counts` is filled in as the iterator advances; a split without a single valid example
-        raises ValueError once exhausted.
-        """
-        counts = SkipCounts() if counts is None else counts
-        demographic_path, value_path = self._files(split)
-        profiles = self._profiles(demographic_path)
-        rows = _read_tsv(value_path)
-        header = next(rows)
-        if ID_COLUMN not in header:
-            raise ValueError(f"{value_path} has no {ID_COLUMN} column")
-        id_col = header.index(ID_COLUMN)
-        columns = []
-        for col, qid in enumerate(header):
-            if col == id_col:
-                continue
-            question = self.question(qid)
-            if question is None:
-                counts.skipped_questions.append(qid)
-            else:
-                columns.append((col, question, {c: i for i, c in enumerate(question.option_codes)}))
+    `counts` is filled in as the iterator advances; a split without a single valid example
+    raises ValueError once exhausted.
+    """
+    counts = SkipCounts() if counts is None else counts
+    demographic_path, value_path = self._files(split)
+    profiles = self._profiles(demographic_path)
+    rows = _read_tsv(value_path)
+    header = next(rows)
+    if ID_COLUMN not in header:
+      raise ValueError(f"{value_path} has no {ID_COLUMN} column")
+    id_col = header.index(ID_COLUMN)
+    columns = []
+    for col, qid in enumerate(header):
+      if col == id_col:
+        continue
+      question = self.question(qid)
+      if question is None:
+        counts.skipped_questions.append(qid)
+      else:
+        columns.append((col, question, {c: i for i, c in enumerate(question.option_codes)}))
 
-        for row in rows:
-            participant = row[id_col].strip()
-            profile = profiles.get(participant)
-            counted_participant = False
-            for col, question, option_of_code in columns:
-                cell = row[col].strip() if col < len(row) else ""
-                if not cell:
-                    counts.missing_answer += 1
-                    continue
-                code = _parse_code(cell)
-                if code is None:
-                    counts.non_numeric_answer += 1
-                    continue
-                if code < 0:
-                    counts.negative_answer += 1
-                    continue
-                option = option_of_code.get(code)
-                if option is None:
-                    counts.answer_not_in_options += 1
-                    continue
-                if profile is None:
-                    counts.examples_missing_profile += 1
-                    if not counted_participant:
-                        counts.participants_missing_profile += 1
-                        counted_participant = True
-                    continue
-                counts.examples += 1
-                yield {
-                    "question_id": question.question_id,
-                    "participant_id": int(participant),
-                    "user": question.user,
-                    "profile": profile[0],
-                    "demographics": dict(profile[1]),
-                    "answer_letter": prompts.LETTERS[option],
-                    "answer_option": option,
-                    "answer_code": code,
-                    "option_codes": list(question.option_codes),
-                    "num_options": len(question.option_codes),
-                }
-        _report(self.root, split, counts)
+    for row in rows:
+      participant = row[id_col].strip()
+      profile = profiles.get(participant)
+      counted_participant = False
+      for col, question, option_of_code in columns:
+        cell = row[col].strip() if col < len(row) else ""
+        if not cell:
+          counts.missing_answer += 1
+          continue
+        code = _parse_code(cell)
+        if code is None:
+          counts.non_numeric_answer += 1
+          continue
+        if code < 0:
+          counts.negative_answer += 1
+          continue
+        option = option_of_code.get(code)
+        if option is None:
+          counts.answer_not_in_options += 1
+          continue
+        if profile is None:
+          counts.examples_missing_profile += 1
+          if not counted_participant:
+            counts.participants_missing_profile += 1
+            counted_participant = True
+          continue
+        counts.examples += 1
+        yield {
+          "question_id": question.question_id,
+          "participant_id": int(participant),
+          "user": question.user,
+          "profile": profile[0],
+          "demographics": dict(profile[1]),
+          "answer_letter": prompts.LETTERS[option],
+          "answer_option": option,
+          "answer_code": code,
+          "option_codes": list(question.option_codes),
+          "num_options": len(question.option_codes),
+        }
+    _report(self.root, split, counts)
 
 
 def _report(root: Path, split: str, counts: SkipCounts) -> None:
-    if counts.examples == 0:
-        raise ValueError(
-            f"split {split!r} of {root} has no valid (participant, value question) rows: "
-            f"{counts.as_dict()}")
-    logger.info("WVB %s split %r: %d examples; skip counts %s", root, split, counts.examples,
-                counts.as_dict())
-    if counts.skipped_examples or counts.skipped_questions:
-        logger.warning(
-            "WVB split %r: skipped %d answer cells (negative %d, non-numeric %d, not an option %d, "
-            "missing profile %d from %d participants) and %d question columns %s",
-            split, counts.skipped_examples, counts.negative_answer, counts.non_numeric_answer,
-            counts.answer_not_in_options, counts.examples_missing_profile,
-            counts.participants_missing_profile, len(counts.skipped_questions),
-            counts.skipped_questions[:10])
+  if counts.examples == 0:
+    raise ValueError(
+      f"split {split!r} of {root} has no valid (participant, value question) rows: "
+      f"{counts.as_dict()}"
+    )
+  logger.info(
+    "WVB %s split %r: %d examples; skip counts %s", root, split, counts.examples, counts.as_dict()
+  )
+  if counts.skipped_examples or counts.skipped_questions:
+    logger.warning(
+      "WVB split %r: skipped %d answer cells (negative %d, non-numeric %d, not an option %d, "
+      "missing profile %d from %d participants) and %d question columns %s",
+      split,
+      counts.skipped_examples,
+      counts.negative_answer,
+      counts.non_numeric_answer,
+      counts.answer_not_in_options,
+      counts.examples_missing_profile,
+      counts.participants_missing_profile,
+      len(counts.skipped_questions),
+      counts.skipped_questions[:10],
+    )
 
 
 def _write_tsv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    columns = list(rows[0])
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow("" if row[c] is None else row[c] for c in columns)
+  columns = list(rows[0])
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+      writer.writerow("" if row[c] is None else row[c] for c in columns)
 
 
 def write_wvb_tree(
-    root: str | Path,
-    codebook: Mapping[str, Any],
-    question_metadata: Mapping[str, Any],
-    splits: Mapping[str, tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
+  root: str | Path,
+  codebook: Mapping[str, Any],
+  question_metadata: Mapping[str, Any],
+  splits: Mapping[str, tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
 ) -> Path:
-    """Writes a manual directory in WVB's layout.
+  """Writes a manual directory in WVB's layout.
 
-    `splits` maps a split name to (demographic rows, value rows); each row is a dict whose keys
-    (the first row's, in order) are the TSV columns, starting with D_INTERVIEW; None is an
-    empty cell.
-    """
-    root = Path(root)
-    (root / CODEBOOK).parent.mkdir(parents=True, exist_ok=True)
-    for path, content in ((CODEBOOK, codebook), (QUESTION_METADATA, question_metadata)):
-        (root / path).write_text(json.dumps(content, indent=4, ensure_ascii=False),
-                                 encoding="utf-8")
-    for split, (demographic_rows, value_rows) in splits.items():
-        demographic_path, value_path = split_files(root, split)
-        demographic_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_tsv(demographic_path, demographic_rows)
-        _write_tsv(value_path, value_rows)
-    return root
+  `splits` maps a split name to (demographic rows, value rows); each row is a dict whose keys
+  (the first row's, in order) are the TSV columns, starting with D_INTERVIEW; None is an
+  empty cell.
+  """
+  root = Path(root)
+  (root / CODEBOOK).parent.mkdir(parents=True, exist_ok=True)
+  for path, content in ((CODEBOOK, codebook), (QUESTION_METADATA, question_metadata)):
+    (root / path).write_text(json.dumps(content, indent=4, ensure_ascii=False), encoding="utf-8")
+  for split, (demographic_rows, value_rows) in splits.items():
+    demographic_path, value_path = split_files(root, split)
+    demographic_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_tsv(demographic_path, demographic_rows)
+    _write_tsv(value_path, value_rows)
+  return root

@@ -137,8 +137,7 @@ class LoraExperts(nn.Module):
   def __call__(self, x: jax.Array, routing: Routing, deterministic: bool = True):
     if routing.probs.shape[-1] != self.num_experts:
       raise ValueError(
-        f"routing is over {routing.probs.shape[-1]} experts, "
-        f"num_experts is {self.num_experts}"
+        f"routing is over {routing.probs.shape[-1]} experts, num_experts is {self.num_experts}"
       )
     d_in = x.shape[-1]
     if self.shared_a:

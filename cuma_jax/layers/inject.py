@@ -29,8 +29,12 @@ from cuma_jax.layers import dispatch, routing
 from cuma_jax.layers.adapter import LoraExperts, Router
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GROUPS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "attn_out": ("o_proj",),
-          "mlp_in": ("gate_proj", "up_proj"), "mlp_out": ("down_proj",)}
+GROUPS = {
+  "attn_in": ("q_proj", "k_proj", "v_proj"),
+  "attn_out": ("o_proj",),
+  "mlp_in": ("gate_proj", "up_proj"),
+  "mlp_out": ("down_proj",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +65,10 @@ class AdapterConfig:
     object.__setattr__(self, "demographic_projection", tuple(self.demographic_projection))
     unknown = [t for t in self.targets if t not in TARGET_MODULES]
     if unknown:
-      raise ValueError(f"adapter.targets {unknown} match no projection; the projections "
-                       f"that exist are {TARGET_MODULES}")
+      raise ValueError(
+        f"adapter.targets {unknown} match no projection; the projections "
+        f"that exist are {TARGET_MODULES}"
+      )
     if self.targets:
       if self.rank < 1:
         raise ValueError(f"adapter.rank must be >= 1, got {self.rank}")
@@ -72,8 +78,10 @@ class AdapterConfig:
       if self.strategy not in dispatch.STRATEGIES:
         raise ValueError(f"adapter.strategy={self.strategy!r}; allowed: {dispatch.STRATEGIES}")
       if not self.use_router and (self.num_experts, self.top_k) != (1, 1):
-        raise ValueError("adapter.use_router=False (plain LoRA) needs num_experts=1 and "
-                         f"top_k=1, got num_experts={self.num_experts}, top_k={self.top_k}")
+        raise ValueError(
+          "adapter.use_router=False (plain LoRA) needs num_experts=1 and "
+          f"top_k=1, got num_experts={self.num_experts}, top_k={self.top_k}"
+        )
     if not self.targets and not self.prefix_length:
       raise ValueError("adapter has neither targets nor prefix_length: nothing to train")
     if self.demographic_dim < 0:
@@ -91,12 +99,16 @@ def check_demographics(adapter: AdapterConfig, demographics, batch: int):
   if not adapter.uses_demographics:
     return None
   if demographics is None:
-    raise ValueError(f"this adapter's routers read demographic embeddings of width "
-                     f"{adapter.demographic_dim}; pass demographics=[batch, "
-                     f"{adapter.demographic_dim}]")
+    raise ValueError(
+      f"this adapter's routers read demographic embeddings of width "
+      f"{adapter.demographic_dim}; pass demographics=[batch, "
+      f"{adapter.demographic_dim}]"
+    )
   if demographics.ndim != 2 or demographics.shape != (batch, adapter.demographic_dim):
-    raise ValueError(f"demographics has shape {tuple(demographics.shape)}; expected "
-                     f"(batch={batch}, demographic_dim={adapter.demographic_dim})")
+    raise ValueError(
+      f"demographics has shape {tuple(demographics.shape)}; expected "
+      f"(batch={batch}, demographic_dim={adapter.demographic_dim})"
+    )
   return demographics
 
 
@@ -118,8 +130,10 @@ def finalize_aux(per_layer_aux):
   ``balance_loss``: the sum over every router of every layer (section 3 of the spec);
   ``expert_counts``: ``{router: [layers, num_experts]}``.
   """
-  return {"balance_loss": jnp.sum(per_layer_aux["balance_loss"]),
-          "expert_counts": per_layer_aux["expert_counts"]}
+  return {
+    "balance_loss": jnp.sum(per_layer_aux["balance_loss"]),
+    "expert_counts": per_layer_aux["expert_counts"],
+  }
 
 
 class AdapterGroup(nn.Module):
@@ -142,32 +156,46 @@ class AdapterGroup(nn.Module):
     for t in targets:
       d_out, out_axis = outputs[t]
       deltas[t] = LoraExperts(
-          num_experts=cfg.num_experts, rank=cfg.rank, alpha=cfg.alpha, shared_a=cfg.shared_a,
-          dropout=cfg.dropout, strategy=cfg.strategy, in_axis=in_axis, out_axis=out_axis,
-          features=d_out, param_dtype=cfg.param_dtype, dtype=self.dtype,
-          name=f"{t}_lora")(x, routings[t], deterministic=self.deterministic)
+        num_experts=cfg.num_experts,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        shared_a=cfg.shared_a,
+        dropout=cfg.dropout,
+        strategy=cfg.strategy,
+        in_axis=in_axis,
+        out_axis=out_axis,
+        features=d_out,
+        param_dtype=cfg.param_dtype,
+        dtype=self.dtype,
+        name=f"{t}_lora",
+      )(x, routings[t], deterministic=self.deterministic)
     return deltas, aux
 
   def _route(self, x, demographics, token_mask, targets, in_axis):
     cfg = self.adapter
     if not cfg.use_router:
       fixed = routing.Routing(
-          gates=jnp.ones(x.shape[:-1] + (1,), jnp.float32),
-          experts=jnp.zeros(x.shape[:-1] + (1,), jnp.int32),
-          probs=jnp.ones(x.shape[:-1] + (1,), jnp.float32))
+        gates=jnp.ones(x.shape[:-1] + (1,), jnp.float32),
+        experts=jnp.zeros(x.shape[:-1] + (1,), jnp.int32),
+        probs=jnp.ones(x.shape[:-1] + (1,), jnp.float32),
+      )
       return {t: fixed for t in targets}, empty_aux()
     shared = cfg.share_router and len(GROUPS[self.group]) > 1
     router_keys = [self.group] if shared else targets
     by_router, losses, counts = {}, [], {}
     for key in router_keys:
-      logits = Router(num_experts=cfg.num_experts, hidden_dims=cfg.router_hidden,
-                      use_demographics=cfg.demographic_dim > 0, dropout=cfg.router_dropout,
-                      in_axis=in_axis, param_dtype=cfg.param_dtype,
-                      name=f"{key}_router")(x, demographics, deterministic=self.deterministic)
+      logits = Router(
+        num_experts=cfg.num_experts,
+        hidden_dims=cfg.router_hidden,
+        use_demographics=cfg.demographic_dim > 0,
+        dropout=cfg.router_dropout,
+        in_axis=in_axis,
+        param_dtype=cfg.param_dtype,
+        name=f"{key}_router",
+      )(x, demographics, deterministic=self.deterministic)
       r = routing.select_experts(logits, cfg.top_k, cfg.gate_mode)
       by_router[key] = r
-      losses.append(routing.balance_loss(r, token_mask, cfg.num_experts, cfg.top_k,
-                                         cfg.gate_mode))
+      losses.append(routing.balance_loss(r, token_mask, cfg.num_experts, cfg.top_k, cfg.gate_mode))
       counts[key] = routing.expert_counts(r, token_mask, cfg.num_experts)
     routings = {t: by_router[self.group if shared else t] for t in targets}
     return routings, {"balance_loss": sum(losses), "expert_counts": counts}

@@ -52,38 +52,41 @@ class ModelConfig:
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"num_attention_heads ({self.num_heads}) must be a multiple of "
-          f"num_key_value_heads ({self.num_kv_heads})")
+        f"num_attention_heads ({self.num_heads}) must be a multiple of "
+        f"num_key_value_heads ({self.num_kv_heads})"
+      )
 
   @classmethod
   def from_hf(cls, hf_config: Any) -> "ModelConfig":
     """Builds the config from a ``transformers.PretrainedConfig``."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(f"Unsupported model_type {model_type!r}; supported model types: "
-                       f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+      raise ValueError(
+        f"Unsupported model_type {model_type!r}; supported model types: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+      )
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:
       raise ValueError(f"Unsupported hidden_act {act!r}; supported: {SUPPORTED_ACTIVATIONS}")
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     return cls(
-        model_type=model_type,
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=num_heads,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
-        head_dim=head_dim,
-        rms_norm_eps=hf_config.rms_norm_eps,
-        rope=_rope_from_hf(hf_config),
-        attention_bias=bool(getattr(hf_config, "attention_bias", False)),
-        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        max_position_embeddings=hf_config.max_position_embeddings,
-        hf_config_json=hf_config.to_json_string(use_diff=True),
+      model_type=model_type,
+      vocab_size=hf_config.vocab_size,
+      hidden_size=hf_config.hidden_size,
+      intermediate_size=hf_config.intermediate_size,
+      num_layers=hf_config.num_hidden_layers,
+      num_heads=num_heads,
+      num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+      head_dim=head_dim,
+      rms_norm_eps=hf_config.rms_norm_eps,
+      rope=_rope_from_hf(hf_config),
+      attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+      mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+      qk_norm=model_type == "qwen3",
+      tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+      max_position_embeddings=hf_config.max_position_embeddings,
+      hf_config_json=hf_config.to_json_string(use_diff=True),
     )
 
   @classmethod
@@ -114,5 +117,6 @@ def _rope_from_hf(hf_config: Any) -> RopeConfig:
   if rope_type not in SUPPORTED_ROPE_TYPES:
     raise ValueError(f"Unsupported rope type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
   fields = {f.name for f in dataclasses.fields(RopeConfig)} - {"theta", "rope_type"}
-  return RopeConfig(theta=float(theta), rope_type=rope_type,
-                    **{k: v for k, v in params.items() if k in fields})
+  return RopeConfig(
+    theta=float(theta), rope_type=rope_type, **{k: v for k, v in params.items() if k in fields}
+  )

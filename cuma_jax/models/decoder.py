@@ -41,8 +41,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", _partitioned(nn.initializers.ones, (ax.NORM,)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale", _partitioned(nn.initializers.ones, (ax.NORM,)), (x.shape[-1],), self.param_dtype
+    )
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)
@@ -61,7 +62,8 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     wavelen = 2 * np.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
     smooth = (old_len / wavelen - rope.low_freq_factor) / (
-        rope.high_freq_factor - rope.low_freq_factor)
+      rope.high_freq_factor - rope.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -98,7 +100,7 @@ def dot_product_attention(q, k, v, mask, dtype):
   kv_heads = k.shape[2]
   q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (head_dim ** -0.5)
+  scores = scores * (head_dim**-0.5)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -122,15 +124,23 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x):
     n_in = len(self.in_axes)
-    kernel = self.param("kernel", _partitioned(nn.initializers.normal(0.02),
-                                               self.in_axes + self.out_axes),
-                        x.shape[-n_in:] + tuple(self.features), self.param_dtype)
+    kernel = self.param(
+      "kernel",
+      _partitioned(nn.initializers.normal(0.02), self.in_axes + self.out_axes),
+      x.shape[-n_in:] + tuple(self.features),
+      self.param_dtype,
+    )
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
-                            (contract, ((), ())))
+    y = jax.lax.dot_general(
+      x.astype(self.dtype), jnp.asarray(kernel, self.dtype), (contract, ((), ()))
+    )
     if self.use_bias:
-      bias = self.param("bias", _partitioned(nn.initializers.zeros, self.out_axes),
-                        tuple(self.features), self.param_dtype)
+      bias = self.param(
+        "bias",
+        _partitioned(nn.initializers.zeros, self.out_axes),
+        tuple(self.features),
+        self.param_dtype,
+      )
       y = y + jnp.asarray(bias, self.dtype)
     return y
 
@@ -148,8 +158,9 @@ class _Block(nn.Module):
     return RMSNorm(self.config.rms_norm_eps, self.dtype, self.param_dtype, name=name)
 
 
-def _adapted_projections(block: _Block, group: str, x, demographics, token_mask, in_axes,
-                         projections, use_bias):
+def _adapted_projections(
+  block: _Block, group: str, x, demographics, token_mask, in_axes, projections, use_bias
+):
   """Frozen projections of ``x`` plus their adapters' deltas (one router group).
 
   ``projections``: {name: (features, out_axes)}.  Adapters see ``x`` with its feature
@@ -158,15 +169,29 @@ def _adapted_projections(block: _Block, group: str, x, demographics, token_mask,
   """
   flat = x.reshape(*x.shape[:2], -1)
   deltas, aux = inject.AdapterGroup(
-      adapter=block.adapter, group=group, dtype=block.dtype,
-      deterministic=block.deterministic, name=f"adapters_{group.split('_')[1]}")(
-          flat, demographics, token_mask,
-          {n: (int(np.prod(f)), axes[0]) for n, (f, axes) in projections.items()},
-          in_axis=in_axes[0])
+    adapter=block.adapter,
+    group=group,
+    dtype=block.dtype,
+    deterministic=block.deterministic,
+    name=f"adapters_{group.split('_')[1]}",
+  )(
+    flat,
+    demographics,
+    token_mask,
+    {n: (int(np.prod(f)), axes[0]) for n, (f, axes) in projections.items()},
+    in_axis=in_axes[0],
+  )
   outputs = {}
   for name, (features, out_axes) in projections.items():
-    y = Projection(features=features, in_axes=in_axes, out_axes=out_axes, use_bias=use_bias,
-                   dtype=block.dtype, param_dtype=block.param_dtype, name=name)(x)
+    y = Projection(
+      features=features,
+      in_axes=in_axes,
+      out_axes=out_axes,
+      use_bias=use_bias,
+      dtype=block.dtype,
+      param_dtype=block.param_dtype,
+      name=name,
+    )(x)
     if name in deltas:
       y = y + deltas[name].reshape(y.shape).astype(y.dtype)
     outputs[name] = y
@@ -174,17 +199,24 @@ def _adapted_projections(block: _Block, group: str, x, demographics, token_mask,
 
 
 class Attention(_Block):
-
   @nn.compact
   def __call__(self, x, mask, positions, demographics, token_mask):
     cfg = self.config
     head = (ax.HEAD_DIM,)
     qkv, aux_in = _adapted_projections(
-        self, "attn_in", x, demographics, token_mask, (ax.EMBED,),
-        {"q_proj": ((cfg.num_heads, cfg.head_dim), (ax.HEADS,) + head),
-         "k_proj": ((cfg.num_kv_heads, cfg.head_dim), (ax.KV_HEADS,) + head),
-         "v_proj": ((cfg.num_kv_heads, cfg.head_dim), (ax.KV_HEADS,) + head)},
-        cfg.attention_bias)
+      self,
+      "attn_in",
+      x,
+      demographics,
+      token_mask,
+      (ax.EMBED,),
+      {
+        "q_proj": ((cfg.num_heads, cfg.head_dim), (ax.HEADS,) + head),
+        "k_proj": ((cfg.num_kv_heads, cfg.head_dim), (ax.KV_HEADS,) + head),
+        "v_proj": ((cfg.num_kv_heads, cfg.head_dim), (ax.KV_HEADS,) + head),
+      },
+      cfg.attention_bias,
+    )
     q, k, v = qkv["q_proj"], qkv["k_proj"], qkv["v_proj"]
     if cfg.qk_norm:
       q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
@@ -194,39 +226,65 @@ class Attention(_Block):
     out = dot_product_attention(q, k, v, mask, self.dtype)
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
     o, aux_out = _adapted_projections(
-        self, "attn_out", out, demographics, token_mask, (ax.HEADS, ax.HEAD_DIM),
-        {"o_proj": ((cfg.hidden_size,), (ax.EMBED,))}, cfg.attention_bias)
+      self,
+      "attn_out",
+      out,
+      demographics,
+      token_mask,
+      (ax.HEADS, ax.HEAD_DIM),
+      {"o_proj": ((cfg.hidden_size,), (ax.EMBED,))},
+      cfg.attention_bias,
+    )
     return o["o_proj"], inject.merge_aux(aux_in, aux_out)
 
 
 class MLP(_Block):
-
   @nn.compact
   def __call__(self, x, demographics, token_mask):
     cfg = self.config
     inner = ((cfg.intermediate_size,), (ax.MLP,))
     gate_up, aux_in = _adapted_projections(
-        self, "mlp_in", x, demographics, token_mask, (ax.EMBED,),
-        {"gate_proj": inner, "up_proj": inner}, cfg.mlp_bias)
+      self,
+      "mlp_in",
+      x,
+      demographics,
+      token_mask,
+      (ax.EMBED,),
+      {"gate_proj": inner, "up_proj": inner},
+      cfg.mlp_bias,
+    )
     h = nn.silu(gate_up["gate_proj"]) * gate_up["up_proj"]
     h = nn.with_logical_constraint(h, (ax.BATCH, ax.LENGTH, ax.MLP))
     down, aux_out = _adapted_projections(
-        self, "mlp_out", h, demographics, token_mask, (ax.MLP,),
-        {"down_proj": ((cfg.hidden_size,), (ax.EMBED,))}, cfg.mlp_bias)
+      self,
+      "mlp_out",
+      h,
+      demographics,
+      token_mask,
+      (ax.MLP,),
+      {"down_proj": ((cfg.hidden_size,), (ax.EMBED,))},
+      cfg.mlp_bias,
+    )
     return down["down_proj"], inject.merge_aux(aux_in, aux_out)
 
 
 class DecoderLayer(_Block):
-
   @nn.compact
   def __call__(self, x, mask, positions, demographics, token_mask):
-    kwargs = dict(config=self.config, adapter=self.adapter, dtype=self.dtype,
-                  param_dtype=self.param_dtype, deterministic=self.deterministic)
+    kwargs = dict(
+      config=self.config,
+      adapter=self.adapter,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      deterministic=self.deterministic,
+    )
     attn, aux_attn = Attention(**kwargs, name="self_attn")(
-        self.norm("input_layernorm")(x), mask, positions, demographics, token_mask)
+      self.norm("input_layernorm")(x), mask, positions, demographics, token_mask
+    )
     x = x + attn
     mlp, aux_mlp = MLP(**kwargs, name="mlp")(
-        self.norm("post_attention_layernorm")(x), demographics, token_mask)
+      self.norm("post_attention_layernorm")(x), demographics, token_mask
+    )
     x = nn.with_logical_constraint(x + mlp, (ax.BATCH, ax.LENGTH, ax.EMBED))
     return x, inject.merge_aux(aux_attn, aux_mlp)
 
@@ -255,8 +313,15 @@ class Decoder(nn.Module):
       raise ValueError(f"remat={self.remat!r}; allowed: {REMAT_POLICIES}")
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, positions=None, demographics=None,
-               deterministic: bool = True, logit_indices=None):
+  def __call__(
+    self,
+    input_ids,
+    attention_mask=None,
+    positions=None,
+    demographics=None,
+    deterministic: bool = True,
+    logit_indices=None,
+  ):
     """``logit_indices`` [batch, K]: score only these positions (the supervised tokens or
     the last prompt position), so the [batch, length, vocab] logits are never formed."""
     self.setup_check()
@@ -270,13 +335,16 @@ class Decoder(nn.Module):
       demographics = inject.check_demographics(self.adapter, demographics, batch)
       if demographics is not None and self.adapter.demographic_projection:
         demographics = DemographicProjection(
-            self.adapter.demographic_projection, self.adapter.param_dtype,
-            name="adapters_demographic")(demographics)
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                     param_dtype=self.param_dtype,
-                     embedding_init=_partitioned(nn.initializers.normal(0.02),
-                                                 (ax.VOCAB, ax.EMBED)),
-                     name="embed_tokens")
+          self.adapter.demographic_projection, self.adapter.param_dtype, name="adapters_demographic"
+        )(demographics)
+    embed = nn.Embed(
+      cfg.vocab_size,
+      cfg.hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      embedding_init=_partitioned(nn.initializers.normal(0.02), (ax.VOCAB, ax.EMBED)),
+      name="embed_tokens",
+    )
     x = nn.with_logical_constraint(embed(input_ids), (ax.BATCH, ax.LENGTH, ax.EMBED))
     prefix_len = self.adapter.prefix_length if self.adapter is not None else 0
     mask = build_attention_mask(attention_mask, length, length, prefix_len)
@@ -290,9 +358,13 @@ class Decoder(nn.Module):
       out = embed.attend(x).astype(jnp.float32)
     else:
       out = nn.DenseGeneral(
-          cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=_partitioned(nn.initializers.normal(0.02), (ax.EMBED, ax.VOCAB)),
-          name="lm_head")(x).astype(jnp.float32)
+        cfg.vocab_size,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=_partitioned(nn.initializers.normal(0.02), (ax.EMBED, ax.VOCAB)),
+        name="lm_head",
+      )(x).astype(jnp.float32)
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.VOCAB))
     if self.adapter is None:
       return out
@@ -300,23 +372,32 @@ class Decoder(nn.Module):
 
   def _layers(self, x, mask, positions, demographics, token_mask, deterministic):
     cfg = self.config
-    kwargs = dict(config=cfg, adapter=self.adapter, dtype=self.dtype,
-                  param_dtype=self.param_dtype, deterministic=deterministic)
+    kwargs = dict(
+      config=cfg,
+      adapter=self.adapter,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      deterministic=deterministic,
+    )
     # A layer maps (x, *broadcast) -> (x, aux): exactly nn.scan's (carry, ys) contract.
     layer_cls = DecoderLayer
     if self.remat != "none":
-      policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-                if self.remat == "dots" else None)
+      policy = (
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if self.remat == "dots" else None
+      )
       layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not self.scan_layers)
     if self.scan_layers:
       scanned = nn.scan(
-          layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: ax.LAYERS})
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * 4,
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+      )
       return scanned(**kwargs, name="layers")(x, mask, positions, demographics, token_mask)
     per_layer = []
     for i in range(cfg.num_layers):
-      x, aux = layer_cls(**kwargs, name=f"layers_{i}")(
-          x, mask, positions, demographics, token_mask)
+      x, aux = layer_cls(**kwargs, name=f"layers_{i}")(x, mask, positions, demographics, token_mask)
       per_layer.append(aux)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else {}

@@ -42,13 +42,20 @@ def pool(hidden, mask, mode: str):
 class DemographicEncoder:
   """Encodes profile strings with a frozen hidden-states decoder, caching by string."""
 
-  def __init__(self, module, params, tokenizer, *, pooling: str = "mean",
-               max_length: int = 128, batch_size: int = 64):
+  def __init__(
+    self,
+    module,
+    params,
+    tokenizer,
+    *,
+    pooling: str = "mean",
+    max_length: int = 128,
+    batch_size: int = 64,
+  ):
     if pooling not in POOLING_MODES:
       raise ValueError(f"pooling={pooling!r}; allowed: {POOLING_MODES}")
     if module.output != "hidden_states":
-      raise ValueError("the demographic encoder needs a decoder built with "
-                       "output='hidden_states'")
+      raise ValueError("the demographic encoder needs a decoder built with output='hidden_states'")
     self.module, self.params, self.tokenizer = module, params, tokenizer
     self.pooling, self.max_length, self.batch_size = pooling, max_length, batch_size
     self.dim = module.config.hidden_size
@@ -70,7 +77,7 @@ class DemographicEncoder:
     """[len(texts), dim] float32; strings already seen are not encoded again."""
     todo = sorted({t for t in texts if t not in self._cache})
     for start in range(0, len(todo), self.batch_size):
-      chunk = todo[start:start + self.batch_size]
+      chunk = todo[start : start + self.batch_size]
       ids, mask = self._tokenize(chunk)
       vectors = np.asarray(self._encode(self.params, ids, mask))
       self._cache.update(zip(chunk, vectors))
@@ -79,8 +86,7 @@ class DemographicEncoder:
     return np.stack([self._cache[t] for t in texts]).astype(np.float32)
 
   def _tokenize(self, texts):
-    encoded = [self.tokenizer.encode(t, add_special_tokens=True)[:self.max_length]
-               for t in texts]
+    encoded = [self.tokenizer.encode(t, add_special_tokens=True)[: self.max_length] for t in texts]
     longest = max(len(e) for e in encoded)
     # Unmasked mean depends on the padded length, so it keeps the batch's longest exactly;
     # the other modes round up to a multiple of 16 to reuse compiled shapes.
@@ -90,8 +96,8 @@ class DemographicEncoder:
     ids = np.full((len(texts), length), pad, np.int32)
     mask = np.zeros((len(texts), length), np.int32)
     for row, e in enumerate(encoded):
-      ids[row, :len(e)] = e
-      mask[row, :len(e)] = 1
+      ids[row, : len(e)] = e
+      mask[row, : len(e)] = 1
     return ids, mask
 
 
@@ -110,14 +116,20 @@ class DemographicProjection(nn.Module):
     z = z.astype(jnp.float32)
     for i, width in enumerate(self.features):
       last = i == len(self.features) - 1
-      init = (nn.initializers.variance_scaling(0.01 ** 2, "fan_avg", "normal") if last
-              else nn.initializers.lecun_normal())
+      init = (
+        nn.initializers.variance_scaling(0.01**2, "fan_avg", "normal")
+        if last
+        else nn.initializers.lecun_normal()
+      )
       in_axis = ax.DEMO if i == 0 else ax.ROUTER_HIDDEN
-      z = nn.Dense(width, dtype=jnp.float32, param_dtype=self.param_dtype,
-                   kernel_init=nn.with_logical_partitioning(init, (in_axis, ax.ROUTER_HIDDEN)),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                          (ax.ROUTER_HIDDEN,)),
-                   name=f"dense_{i}")(z)
+      z = nn.Dense(
+        width,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(init, (in_axis, ax.ROUTER_HIDDEN)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (ax.ROUTER_HIDDEN,)),
+        name=f"dense_{i}",
+      )(z)
       if not last:
         z = nn.relu(z)
     return z
@@ -134,8 +146,10 @@ class PrecomputedEncoder:
     with np.load(path, allow_pickle=False) as data:
       profiles, embeddings = data["profiles"], np.asarray(data["embeddings"], np.float32)
     if embeddings.ndim != 2 or len(profiles) != len(embeddings):
-      raise ValueError(f"{path}: 'embeddings' must be [len(profiles), d], got "
-                       f"{embeddings.shape} for {len(profiles)} profiles")
+      raise ValueError(
+        f"{path}: 'embeddings' must be [len(profiles), d], got "
+        f"{embeddings.shape} for {len(profiles)} profiles"
+      )
     self.path = os.fspath(path)
     self.dim = embeddings.shape[1]
     self._table = dict(zip(profiles.tolist(), embeddings))
@@ -143,7 +157,9 @@ class PrecomputedEncoder:
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     missing = [t for t in texts if t not in self._table]
     if missing:
-      raise KeyError(f"{self.path} has no embedding for profile {missing[0]!r} "
-                     f"({len(missing)} missing)")
-    return np.stack([self._table[t] for t in texts]) if texts else np.zeros((0, self.dim),
-                                                                            np.float32)
+      raise KeyError(
+        f"{self.path} has no embedding for profile {missing[0]!r} ({len(missing)} missing)"
+      )
+    return (
+      np.stack([self._table[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+    )

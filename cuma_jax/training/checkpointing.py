@@ -12,20 +12,25 @@ import json
 import os
 from typing import Any
 
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
 from cuma_jax.checkpoints.safetensors_io import write_safetensors
 
 # Keys whose change makes an existing checkpoint belong to another experiment; the
 # per-step RNG is derived from ``seed`` and the step, so it needs no saving of its own.
-IDENTITY_KEYS = ("method", "ablation", "model", "encoder", "adapter", "trainable", "data",
-                 "seed")
+IDENTITY_KEYS = ("method", "ablation", "model", "encoder", "adapter", "trainable", "data", "seed")
 # Under IDENTITY_KEYS but free to change on resume: where files live, and memory knobs.
-RELOCATABLE_KEYS = ("model.checkpoint", "encoder.checkpoint", "encoder.precomputed",
-                    "data.data_dir", "data.manual_dir", "model.remat")
+RELOCATABLE_KEYS = (
+  "model.checkpoint",
+  "encoder.checkpoint",
+  "encoder.precomputed",
+  "data.data_dir",
+  "data.manual_dir",
+  "model.remat",
+)
 
 
 class CheckpointConfigMismatch(ValueError):
@@ -47,8 +52,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   """Dotted keys under IDENTITY_KEYS whose values differ between two config dicts."""
   a = _flatten({k: saved.get(k) for k in IDENTITY_KEYS})
   b = _flatten({k: current.get(k) for k in IDENTITY_KEYS})
-  return sorted(k for k in set(a) | set(b)
-                if a.get(k) != b.get(k) and k not in RELOCATABLE_KEYS)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RELOCATABLE_KEYS)
 
 
 def config_to_json(config) -> dict:
@@ -63,10 +67,12 @@ class TrainCheckpoints:
     self.directory = os.path.abspath(directory)
     self.config_json = config_json
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                             enable_async_checkpointing=True),
-        item_names=("state", "data", "config"))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=True
+      ),
+      item_names=("state", "data", "config"),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -76,18 +82,29 @@ class TrainCheckpoints:
     differences = config_differences(saved["config"], self.config_json)
     if differences:
       raise CheckpointConfigMismatch(
-          f"{self.directory} holds checkpoints of another config (step {step}); these keys "
-          f"differ: {differences}. Use a new --workdir or restore the original config.")
+        f"{self.directory} holds checkpoints of another config (step {step}); these keys "
+        f"differ: {differences}. Use a new --workdir or restore the original config."
+      )
 
   def save(self, step: int, state: dict, data_state: Any, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(self.config_json)), force=force)
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(self.config_json),
+      ),
+      force=force,
+    )
 
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, Any]:
     self.check_config(step)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+      ),
+    )
     return restored["state"], restored["data"]
 
   def wait(self) -> None:
@@ -104,8 +121,10 @@ def export_adapters(trainable, adapter_config: dict, directory: str) -> str:
   """
   os.makedirs(directory, exist_ok=True)
   flat = traverse_util.flatten_dict(jax.device_get(trainable))
-  write_safetensors(os.path.join(directory, "adapters.safetensors"),
-                    (("/".join(path), np.asarray(value)) for path, value in sorted(flat.items())))
+  write_safetensors(
+    os.path.join(directory, "adapters.safetensors"),
+    (("/".join(path), np.asarray(value)) for path, value in sorted(flat.items())),
+  )
   with open(os.path.join(directory, "adapter_config.json"), "w") as f:
     json.dump(adapter_config, f, indent=2, sort_keys=True)
   return directory

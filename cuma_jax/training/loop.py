@@ -17,9 +17,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from cuma_jax import sharding
@@ -52,8 +53,17 @@ def total_steps(config, examples_per_epoch: int) -> int:
   return max(config.train.num_epochs * batches // config.optim.accumulation_steps, 1)
 
 
-def train(config, workdir: str, module, params, train_dataset, *, num_steps: int,
-          demographic_table=None, log=print) -> TrainResult:
+def train(
+  config,
+  workdir: str,
+  module,
+  params,
+  train_dataset,
+  *,
+  num_steps: int,
+  demographic_table=None,
+  log=print,
+) -> TrainResult:
   """Trains ``module``'s trainable parameters; resumes from ``workdir`` when it has a checkpoint.
 
   ``train_dataset`` is an (infinitely repeating) grain IterDataset of numpy batches;
@@ -71,21 +81,28 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
   del params
 
   trainable_sh, frozen_sh = partition(
-      sharding.param_shardings(abstract_params(module), mesh, rules), config.trainable)
+    sharding.param_shardings(abstract_params(module), mesh, rules), config.trainable
+  )
   trainable = jax.device_put(trainable, trainable_sh)
   frozen = jax.device_put(frozen, frozen_sh)
   replicated = NamedSharding(mesh, P())
   # Moments take their parameter's sharding; everything else (step counts) is replicated.
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, trainable),
-                                 trainable_sh, transform_non_params=lambda _: replicated)
+  opt_sh = optax.tree_map_params(
+    tx,
+    lambda _, sh: sh,
+    jax.eval_shape(tx.init, trainable),
+    trainable_sh,
+    transform_non_params=lambda _: replicated,
+  )
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
   batch_sh = sharding.logical_sharding(mesh, (sharding.BATCH,), rules)
   table = None
   if demographic_table is not None:
     table = jax.device_put(jnp.asarray(demographic_table, jnp.float32), replicated)
 
-  step_fn = make_train_step(module, tx, lambda_aux=config.optim.lambda_aux,
-                            label_smoothing=config.optim.label_smoothing)
+  step_fn = make_train_step(
+    module, tx, lambda_aux=config.optim.lambda_aux, label_smoothing=config.optim.label_smoothing
+  )
 
   def full_step(trainable, frozen, opt_state, table, batch, rng):
     z = demographics_for(table, batch)
@@ -93,14 +110,18 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = jax.jit(
-        full_step,
-        in_shardings=(trainable_sh, frozen_sh, opt_sh, replicated, batch_sh, replicated),
-        out_shardings=(trainable_sh, opt_sh, replicated), donate_argnums=(0, 2))
+      full_step,
+      in_shardings=(trainable_sh, frozen_sh, opt_sh, replicated, batch_sh, replicated),
+      out_shardings=(trainable_sh, opt_sh, replicated),
+      donate_argnums=(0, 2),
+    )
 
   ckpt = checkpointing.TrainCheckpoints(
-      os.path.join(workdir, "checkpoints"), save_every=config.train.checkpoint_every,
-      keep=config.train.keep_checkpoints,
-      config_json=checkpointing.config_to_json(config))
+    os.path.join(workdir, "checkpoints"),
+    save_every=config.train.checkpoint_every,
+    keep=config.train.keep_checkpoints,
+    config_json=checkpointing.config_to_json(config),
+  )
   iterator = iter(train_dataset)
   base_rng = jax.random.PRNGKey(config.seed)
   start = 0
@@ -112,8 +133,14 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
     log(f"resumed from {ckpt.directory} at step {start}")
 
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  bar = tqdm(total=steps, initial=start, disable=not config.train.progress_bar,
-             desc="train", unit="step", dynamic_ncols=True)
+  bar = tqdm(
+    total=steps,
+    initial=start,
+    disable=not config.train.progress_bar,
+    desc="train",
+    unit="step",
+    dynamic_ncols=True,
+  )
   losses = []
   last_good = latest
   tokens_seen, t0 = 0, time.perf_counter()
@@ -132,8 +159,9 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
       if not math.isfinite(loss) or not all(map(math.isfinite, grad_norms)):
         ckpt.wait()
         raise NonFiniteLoss(
-            f"loss {loss}, gradient norms {grad_norms} at step {step + 1}; stopping. The last "
-            f"good checkpoint (step {last_good}) in {ckpt.directory} is intact.")
+          f"loss {loss}, gradient norms {grad_norms} at step {step + 1}; stopping. The last "
+          f"good checkpoint (step {last_good}) in {ckpt.directory} is intact."
+        )
       losses.append(loss)
       done = step + 1
       if ckpt.save(done, _state(trainable, opt_state, done), iterator.get_state()):
@@ -143,14 +171,17 @@ def train(config, workdir: str, module, params, train_dataset, *, num_steps: int
       if done % config.train.log_every == 0 or done == steps:
         elapsed = time.perf_counter() - t0
         scalars = {
-            "loss": loss,
-            "task_loss": float(np.mean([float(m["task_loss"]) for m in accumulated])),
-            "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
-            "grad_norm": max(grad_norms),  # Before clipping; the largest micro-batch's.
-            "learning_rate": float(schedule(step)),
-            "tokens_per_second": tokens_seen / max(elapsed, 1e-9)}  # Non-padding tokens.
-        usage = {k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
-                 for k, v in accumulated[-1]["expert_counts"].items()}
+          "loss": loss,
+          "task_loss": float(np.mean([float(m["task_loss"]) for m in accumulated])),
+          "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
+          "grad_norm": max(grad_norms),  # Before clipping; the largest micro-batch's.
+          "learning_rate": float(schedule(step)),
+          "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
+        }  # Non-padding tokens.
+        usage = {
+          k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
+          for k, v in accumulated[-1]["expert_counts"].items()
+        }
         writer.write(done, scalars, usage)
         tokens_seen, t0 = 0, time.perf_counter()
   finally:
@@ -170,9 +201,10 @@ def _state(trainable, opt_state, step: int) -> dict:
 
 
 def _abstract(trainable, opt_state) -> dict:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      _state(trainable, opt_state, 0))
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+    _state(trainable, opt_state, 0),
+  )
 
 
 def abstract_state(config, trainable) -> dict:
@@ -184,8 +216,11 @@ def abstract_state(config, trainable) -> dict:
 def _device_batch(batch: dict, batch_sh) -> dict:
   supervised = int(np.max(batch["loss_mask"].sum(-1)))
   if supervised > MAX_TARGETS:
-    raise ValueError(f"an example supervises {supervised} tokens; at most {MAX_TARGETS} are "
-                     "supported (answer letter + end-of-turn)")
+    raise ValueError(
+      f"an example supervises {supervised} tokens; at most {MAX_TARGETS} are "
+      "supported (answer letter + end-of-turn)"
+    )
   # Each process holds its own shard of the global batch (grain shards by process).
-  return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
-          for k in BATCH_KEYS}
+  return {
+    k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k])) for k in BATCH_KEYS
+  }

@@ -26,16 +26,16 @@ class MetricWriter:
     self._jsonl = open(self.path, "a", buffering=1)
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
-  def write(self, step: int, scalars: dict[str, float],
-            expert_usage: dict[str, np.ndarray] | None = None) -> None:
+  def write(
+    self, step: int, scalars: dict[str, float], expert_usage: dict[str, np.ndarray] | None = None
+  ) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     for key, value in scalars.items():
       self._tb.add_scalar(key, float(value), step)
     if expert_usage:
-      record["expert_usage"] = {k: np.asarray(v).round(6).tolist()
-                                for k, v in expert_usage.items()}
+      record["expert_usage"] = {k: np.asarray(v).round(6).tolist() for k, v in expert_usage.items()}
       for router, usage in expert_usage.items():
         usage = np.asarray(usage, np.float64)
         self._tb.add_histogram(f"expert_usage/{router}", usage.reshape(-1), step)

@@ -33,9 +33,15 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
   chain = []
   if optim.grad_clip:
     chain.append(optax.clip_by_global_norm(optim.grad_clip))
-  chain.append(optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1,
-                           b2=optim.b2, weight_decay=optim.weight_decay,
-                           mask=_decayed))
+  chain.append(
+    optax.adamw(
+      learning_rate_schedule(optim, total_steps),
+      b1=optim.b1,
+      b2=optim.b2,
+      weight_decay=optim.weight_decay,
+      mask=_decayed,
+    )
+  )
   tx = optax.chain(*chain)
   if optim.accumulation_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim.accumulation_steps)

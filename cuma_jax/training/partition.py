@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from cuma_jax.api import is_adapter_path
 
@@ -34,8 +34,9 @@ def partition(tree, mode: str = "adapters"):
   return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
 
-def split_params(params, mode: str = "adapters", *, trainable_dtype: Any = jnp.float32,
-                 frozen_dtype: Any = None):
+def split_params(
+  params, mode: str = "adapters", *, trainable_dtype: Any = jnp.float32, frozen_dtype: Any = None
+):
   """Returns ``(trainable, frozen)`` nested dicts whose union is ``params``."""
   trainable, frozen = partition(params, mode)
   cast = lambda dtype: (lambda x: x.astype(dtype)) if dtype else (lambda x: x)

@@ -69,8 +69,10 @@ class Cases:
     self.rng = np.random.default_rng(seed)
     self.x = _random(self.rng, (1, tokens, D_MODEL))
     self.z = _random(self.rng, (1, D_DEMO))
-    self.frozen = {"q": _random(self.rng, (D_MODEL, D_Q), 0.02),
-                   "v": _random(self.rng, (D_MODEL, D_V), 0.02)}
+    self.frozen = {
+      "q": _random(self.rng, (D_MODEL, D_Q), 0.02),
+      "v": _random(self.rng, (D_MODEL, D_V), 0.02),
+    }
     self.cot = {"q": _random(self.rng, (1, tokens, D_Q)), "v": _random(self.rng, (1, tokens, D_V))}
 
   def _case(self, fn, params, targets, balance_weight=None):
@@ -87,22 +89,35 @@ class Cases:
     return self._case(fn, {}, targets)
 
   def lora(self):
-    params = {"a": _random(self.rng, (D_MODEL, RANK), 0.01), "b": _random(self.rng, (RANK, D_Q), 0.01)}
+    params = {
+      "a": _random(self.rng, (D_MODEL, RANK), 0.01),
+      "b": _random(self.rng, (RANK, D_Q), 0.01),
+    }
     fn = lambda x, p, w, z: {"q": x @ w["q"] + (ALPHA / RANK) * ((x @ p["a"]) @ p["b"])}
     return self._case(fn, params, ("q",))
 
   def _group(self, targets, strategy, num_experts):
     """The decoder's adapter block for the attention input: one router shared by q and v."""
     adapter = AdapterConfig(
-        targets=tuple(f"{t}_proj" for t in targets), rank=RANK, alpha=ALPHA,
-        num_experts=num_experts, top_k=TOP_K, shared_a=True, router_hidden=ROUTER_HIDDEN,
-        demographic_dim=D_DEMO, share_router=True, gate_mode="reference", strategy=strategy)
-    group = AdapterGroup(adapter=adapter, group="attn_in", dtype=jnp.float32,
-                         deterministic=True)
-    outputs = {f"{t}_proj": ({"q": D_Q, "v": D_V}[t], {"q": HEADS, "v": KV_HEADS}[t])
-               for t in targets}
+      targets=tuple(f"{t}_proj" for t in targets),
+      rank=RANK,
+      alpha=ALPHA,
+      num_experts=num_experts,
+      top_k=TOP_K,
+      shared_a=True,
+      router_hidden=ROUTER_HIDDEN,
+      demographic_dim=D_DEMO,
+      share_router=True,
+      gate_mode="reference",
+      strategy=strategy,
+    )
+    group = AdapterGroup(adapter=adapter, group="attn_in", dtype=jnp.float32, deterministic=True)
+    outputs = {
+      f"{t}_proj": ({"q": D_Q, "v": D_V}[t], {"q": HEADS, "v": KV_HEADS}[t]) for t in targets
+    }
     params = jax.jit(lambda key: group.init(key, self.x[:, :1], self.z, None, outputs, EMBED))(
-        jax.random.PRNGKey(0))["params"]
+      jax.random.PRNGKey(0)
+    )["params"]
     params = _randomise(nn.unbox(params), self.rng)
 
     def deltas(x, p, z):
@@ -177,14 +192,27 @@ def main():
     parser.error("--repeats must be >= 5")
 
   c = Cases(args.tokens)
-  auto = resolve_strategy("auto", backend=jax.default_backend(), num_tokens=args.tokens,
-                          num_experts=EXPERTS, rank=RANK, top_k=TOP_K)
+  auto = resolve_strategy(
+    "auto",
+    backend=jax.default_backend(),
+    num_tokens=args.tokens,
+    num_experts=EXPERTS,
+    rank=RANK,
+    top_k=TOP_K,
+  )
   groups = [
-      {"base_q": c.base(("q",)), "lora_q": c.lora(), "cuma_q_auto": c.cuma(("q",), "auto"),
-       "cuma_q_dense": c.cuma(("q",), "dense"), "cuma_q_ragged": c.cuma(("q",), "ragged")},
-      {"base_qv": c.base(("q", "v")), "cuma_qv": c.cuma(("q", "v"), "auto")},
-      *({f"adapter_{s}_e{n}": c.adapter_only(s, n) for n in SWEEP_EXPERTS}
-        for s in ("dense", "ragged")),
+    {
+      "base_q": c.base(("q",)),
+      "lora_q": c.lora(),
+      "cuma_q_auto": c.cuma(("q",), "auto"),
+      "cuma_q_dense": c.cuma(("q",), "dense"),
+      "cuma_q_ragged": c.cuma(("q",), "ragged"),
+    },
+    {"base_qv": c.base(("q", "v")), "cuma_qv": c.cuma(("q", "v"), "auto")},
+    *(
+      {f"adapter_{s}_e{n}": c.adapter_only(s, n) for n in SWEEP_EXPERTS}
+      for s in ("dense", "ragged")
+    ),
   ]
   times = {}
   for group in groups:
@@ -193,26 +221,26 @@ def main():
   f = functools.partial(flops, args.tokens)
   adapter_flops = lambda n, run: f(("q",), "cuma", run, n) - f(("q",), None)
   result = {
-      "backend": jax.default_backend(),
-      "dtype": "float32",
-      "tokens": args.tokens,
-      "repeats": args.repeats,
-      "auto_strategy": auto,
-      "cuma_over_base_q": ratio(times, "cuma_q_auto", "base_q"),
-      "cuma_dense_over_base_q": ratio(times, "cuma_q_dense", "base_q"),
-      "cuma_ragged_over_base_q": ratio(times, "cuma_q_ragged", "base_q"),
-      "cuma_over_base_qv": ratio(times, "cuma_qv", "base_qv"),
-      "lora_over_base_q": ratio(times, "lora_q", "base_q"),
-      "ragged_e64_over_e8": ratio(times, "adapter_ragged_e64", "adapter_ragged_e8"),
-      "dense_e64_over_e8": ratio(times, "adapter_dense_e64", "adapter_dense_e8"),
-      "cuma_over_base_q_floor": f(("q",), "cuma") / f(("q",), None),
-      "cuma_over_base_q_dense_floor": f(("q",), "cuma", EXPERTS) / f(("q",), None),
-      "cuma_over_base_qv_floor": f(("q", "v"), "cuma") / f(("q", "v"), None),
-      "cuma_over_base_qv_dense_floor": f(("q", "v"), "cuma", EXPERTS) / f(("q", "v"), None),
-      "lora_over_base_q_floor": f(("q",), "lora") / f(("q",), None),
-      "ragged_e64_over_e8_floor": adapter_flops(64, TOP_K) / adapter_flops(8, TOP_K),
-      "dense_e64_over_e8_floor": adapter_flops(64, 64) / adapter_flops(8, 8),
-      "ms": {name: statistics.median(ts) for name, ts in times.items()},
+    "backend": jax.default_backend(),
+    "dtype": "float32",
+    "tokens": args.tokens,
+    "repeats": args.repeats,
+    "auto_strategy": auto,
+    "cuma_over_base_q": ratio(times, "cuma_q_auto", "base_q"),
+    "cuma_dense_over_base_q": ratio(times, "cuma_q_dense", "base_q"),
+    "cuma_ragged_over_base_q": ratio(times, "cuma_q_ragged", "base_q"),
+    "cuma_over_base_qv": ratio(times, "cuma_qv", "base_qv"),
+    "lora_over_base_q": ratio(times, "lora_q", "base_q"),
+    "ragged_e64_over_e8": ratio(times, "adapter_ragged_e64", "adapter_ragged_e8"),
+    "dense_e64_over_e8": ratio(times, "adapter_dense_e64", "adapter_dense_e8"),
+    "cuma_over_base_q_floor": f(("q",), "cuma") / f(("q",), None),
+    "cuma_over_base_q_dense_floor": f(("q",), "cuma", EXPERTS) / f(("q",), None),
+    "cuma_over_base_qv_floor": f(("q", "v"), "cuma") / f(("q", "v"), None),
+    "cuma_over_base_qv_dense_floor": f(("q", "v"), "cuma", EXPERTS) / f(("q", "v"), None),
+    "lora_over_base_q_floor": f(("q",), "lora") / f(("q",), None),
+    "ragged_e64_over_e8_floor": adapter_flops(64, TOP_K) / adapter_flops(8, TOP_K),
+    "dense_e64_over_e8_floor": adapter_flops(64, 64) / adapter_flops(8, 8),
+    "ms": {name: statistics.median(ts) for name, ts in times.items()},
   }
   if args.json:
     print(json.dumps(result, sort_keys=True))
