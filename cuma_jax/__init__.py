@@ -1,5 +1,21 @@
-"""cuma_jax: CuMA (Cultural Mixture of Adapters) in JAX/Flax."""
+"""cuma_jax: CuMA (Cultural Mixture of Adapters) in JAX/Flax.
 
-from cuma_jax.api import load_pretrained, load_tokenizer, save_pretrained
+``import cuma_jax`` is cheap: the names of :mod:`cuma_jax.api` are imported on first use.
+"""
 
-__all__ = ["load_pretrained", "load_tokenizer", "save_pretrained"]
+import importlib
+
+__all__ = [
+  "build_decoder",
+  "experiment_config",
+  "load_pretrained",
+  "load_tokenizer",
+  "run",
+  "save_pretrained",
+]
+
+
+def __getattr__(name):
+  if name in __all__:
+    return getattr(importlib.import_module("cuma_jax.api"), name)
+  raise AttributeError(f"module 'cuma_jax' has no attribute {name!r}")

@@ -1,146 +1,25 @@
-"""Public entry points: build a decoder from a checkpoint directory, export it back."""
+"""The library API a script or notebook lives on (the top of the package).
+
+Loading a backbone, running the experiment a config describes, and getting a trained
+workdir back as objects, without the command line.
+"""
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from cuma_jax.job import run
+from cuma_jax.models.pretrained import (
+  build_decoder,
+  load_pretrained,
+  load_tokenizer,
+  save_pretrained,
+)
+from cuma_jax.presets import experiment_config
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
-from cuma_jax.checkpoints import hf
-from cuma_jax.layers.inject import AdapterConfig
-from cuma_jax.models.config import ModelConfig
-from cuma_jax.models.decoder import Decoder
-
-
-def build_decoder(
-  config: ModelConfig,
-  *,
-  dtype=jnp.float32,
-  param_dtype=None,
-  scan_layers: bool = False,
-  remat: str = "none",
-  output: str = "logits",
-  adapter: AdapterConfig | None = None,
-) -> Decoder:
-  return Decoder(
-    config=config,
-    dtype=dtype,
-    param_dtype=param_dtype or dtype,
-    scan_layers=scan_layers,
-    remat=remat,
-    output=output,
-    adapter=adapter,
-  )
-
-
-def dummy_inputs(module: Decoder, batch: int = 1, length: int = 2) -> dict[str, Any]:
-  """Arguments that trace ``module`` (for init and ``eval_shape``)."""
-  inputs = {"input_ids": jnp.zeros((batch, length), jnp.int32)}
-  if module.adapter is not None and module.adapter.uses_demographics:
-    inputs["demographics"] = jnp.zeros((batch, module.adapter.demographic_dim), jnp.float32)
-  return inputs
-
-
-def abstract_params(module: Decoder):
-  """Boxed (logically partitioned) parameter shapes, without allocating anything."""
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), **dummy_inputs(module)))["params"]
-
-
-def is_adapter_path(path: tuple[str, ...]) -> bool:
-  """Adapter parameters (LoRA experts, routers, prefixes) vs the frozen backbone."""
-  return any(k.startswith("adapters_") or k.startswith("prefix_") for k in path)
-
-
-def init_adapter_params(module: Decoder, rng) -> dict:
-  """Initialises only the adapter parameters (XLA drops the unused backbone init)."""
-
-  def init(key):
-    params = nn.unbox(module.init(key, **dummy_inputs(module))["params"])
-    return _filter(params, keep=is_adapter_path)
-
-  return jax.jit(init)(rng)
-
-
-def _filter(tree, keep, prefix=()):
-  out = {}
-  for key, value in tree.items():
-    path = prefix + (key,)
-    if isinstance(value, dict):
-      sub = _filter(value, keep, path)
-      if sub:
-        out[key] = sub
-    elif keep(path):
-      out[key] = value
-  return out
-
-
-def merge_trees(a: dict, b: dict) -> dict:
-  """Recursive union of two disjoint parameter trees."""
-  out = dict(a)
-  for key, value in b.items():
-    if key in out and isinstance(value, dict):
-      out[key] = merge_trees(out[key], value)
-    elif key in out:
-      raise ValueError(f"parameter {key!r} present in both trees")
-    else:
-      out[key] = value
-  return out
-
-
-def load_pretrained(
-  path: str | os.PathLike,
-  dtype=jnp.float32,
-  *,
-  param_dtype=None,
-  scan_layers: bool = False,
-  remat: str = "none",
-  output: str = "logits",
-  adapter: AdapterConfig | None = None,
-  rng=None,
-):
-  """Loads a local Hugging Face Qwen3 / Llama checkpoint.
-
-  Returns ``(module, params)``: ``module.apply({"params": params}, input_ids,
-  attention_mask=mask)`` gives float32 logits [batch, length, vocab] (with ``adapter``:
-  ``(logits, aux)``, and ``demographics=`` when its routers read them).  ``dtype`` is the
-  compute dtype, ``param_dtype`` (default: ``dtype``) the dtype the weights are cast to.
-  With ``adapter``, freshly initialised adapter parameters (from ``rng``) are merged in.
-  """
-  config = ModelConfig.from_pretrained(path)
-  module = build_decoder(
-    config,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    scan_layers=scan_layers,
-    remat=remat,
-    output=output,
-    adapter=adapter,
-  )
-  backbone_module = module.clone(adapter=None)
-  shapes = nn.unbox(abstract_params(backbone_module))
-  params = hf.import_params(
-    path, config, shapes, output=output, scan_layers=scan_layers, dtype=module.param_dtype
-  )
-  params = jax.tree.map(jnp.asarray, params)
-  if adapter is not None:
-    rng = jax.random.key(0) if rng is None else rng
-    params = merge_trees(params, init_adapter_params(module, rng))
-  return module, params
-
-
-def save_pretrained(module: Decoder, params, path: str | os.PathLike, dtype=None) -> None:
-  """Writes the backbone back as a Hugging Face checkpoint (adapters are not merged)."""
-  backbone = _filter(params, keep=lambda p: not is_adapter_path(p))
-  hf.export_params(
-    backbone, module.config, path, output=module.output, scan_layers=module.scan_layers, dtype=dtype
-  )
-
-
-def load_tokenizer(path: str | os.PathLike):
-  """The checkpoint directory's tokenizer (chat template included), never remote code."""
-  import transformers
-
-  return transformers.AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=False)
+__all__ = [
+  "build_decoder",
+  "experiment_config",
+  "load_pretrained",
+  "load_tokenizer",
+  "run",
+  "save_pretrained",
+]

@@ -1,6 +1,6 @@
 """Runs one experiment: ``python -m cuma_jax.main --config=configs/cuma.py:demo --workdir=DIR``.
 
-Thin on purpose: the work is in :mod:`cuma_jax.experiment`, importable from notebooks.
+Thin on purpose: the work is in :mod:`cuma_jax.job`, importable from notebooks.
 """
 
 import logging
@@ -9,7 +9,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from cuma_jax import experiment
+from cuma_jax import job
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -33,7 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  job.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import os
 import ml_collections
 
 from cuma_jax import sharding
+from cuma_jax.encoders import POOLING_MODES
 from cuma_jax.layers import dispatch, routing
-from cuma_jax.layers.inject import TARGET_MODULES, AdapterConfig
+from cuma_jax.layers.adapter_config import TARGET_MODULES, AdapterConfig
 from cuma_jax.models.decoder import REMAT_POLICIES
-from cuma_jax.models.demographic import POOLING_MODES
-from cuma_jax.training.partition import TRAINABLE_MODES
+from cuma_jax.params import TRAINABLE_MODES
 
 ARCHITECTURES_DIR = os.path.join(os.path.dirname(__file__), "architectures")
 METHODS = ("cuma", "lora", "hydralora", "mixlora", "prefix", "full")

@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 
-from cuma_jax import count, presets
-from cuma_jax.api import load_pretrained
-from cuma_jax.layers.inject import AdapterConfig
-from cuma_jax.models.demographic import DemographicEncoder
-from cuma_jax.training.partition import merge_params, split_params
+from cuma_jax import param_count, presets
+from cuma_jax.encoders import DemographicEncoder
+from cuma_jax.layers.adapter_config import AdapterConfig
+from cuma_jax.models.pretrained import load_pretrained
+from cuma_jax.params import merge_params, split_params
 
 D_DEMO = 6
 CUMA = AdapterConfig(
@@ -224,7 +224,7 @@ def test_scanned_and_unscanned_adapted_models_agree(tiny_checkpoint):
   ],
 )
 def test_trainable_percentages_reproduce_the_paper(method, preset, percent):
-  counts = count.count_parameters(presets.experiment_config(method, preset))
+  counts = param_count.count_parameters(presets.experiment_config(method, preset))
   assert counts["backbone"] == 8_190_735_360
   assert round(counts["trainable_percent"], 2) == percent
 
@@ -292,7 +292,7 @@ def test_demographic_encoder_matches_automodel_pooling(tiny_checkpoint, pooling)
 
 
 def test_precomputed_embeddings_are_accepted(tmp_path):
-  from cuma_jax.models.demographic import PrecomputedEncoder
+  from cuma_jax.encoders import PrecomputedEncoder
 
   vectors = np.arange(6, dtype=np.float32).reshape(2, 3)
   np.savez(tmp_path / "z.npz", profiles=np.array(["p one", "p two"]), embeddings=vectors)

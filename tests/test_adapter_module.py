@@ -223,7 +223,8 @@ def _group_oracle(params, x, z, adapter, outputs, router_of):
 def test_adapter_group_matches_oracle(strategy, shared_a, share_router):
   """The decoder's adapter block for q/k/v (one router or one each, shared or per-expert
   A) against the written-out formula: outputs and every gradient."""
-  from cuma_jax.layers.inject import AdapterConfig, AdapterGroup
+  from cuma_jax.layers.adapter_config import AdapterConfig
+  from cuma_jax.layers.group import AdapterGroup
 
   adapter = AdapterConfig(
     targets=("q_proj", "k_proj", "v_proj"),

@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers
 
-from cuma_jax.api import load_pretrained, load_tokenizer, save_pretrained
 from cuma_jax.checkpoints.safetensors_io import write_safetensors
+from cuma_jax.models.pretrained import load_pretrained, load_tokenizer, save_pretrained
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3", "qwen3_tied"])

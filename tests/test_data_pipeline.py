@@ -12,7 +12,7 @@ from cuma_jax.data import builders, prompts
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.data.synthetic import SurveyOracle
 from cuma_jax.data.wvb import WvbReader
-from cuma_jax.tiny import build_tiny_tokenizer
+from cuma_jax.tiny.tokenizer import build_tiny_tokenizer
 
 tfds.disable_progress_bar()
 
@@ -69,7 +69,7 @@ def test_builds_and_reads_without_tensorflow(tmp_path):
         import tensorflow_datasets as tfds
         tfds.disable_progress_bar()
         from cuma_jax.data import builders
-        from cuma_jax.data.fixtures import write_wvb_fixture
+        from cuma_jax.tiny.wvb_fixture import write_wvb_fixture
         root = write_wvb_fixture({str(tmp_path / "wvb")!r})
         sources = tfds.data_source(
             "cuma_world_values_bench/full", data_dir={str(tmp_path / "tfds")!r},

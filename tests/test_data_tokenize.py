@@ -5,10 +5,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from cuma_jax.data import prompts
-from cuma_jax.data.fixtures import write_wvb_fixture
 from cuma_jax.data.tokenize import ChatEncoder, render_prompt
 from cuma_jax.data.wvb import WvbReader
-from cuma_jax.tiny import build_tiny_tokenizer
+from cuma_jax.tiny.tokenizer import build_tiny_tokenizer
+from cuma_jax.tiny.wvb_fixture import write_wvb_fixture
 
 # chat_format -> its end-of-turn token
 FORMATS = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}

@@ -5,8 +5,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cuma_jax.data import builders, prompts
-from cuma_jax.data.fixtures import write_wvb_fixture
 from cuma_jax.data.wvb import SkipCounts, WvbReader, split_files, write_wvb_tree
+from cuma_jax.tiny.wvb_fixture import write_wvb_fixture
 
 tfds.disable_progress_bar()
 
@@ -99,7 +99,7 @@ def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"split 'probe'.*probe_demographic_qa.tsv"):
     list(WvbReader(wvb_root).examples("probe"))
 
-  from cuma_jax.data.fixtures import CODEBOOK, QUESTION_METADATA
+  from cuma_jax.tiny.wvb_fixture import CODEBOOK, QUESTION_METADATA
 
   demographic = [
     {

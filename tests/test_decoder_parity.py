@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import cuma_jax
-from cuma_jax.api import load_pretrained
+from cuma_jax.models.pretrained import load_pretrained
 
 
 def _batch(vocab, seed=0):

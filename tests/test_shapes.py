@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import cuma_jax
-from cuma_jax.api import abstract_params, build_decoder
 from cuma_jax.models.config import ModelConfig
+from cuma_jax.models.pretrained import abstract_params, build_decoder
 
 CONFIGS = os.path.join(os.path.dirname(cuma_jax.__file__), "architectures")
 

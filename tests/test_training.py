@@ -10,8 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cuma_jax import api, experiment, presets
+from cuma_jax import job, presets
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
+from cuma_jax.models import pretrained as api
 from cuma_jax.training import checkpointing, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +36,8 @@ def assets(tmp_path_factory):
   """The tiny synthetic survey and a warmed-up tiny backbone, built once."""
   workdir = str(tmp_path_factory.mktemp("assets"))
   config = _config()
-  data = experiment.load_data(config, workdir)
-  backbone = experiment.build_tiny_backbone(
+  data = job.load_data(config, workdir)
+  backbone = job.build_tiny_backbone(
     config, os.path.join(workdir, "assets"), data, log=lambda *_: None
   )
   return data, backbone
@@ -48,9 +49,7 @@ def _run(config, workdir, assets, stop_after=None):
     backbone, adapter=presets.adapter_config(config), rng=jax.random.PRNGKey(config.seed)
   )
   tokenizer = api.load_tokenizer(backbone)
-  demographics = experiment.make_demographics(
-    config, backbone, SurveyTables.of(data.sources["train"])
-  )
+  demographics = job.make_demographics(config, backbone, SurveyTables.of(data.sources["train"]))
   dataset, tables = make_dataset(
     data.sources["train"],
     tokenizer,
@@ -69,7 +68,7 @@ def _run(config, workdir, assets, stop_after=None):
     params,
     dataset,
     num_steps=config.train.num_steps,
-    demographic_table=experiment.demographic_table(demographics, tables),
+    demographic_table=job.demographic_table(demographics, tables),
     log=lambda *_: None,
   )
 
@@ -175,7 +174,7 @@ def test_config_validation_names_the_key():
 def test_missing_manual_directory_is_named(tmp_path):
   config = _config(**{"data.dataset": "wvb", "data.manual_dir": str(tmp_path / "nope")})
   with pytest.raises(FileNotFoundError, match="nope"):
-    experiment.load_data(config, str(tmp_path))
+    job.load_data(config, str(tmp_path))
 
 
 def test_main_job_runs_end_to_end_on_tiny(tmp_path):

@@ -5,7 +5,7 @@ One implementation, parameterised by :class:`ModelConfig`: RMSNorm, rotary embed
 tied or untied embeddings, optional biases.  Norms and the attention softmax run in
 float32 whatever the compute dtype.  Layers can be scanned (``nn.scan``) and/or
 rematerialised with identical numbers.  Adapters (LoRA experts, routers, prefixes) plug
-into the projections through :mod:`cuma_jax.layers.inject`; with ``adapter=None`` the
+into the projections through :mod:`cuma_jax.layers.group`; with ``adapter=None`` the
 module is exactly the frozen backbone.
 """
 
@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cuma_jax import sharding as ax
-from cuma_jax.layers import inject
+from cuma_jax.layers import group
+from cuma_jax.layers.adapter_config import AdapterConfig, check_demographics
+from cuma_jax.layers.demographic import DemographicProjection
 from cuma_jax.models.config import ModelConfig, RopeConfig
-from cuma_jax.models.demographic import DemographicProjection
 
 Dtype = Any
 OUTPUTS = ("logits", "hidden_states")
@@ -149,7 +150,7 @@ class _Block(nn.Module):
   """Fields shared by the attention, MLP and decoder-layer modules."""
 
   config: ModelConfig
-  adapter: inject.AdapterConfig | None
+  adapter: AdapterConfig | None
   dtype: Dtype
   param_dtype: Dtype
   deterministic: bool
@@ -168,7 +169,7 @@ def _adapted_projections(
   deltas that are reshaped onto each projection's output.
   """
   flat = x.reshape(*x.shape[:2], -1)
-  deltas, aux = inject.AdapterGroup(
+  deltas, aux = group.AdapterGroup(
     adapter=block.adapter,
     group=group,
     dtype=block.dtype,
@@ -222,7 +223,7 @@ class Attention(_Block):
       q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
     inv_freq = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    k, v = inject.with_prefix(self, self.adapter, k, v, self.dtype)
+    k, v = group.with_prefix(self, self.adapter, k, v, self.dtype)
     out = dot_product_attention(q, k, v, mask, self.dtype)
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
     o, aux_out = _adapted_projections(
@@ -235,7 +236,7 @@ class Attention(_Block):
       {"o_proj": ((cfg.hidden_size,), (ax.EMBED,))},
       cfg.attention_bias,
     )
-    return o["o_proj"], inject.merge_aux(aux_in, aux_out)
+    return o["o_proj"], group.merge_aux(aux_in, aux_out)
 
 
 class MLP(_Block):
@@ -265,7 +266,7 @@ class MLP(_Block):
       {"down_proj": ((cfg.hidden_size,), (ax.EMBED,))},
       cfg.mlp_bias,
     )
-    return down["down_proj"], inject.merge_aux(aux_in, aux_out)
+    return down["down_proj"], group.merge_aux(aux_in, aux_out)
 
 
 class DecoderLayer(_Block):
@@ -286,7 +287,7 @@ class DecoderLayer(_Block):
       self.norm("post_attention_layernorm")(x), demographics, token_mask
     )
     x = nn.with_logical_constraint(x + mlp, (ax.BATCH, ax.LENGTH, ax.EMBED))
-    return x, inject.merge_aux(aux_attn, aux_mlp)
+    return x, group.merge_aux(aux_attn, aux_mlp)
 
 
 class Decoder(nn.Module):
@@ -295,7 +296,7 @@ class Decoder(nn.Module):
   ``apply({"params": p}, input_ids, attention_mask=m)`` returns float32 logits
   [batch, length, vocab] (or final hidden states with ``output="hidden_states"``).  With an
   adapter configured it returns ``(outputs, aux)`` where ``aux`` holds the summed balance
-  loss and per-router expert-usage counts (see :mod:`cuma_jax.layers.inject`).
+  loss and per-router expert-usage counts (see :mod:`cuma_jax.layers.group`).
   """
 
   config: ModelConfig
@@ -304,7 +305,7 @@ class Decoder(nn.Module):
   scan_layers: bool = False
   remat: str = "none"
   output: str = "logits"
-  adapter: inject.AdapterConfig | None = None
+  adapter: AdapterConfig | None = None
 
   def setup_check(self):
     if self.output not in OUTPUTS:
@@ -332,7 +333,7 @@ class Decoder(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if self.adapter is not None:
-      demographics = inject.check_demographics(self.adapter, demographics, batch)
+      demographics = check_demographics(self.adapter, demographics, batch)
       if demographics is not None and self.adapter.demographic_projection:
         demographics = DemographicProjection(
           self.adapter.demographic_projection, self.adapter.param_dtype, name="adapters_demographic"
@@ -368,7 +369,7 @@ class Decoder(nn.Module):
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.VOCAB))
     if self.adapter is None:
       return out
-    return out, inject.finalize_aux(aux)
+    return out, group.finalize_aux(aux)
 
   def _layers(self, x, mask, positions, demographics, token_mask, deterministic):
     cfg = self.config

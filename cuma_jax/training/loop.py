@@ -24,10 +24,10 @@ import optax
 from tqdm import tqdm
 
 from cuma_jax import sharding
-from cuma_jax.api import abstract_params
+from cuma_jax.models.pretrained import abstract_params
+from cuma_jax.params import partition, split_params
 from cuma_jax.training import checkpointing, optim
 from cuma_jax.training.metrics_log import MetricWriter
-from cuma_jax.training.partition import partition, split_params
 from cuma_jax.training.step import MAX_TARGETS, demographics_for, make_train_step
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "profile_index")

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cuma_jax.params import merge_params
 from cuma_jax.training.loss import masked_cross_entropy
-from cuma_jax.training.partition import merge_params
 
 # At most this many supervised tokens per example (a letter, an end-of-turn token and a
 # little slack for tokenizers that split the letter); the data side checks it.

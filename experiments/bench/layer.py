@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.layers.dispatch import resolve_strategy
-from cuma_jax.layers.inject import AdapterConfig, AdapterGroup
+from cuma_jax.layers.group import AdapterGroup
 from cuma_jax.sharding import EMBED, HEADS, KV_HEADS
 
 D_MODEL, D_Q, D_V = 4096, 4096, 1024

@@ -12,15 +12,15 @@ only thousands of distinct profiles).  Pooling modes:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuma_jax import sharding as ax
+from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
 
 POOLING_MODES = ("mean", "mean_unmasked", "last_token")
 
@@ -64,8 +64,6 @@ class DemographicEncoder:
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, **kwargs):
-    from cuma_jax.api import load_pretrained, load_tokenizer
-
     module, params = load_pretrained(path, dtype=dtype, output="hidden_states")
     return cls(module, params, load_tokenizer(path), **kwargs)
 
@@ -101,40 +99,6 @@ class DemographicEncoder:
     return ids, mask
 
 
-class DemographicProjection(nn.Module):
-  """Optional trainable map of the encoder's vector before the routers (1 or 2 layers).
-
-  The final layer starts near zero (xavier-normal, gain 0.01; zero bias) so routing at
-  initialisation is driven by the token, as in the released code.
-  """
-
-  features: tuple[int, ...]
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, z):
-    z = z.astype(jnp.float32)
-    for i, width in enumerate(self.features):
-      last = i == len(self.features) - 1
-      init = (
-        nn.initializers.variance_scaling(0.01**2, "fan_avg", "normal")
-        if last
-        else nn.initializers.lecun_normal()
-      )
-      in_axis = ax.DEMO if i == 0 else ax.ROUTER_HIDDEN
-      z = nn.Dense(
-        width,
-        dtype=jnp.float32,
-        param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(init, (in_axis, ax.ROUTER_HIDDEN)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (ax.ROUTER_HIDDEN,)),
-        name=f"dense_{i}",
-      )(z)
-      if not last:
-        z = nn.relu(z)
-    return z
-
-
 class PrecomputedEncoder:
   """Demographic embeddings computed elsewhere and stored with the data.
 
@@ -163,3 +127,26 @@ class PrecomputedEncoder:
     return (
       np.stack([self._table[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
     )
+
+
+@dataclasses.dataclass
+class Demographics:
+  """Profile strings -> router inputs: an encoder, optionally standardised per dimension.
+
+  Weak encoders (a tiny backbone's mean-pooled states) give nearly parallel vectors;
+  centring and scaling each dimension with the TRAINING profiles' statistics (reused
+  unchanged for evaluation) spreads them without peeking at evaluation profiles.
+  """
+
+  encoder: DemographicEncoder | PrecomputedEncoder
+  mean: np.ndarray | float = 0.0
+  std: np.ndarray | float = 1.0
+
+  @classmethod
+  def standardized(cls, encoder, train_profiles: Sequence[str]) -> Demographics:
+    train = encoder.encode(list(train_profiles))
+    return cls(encoder, train.mean(0), train.std(0) + 1e-6)
+
+  def encode(self, profiles: Sequence[str]) -> np.ndarray:
+    """[len(profiles), d] router inputs."""
+    return (self.encoder.encode(list(profiles)) - self.mean) / self.std

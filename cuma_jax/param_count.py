@@ -15,9 +15,10 @@ import flax.linen as nn
 from ml_collections import config_flags
 import numpy as np
 
-from cuma_jax import api, presets
+from cuma_jax import presets
 from cuma_jax.models.config import ModelConfig
-from cuma_jax.training.partition import is_trainable
+from cuma_jax.models.pretrained import abstract_params, build_decoder
+from cuma_jax.params import is_adapter_path, is_trainable
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file:preset.", lock_config=True
@@ -36,11 +37,11 @@ def architecture(config) -> ModelConfig:
 
 
 def count_parameters(config) -> dict[str, float]:
-  module = api.build_decoder(architecture(config), adapter=presets.adapter_config(config))
-  shapes = traverse_util.flatten_dict(nn.unbox(api.abstract_params(module)))
+  module = build_decoder(architecture(config), adapter=presets.adapter_config(config))
+  shapes = traverse_util.flatten_dict(nn.unbox(abstract_params(module)))
   sizes = {path: int(np.prod(x.shape)) for path, x in shapes.items()}
   trainable = sum(n for p, n in sizes.items() if is_trainable(p, config.trainable))
-  backbone = sum(n for p, n in sizes.items() if not api.is_adapter_path(p))
+  backbone = sum(n for p, n in sizes.items() if not is_adapter_path(p))
   return {
     "trainable": trainable,
     "total": sum(sizes.values()),

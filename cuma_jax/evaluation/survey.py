@@ -1,0 +1,92 @@
+"""Evaluation of a model on a survey split: restricted-argmax answers and their metrics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cuma_jax.data import prompts
+from cuma_jax.data.pipeline import as_text, make_dataset
+from cuma_jax.evaluation import metrics, predict
+from cuma_jax.training.step import demographics_for, make_eval_step
+
+
+def evaluate(config, module, params, tokenizer, source, demographics, oracle=None) -> dict:
+  """Restricted-argmax predictions on one split and their metrics (plus the oracle's)."""
+  dataset, tables = make_dataset(
+    source,
+    tokenizer,
+    max_length=config.data.max_length,
+    batch_size=config.eval.batch_size,
+    shuffle=False,
+    num_epochs=1,
+    drop_remainder=False,
+    demographic_system_prompt=config.data.demographic_system_prompt,
+    shard_index=0,
+    shard_count=1,
+  )
+  table = None if demographics is None else jnp.asarray(demographics.encode(tables.profiles))
+  letter_ids = np.asarray(predict.letter_token_ids(tokenizer, prompts.LETTERS))
+  eval_step = jax.jit(make_eval_step(module))
+  options, indices = [], []
+  for batch in dataset:
+    n = len(batch["input_ids"])
+    padded = {k: _pad_rows(np.asarray(v), config.eval.batch_size) for k, v in batch.items()}
+    z = demographics_for(table, padded)
+    last_logits = eval_step(
+      params, {k: padded[k] for k in ("input_ids", "attention_mask", "prompt_length")}, z
+    )
+    option_ids = np.broadcast_to(letter_ids, (len(last_logits), len(letter_ids)))
+    option_mask = np.arange(len(letter_ids))[None] < padded["option_count"][:, None]
+    chosen = np.asarray(predict.restricted_argmax(last_logits, option_ids, option_mask))
+    options.append(chosen[:n])
+    indices.append(batch["example_index"])
+  return score_predictions(source, np.concatenate(options), np.concatenate(indices), oracle)
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+  if len(array) == rows:
+    return array
+  pad = np.repeat(array[-1:], rows - len(array), axis=0)
+  return np.concatenate([array, pad])
+
+
+def score_predictions(source, chosen_options, example_indices, oracle=None) -> dict:
+  """Metrics of predicted option indices; with an oracle also its two reference predictors."""
+  records = [source[int(i)] for i in example_indices]
+  qids = np.array([as_text(r["question_id"]) for r in records])
+  codes = [np.asarray(r["option_codes"]) for r in records]
+  true_option = np.array([int(r["answer_option"]) for r in records])
+  scales = {
+    q["question_id"]: (q["scale_min"], q["scale_max"])
+    for q in source.dataset_info.metadata["questions"]
+  }
+  for qid, c in zip(qids, codes):
+    if scales.get(qid, (None, None))[0] is None:
+      scales[qid] = (min(c), max(c))  # Non-ordinal questions: the option codes' range.
+  fields = {
+    f: np.array([as_text(r["demographics"][f]) for r in records])
+    for f in prompts.PROFILE_FIELDS
+    if f != "country"
+  }
+  countries = np.array([as_text(r["demographics"]["country"]) for r in records])
+
+  def summary(options):
+    return metrics.summarize(
+      pred_letters=np.array([prompts.LETTERS[o] for o in options]),
+      true_letters=np.array([prompts.LETTERS[o] for o in true_option]),
+      pred_codes=np.array([c[o] for c, o in zip(codes, options)]),
+      true_codes=np.array([c[o] for c, o in zip(codes, true_option)]),
+      question_ids=qids,
+      countries=countries,
+      profile_fields=fields,
+      scales=scales,
+    )
+
+  result = {"model": summary(chosen_options)}
+  if oracle is not None:
+    profiles = [as_text(r["profile"]) for r in records]
+    result["optimum"] = summary([oracle.optimal_option(p, q) for p, q in zip(profiles, qids)])
+    result["population_mean"] = summary([oracle.population_option(q) for q in qids])
+  return result

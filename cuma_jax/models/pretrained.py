@@ -1,0 +1,116 @@
+"""Build a decoder from a local Hugging Face checkpoint directory, and export it back."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cuma_jax.checkpoints import hf
+from cuma_jax.layers.adapter_config import AdapterConfig
+from cuma_jax.models.config import ModelConfig
+from cuma_jax.models.decoder import Decoder
+from cuma_jax.params import filter_tree, is_adapter_path, merge_trees
+
+
+def build_decoder(
+  config: ModelConfig,
+  *,
+  dtype=jnp.float32,
+  param_dtype=None,
+  scan_layers: bool = False,
+  remat: str = "none",
+  output: str = "logits",
+  adapter: AdapterConfig | None = None,
+) -> Decoder:
+  return Decoder(
+    config=config,
+    dtype=dtype,
+    param_dtype=param_dtype or dtype,
+    scan_layers=scan_layers,
+    remat=remat,
+    output=output,
+    adapter=adapter,
+  )
+
+
+def dummy_inputs(module: Decoder, batch: int = 1, length: int = 2) -> dict[str, Any]:
+  """Arguments that trace ``module`` (for init and ``eval_shape``)."""
+  inputs = {"input_ids": jnp.zeros((batch, length), jnp.int32)}
+  if module.adapter is not None and module.adapter.uses_demographics:
+    inputs["demographics"] = jnp.zeros((batch, module.adapter.demographic_dim), jnp.float32)
+  return inputs
+
+
+def abstract_params(module: Decoder):
+  """Boxed (logically partitioned) parameter shapes, without allocating anything."""
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), **dummy_inputs(module)))["params"]
+
+
+def init_adapter_params(module: Decoder, rng) -> dict:
+  """Initialises only the adapter parameters (XLA drops the unused backbone init)."""
+
+  def init(key):
+    params = nn.unbox(module.init(key, **dummy_inputs(module))["params"])
+    return filter_tree(params, is_adapter_path)
+
+  return jax.jit(init)(rng)
+
+
+def load_pretrained(
+  path: str | os.PathLike,
+  dtype=jnp.float32,
+  *,
+  param_dtype=None,
+  scan_layers: bool = False,
+  remat: str = "none",
+  output: str = "logits",
+  adapter: AdapterConfig | None = None,
+  rng=None,
+):
+  """Loads a local Hugging Face Qwen3 / Llama checkpoint.
+
+  Returns ``(module, params)``: ``module.apply({"params": params}, input_ids,
+  attention_mask=mask)`` gives float32 logits [batch, length, vocab] (with ``adapter``:
+  ``(logits, aux)``, and ``demographics=`` when its routers read them).  ``dtype`` is the
+  compute dtype, ``param_dtype`` (default: ``dtype``) the dtype the weights are cast to.
+  With ``adapter``, freshly initialised adapter parameters (from ``rng``) are merged in.
+  """
+  config = ModelConfig.from_pretrained(path)
+  module = build_decoder(
+    config,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scan_layers=scan_layers,
+    remat=remat,
+    output=output,
+    adapter=adapter,
+  )
+  backbone_module = module.clone(adapter=None)
+  shapes = nn.unbox(abstract_params(backbone_module))
+  params = hf.import_params(
+    path, config, shapes, output=output, scan_layers=scan_layers, dtype=module.param_dtype
+  )
+  params = jax.tree.map(jnp.asarray, params)
+  if adapter is not None:
+    rng = jax.random.key(0) if rng is None else rng
+    params = merge_trees(params, init_adapter_params(module, rng))
+  return module, params
+
+
+def save_pretrained(module: Decoder, params, path: str | os.PathLike, dtype=None) -> None:
+  """Writes the backbone back as a Hugging Face checkpoint (adapters are not merged)."""
+  backbone = filter_tree(params, lambda p: not is_adapter_path(p))
+  hf.export_params(
+    backbone, module.config, path, output=module.output, scan_layers=module.scan_layers, dtype=dtype
+  )
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """The checkpoint directory's tokenizer (chat template included), never remote code."""
+  import transformers
+
+  return transformers.AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=False)

@@ -1,0 +1,132 @@
+"""A tiny Qwen3-shaped backbone built locally, for the embedded default job (no download).
+
+The random network is written as an ordinary Hugging Face checkpoint (config.json +
+safetensors) through the same export path as real models, so everything downstream —
+``load_pretrained``, the demographic encoder, the trainer — runs unchanged on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import transformers
+
+from cuma_jax import presets
+from cuma_jax.data import prompts
+from cuma_jax.data.pipeline import SurveyTables, make_dataset
+from cuma_jax.models.config import ModelConfig
+from cuma_jax.models.pretrained import (
+  build_decoder,
+  dummy_inputs,
+  load_pretrained,
+  load_tokenizer,
+  save_pretrained,
+)
+from cuma_jax.params import merge_params
+from cuma_jax.tiny.tokenizer import build_tiny_tokenizer
+from cuma_jax.training import loop
+
+TINY_QWEN3 = dict(
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=16,
+  max_position_embeddings=512,
+  rms_norm_eps=1e-6,
+  rope_theta=10000.0,
+  tie_word_embeddings=True,
+)
+
+
+def write_random_qwen3(directory: str, tokenizer, *, seed: int = 0, **overrides) -> str:
+  """Saves a randomly initialised tiny Qwen3 (and ``tokenizer``) to ``directory``."""
+  hf_config = transformers.Qwen3Config(
+    **{**TINY_QWEN3, **overrides},
+    vocab_size=len(tokenizer),
+    pad_token_id=tokenizer.pad_token_id,
+    eos_token_id=tokenizer.eos_token_id,
+  )
+  config = dataclasses.replace(
+    ModelConfig.from_hf(hf_config), hf_config_json=hf_config.to_json_string()
+  )
+  module = build_decoder(config)
+  params = nn.unbox(module.init(jax.random.key(seed), **dummy_inputs(module))["params"])
+  save_pretrained(module, params, directory)
+  tokenizer.save_pretrained(directory)
+  return directory
+
+
+def is_checkpoint(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, "config.json")) and any(
+    f.endswith(".safetensors") for f in os.listdir(directory)
+  )
+
+
+def build_warmed_up(config, workdir: str, data, log=print) -> str:
+  """The embedded default's backbone: a tiny Qwen3 given general competence locally.
+
+  A random tiny Qwen3 and a BPE tokenizer are built from the survey's text, then fully
+  fine-tuned for ``tiny_backbone.warmup_steps`` on the survey WITHOUT profiles in the prompt:
+  it learns the answer format and the population's answers (mean collapse), which is the
+  "base model" CuMA then specialises per culture.  Cached in ``workdir/backbone``.
+  """
+  final = os.path.join(workdir, "backbone")
+  if is_checkpoint(final):
+    return final
+  random_dir = os.path.join(workdir, "backbone_random")
+  if not is_checkpoint(random_dir):
+    train = data.sources["train"]
+    corpus = _survey_corpus(train)
+    tokenizer = build_tiny_tokenizer(corpus, random_dir, vocab_size=config.tiny_backbone.vocab_size)
+    write_random_qwen3(
+      random_dir,
+      tokenizer,
+      seed=config.seed,
+      hidden_size=config.tiny_backbone.hidden_size,
+      num_hidden_layers=config.tiny_backbone.num_layers,
+      intermediate_size=2 * config.tiny_backbone.hidden_size,
+    )
+  warm = presets.warmup_config(config)
+  log(
+    f"warm-up: full fine-tuning of the tiny backbone for {warm.train.num_steps} steps "
+    "on the survey without profiles"
+  )
+  module, params = load_pretrained(random_dir)
+  tokenizer = load_tokenizer(random_dir)
+  dataset, _ = make_dataset(
+    data.sources["train"],
+    tokenizer,
+    max_length=warm.data.max_length,
+    batch_size=warm.data.batch_size,
+    seed=warm.data.shuffle_seed,
+    num_epochs=None,
+    demographic_system_prompt=False,
+  )
+  result = loop.train(
+    warm,
+    os.path.join(workdir, "warmup"),
+    module,
+    params,
+    dataset,
+    num_steps=warm.train.num_steps,
+    log=log,
+  )
+  save_pretrained(module, merge_params(result.trainable, result.frozen), final + ".tmp")
+  tokenizer.save_pretrained(final + ".tmp")
+  os.replace(final + ".tmp", final)
+  return final
+
+
+def _survey_corpus(source):
+  """Every text the prompts are made of: questions/options, profiles, system prompts."""
+  for question in source.dataset_info.metadata["questions"]:
+    yield question["text"] + " " + " ".join(question["option_texts"])
+  for profile in SurveyTables.of(source).profiles:
+    yield profile
+  yield prompts.DEFAULT_SYSTEM_PROMPT
+  yield prompts.INSTRUCTION
