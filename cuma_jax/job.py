@@ -1,7 +1,8 @@
 """One experiment end to end: data, backbone, demographic table, training, evaluation.
 
-Everything :mod:`cuma_jax.main` does is importable here, so a notebook can call
-:func:`run` with a config from ``configs/`` (or any :func:`presets.experiment_config`).
+Everything :mod:`cuma_jax.main` does is importable here: :func:`run` trains and evaluates
+what a config describes; :func:`restore` gives a trained workdir back as an
+:class:`Experiment` (model, parameters, tokenizer, data, demographics) for analysis.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import tensorflow_datasets as tfds
 
-from cuma_jax import presets
+from cuma_jax import schema
 from cuma_jax.data import builders, synthetic
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.encoders import DemographicEncoder, Demographics, PrecomputedEncoder
@@ -31,7 +33,6 @@ from cuma_jax.training import checkpointing, loop
 @dataclasses.dataclass
 class SurveyData:
   sources: dict[str, Any]  # split -> tfds data source
-  eval_splits: tuple[str, ...]
   oracle: synthetic.SurveyOracle | None
 
 
@@ -48,13 +49,12 @@ def load_data(config, workdir: str) -> SurveyData:
     )
     builder.download_and_prepare()
     sources = builder.as_data_source()
-    eval_splits = ("test", "zero_shot")
     oracle = builders.load_oracle(sources["test"])
   else:
     if not config.data.manual_dir or not os.path.isdir(config.data.manual_dir):
       raise FileNotFoundError(
         f"config.data.manual_dir={config.data.manual_dir!r} is not a directory; point it at "
-        "the WorldValuesBench root (see wvb-format in the README)"
+        "the WorldValuesBench root (docs/data.md#worldvaluesbench-on-disk)"
       )
     sources = tfds.data_source(
       f"cuma_world_values_bench/{config.data.builder_config}",
@@ -63,12 +63,11 @@ def load_data(config, workdir: str) -> SurveyData:
         "download_config": tfds.download.DownloadConfig(manual_dir=config.data.manual_dir)
       },
     )
-    eval_splits = tuple(s for s in config.eval.splits if s in sources)
     oracle = None
   for split, source in sources.items():
     if len(source) == 0:
       raise ValueError(f"dataset split {split!r} has no valid rows")
-  return SurveyData(sources=dict(sources), eval_splits=eval_splits, oracle=oracle)
+  return SurveyData(sources=dict(sources), oracle=oracle)
 
 
 def demographic_table(demographics: Demographics | None, tables: SurveyTables):
@@ -80,7 +79,7 @@ def make_demographics(
   config, backbone_dir: str, train_tables: SurveyTables | None = None
 ) -> Demographics | None:
   """The router's demographic inputs (None when the routers do not read them)."""
-  adapter = presets.adapter_config(config)
+  adapter = schema.adapter_config(config)
   if adapter is None or not adapter.uses_demographics:
     return None
   if config.encoder.precomputed:
@@ -107,94 +106,201 @@ def make_demographics(
   return Demographics.standardized(encoder, train_tables.profiles)
 
 
-def run(config, workdir: str, log=print) -> dict:
-  """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed."""
-  presets.validate(config)
+@dataclasses.dataclass
+class Experiment:
+  """What a config's run is made of: returned by :func:`prepare` (adapters at their
+  initialisation) and :func:`restore` (the trained adapters of a workdir)."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  data: SurveyData
+  backbone_dir: str
+  module: Any  # cuma_jax.models.decoder.Decoder
+  params: dict
+  tokenizer: Any
+  demographics: Demographics | None
+  train_tables: SurveyTables
+
+  def evaluate(self, split: str) -> dict:
+    """Metrics of this model (and, on the synthetic survey, its reference predictors)."""
+    return evaluate(
+      self.config,
+      self.module,
+      self.params,
+      self.tokenizer,
+      self.data.sources[split],
+      self.demographics,
+      self.data.oracle,
+    )
+
+  def dataset(self, split: str, batch_size: int | None = None):
+    """(one pass of evaluation batches in example order, the split's SurveyTables)."""
+    return make_dataset(
+      self.data.sources[split],
+      self.tokenizer,
+      max_length=self.config.data.max_length,
+      batch_size=batch_size or self.config.eval.batch_size,
+      shuffle=False,
+      num_epochs=1,
+      drop_remainder=False,
+      demographic_system_prompt=self.config.data.demographic_system_prompt,
+      shard_index=0,
+      shard_count=1,
+    )
+
+
+def _require_backbone(config) -> None:
+  if config.model.architecture != schema.TINY and not config.model.checkpoint:
+    raise ValueError(
+      f"config.model.checkpoint is empty: running architecture "
+      f"{config.model.architecture!r} needs a local Hugging Face directory "
+      "(model.architecture alone serves shape-only commands such as cuma_jax.param_count)"
+    )
+
+
+def prepare(config, workdir: str, log=print) -> Experiment:
+  """Validates the config, then prepares data, backbone, model, tokenizer, demographics."""
+  schema.validate(config)
+  _require_backbone(config)
   os.makedirs(workdir, exist_ok=True)
   data = load_data(config, workdir)
   backbone_dir = config.model.checkpoint or tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log
   )
-  adapter = presets.adapter_config(config)
-  dtype = jnp.dtype(config.model.dtype)
   module, params = load_pretrained(
     backbone_dir,
-    dtype=dtype,
+    dtype=jnp.dtype(config.model.dtype),
     param_dtype=jnp.dtype(config.model.param_dtype),
     scan_layers=config.model.scan_layers,
     remat=config.model.remat,
-    adapter=adapter,
+    adapter=schema.adapter_config(config),
     rng=jax.random.PRNGKey(config.seed),
   )
-  tokenizer = load_tokenizer(backbone_dir)
   train_tables = SurveyTables.of(data.sources["train"])
-  demographics = make_demographics(config, backbone_dir, train_tables)
+  return Experiment(
+    config=config,
+    workdir=workdir,
+    data=data,
+    backbone_dir=backbone_dir,
+    module=module,
+    params=params,
+    tokenizer=load_tokenizer(backbone_dir),
+    demographics=make_demographics(config, backbone_dir, train_tables),
+    train_tables=train_tables,
+  )
+
+
+def run(config, workdir: str, log=print) -> dict:
+  """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed."""
+  experiment = prepare(config, workdir, log)
   results = {}
-  train_dir = os.path.join(workdir, "train")
   if config.mode == "train":
-    results["untrained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
+    results["untrained"] = _evaluate_all(experiment)
     _report("untrained", results["untrained"], log)
-    dataset, _ = make_dataset(
-      data.sources["train"],
-      tokenizer,
-      max_length=config.data.max_length,
-      batch_size=config.data.batch_size,
-      seed=config.data.shuffle_seed,
-      num_epochs=None,
-      demographic_system_prompt=config.data.demographic_system_prompt,
-      tables=train_tables,
-    )
-    steps = loop.total_steps(config, len(data.sources["train"]))
-    result = loop.train(
-      config,
-      train_dir,
-      module,
-      params,
-      dataset,
-      num_steps=steps,
-      demographic_table=demographic_table(demographics, train_tables),
-      log=log,
-    )
-    trainable, frozen = result.trainable, result.frozen
-    if adapter is not None:
-      exported = dict(dataclasses.asdict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
-      checkpointing.export_adapters(trainable, exported, os.path.join(workdir, "adapters"))
+    experiment.params = _train(experiment, log)
   else:
-    trainable, frozen = _restore_trainable(config, train_dir, module, params)
-  params = merge_params(trainable, frozen)
-  results["trained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
+    experiment.params = _trained_params(experiment)
+  results["trained"] = _evaluate_all(experiment)
   _report("trained", results["trained"], log)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
 
 
-def _evaluate_all(config, module, params, tokenizer, data, demographics):
-  return {
-    split: evaluate(
-      config, module, params, tokenizer, data.sources[split], demographics, data.oracle
-    )
-    for split in data.eval_splits
-  }
+def restore(workdir: str, config: ml_collections.ConfigDict | None = None, log=print):
+  """The trained experiment of ``workdir``: its config (the latest checkpoint's, unless
+  given), model, trained parameters, tokenizer, data and demographics."""
+  if config is None:
+    config = _saved_config(workdir)
+  experiment = prepare(config, workdir, log)
+  experiment.params = _trained_params(experiment)
+  return experiment
 
 
-def _restore_trainable(config, train_dir, module, params):
-  """mode=eval: the latest training checkpoint's trainable parameters."""
-  trainable, frozen = split_params(
-    params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
+def _train(experiment: Experiment, log) -> dict:
+  config, sources = experiment.config, experiment.data.sources
+  dataset, _ = make_dataset(
+    sources["train"],
+    experiment.tokenizer,
+    max_length=config.data.max_length,
+    batch_size=config.data.batch_size,
+    seed=config.data.shuffle_seed,
+    num_epochs=None,
+    demographic_system_prompt=config.data.demographic_system_prompt,
+    tables=experiment.train_tables,
   )
-  ckpt = checkpointing.TrainCheckpoints(
-    os.path.join(train_dir, "checkpoints"),
+  result = loop.train(
+    config,
+    _train_dir(experiment.workdir),
+    experiment.module,
+    experiment.params,
+    dataset,
+    num_steps=loop.total_steps(config, len(sources["train"])),
+    demographic_table=demographic_table(experiment.demographics, experiment.train_tables),
+    config_conflicts=schema.resume_conflicts,
+    log=log,
+  )
+  adapter = schema.adapter_config(config)
+  if adapter is not None:
+    exported = dict(schema.as_dict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
+    checkpointing.export_adapters(
+      result.trainable, exported, os.path.join(experiment.workdir, "adapters")
+    )
+  return merge_params(result.trainable, result.frozen)
+
+
+def _evaluate_all(experiment: Experiment) -> dict:
+  return {split: experiment.evaluate(split) for split in experiment.config.eval.splits}
+
+
+def _train_dir(workdir: str) -> str:
+  return os.path.join(workdir, "train")
+
+
+def _checkpoints(workdir: str, config_json: dict) -> checkpointing.TrainCheckpoints:
+  return checkpointing.TrainCheckpoints(
+    os.path.join(_train_dir(workdir), "checkpoints"),
     save_every=1,
     keep=1,
-    config_json=checkpointing.config_to_json(config),
+    config_json=config_json,
+    config_conflicts=schema.resume_conflicts,
   )
+
+
+def _latest_step(ckpt: checkpointing.TrainCheckpoints, workdir: str) -> int:
   step = ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f"mode=eval needs a training checkpoint in {train_dir}/checkpoints")
-  state, _ = ckpt.restore(step, loop.abstract_state(config, trainable))
-  ckpt.close()
-  return state["trainable"], frozen
+    raise FileNotFoundError(f"{workdir} has no training checkpoint in {ckpt.directory}")
+  return step
+
+
+def _saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the workdir's latest checkpoint, completed with the schema's defaults."""
+  ckpt = _checkpoints(workdir, config_json={})
+  try:
+    saved = ckpt.saved_config(_latest_step(ckpt, workdir))
+  finally:
+    ckpt.close()
+  config = ml_collections.ConfigDict(schema.as_dict(schema.from_dict(saved)))
+  config.mode = "eval"
+  config.lock()
+  return config
+
+
+def _trained_params(experiment: Experiment) -> dict:
+  """The latest training checkpoint's trainable parameters over the loaded backbone."""
+  config = experiment.config
+  trainable, frozen = split_params(
+    experiment.params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
+  )
+  ckpt = _checkpoints(experiment.workdir, checkpointing.config_to_json(config))
+  try:
+    state, _ = ckpt.restore(
+      _latest_step(ckpt, experiment.workdir), loop.abstract_state(config, trainable)
+    )
+  finally:
+    ckpt.close()
+  return merge_params(state["trainable"], frozen)
 
 
 def _report(name, results, log):

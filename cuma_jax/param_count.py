@@ -15,7 +15,7 @@ import flax.linen as nn
 from ml_collections import config_flags
 import numpy as np
 
-from cuma_jax import presets
+from cuma_jax import schema
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import abstract_params, build_decoder
 from cuma_jax.params import is_adapter_path, is_trainable
@@ -32,12 +32,12 @@ def architecture(config) -> ModelConfig:
   if not config.model.architecture:
     raise ValueError("config.model.checkpoint and config.model.architecture are both empty")
   return ModelConfig.from_pretrained(
-    os.path.join(presets.ARCHITECTURES_DIR, config.model.architecture + ".json")
+    os.path.join(schema.ARCHITECTURES_DIR, config.model.architecture + ".json")
   )
 
 
 def count_parameters(config) -> dict[str, float]:
-  module = build_decoder(architecture(config), adapter=presets.adapter_config(config))
+  module = build_decoder(architecture(config), adapter=schema.adapter_config(config))
   shapes = traverse_util.flatten_dict(nn.unbox(abstract_params(module)))
   sizes = {path: int(np.prod(x.shape)) for path, x in shapes.items()}
   trainable = sum(n for p, n in sizes.items() if is_trainable(p, config.trainable))
@@ -53,7 +53,7 @@ def count_parameters(config) -> dict[str, float]:
 def main(argv):
   del argv
   config = _CONFIG.value
-  presets.validate(config)
+  schema.validate(config)
   counts = count_parameters(config)
   print(
     f"method={config.method} ablation={config.ablation} "

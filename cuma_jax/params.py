@@ -38,12 +38,11 @@ def filter_tree(tree: dict, keep: Callable[[Path], bool]) -> dict:
   return traverse_util.unflatten_dict({p: v for p, v in flat.items() if keep(p)})
 
 
-def merge_trees(a: dict, b: dict, *, overwrite: bool = False) -> dict:
-  """Union of two parameter trees; a leaf present in both is an error unless ``overwrite``
-  (then ``b``'s leaf wins, e.g. trained adapters over freshly initialised ones)."""
+def merge_trees(a: dict, b: dict) -> dict:
+  """Union of two disjoint parameter trees (a leaf present in both is an error)."""
   flat = traverse_util.flatten_dict(a)
   for path, value in traverse_util.flatten_dict(b).items():
-    if path in flat and not overwrite:
+    if path in flat:
       raise ValueError(f"parameter {'/'.join(path)} present in both trees")
     flat[path] = value
   return traverse_util.unflatten_dict(flat)

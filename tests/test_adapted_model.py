@@ -59,12 +59,12 @@ def _randomize_b(params, seed=1):
       num_experts=3,
       top_k=1,
       shared_a=True,
-      demographic_dim=0,
+      router="token",
       share_router=True,
       strategy="ragged",
-      gate_mode="paper",
+      gate="softmax_top_logits",
     ),
-    AdapterConfig(targets=(), prefix_length=3, demographic_dim=0),
+    AdapterConfig(targets=(), prefix_length=3),
   ],
 )
 def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, adapter):
@@ -91,9 +91,7 @@ def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint):
   directory, torch_model = tiny_checkpoint("llama3")
   ids, mask, z = _inputs(torch_model.config.vocab_size, seed=4)
   targets = ("q_proj", "v_proj", "down_proj")
-  lora = AdapterConfig(
-    targets=targets, rank=4, alpha=8.0, num_experts=1, top_k=1, use_router=False, demographic_dim=0
-  )
+  lora = AdapterConfig(targets=targets, rank=4, alpha=8.0, num_experts=1, top_k=1, router="none")
   moe = AdapterConfig(
     targets=targets,
     rank=4,
@@ -131,8 +129,7 @@ def test_lora_projection_matches_numpy_formula(tiny_checkpoint):
     alpha=6.0,
     num_experts=1,
     top_k=1,
-    use_router=False,
-    demographic_dim=0,
+    router="none",
   )
   module, params = load_pretrained(directory, adapter=adapter)
   params = _randomize_b(params)
@@ -236,7 +233,7 @@ def test_trainable_percentages_reproduce_the_paper(method, preset, percent):
     (dict(top_k=9, num_experts=8), r"top_k"),
     (dict(rank=0), r"rank"),
     (dict(targets=("qkv_proj",)), r"q_proj.*down_proj"),
-    (dict(gate_mode="hard"), r"gate_mode.*reference"),
+    (dict(gate="hard"), r"adapter.gate.*softmax_top_probs"),
     (dict(strategy="sparse"), r"strategy.*dense"),
   ],
 )

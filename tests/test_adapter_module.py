@@ -118,7 +118,7 @@ def _randomise(variables, seed):
 
 @pytest.mark.parametrize("shared_a", [True, False])
 def test_one_expert_equals_plain_lora(shared_a):
-  routing = select_experts(jnp.zeros((B, T, 1)), 1, "reference")
+  routing = select_experts(jnp.zeros((B, T, 1)), 1, "softmax_top_probs")
   modules = {s: _lora_experts(1, shared_a, s) for s in ("dense", "ragged", "auto")}
   variables = _randomise(nn.unbox(_shapes(modules["dense"], X, routing)), 1)
   deltas = jax.jit(lambda v: {s: m.apply(v, X, routing) for s, m in modules.items()})(
@@ -133,7 +133,7 @@ def test_one_expert_equals_plain_lora(shared_a):
 
 def test_lora_experts_applies_alpha_over_rank_to_gated_experts():
   logits = jnp.asarray(RNG.normal(size=(B, T, 4)), jnp.float32)
-  routing = select_experts(logits, 2, "paper")
+  routing = select_experts(logits, 2, "softmax_top_logits")
   module = _lora_experts(4, False)
   variables = {"params": _randomise(nn.unbox(_shapes(module, X, routing)), 2)}
   a, b = (np.asarray(variables["params"][k]) for k in ("a", "b"))

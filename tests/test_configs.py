@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cuma_jax import presets
+from cuma_jax import presets, schema
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
@@ -39,9 +39,9 @@ def test_every_experiment_of_the_paper_has_a_config_file():
 @pytest.mark.parametrize("preset", presets.SCALES)
 def test_config_builds_and_keeps_its_method(path, preset):
   c = _load(path).get_config(preset)
-  adapter = presets.adapter_config(c)
+  adapter = schema.adapter_config(c)
   if c.method == "lora":
-    assert (adapter.use_router, adapter.num_experts, adapter.top_k) == (False, 1, 1)
+    assert (adapter.router, adapter.num_experts, adapter.top_k) == ("none", 1, 1)
   elif c.method == "mixlora":
     assert adapter.router_hidden == () and adapter.share_router and not adapter.shared_a
   elif c.method == "hydralora":
@@ -53,5 +53,5 @@ def test_config_builds_and_keeps_its_method(path, preset):
   else:
     assert adapter.num_experts > 1 and adapter.router_hidden
     assert adapter.uses_demographics == (c.ablation not in ("no_demographics", "minimal"))
-    assert (adapter.gate_mode == "soft") == (c.ablation in ("soft_routing", "minimal"))
+    assert (adapter.gate == "top_probs") == (c.ablation in ("soft_routing", "minimal"))
     assert (c.optim.lambda_aux == 0) == (c.ablation in ("no_balance_loss", "minimal"))

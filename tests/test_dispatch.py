@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cuma_jax.layers.dispatch import (
-  STRATEGIES,
+  AUTO,
+  DISPATCH,
   mixture,
   mixture_ragged,
   resolve_strategy,
@@ -34,7 +35,7 @@ def _oracle_delta(x, a, b, router_w, top_k):
 
 
 def _library_delta(x, a, b, router_w, top_k, strategy):
-  return mixture(x, a, b, select_experts(x @ router_w, top_k, "reference"), strategy)
+  return mixture(x, a, b, select_experts(x @ router_w, top_k, "softmax_top_probs"), strategy)
 
 
 def _loss_and_grads(delta_fn, x, a, b, router_w, cotangent):
@@ -62,7 +63,7 @@ def _jit(fn):
 def test_every_strategy_matches_einsum_oracle(num_experts, top_k, shared_a):
   x, a, b, router_w, cot = _inputs(num_experts, shared_a)
   fns = {"oracle": functools.partial(_oracle_delta, top_k=top_k)}
-  for strategy in STRATEGIES:
+  for strategy in (*DISPATCH.names(), AUTO):
     fns[strategy] = functools.partial(_library_delta, top_k=top_k, strategy=strategy)
 
   @_jit  # one compilation for every strategy and the oracle
@@ -85,7 +86,7 @@ def test_scale_multiplies_the_delta(strategy):
 
   @_jit
   def run(x, a, b, router_w):
-    routing = select_experts(x @ router_w, 2, "reference")
+    routing = select_experts(x @ router_w, 2, "softmax_top_probs")
     return mixture(x, a, b, routing, strategy, scale=2.5), _oracle_delta(x, a, b, router_w, 2)
 
   got, want = run(x, a, b, router_w)
@@ -98,7 +99,7 @@ def test_ragged_rows_are_independent():
 
   @_jit
   def run(x):
-    return mixture_ragged(x, a, b, select_experts(x @ router_w, 2, "reference"))
+    return mixture_ragged(x, a, b, select_experts(x @ router_w, 2, "softmax_top_probs"))
 
   np.testing.assert_allclose(run(x[:1]), run(x)[:1], atol=1e-6)
 
@@ -109,7 +110,7 @@ def test_bfloat16_inputs_compute_in_bfloat16(strategy):
 
   @_jit
   def run(x):
-    routing = select_experts(x @ router_w, 2, "reference")
+    routing = select_experts(x @ router_w, 2, "softmax_top_probs")
     return mixture(x.astype(jnp.bfloat16), a, b, routing, strategy)
 
   out = run(x)

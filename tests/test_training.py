@@ -10,9 +10,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cuma_jax import job, presets
+from cuma_jax import job, presets, schema
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.models import pretrained as api
+from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ def assets(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("assets"))
   config = _config()
   data = job.load_data(config, workdir)
-  backbone = job.build_tiny_backbone(
+  backbone = tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log=lambda *_: None
   )
   return data, backbone
@@ -46,7 +47,7 @@ def assets(tmp_path_factory):
 def _run(config, workdir, assets, stop_after=None):
   data, backbone = assets
   module, params = api.load_pretrained(
-    backbone, adapter=presets.adapter_config(config), rng=jax.random.PRNGKey(config.seed)
+    backbone, adapter=schema.adapter_config(config), rng=jax.random.PRNGKey(config.seed)
   )
   tokenizer = api.load_tokenizer(backbone)
   demographics = job.make_demographics(config, backbone, SurveyTables.of(data.sources["train"]))
@@ -165,7 +166,7 @@ def test_config_validation_names_the_key():
     parent, leaf = key.split(".")
     bad[parent][leaf] = value
     with pytest.raises(ValueError, match=message):
-      presets.validate(bad)
+      schema.validate(bad)
   locked = presets.experiment_config("cuma", "tiny")
   with pytest.raises(AttributeError, match="learning_rte"):
     locked.optim.learning_rte = 1.0

@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from cuma_jax import fields
 from cuma_jax.data import prompts, wvb
+from cuma_jax.fields import field
 
 ORACLE_FILENAME = "synthetic_oracle.json"
 SPLITS = ("train", "valid", "test", "zero_shot")
@@ -220,26 +222,39 @@ _MISSING_CODES = {"-1": "Don't know", "-2": "No answer"}
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSurveyConfig:
-  """Sizes and effect strengths; participants per split, each answering every question."""
+  """Sizes and effect strengths; participants per split, each answering every question.
 
-  seed: int = 0
-  num_cultures: int = 4
-  num_countries: int = 12
-  num_questions: int = 24
-  min_options: int = 4
-  max_options: int = 10
-  num_train: int = 2000
-  num_valid: int = 250
-  num_test: int = 250
-  num_zero_shot: int = 250
-  zero_shot_cell_fraction: float = 0.15  # of (country, age group, gender) cells held out
-  missing_rate: float = 0.05  # empty answer cells
-  country_strength: float = 3.0  # logit bonus of a country's home culture
-  religion_strength: float = 1.0
-  age_strength: float = 1.0
-  other_strength: float = 0.3
-  answer_width: float = 0.6  # std of a culture's answers, in options of a 4-point scale
-  consensus_fraction: float = 0.15  # questions on which all cultures agree
+  These defaults are the config's ``data.synthetic`` defaults too (one definition).
+  """
+
+  seed: int = field(0)
+  num_cultures: int = field(4, low=1)
+  num_countries: int = field(12, low=1, high=len(COUNTRIES))
+  num_questions: int = field(24, low=1)
+  min_options: int = field(4, low=2)
+  max_options: int = field(10, low=2)
+  num_train: int = field(2000, low=1)
+  num_valid: int = field(250, low=0)
+  num_test: int = field(250, low=0)
+  num_zero_shot: int = field(250, low=0)
+  # Of the (country, age group, gender) cells, the share held out for the zero-shot split.
+  zero_shot_cell_fraction: float = field(0.15, low=0, high=1, high_open=True)
+  missing_rate: float = field(0.05, low=0, high=1, high_open=True)  # empty answer cells
+  country_strength: float = field(3.0, low=0)  # logit bonus of a country's home culture
+  religion_strength: float = field(1.0, low=0)
+  age_strength: float = field(1.0, low=0)
+  other_strength: float = field(0.3, low=0)
+  # Std of a culture's answers, in options of a 4-point scale.
+  answer_width: float = field(0.6, low=0, low_open=True)
+  consensus_fraction: float = field(0.15, low=0, high=1)  # questions all cultures agree on
+
+  def __post_init__(self):
+    fields.check(self, "data.synthetic")
+    if self.min_options > self.max_options:
+      raise ValueError(
+        f"config.data.synthetic.min_options={self.min_options} exceeds "
+        f"max_options={self.max_options}"
+      )
 
   def split_sizes(self) -> dict[str, int]:
     """Participants per split; splits of size 0 are left out."""

@@ -1,25 +1,30 @@
-"""Linen modules for CuMA's router and its LoRA experts (reference §2).
+"""Linen modules for CuMA's routers and LoRA experts (docs/method.md#router, #experts).
 
 The modules only own parameters and dropout; the maths lives in ``routing`` and
 ``dispatch`` so it can be tested and benchmarked without Flax. Every parameter carries
-logical axis names (``cuma_jax.sharding``) for the mesh rules to place.
+logical axis names (``cuma_jax.sharding``) for the mesh rules to place.  Router kinds are
+looked up in :data:`ROUTERS` (selected by ``adapter.router``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cuma_jax.layers.dispatch import check_strategy, mixture
+from cuma_jax.layers.dispatch import AUTO, check_strategy, mixture
 from cuma_jax.layers.routing import Routing
+from cuma_jax.registry import Registry
 from cuma_jax.sharding import DEMO, EMBED, EXPERTS, LORA_RANK, ROUTER_HIDDEN
 
 
-def _torch_linear_init(fan_in: int):
+def torch_linear_init(fan_in: int):
   """PyTorch nn.Linear's default for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
   Matches the released router's initial distribution; ``fan_in`` is the full input
@@ -63,13 +68,17 @@ class Router(nn.Module):
     super().__post_init__()
 
   def _param(self, name, shape, axes, fan_in):
-    init = nn.with_logical_partitioning(_torch_linear_init(fan_in), axes)
+    init = nn.with_logical_partitioning(torch_linear_init(fan_in), axes)
     return self.param(name, init, shape, self.param_dtype).astype(jnp.float32)
 
   @nn.compact
   def __call__(self, x: jax.Array, z: jax.Array | None = None, deterministic: bool = True):
     if self.use_demographics and z is None:
       raise ValueError("Router(use_demographics=True) needs the demographic vector z")
+    chex.assert_rank(x, 3)
+    if self.use_demographics:
+      chex.assert_rank(z, 2)
+      chex.assert_equal(z.shape[0], x.shape[0])
     drop = nn.Dropout(self.dropout)
     x = x.astype(jnp.float32)
     widths = (*self.hidden_dims, self.num_experts)
@@ -100,6 +109,30 @@ class Router(nn.Module):
     return h
 
 
+@dataclasses.dataclass(frozen=True)
+class RouterKind:
+  """A router kind: how to build its module, and what it reads.
+
+  ``make(num_experts=, hidden_dims=, dropout=, in_axis=, param_dtype=, name=)`` returns a
+  module called as ``(x [B, T, d_in], z [B, d_demo] or None, deterministic)`` that gives
+  logits [B, T, N] (or [B, 1, N] when every token of a sequence routes alike).  ``make``
+  None is "no router": one expert always selected with gate 1 (plain LoRA).
+  """
+
+  make: Callable[..., nn.Module] | None
+  reads_demographics: bool
+
+
+ROUTERS: Registry[RouterKind] = Registry("router kind", "adapter.router")
+# CuMA: an MLP on concat(x_t, z).
+ROUTERS.register("token_and_demographics", RouterKind(Router, reads_demographics=True))
+# HydraLoRA / MixLoRA and the no-demographics ablation: the same MLP on x_t alone.
+ROUTERS.register(
+  "token", RouterKind(functools.partial(Router, use_demographics=False), reads_demographics=False)
+)
+ROUTERS.register("none", RouterKind(None, reads_demographics=False))
+
+
 class LoraExperts(nn.Module):
   """N LoRA experts on one frozen projection d_in -> ``features``; returns only the delta.
 
@@ -115,7 +148,7 @@ class LoraExperts(nn.Module):
   alpha: float
   shared_a: bool = True
   dropout: float = 0.0
-  strategy: str = "auto"
+  strategy: str = AUTO
   in_axis: str = EMBED
   out_axis: str = EMBED
   param_dtype: Any = jnp.float32
@@ -140,6 +173,7 @@ class LoraExperts(nn.Module):
         f"routing is over {routing.probs.shape[-1]} experts, num_experts is {self.num_experts}"
       )
     d_in = x.shape[-1]
+    chex.assert_rank(x, 3)
     if self.shared_a:
       a_shape, a_axes = (d_in, self.rank), (self.in_axis, LORA_RANK)
     else:

@@ -3,15 +3,15 @@
 The decoder calls :class:`~cuma_jax.layers.group.AdapterGroup` at four places per layer, each
 a set of projections that read the same input: ``attn_in`` (q/k/v), ``attn_out`` (o),
 ``mlp_in`` (gate/up) and ``mlp_out`` (down).  Within a group the targets either share one
-router (``share_router``) or own one each.  The table below is how the paper's methods map
-onto :class:`AdapterConfig` (see ``configs/`` for the full presets):
+router (``share_router``) or own one each.  The config's ``adapter`` section is this
+dataclass's fields, one key per field (``cuma_jax.schema``).  How the paper's methods map
+onto it (docs/method.md#baselines-and-ablations):
 
 =============  ===========================================================
-CuMA           router MLP on concat(x, z), ``demographic_dim > 0``
-HydraLoRA      ``shared_a=True``, ``demographic_dim=0``
-MixLoRA        ``shared_a=False``, ``router_hidden=()``, ``demographic_dim=0``,
-               ``share_router=True``
-LoRA           ``use_router=False``, ``num_experts=1``, ``top_k=1``
+CuMA           ``router="token_and_demographics"`` (MLP on concat(x, z))
+HydraLoRA      ``shared_a=True``, ``router="token"``
+MixLoRA        ``router="token"``, ``router_hidden=()``, ``share_router=True``
+LoRA           ``router="none"``, ``num_experts=1``, ``top_k=1``
 prefix tuning  ``targets=()``, ``prefix_length=32``
 =============  ===========================================================
 """
@@ -23,7 +23,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from cuma_jax.layers import dispatch, routing
+from cuma_jax import fields
+from cuma_jax.fields import field
+from cuma_jax.layers.adapter import ROUTERS
+from cuma_jax.layers.dispatch import AUTO, DISPATCH
+from cuma_jax.layers.routing import DEFAULT_GATE, GATES
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = {
@@ -38,57 +42,59 @@ GROUPS = {
 class AdapterConfig:
   """Adapters injected into the frozen backbone (hashable: a linen attribute)."""
 
-  targets: tuple[str, ...] = ("q_proj", "v_proj")
-  rank: int = 8
-  alpha: float = 16.0
-  dropout: float = 0.0
-  num_experts: int = 8
-  top_k: int = 2
-  shared_a: bool = False
-  use_router: bool = True
-  router_hidden: tuple[int, ...] = (256,)
-  router_dropout: float = 0.0
-  demographic_dim: int = 1024
-  demographic_projection: tuple[int, ...] = ()
-  share_router: bool = False
-  gate_mode: str = "reference"
-  strategy: str = "auto"
-  prefix_length: int = 0
-  param_dtype: Any = jnp.float32
+  targets: tuple[str, ...] = field(("q_proj", "v_proj"), choices=TARGET_MODULES)
+  rank: int = field(8, low=1)
+  alpha: float = field(16.0, low=0, low_open=True)
+  dropout: float = field(0.0, low=0, high=1, high_open=True)
+  num_experts: int = field(8, low=1)
+  top_k: int = field(2, low=1)
+  shared_a: bool = field(False, choices=(False, True))
+  router: str = field("token_and_demographics", choices=ROUTERS.names)
+  router_hidden: tuple[int, ...] = field((256,), low=1)
+  router_dropout: float = field(0.0, low=0, high=1, high_open=True)
+  # Width of the demographic vector z the routers read (the encoder's output width).
+  demographic_dim: int = field(1024, low=0)
+  # Trainable map of z before the routers (widths of 1 or 2 dense layers; () = none).
+  demographic_projection: tuple[int, ...] = field((), low=1)
+  share_router: bool = field(False, choices=(False, True))
+  gate: str = field(DEFAULT_GATE, choices=GATES.names)
+  # Read by the temperature-scaled gate (``cuma_jax/layers/variants.py``).
+  gate_temperature: float = field(1.0, low=0, low_open=True)
+  strategy: str = field(AUTO, choices=lambda: (AUTO, *DISPATCH.names()))
+  prefix_length: int = field(0, low=0)
+  # Master weights of the trainable parameters; not a config key.
+  param_dtype: Any = dataclasses.field(default=jnp.float32, metadata={"config": False})
 
   def __post_init__(self):
-    object.__setattr__(self, "targets", tuple(self.targets))
-    object.__setattr__(self, "router_hidden", tuple(self.router_hidden))
-    object.__setattr__(self, "demographic_projection", tuple(self.demographic_projection))
-    unknown = [t for t in self.targets if t not in TARGET_MODULES]
-    if unknown:
+    for name in ("targets", "router_hidden", "demographic_projection"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    fields.check(self, "adapter")
+    if self.targets and self.top_k > self.num_experts:
       raise ValueError(
-        f"adapter.targets {unknown} match no projection; the projections "
-        f"that exist are {TARGET_MODULES}"
+        f"config.adapter.top_k={self.top_k} exceeds adapter.num_experts={self.num_experts}"
       )
-    if self.targets:
-      if self.rank < 1:
-        raise ValueError(f"adapter.rank must be >= 1, got {self.rank}")
-      if self.num_experts < 1:
-        raise ValueError(f"adapter.num_experts must be >= 1, got {self.num_experts}")
-      routing.check_routing_config(self.num_experts, self.top_k, self.gate_mode)
-      if self.strategy not in dispatch.STRATEGIES:
-        raise ValueError(f"adapter.strategy={self.strategy!r}; allowed: {dispatch.STRATEGIES}")
-      if not self.use_router and (self.num_experts, self.top_k) != (1, 1):
-        raise ValueError(
-          "adapter.use_router=False (plain LoRA) needs num_experts=1 and "
-          f"top_k=1, got num_experts={self.num_experts}, top_k={self.top_k}"
-        )
+    kind = ROUTERS.get(self.router)
+    if self.targets and kind.make is None and (self.num_experts, self.top_k) != (1, 1):
+      raise ValueError(
+        f"config.adapter.router={self.router!r} (no router, plain LoRA) needs num_experts=1 "
+        f"and top_k=1, got num_experts={self.num_experts}, top_k={self.top_k}"
+      )
+    if self.targets and kind.reads_demographics and self.demographic_dim < 1:
+      raise ValueError(
+        f"config.adapter.router={self.router!r} reads the demographic vector, but "
+        "adapter.demographic_dim=0; set it to the encoder's width or use router='token'"
+      )
     if not self.targets and not self.prefix_length:
       raise ValueError("adapter has neither targets nor prefix_length: nothing to train")
-    if self.demographic_dim < 0:
-      raise ValueError(f"adapter.demographic_dim must be >= 0, got {self.demographic_dim}")
-    if self.prefix_length < 0:
-      raise ValueError(f"adapter.prefix_length must be >= 0, got {self.prefix_length}")
 
   @property
   def uses_demographics(self) -> bool:
-    return bool(self.targets) and self.use_router and self.demographic_dim > 0
+    return bool(self.targets) and ROUTERS.get(self.router).reads_demographics
+
+  @classmethod
+  def config_fields(cls) -> tuple[dataclasses.Field, ...]:
+    """The fields that are config keys (``adapter.<name>``)."""
+    return tuple(f for f in dataclasses.fields(cls) if f.metadata.get("config", True))
 
 
 def check_demographics(adapter: AdapterConfig, demographics, batch: int):

@@ -13,12 +13,17 @@ activations so nothing of size [B, T, N, r] is materialised in float32 for bf16 
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
 from cuma_jax.layers.routing import Routing, dense_gates
+from cuma_jax.registry import Registry
 
-STRATEGIES = ("dense", "ragged", "auto")
+# name -> mixture(x, a, b, routing, scale) -> [B, T, d_out].  "auto" is not an entry: it
+# resolves to "dense" or "ragged" by :func:`resolve_strategy`.
+DISPATCH: Registry = Registry("dispatch strategy", "adapter.strategy")
+AUTO = "auto"
 
 # Accelerator FLOPs per byte of HBM traffic (H100 bf16: ~990 TFLOP/s / 3.35 TB/s; TPU
 # v5p: ~459 / 2.77; both ~300). Used to price the ragged path's permutations in FLOPs.
@@ -28,8 +33,11 @@ _MIN_RAGGED_TOKENS = 256
 
 
 def check_strategy(strategy: str) -> None:
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+  if strategy != AUTO and strategy not in DISPATCH:
+    raise ValueError(
+      f"adapter.strategy={strategy!r}; allowed: {(*DISPATCH.names(), AUTO)} (registered "
+      "dispatch strategies, or auto)"
+    )
 
 
 def resolve_strategy(
@@ -57,7 +65,7 @@ def resolve_strategy(
   Calls with fewer than 256 tokens stay dense (latency bound).
   """
   check_strategy(strategy)
-  if strategy != "auto":
+  if strategy != AUTO:
     return strategy
   if backend == "cpu" or num_tokens < _MIN_RAGGED_TOKENS:
     return "dense"
@@ -66,6 +74,7 @@ def resolve_strategy(
   return "ragged" if wasted_flops > _ACCELERATOR_FLOPS_PER_BYTE * moved_bytes else "dense"
 
 
+@DISPATCH.register("dense")
 def mixture_dense(
   x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, scale: float = 1.0
 ) -> jax.Array:
@@ -94,6 +103,7 @@ def _grouped_matmul(lhs: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax
   return jax.vmap(jax.lax.ragged_dot)(lhs, jnp.broadcast_to(w, (rows, *w.shape)), group_sizes)
 
 
+@DISPATCH.register("ragged")
 def mixture_ragged(
   x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, scale: float = 1.0
 ) -> jax.Array:
@@ -128,13 +138,16 @@ def mixture(
   a: jax.Array,
   b: jax.Array,
   routing: Routing,
-  strategy: str = "auto",
+  strategy: str = AUTO,
   scale: float = 1.0,
 ) -> jax.Array:
   """scale * sum_{i in top-k} g_i (x A_i) B_i as [B, T, d_out], by the chosen strategy."""
   if x.ndim != 3:
     raise ValueError(f"x must be [batch, length, features], got shape {x.shape}")
   num_experts, rank, _ = b.shape
+  chex.assert_shape(a, (x.shape[-1], rank) if a.ndim == 2 else (num_experts, x.shape[-1], rank))
+  chex.assert_shape(routing.probs, (*x.shape[:-1], num_experts))
+  chex.assert_equal_shape([routing.gates, routing.experts])
   strategy = resolve_strategy(
     strategy,
     backend=jax.default_backend(),
@@ -143,5 +156,4 @@ def mixture(
     rank=rank,
     top_k=routing.experts.shape[-1],
   )
-  fn = mixture_dense if strategy == "dense" else mixture_ragged
-  return fn(x, a, b, routing, scale)
+  return DISPATCH.get(strategy)(x, a, b, routing, scale)

@@ -4,46 +4,51 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
 from cuma_jax import sharding as ax
 from cuma_jax.layers import routing
-from cuma_jax.layers.adapter import LoraExperts, Router
+from cuma_jax.layers.adapter import ROUTERS, LoraExperts
 from cuma_jax.layers.adapter_config import GROUPS, AdapterConfig
 
 
 def empty_aux():
-  return {"balance_loss": jnp.zeros((), jnp.float32), "expert_counts": {}}
+  return {"balance_loss": jnp.zeros((), jnp.float32), "expert_counts": {}, "routing": {}}
 
 
 def merge_aux(*auxes):
-  """Sums balance losses and unions the per-router counts of several groups."""
-  counts = {}
-  for aux in auxes:
-    counts.update(aux["expert_counts"])
-  return {"balance_loss": sum(aux["balance_loss"] for aux in auxes), "expert_counts": counts}
+  """Sums balance losses and unions the per-router counts and decisions of several groups."""
+  return {
+    "balance_loss": sum(aux["balance_loss"] for aux in auxes),
+    "expert_counts": {k: v for aux in auxes for k, v in aux["expert_counts"].items()},
+    "routing": {k: v for aux in auxes for k, v in aux["routing"].items()},
+  }
 
 
 def finalize_aux(per_layer_aux):
   """Per-layer aux (stacked on a leading layer axis) -> the model's auxiliary outputs.
 
-  ``balance_loss``: the sum over every router of every layer (section 3 of the spec);
-  ``expert_counts``: ``{router: [layers, num_experts]}``.
+  ``balance_loss``: the sum over every router of every layer (docs/method.md#balance-loss);
+  ``expert_counts``: ``{router: [layers, num_experts]}``; ``routing`` (only when the
+  decoder captures it): ``{router: {"experts", "gates": [layers, batch, length, k]}}``.
   """
-  return {
-    "balance_loss": jnp.sum(per_layer_aux["balance_loss"]),
-    "expert_counts": per_layer_aux["expert_counts"],
-  }
+  return {**per_layer_aux, "balance_loss": jnp.sum(per_layer_aux["balance_loss"])}
 
 
 class AdapterGroup(nn.Module):
-  """Routers and LoRA experts of the projections that read one input ``x``."""
+  """Routers and LoRA experts of the projections that read one input ``x``.
+
+  ``capture_routing``: also return each router's per-token decisions (experts and gates),
+  for analyses of who routes where; off in training, where nothing reads them.
+  """
 
   adapter: AdapterConfig | None
   group: str
   dtype: Any
   deterministic: bool
+  capture_routing: bool = False
 
   @nn.compact
   def __call__(self, x, demographics, token_mask, outputs, in_axis):
@@ -52,6 +57,7 @@ class AdapterGroup(nn.Module):
     targets = [t for t in outputs if cfg is not None and t in cfg.targets]
     if not targets:
       return {}, empty_aux()
+    chex.assert_rank(x, 3)
     routings, aux = self._route(x, demographics, token_mask, targets, in_axis)
     deltas = {}
     for t in targets:
@@ -74,7 +80,8 @@ class AdapterGroup(nn.Module):
 
   def _route(self, x, demographics, token_mask, targets, in_axis):
     cfg = self.adapter
-    if not cfg.use_router:
+    kind = ROUTERS.get(cfg.router)
+    if kind.make is None:
       fixed = routing.Routing(
         gates=jnp.ones(x.shape[:-1] + (1,), jnp.float32),
         experts=jnp.zeros(x.shape[:-1] + (1,), jnp.int32),
@@ -83,23 +90,27 @@ class AdapterGroup(nn.Module):
       return {t: fixed for t in targets}, empty_aux()
     shared = cfg.share_router and len(GROUPS[self.group]) > 1
     router_keys = [self.group] if shared else targets
-    by_router, losses, counts = {}, [], {}
+    by_router, losses, counts, decisions = {}, [], {}, {}
     for key in router_keys:
-      logits = Router(
+      logits = kind.make(
         num_experts=cfg.num_experts,
         hidden_dims=cfg.router_hidden,
-        use_demographics=cfg.demographic_dim > 0,
         dropout=cfg.router_dropout,
         in_axis=in_axis,
         param_dtype=cfg.param_dtype,
         name=f"{key}_router",
       )(x, demographics, deterministic=self.deterministic)
-      r = routing.select_experts(logits, cfg.top_k, cfg.gate_mode)
+      # A router may decide once per sequence ([B, 1, N]); every token then shares it.
+      logits = jnp.broadcast_to(logits, (*x.shape[:-1], cfg.num_experts))
+      r = routing.select_experts(logits, cfg.top_k, cfg.gate, cfg.gate_temperature)
       by_router[key] = r
-      losses.append(routing.balance_loss(r, token_mask, cfg.num_experts, cfg.top_k, cfg.gate_mode))
+      losses.append(routing.balance_loss(r, token_mask, cfg.num_experts, cfg.top_k, cfg.gate))
       counts[key] = routing.expert_counts(r, token_mask, cfg.num_experts)
+      if self.capture_routing:
+        decisions[key] = {"experts": r.experts, "gates": r.gates}
     routings = {t: by_router[self.group if shared else t] for t in targets}
-    return routings, {"balance_loss": sum(losses), "expert_counts": counts}
+    aux = {"balance_loss": sum(losses), "expert_counts": counts, "routing": decisions}
+    return routings, aux
 
 
 def with_prefix(module: nn.Module, adapter: AdapterConfig | None, k, v, dtype):

@@ -1,17 +1,21 @@
-"""Top-k expert selection, gate semantics and the load-balancing loss (reference §2-3).
+"""Top-k expert selection, gates and the load-balancing loss (docs/method.md#gates).
 
 Pure functions on router logits; all maths in float32 whatever the model's compute
 dtype, because gates of ~0.5 and probabilities of ~1/N lose too much in bfloat16.
+Gates are looked up in :data:`GATES`, so a research variant registers one in its own file
+and selects it with ``adapter.gate`` (see ``cuma_jax/layers/variants.py``).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Callable, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
-GATE_MODES = ("reference", "paper", "soft")
+from cuma_jax.registry import Registry
 
 
 class Routing(NamedTuple):
@@ -22,34 +26,56 @@ class Routing(NamedTuple):
   probs: jax.Array  # [..., N] float32, softmax of the router logits
 
 
-def check_routing_config(num_experts: int, top_k: int, gate_mode: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class Gate:
+  """How the k selected experts are weighted.
+
+  ``weights(top_logits, top_probs, temperature) -> gates``, all [..., k] float32, the
+  experts ordered by decreasing probability.  ``dense_balance``: the balance loss treats
+  every expert as used with weight p_i and f_i = 1/k, as the released code does for soft
+  routing; otherwise f_i counts the top-k assignments.
+  """
+
+  weights: Callable[[jax.Array, jax.Array, float], jax.Array]
+  dense_balance: bool = False
+
+
+GATES: Registry[Gate] = Registry("gate", "adapter.gate")
+# The released code renormalises the top-k PROBABILITIES with a second softmax (for k=2
+# the larger gate stays in [0.5, 0.731]); the default, so that runs reproduce it.
+GATES.register(
+  "softmax_top_probs", Gate(lambda top_logits, top_probs, t: jax.nn.softmax(top_probs, -1))
+)
+# The paper's equation: a softmax over the top-k LOGITS.
+GATES.register(
+  "softmax_top_logits", Gate(lambda top_logits, top_probs, t: jax.nn.softmax(top_logits, -1))
+)
+# The soft-routing ablation: the raw probabilities, no renormalisation.
+GATES.register("top_probs", Gate(lambda top_logits, top_probs, t: top_probs, dense_balance=True))
+DEFAULT_GATE = "softmax_top_probs"
+
+
+def check_routing_config(num_experts: int, top_k: int, gate: str) -> None:
   """Raises ValueError naming the offending field and its allowed values."""
   if num_experts < 1:
     raise ValueError(f"num_experts must be >= 1, got {num_experts}")
   if not 1 <= top_k <= num_experts:
     raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-  if gate_mode not in GATE_MODES:
-    raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
+  GATES.check(gate)
 
 
-def select_experts(logits: jax.Array, top_k: int, gate_mode: str = "reference") -> Routing:
-  """Picks the top-k experts of each token and weights them.
-
-  gate_mode: "reference" (released code) renormalises the top-k PROBABILITIES with a
-  second softmax, so for k=2 the larger gate stays in [0.5, 0.731]; "paper" is a
-  softmax over the top-k LOGITS; "soft" keeps the raw probabilities (no renormalisation).
-  """
-  check_routing_config(logits.shape[-1], top_k, gate_mode)
+def select_experts(
+  logits: jax.Array, top_k: int, gate: str = DEFAULT_GATE, temperature: float = 1.0
+) -> Routing:
+  """Picks the top-k experts of each token (by probability) and weights them by ``gate``."""
+  check_routing_config(logits.shape[-1], top_k, gate)
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
-  top_p, experts = jax.lax.top_k(probs, top_k)
-  if gate_mode == "reference":
-    gates = jax.nn.softmax(top_p, axis=-1)
-  elif gate_mode == "paper":
-    gates = jax.nn.softmax(jnp.take_along_axis(logits, experts, axis=-1), axis=-1)
-  else:
-    gates = top_p
-  return Routing(gates=gates, experts=experts.astype(jnp.int32), probs=probs)
+  top_probs, experts = jax.lax.top_k(probs, top_k)
+  top_logits = jnp.take_along_axis(logits, experts, axis=-1)
+  gates = GATES.get(gate).weights(top_logits, top_probs, temperature)
+  chex.assert_shape(gates, experts.shape)
+  return Routing(gates=gates.astype(jnp.float32), experts=experts.astype(jnp.int32), probs=probs)
 
 
 def dense_gates(routing: Routing, num_experts: int) -> jax.Array:
@@ -61,6 +87,7 @@ def dense_gates(routing: Routing, num_experts: int) -> jax.Array:
 def _token_mask(routing: Routing, mask: jax.Array | None) -> jax.Array:
   if mask is None:
     return jnp.ones(routing.experts.shape[:-1], jnp.float32)
+  chex.assert_shape(mask, routing.experts.shape[:-1])
   return mask.astype(jnp.float32)
 
 
@@ -69,19 +96,21 @@ def balance_loss(
   mask: jax.Array | None,
   num_experts: int,
   top_k: int,
-  gate_mode: str = "reference",
+  gate: str = DEFAULT_GATE,
 ) -> jax.Array:
-  """L = N * sum_i P_i f_i over non-padding tokens (reference §3); scalar float32.
+  """L = N * sum_i P_i f_i over non-padding tokens (docs/method.md#balance-loss); float32.
 
   f_i (share of (token, slot) assignments) is a count and carries no gradient, so the
-  loss pushes only on the gate mass P_i. In soft mode the released code keeps the full
-  softmax as its routing weights: f_i = 1/k and P_i is the mean probability, so the
-  loss is the constant N/k (no gradient), as the reference states. T = 0 gives 0.
+  loss pushes only on the gate mass P_i.  For a gate with ``dense_balance`` (soft
+  routing) the released code keeps the full softmax as its routing weights: f_i = 1/k and
+  P_i is the mean probability, so the loss is the constant N/k (no gradient).  T = 0
+  gives 0.
   """
-  check_routing_config(num_experts, top_k, gate_mode)
+  check_routing_config(num_experts, top_k, gate)
+  chex.assert_shape(routing.probs, (*routing.experts.shape[:-1], num_experts))
   m = _token_mask(routing, mask)[..., None]
   num_tokens = jnp.maximum(jnp.sum(m), 1.0)
-  if gate_mode == "soft":
+  if GATES.get(gate).dense_balance:
     weights = routing.probs
     freq = jnp.full((num_experts,), 1.0 / top_k, jnp.float32)
   else:

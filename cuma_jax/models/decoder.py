@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cuma_jax import sharding as ax
-from cuma_jax.layers import group
 from cuma_jax.layers.adapter_config import AdapterConfig, check_demographics
 from cuma_jax.layers.demographic import DemographicProjection
+from cuma_jax.layers.group import AdapterGroup, finalize_aux, merge_aux, with_prefix
 from cuma_jax.models.config import ModelConfig, RopeConfig
 
 Dtype = Any
@@ -154,6 +154,7 @@ class _Block(nn.Module):
   dtype: Dtype
   param_dtype: Dtype
   deterministic: bool
+  capture_routing: bool
 
   def norm(self, name):
     return RMSNorm(self.config.rms_norm_eps, self.dtype, self.param_dtype, name=name)
@@ -169,11 +170,12 @@ def _adapted_projections(
   deltas that are reshaped onto each projection's output.
   """
   flat = x.reshape(*x.shape[:2], -1)
-  deltas, aux = group.AdapterGroup(
+  deltas, aux = AdapterGroup(
     adapter=block.adapter,
     group=group,
     dtype=block.dtype,
     deterministic=block.deterministic,
+    capture_routing=block.capture_routing,
     name=f"adapters_{group.split('_')[1]}",
   )(
     flat,
@@ -223,7 +225,7 @@ class Attention(_Block):
       q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
     inv_freq = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    k, v = group.with_prefix(self, self.adapter, k, v, self.dtype)
+    k, v = with_prefix(self, self.adapter, k, v, self.dtype)
     out = dot_product_attention(q, k, v, mask, self.dtype)
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
     o, aux_out = _adapted_projections(
@@ -236,7 +238,7 @@ class Attention(_Block):
       {"o_proj": ((cfg.hidden_size,), (ax.EMBED,))},
       cfg.attention_bias,
     )
-    return o["o_proj"], group.merge_aux(aux_in, aux_out)
+    return o["o_proj"], merge_aux(aux_in, aux_out)
 
 
 class MLP(_Block):
@@ -266,7 +268,7 @@ class MLP(_Block):
       {"down_proj": ((cfg.hidden_size,), (ax.EMBED,))},
       cfg.mlp_bias,
     )
-    return down["down_proj"], group.merge_aux(aux_in, aux_out)
+    return down["down_proj"], merge_aux(aux_in, aux_out)
 
 
 class DecoderLayer(_Block):
@@ -278,6 +280,7 @@ class DecoderLayer(_Block):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       deterministic=self.deterministic,
+      capture_routing=self.capture_routing,
     )
     attn, aux_attn = Attention(**kwargs, name="self_attn")(
       self.norm("input_layernorm")(x), mask, positions, demographics, token_mask
@@ -287,7 +290,7 @@ class DecoderLayer(_Block):
       self.norm("post_attention_layernorm")(x), demographics, token_mask
     )
     x = nn.with_logical_constraint(x + mlp, (ax.BATCH, ax.LENGTH, ax.EMBED))
-    return x, group.merge_aux(aux_attn, aux_mlp)
+    return x, merge_aux(aux_attn, aux_mlp)
 
 
 class Decoder(nn.Module):
@@ -296,7 +299,8 @@ class Decoder(nn.Module):
   ``apply({"params": p}, input_ids, attention_mask=m)`` returns float32 logits
   [batch, length, vocab] (or final hidden states with ``output="hidden_states"``).  With an
   adapter configured it returns ``(outputs, aux)`` where ``aux`` holds the summed balance
-  loss and per-router expert-usage counts (see :mod:`cuma_jax.layers.group`).
+  loss and per-router expert-usage counts and, with ``capture_routing=True``, every
+  router's per-token experts and gates (see :func:`cuma_jax.layers.group.finalize_aux`).
   """
 
   config: ModelConfig
@@ -306,6 +310,7 @@ class Decoder(nn.Module):
   remat: str = "none"
   output: str = "logits"
   adapter: AdapterConfig | None = None
+  capture_routing: bool = False
 
   def setup_check(self):
     if self.output not in OUTPUTS:
@@ -369,7 +374,7 @@ class Decoder(nn.Module):
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.VOCAB))
     if self.adapter is None:
       return out
-    return out, group.finalize_aux(aux)
+    return out, finalize_aux(aux)
 
   def _layers(self, x, mask, positions, demographics, token_mask, deterministic):
     cfg = self.config
@@ -379,6 +384,7 @@ class Decoder(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       deterministic=deterministic,
+      capture_routing=self.capture_routing,
     )
     # A layer maps (x, *broadcast) -> (x, aux): exactly nn.scan's (carry, ys) contract.
     layer_cls = DecoderLayer

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 from flax import traverse_util
 import jax
@@ -18,19 +18,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cuma_jax.checkpoints.safetensors_io import write_safetensors
-
-# Keys whose change makes an existing checkpoint belong to another experiment; the
-# per-step RNG is derived from ``seed`` and the step, so it needs no saving of its own.
-IDENTITY_KEYS = ("method", "ablation", "model", "encoder", "adapter", "trainable", "data", "seed")
-# Under IDENTITY_KEYS but free to change on resume: where files live, and memory knobs.
-RELOCATABLE_KEYS = (
-  "model.checkpoint",
-  "encoder.checkpoint",
-  "encoder.precomputed",
-  "data.data_dir",
-  "data.manual_dir",
-  "model.remat",
-)
 
 
 class CheckpointConfigMismatch(ValueError):
@@ -48,11 +35,10 @@ def _flatten(d, prefix=""):
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """Dotted keys under IDENTITY_KEYS whose values differ between two config dicts."""
-  a = _flatten({k: saved.get(k) for k in IDENTITY_KEYS})
-  b = _flatten({k: current.get(k) for k in IDENTITY_KEYS})
-  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RELOCATABLE_KEYS)
+def exact_differences(saved: dict, current: dict) -> list[str]:
+  """Every dotted key whose value differs (the strictest resume check)."""
+  a, b = _flatten(saved), _flatten(current)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def config_to_json(config) -> dict:
@@ -63,9 +49,19 @@ def config_to_json(config) -> dict:
 class TrainCheckpoints:
   """``CheckpointManager`` over {state, data, config} items, keeping the last K steps."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int, config_json: dict):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    save_every: int,
+    keep: int,
+    config_json: dict,
+    config_conflicts: Callable[[dict, dict], list[str]] = exact_differences,
+  ):
+    """``config_conflicts(saved, current)`` names the config changes a resume refuses."""
     self.directory = os.path.abspath(directory)
     self.config_json = config_json
+    self.config_conflicts = config_conflicts
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -77,9 +73,13 @@ class TrainCheckpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def saved_config(self, step: int) -> dict:
+    """The config (JSON) a checkpoint was written with."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]
+
   def check_config(self, step: int) -> None:
-    saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    differences = config_differences(saved["config"], self.config_json)
+    differences = self.config_conflicts(self.saved_config(step), self.config_json)
     if differences:
       raise CheckpointConfigMismatch(
         f"{self.directory} holds checkpoints of another config (step {step}); these keys "

@@ -62,12 +62,14 @@ def train(
   *,
   num_steps: int,
   demographic_table=None,
+  config_conflicts=checkpointing.exact_differences,
   log=print,
 ) -> TrainResult:
   """Trains ``module``'s trainable parameters; resumes from ``workdir`` when it has a checkpoint.
 
   ``train_dataset`` is an (infinitely repeating) grain IterDataset of numpy batches;
-  ``demographic_table`` is [num_profiles, d] (batches carry ``profile_index``) or None.
+  ``demographic_table`` is [num_profiles, d] (batches carry ``profile_index``) or None;
+  ``config_conflicts(saved, current)`` lists the config changes a resume refuses.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -121,6 +123,7 @@ def train(
     save_every=config.train.checkpoint_every,
     keep=config.train.keep_checkpoints,
     config_json=checkpointing.config_to_json(config),
+    config_conflicts=config_conflicts,
   )
   iterator = iter(train_dataset)
   base_rng = jax.random.PRNGKey(config.seed)

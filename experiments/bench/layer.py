@@ -109,7 +109,7 @@ class Cases:
       router_hidden=ROUTER_HIDDEN,
       demographic_dim=D_DEMO,
       share_router=True,
-      gate_mode="reference",
+      gate="softmax_top_probs",
       strategy=strategy,
     )
     group = AdapterGroup(adapter=adapter, group="attn_in", dtype=jnp.float32, deterministic=True)

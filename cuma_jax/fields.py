@@ -1,0 +1,87 @@
+"""Configuration fields that carry their own allowed range, and one check that applies them.
+
+Every configurable dataclass of the package (the adapter, the synthetic survey, each config
+section) declares its fields with :func:`field`; :func:`check` walks them and refuses a value
+out of range, naming the config key and what is allowed.  The schema test walks the same
+metadata and tries an out-of-range value for every numeric field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+# How a field may change when a run resumes from a checkpoint written with another value.
+IDENTITY = "identity"  # defines the experiment: a change is refused
+STRUCTURAL = "structural"  # changes the checkpoint's tree (optimiser state): refused
+FREE = "free"  # where files live, memory and logging knobs, evaluation settings
+RESUME_CLASSES = (IDENTITY, STRUCTURAL, FREE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What values a field allows.  ``choices`` is a tuple or a callable returning one (so
+  a registry's names are read when the check runs, after a fork registered its own);
+  for a tuple-valued field, ``low``/``high``/``choices`` apply to each item."""
+
+  low: float | None = None
+  high: float | None = None
+  low_open: bool = False
+  high_open: bool = False
+  choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
+  resume: str = IDENTITY
+  help: str = ""
+
+  def allowed(self) -> tuple[Any, ...] | None:
+    if self.choices is None:
+      return None
+    return tuple(self.choices() if callable(self.choices) else self.choices)
+
+  def describe(self) -> str:
+    parts = []
+    if self.low is not None:
+      parts.append(f"{'>' if self.low_open else '>='} {self.low}")
+    if self.high is not None:
+      parts.append(f"{'<' if self.high_open else '<='} {self.high}")
+    if self.choices is not None:
+      parts.append(f"one of {self.allowed()}")
+    return " and ".join(parts) or "any value"
+
+  def accepts(self, value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+      return all(self.accepts(v) for v in value)
+    allowed = self.allowed()
+    if allowed is not None and value not in allowed:
+      return False
+    if self.low is None and self.high is None:
+      return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+      return False
+    if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+      return False
+    if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+      return False
+    return True
+
+
+def field(default: Any, **spec) -> Any:
+  """A dataclass field with a :class:`Spec` (``low``, ``high``, ``choices``, ``resume``)."""
+  metadata = {"spec": Spec(**spec)}
+  if isinstance(default, (list, dict, set)):
+    raise TypeError("mutable defaults are not allowed; use a tuple")
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def spec_of(f: dataclasses.Field) -> Spec:
+  return f.metadata.get("spec", Spec())
+
+
+def check(obj: Any, prefix: str) -> None:
+  """Raises ValueError for the first field of dataclass ``obj`` outside its Spec."""
+  for f in dataclasses.fields(obj):
+    spec = spec_of(f)
+    value = getattr(obj, f.name)
+    if not spec.accepts(value):
+      key = f"{prefix}.{f.name}" if prefix else f.name
+      raise ValueError(f"config.{key}={value!r}; must be {spec.describe()}")

@@ -1,0 +1,308 @@
+"""The experiment config's schema: every section a dataclass, every key a field with its range.
+
+The ``ml_collections`` config that ``configs/*.py`` return is generated from these
+dataclasses (:func:`defaults`), so a key exists exactly when a field does; :func:`validate`
+rebuilds them from the config, which range-checks every field (``cuma_jax.fields``) before
+anything is loaded, then checks what spans fields.  The ``adapter`` section is
+:class:`~cuma_jax.layers.adapter_config.AdapterConfig` itself and ``data.synthetic`` is
+:class:`~cuma_jax.data.synthetic.SyntheticSurveyConfig`: no hand-written copies.
+
+Each field is also classified for resuming (``fields.IDENTITY`` / ``STRUCTURAL`` /
+``FREE``): :func:`resume_conflicts` names the keys whose change a checkpoint cannot take.
+A key that a checkpoint's config lacks (written before the field existed) compares as
+the field's default, so new fields whose default keeps the old behaviour resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, ClassVar
+
+import ml_collections
+
+from cuma_jax import fields
+from cuma_jax.data.synthetic import SPLITS as SYNTHETIC_SPLITS
+from cuma_jax.data.synthetic import SyntheticSurveyConfig
+from cuma_jax.encoders import POOLING_MODES
+from cuma_jax.fields import FREE, STRUCTURAL, field
+from cuma_jax.layers.adapter_config import AdapterConfig
+from cuma_jax.models.decoder import REMAT_POLICIES
+from cuma_jax.params import TRAINABLE_MODES
+from cuma_jax.sharding import DEFAULT_RULES
+
+ARCHITECTURES_DIR = os.path.join(os.path.dirname(__file__), "architectures")
+METHODS = ("cuma", "lora", "hydralora", "mixlora", "prefix", "full")
+ABLATIONS = ("none", "soft_routing", "no_demographics", "no_balance_loss", "minimal")
+DTYPES = ("float32", "bfloat16")
+TINY = "tiny"
+# Splits each dataset has (synthetic: those of non-zero size).
+WVB_SPLITS = {"full": ("train", "valid", "test"), "sampled_50k": ("train", "test")}
+
+
+def available_architectures() -> tuple[str, ...]:
+  """Bundled config.json files (shape-only work: parameter counts, memory plans)."""
+  return tuple(sorted(f[:-5] for f in os.listdir(ARCHITECTURES_DIR) if f.endswith(".json")))
+
+
+def _tuples(value):
+  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """A config section: range-checks its fields on construction."""
+
+  KEY: ClassVar[str] = ""
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      object.__setattr__(self, f.name, _tuples(getattr(self, f.name)))
+    fields.check(self, self.KEY)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection(Section):
+  KEY: ClassVar[str] = "model"
+  # Local Hugging Face directory of the backbone (needed to run any architecture but
+  # "tiny").
+  checkpoint: str = field("", resume=FREE)
+  # "tiny": built locally from the ``tiny_backbone`` section (CPU-sized presets); else a
+  # bundled config.json name, for shape-only work (parameter counts) before a checkpoint.
+  architecture: str = field("qwen3-8b", choices=lambda: (TINY, *available_architectures()))
+  dtype: str = field("bfloat16", choices=DTYPES)  # compute
+  param_dtype: str = field("bfloat16", choices=DTYPES)  # the frozen backbone's weights
+  scan_layers: bool = field(True, choices=(False, True))
+  remat: str = field("full", choices=REMAT_POLICIES, resume=FREE)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSection(Section):
+  KEY: ClassVar[str] = "encoder"
+  # Local Qwen3-Embedding-style directory ("" = the backbone's own).
+  checkpoint: str = field("", resume=FREE)
+  # .npz of profiles/embeddings, used instead of encoding when set.
+  precomputed: str = field("", resume=FREE)
+  pooling: str = field("mean", choices=POOLING_MODES)
+  max_length: int = field(128, low=1)
+  # Centre and scale each dimension with the training profiles' statistics (reused for
+  # evaluation): for weak encoders whose vectors are nearly parallel.
+  standardize: bool = field(False, choices=(False, True))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection(Section):
+  KEY: ClassVar[str] = "data"
+  dataset: str = field("wvb", choices=("synthetic", "wvb"))
+  builder_config: str = field("sampled_50k", choices=tuple(WVB_SPLITS))  # wvb only
+  manual_dir: str = field("", resume=FREE)  # WorldValuesBench root (docs/data.md)
+  data_dir: str = field("", resume=FREE)  # prepared TFDS files ("" = WORKDIR/tfds)
+  max_length: int = field(1024, low=1)
+  batch_size: int = field(16, low=1)  # per process: each reads its own shard
+  demographic_system_prompt: bool = field(True, choices=(False, True))
+  shuffle_seed: int = field(42)
+  synthetic: SyntheticSurveyConfig = dataclasses.field(default_factory=SyntheticSurveyConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyBackboneSection(Section):
+  """The tiny backbone built when ``model.checkpoint`` is "": a random Qwen3 warmed up by
+  full fine-tuning on the survey without profiles in the prompt."""
+
+  KEY: ClassVar[str] = "tiny_backbone"
+  vocab_size: int = field(1024, low=300)  # 256 bytes, the chat specials, some merges
+  hidden_size: int = field(64, low=8)
+  num_layers: int = field(2, low=1)
+  warmup_steps: int = field(300, low=0)
+  warmup_learning_rate: float = field(3e-3, low=0, low_open=True)
+  warmup_batch_size: int = field(32, low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection(Section):
+  KEY: ClassVar[str] = "optim"
+  learning_rate: float = field(5e-6, low=0, resume=FREE)
+  b1: float = field(0.9, low=0, high=1, high_open=True, resume=FREE)
+  b2: float = field(0.999, low=0, high=1, high_open=True, resume=FREE)
+  # Applies to matrices only (not biases, norm scales), as Hugging Face's Trainer.
+  weight_decay: float = field(0.01, low=0, resume=FREE)
+  schedule: str = field("constant", choices=("constant", "linear", "cosine"), resume=FREE)
+  warmup_steps: int = field(0, low=0, resume=FREE)
+  # 0 = no clipping; switching clipping on or off changes the optimiser state's tree.
+  grad_clip: float = field(1.0, low=0, resume=STRUCTURAL)
+  accumulation_steps: int = field(1, low=1, resume=STRUCTURAL)
+  label_smoothing: float = field(0.0, low=0, high=1, high_open=True)
+  lambda_aux: float = field(0.01, low=0)  # weight of the summed balance losses
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection(Section):
+  KEY: ClassVar[str] = "train"
+  num_epochs: int = field(3, low=0)
+  num_steps: int = field(-1, low=-1)  # -1: num_epochs over the training split
+  log_every: int = field(10, low=1, resume=FREE)
+  checkpoint_every: int = field(500, low=1, resume=FREE)
+  keep_checkpoints: int = field(3, low=1, resume=FREE)
+  progress_bar: bool = field(True, choices=(False, True), resume=FREE)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection(Section):
+  KEY: ClassVar[str] = "eval"
+  batch_size: int = field(32, low=1, resume=FREE)
+  splits: tuple[str, ...] = field(("test",), choices=SYNTHETIC_SPLITS, resume=FREE)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection(Section):
+  KEY: ClassVar[str] = "mesh"
+  # ((axis, size), ...); one size may be -1 (all remaining devices).
+  shape: tuple[tuple[str, int], ...] = field((("data", -1), ("model", 1)), resume=FREE)
+  # ((logical axis, mesh axis or None), ...): where each named dimension lives.
+  rules: tuple[tuple[str, Any], ...] = field(tuple(DEFAULT_RULES), resume=FREE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(Section):
+  """The whole experiment."""
+
+  KEY: ClassVar[str] = ""
+  method: str = field("cuma", choices=METHODS)
+  ablation: str = field("none", choices=ABLATIONS)
+  mode: str = field("train", choices=("train", "eval"), resume=FREE)
+  seed: int = field(0)
+  trainable: str = field("adapters", choices=TRAINABLE_MODES)
+  model: ModelSection = dataclasses.field(default_factory=ModelSection)
+  encoder: EncoderSection = dataclasses.field(default_factory=EncoderSection)
+  adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+  data: DataSection = dataclasses.field(default_factory=DataSection)
+  tiny_backbone: TinyBackboneSection = dataclasses.field(default_factory=TinyBackboneSection)
+  optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+  train: TrainSection = dataclasses.field(default_factory=TrainSection)
+  eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+  mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+
+
+def _config_fields(cls) -> tuple[dataclasses.Field, ...]:
+  return tuple(f for f in dataclasses.fields(cls) if f.metadata.get("config", True))
+
+
+def _section_types(cls) -> dict[str, type]:
+  hints = typing.get_type_hints(cls)
+  return {
+    f.name: hints[f.name] for f in _config_fields(cls) if dataclasses.is_dataclass(hints[f.name])
+  }
+
+
+def as_dict(obj) -> dict:
+  """A schema dataclass as the nested dict of its config keys."""
+  return {
+    f.name: as_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+    for f in _config_fields(type(obj))
+  }
+
+
+def from_dict(values: dict, cls=Config, prefix: str = ""):
+  """Builds (and so range-checks) the dataclass of ``values``; missing keys take defaults.
+
+  A key the schema does not have is refused, naming it.
+  """
+  names = {f.name for f in _config_fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(
+      f"config.{prefix}{unknown[0]} is not a config key; {cls.__name__} has {sorted(names)}"
+    )
+  sections = _section_types(cls)
+  kwargs = {
+    k: from_dict(v, sections[k], f"{prefix}{k}.") if k in sections else _tuples(v)
+    for k, v in values.items()
+  }
+  return cls(**kwargs)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The schema's defaults (the paper's Qwen3-8B recipe) as an unlocked ConfigDict."""
+  return ml_collections.ConfigDict(as_dict(Config()))
+
+
+def eval_splits_available(config: Config) -> tuple[str, ...]:
+  if config.data.dataset == "wvb":
+    return WVB_SPLITS[config.data.builder_config]
+  return tuple(config.data.synthetic.split_sizes())
+
+
+def validate(c: ml_collections.ConfigDict) -> Config:
+  """Refuses impossible values, naming the key and what is allowed; returns the typed config."""
+  config = from_dict(c.to_dict())
+  available = eval_splits_available(config)
+  missing = [s for s in config.eval.splits if s not in available]
+  if missing or not config.eval.splits:
+    raise ValueError(
+      f"config.eval.splits={config.eval.splits}: {missing or 'empty'}; the "
+      f"{config.data.dataset} dataset has the splits {available}"
+    )
+  if config.train.num_steps == 0 or (config.train.num_steps < 0 and config.train.num_epochs < 1):
+    raise ValueError(
+      f"config.train.num_steps={config.train.num_steps}, num_epochs={config.train.num_epochs}: "
+      "set num_steps >= 1, or num_steps=-1 and num_epochs >= 1"
+    )
+  if config.method == "full" and config.trainable != "all":
+    raise ValueError("config.method='full' needs config.trainable='all'")
+  if config.model.architecture == TINY and config.model.checkpoint:
+    raise ValueError(
+      f"config.model.checkpoint={config.model.checkpoint!r} with model.architecture='tiny' "
+      "(built locally): set one of them"
+    )
+  encoder_is_tiny_backbone = config.model.architecture == TINY and not (
+    config.encoder.checkpoint or config.encoder.precomputed
+  )
+  if (
+    config.method != "full"
+    and config.adapter.uses_demographics
+    and encoder_is_tiny_backbone
+    and config.adapter.demographic_dim != config.tiny_backbone.hidden_size
+  ):
+    raise ValueError(
+      f"config.adapter.demographic_dim={config.adapter.demographic_dim}, but the profile "
+      f"encoder is the tiny backbone, of width tiny_backbone.hidden_size="
+      f"{config.tiny_backbone.hidden_size}"
+    )
+  return config
+
+
+def adapter_config(c: ml_collections.ConfigDict) -> AdapterConfig | None:
+  """The adapter the config injects (None for full fine-tuning)."""
+  return None if c.method == "full" else from_dict(c.adapter.to_dict(), AdapterConfig, "adapter.")
+
+
+def resume_class(key: str) -> str:
+  """``fields.IDENTITY`` / ``STRUCTURAL`` / ``FREE`` for a dotted config key."""
+  cls, *path, name = (Config, *key.split("."))
+  for part in path:
+    cls = _section_types(cls)[part]
+  return fields.spec_of({f.name: f for f in dataclasses.fields(cls)}[name]).resume
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": _tuples(v)})
+  return out
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+  """The keys whose change between a checkpoint's config and this run's is refused.
+
+  Each entry names the key, both values and why (identity or structural).  Keys the saved
+  config lacks compare as their default; keys the schema no longer has are ignored.
+  """
+  default = _flat(as_dict(Config()))
+  old, new = _flat(saved), _flat(current)
+  conflicts = []
+  for key in sorted(new):
+    before = old.get(key, default.get(key))
+    if before != new[key] and resume_class(key) != FREE:
+      conflicts.append(f"{key}: {before!r} -> {new[key]!r} ({resume_class(key)})")
+  return conflicts
