@@ -1,25 +1,31 @@
 """The library API a script or notebook lives on (the top of the package).
 
-Loading a backbone, running the experiment a config describes, and getting a trained
-workdir back as objects, without the command line.
+Every name here is also ``cuma_jax.<name>`` (listed in ``cuma_jax.__all__``).
+
+Build a config, run the experiment it describes, get a trained workdir back as objects and
+look at its routing, without the command line::
+
+    import cuma_jax
+
+    config = cuma_jax.experiment_config("cuma", "demo")
+    cuma_jax.run(config, "runs/demo")
+    experiment = cuma_jax.restore("runs/demo")          # model, params, tokenizer, data
+    usage = cuma_jax.routing_usage(experiment, "test")   # per-profile expert usage
+    by_culture = cuma_jax.usage_by_group(usage, cuma_jax.latent_culture(experiment.data.oracle))
 """
 
 from __future__ import annotations
 
-from cuma_jax.job import run
-from cuma_jax.models.pretrained import (
-  build_decoder,
-  load_pretrained,
-  load_tokenizer,
-  save_pretrained,
-)
-from cuma_jax.presets import experiment_config
-
-__all__ = [
-  "build_decoder",
-  "experiment_config",
-  "load_pretrained",
-  "load_tokenizer",
-  "run",
-  "save_pretrained",
-]
+# Re-exports (``name as name``): this module's namespace is the API.
+from cuma_jax.analysis import latent_culture as latent_culture
+from cuma_jax.analysis import routing_usage as routing_usage
+from cuma_jax.analysis import usage_by_group as usage_by_group
+from cuma_jax.job import Experiment as Experiment
+from cuma_jax.job import prepare as prepare
+from cuma_jax.job import restore as restore
+from cuma_jax.job import run as run
+from cuma_jax.models.pretrained import build_decoder as build_decoder
+from cuma_jax.models.pretrained import load_pretrained as load_pretrained
+from cuma_jax.models.pretrained import load_tokenizer as load_tokenizer
+from cuma_jax.models.pretrained import save_pretrained as save_pretrained
+from cuma_jax.presets import experiment_config as experiment_config

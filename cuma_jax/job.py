@@ -192,6 +192,8 @@ def prepare(config, workdir: str, log=print) -> Experiment:
 
 def run(config, workdir: str, log=print) -> dict:
   """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed."""
+  if config.mode == "eval":
+    _require_checkpoint(workdir)  # before anything is prepared or written
   experiment = prepare(config, workdir, log)
   results = {}
   if config.mode == "train":
@@ -210,6 +212,7 @@ def run(config, workdir: str, log=print) -> dict:
 def restore(workdir: str, config: ml_collections.ConfigDict | None = None, log=print):
   """The trained experiment of ``workdir``: its config (the latest checkpoint's, unless
   given), model, trained parameters, tokenizer, data and demographics."""
+  _require_checkpoint(workdir)
   if config is None:
     config = _saved_config(workdir)
   experiment = prepare(config, workdir, log)
@@ -257,9 +260,20 @@ def _train_dir(workdir: str) -> str:
   return os.path.join(workdir, "train")
 
 
+def _checkpoint_dir(workdir: str) -> str:
+  return os.path.join(_train_dir(workdir), "checkpoints")
+
+
+def _require_checkpoint(workdir: str) -> None:
+  """Refuses a workdir without training checkpoints, creating nothing."""
+  directory = _checkpoint_dir(workdir)
+  if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
+    raise FileNotFoundError(f"{workdir} has no training checkpoint in {directory}")
+
+
 def _checkpoints(workdir: str, config_json: dict) -> checkpointing.TrainCheckpoints:
   return checkpointing.TrainCheckpoints(
-    os.path.join(_train_dir(workdir), "checkpoints"),
+    _checkpoint_dir(workdir),
     save_every=1,
     keep=1,
     config_json=config_json,
@@ -267,18 +281,11 @@ def _checkpoints(workdir: str, config_json: dict) -> checkpointing.TrainCheckpoi
   )
 
 
-def _latest_step(ckpt: checkpointing.TrainCheckpoints, workdir: str) -> int:
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir} has no training checkpoint in {ckpt.directory}")
-  return step
-
-
 def _saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the workdir's latest checkpoint, completed with the schema's defaults."""
   ckpt = _checkpoints(workdir, config_json={})
   try:
-    saved = ckpt.saved_config(_latest_step(ckpt, workdir))
+    saved = ckpt.saved_config(ckpt.latest_step())
   finally:
     ckpt.close()
   config = ml_collections.ConfigDict(schema.as_dict(schema.from_dict(saved)))
@@ -295,9 +302,7 @@ def _trained_params(experiment: Experiment) -> dict:
   )
   ckpt = _checkpoints(experiment.workdir, checkpointing.config_to_json(config))
   try:
-    state, _ = ckpt.restore(
-      _latest_step(ckpt, experiment.workdir), loop.abstract_state(config, trainable)
-    )
+    state, _ = ckpt.restore(ckpt.latest_step(), loop.abstract_state(config, trainable))
   finally:
     ckpt.close()
   return merge_params(state["trainable"], frozen)

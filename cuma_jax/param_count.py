@@ -19,6 +19,7 @@ from cuma_jax import schema
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import abstract_params, build_decoder
 from cuma_jax.params import is_adapter_path, is_trainable
+from cuma_jax.tiny import backbone as tiny_backbone
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file:preset.", lock_config=True
@@ -26,11 +27,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def architecture(config) -> ModelConfig:
-  """The backbone's architecture: the checkpoint's config.json, else the bundled one."""
+  """The backbone's architecture: the checkpoint's config.json, else the bundled one (for
+  the tiny backbone, its section with a vocabulary of ``tiny_backbone.vocab_size``; the
+  trained tokenizer adds its few special tokens to that)."""
   if config.model.checkpoint:
     return ModelConfig.from_pretrained(config.model.checkpoint)
-  if not config.model.architecture:
-    raise ValueError("config.model.checkpoint and config.model.architecture are both empty")
+  if config.model.architecture == schema.TINY:
+    return ModelConfig.from_hf(
+      tiny_backbone.tiny_qwen3_config(config.tiny_backbone, config.tiny_backbone.vocab_size)
+    )
   return ModelConfig.from_pretrained(
     os.path.join(schema.ARCHITECTURES_DIR, config.model.architecture + ".json")
   )
@@ -59,6 +64,9 @@ def main(argv):
     f"method={config.method} ablation={config.ablation} "
     f"architecture={config.model.checkpoint or config.model.architecture}"
   )
+  if config.method != "full":
+    a = config.adapter
+    print(f"adapter: router={a.router} gate={a.gate} experts={a.num_experts} top_k={a.top_k}")
   print(f"trainable parameters: {counts['trainable']:,}")
   print(f"total parameters:     {counts['total']:,} (frozen backbone {counts['backbone']:,})")
   print(f"trainable:            {counts['trainable_percent']:.2f}% of the backbone")

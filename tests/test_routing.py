@@ -1,5 +1,7 @@
 """Gate semantics, dense gates, balance loss and counts against numpy oracles."""
 
+from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,7 +89,7 @@ def _numpy_routing(logits, k, gate):
 
 
 def _numpy_balance_loss(logits, mask, k, gate):
-  """Reference §3 literally, in numpy float64."""
+  """docs/method.md#balance-loss literally, in numpy float64."""
   n = logits.shape[-1]
   p, _, g = _numpy_routing(logits, k, gate)
   m = mask.astype(np.float64)[..., None]
@@ -104,16 +106,26 @@ def _numpy_balance_loss(logits, mask, k, gate):
 MASK = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("gate", GATES)
-@pytest.mark.parametrize("n,k", [(1, 1), (6, 3)])
-def test_balance_loss_matches_numpy_with_padding(gate, n, k):
-  logits = _normal(n + k, (3, 6, n)) * 2.0
-  routing = select_experts(jnp.asarray(logits, jnp.float32), k, gate)
-  loss = balance_loss(routing, jnp.asarray(MASK), n, k, gate)
-  expected, _ = _numpy_balance_loss(logits, MASK, k, gate)
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-5, atol=1e-6)
-  if gate == "top_probs":
-    np.testing.assert_allclose(float(loss), n / k, rtol=1e-6)
+class BalanceLossTest(chex.TestCase):
+  """Routing and the balance loss against numpy, traced under jit and run op by op."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(gate=GATES, nk=[(1, 1), (6, 3)])
+  def test_balance_loss_matches_numpy_with_padding(self, gate, nk):
+    n, k = nk
+    logits = _normal(n + k, (3, 6, n)) * 2.0
+    select = self.variant(R.select_experts, static_argnums=(1, 2))
+    loss_fn = self.variant(R.balance_loss, static_argnums=(2, 3, 4))
+    routing = select(jnp.asarray(logits, jnp.float32), k, gate)
+    p, idx, dense = _numpy_routing(logits, k, gate)
+    np.testing.assert_array_equal(routing.experts, idx)
+    np.testing.assert_allclose(routing.probs, p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(R.dense_gates(routing, n), dense, rtol=1e-5, atol=1e-7)
+    loss = loss_fn(routing, jnp.asarray(MASK), n, k, gate)
+    expected, _ = _numpy_balance_loss(logits, MASK, k, gate)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5, atol=1e-6)
+    if gate == "top_probs":
+      np.testing.assert_allclose(float(loss), n / k, rtol=1e-6)
 
 
 def test_balance_loss_ignores_padded_tokens():

@@ -29,10 +29,8 @@ from cuma_jax.params import merge_params
 from cuma_jax.tiny.tokenizer import build_tiny_tokenizer
 from cuma_jax.training import loop
 
+# The fixed part of the tiny Qwen3; width and depth come from the ``tiny_backbone`` section.
 TINY_QWEN3 = dict(
-  hidden_size=64,
-  intermediate_size=128,
-  num_hidden_layers=2,
   num_attention_heads=4,
   num_key_value_heads=2,
   head_dim=16,
@@ -43,11 +41,26 @@ TINY_QWEN3 = dict(
 )
 
 
-def write_random_qwen3(directory: str, tokenizer, *, seed: int = 0, **overrides) -> str:
+def tiny_qwen3_config(tiny_backbone, vocab_size: int, **token_ids) -> transformers.Qwen3Config:
+  """The Hugging Face config of the tiny backbone a config's ``tiny_backbone`` section
+  describes (``vocab_size``: the trained tokenizer's length)."""
+  return transformers.Qwen3Config(
+    **{
+      **TINY_QWEN3,
+      "hidden_size": tiny_backbone.hidden_size,
+      "num_hidden_layers": tiny_backbone.num_layers,
+      "intermediate_size": 2 * tiny_backbone.hidden_size,
+    },
+    vocab_size=vocab_size,
+    **token_ids,
+  )
+
+
+def write_random_qwen3(directory: str, tokenizer, tiny_backbone, *, seed: int = 0) -> str:
   """Saves a randomly initialised tiny Qwen3 (and ``tokenizer``) to ``directory``."""
-  hf_config = transformers.Qwen3Config(
-    **{**TINY_QWEN3, **overrides},
-    vocab_size=len(tokenizer),
+  hf_config = tiny_qwen3_config(
+    tiny_backbone,
+    len(tokenizer),
     pad_token_id=tokenizer.pad_token_id,
     eos_token_id=tokenizer.eos_token_id,
   )
@@ -83,14 +96,7 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
     train = data.sources["train"]
     corpus = _survey_corpus(train)
     tokenizer = build_tiny_tokenizer(corpus, random_dir, vocab_size=config.tiny_backbone.vocab_size)
-    write_random_qwen3(
-      random_dir,
-      tokenizer,
-      seed=config.seed,
-      hidden_size=config.tiny_backbone.hidden_size,
-      num_hidden_layers=config.tiny_backbone.num_layers,
-      intermediate_size=2 * config.tiny_backbone.hidden_size,
-    )
+    write_random_qwen3(random_dir, tokenizer, config.tiny_backbone, seed=config.seed)
   warm = presets.warmup_config(config)
   log(
     f"warm-up: full fine-tuning of the tiny backbone for {warm.train.num_steps} steps "

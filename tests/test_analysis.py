@@ -1,0 +1,81 @@
+"""A trained workdir back as objects (``cuma_jax.restore``) and its routing per profile and
+per latent culture, on the tiny preset's job run in-process."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import cuma_jax
+from cuma_jax import presets
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("analysis"))
+  config = presets.experiment_config("cuma", "tiny")
+  cuma_jax.run(config, workdir, log=lambda *_: None)
+  return workdir, cuma_jax.restore(workdir, log=lambda *_: None)
+
+
+def test_restore_reproduces_the_jobs_printed_metrics(trained):
+  workdir, experiment = trained
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert experiment.config.mode == "eval" and experiment.config.method == "cuma"
+  for split in ("test", "zero_shot"):
+    assert experiment.evaluate(split) == results["trained"][split]
+  assert sorted(os.listdir(workdir)) == ["adapters", "assets", "results.json", "tfds", "train"]
+
+
+def test_restore_of_an_empty_workdir_says_so(tmp_path):
+  with pytest.raises(FileNotFoundError, match="has no training checkpoint"):
+    cuma_jax.restore(str(tmp_path))
+  assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_routing_usage_per_profile(trained):
+  _, experiment = trained
+  usage = cuma_jax.routing_usage(experiment, "test")
+  dataset, tables = experiment.dataset("test")
+  # Tokens per profile, counted independently from the batches' attention masks.
+  tokens = {}
+  for batch in dataset:
+    for index, mask in zip(batch["profile_index"], batch["attention_mask"]):
+      profile = tables.profiles[index]
+      tokens[profile] = tokens.get(profile, 0) + int(mask.sum())
+  assert usage.profiles == tuple(sorted(tokens))
+  np.testing.assert_array_equal(usage.tokens, [tokens[p] for p in usage.profiles])
+  num_layers, num_experts = 2, experiment.config.adapter.num_experts
+  assert set(usage.usage) == {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+  }
+  for router, u in usage.usage.items():
+    assert u.shape == (len(usage.profiles), num_layers, num_experts)
+    # The released code's gates are a softmax over the top-k: each token's gates sum to 1.
+    np.testing.assert_allclose(u.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(u >= 0)
+
+
+def test_usage_by_latent_culture(trained):
+  _, experiment = trained
+  usage = cuma_jax.routing_usage(experiment, "test")
+  label = cuma_jax.latent_culture(experiment.data.oracle)
+  groups = cuma_jax.usage_by_group(usage, label)
+  labels = np.array([label(p) for p in usage.profiles])
+  assert set(groups) == set(labels)
+  for group, by_router in groups.items():
+    rows = labels == group
+    for router, u in by_router.items():
+      # Token-weighted mean, written out.
+      expected = (usage.usage[router][rows] * usage.tokens[rows, None, None]).sum(0)
+      np.testing.assert_allclose(u, expected / usage.tokens[rows].sum(), rtol=1e-6)
+  with pytest.raises(ValueError, match="labels for"):
+    cuma_jax.usage_by_group(usage, ["one"])
