@@ -1,5 +1,7 @@
 """Demographic encoder: a frozen Qwen3-Embedding-style decoder pooled to one vector per profile.
 
+See docs/method.md#demographic-encoder.
+
 Each distinct profile string is encoded once and cached (a survey has millions of rows but
 only thousands of distinct profiles).  Pooling modes:
 

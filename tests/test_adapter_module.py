@@ -32,7 +32,7 @@ def _shapes(module, *args):
 
 
 def _naive_router(p, x, z, hidden_dims):
-  """The reference's router literally: concat(x, z) per token through one MLP."""
+  """The released code's router literally: concat(x, z) per token through one MLP."""
   u = x if z is None else np.concatenate([x, np.broadcast_to(z[:, None], (B, T, D_DEMO))], -1)
   w1 = p["in_x"] if z is None else np.concatenate([p["in_x"], p["in_z"]], 0)
   h = u @ w1 + p["in_bias"]

@@ -1,5 +1,7 @@
 """TFDS builders for WorldValuesBench and the synthetic survey, stored as array_record.
 
+See docs/data.md#prepared-datasets.
+
 TensorFlow is not needed, neither to build nor to read: TFDS serialises examples with its own
 copy of the tf.Example protos, array_record files are written by the `array_record` package, and
 `tfds.data_source` reads them back by random access. Only the default `tfrecord` file format

@@ -1,4 +1,4 @@
-"""The exact prompt strings of CuMA's WorldValuesBench recipe (reference section 5).
+"""The exact prompt strings of CuMA's WorldValuesBench recipe (docs/data.md#prompts).
 
 The strings follow the authors' released preprocessing character for character:
 

@@ -1,5 +1,7 @@
 """A synthetic cultural value survey with a known answer distribution for every profile.
 
+See docs/data.md#synthetic-survey.
+
 Why: CuMA's claim is that a profile-blind fit converges to the population mean ("mean
 collapse") while demographic routing recovers per-culture answers. Testing that needs data where
 the best achievable per-profile prediction is known exactly; WVS itself cannot be shipped.

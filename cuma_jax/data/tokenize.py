@@ -1,5 +1,7 @@
 """Chat-template tokenisation of one survey example into fixed-length training arrays.
 
+What is supervised: docs/data.md#supervision.
+
 The sequence is the prompt exactly as evaluation renders it (system + user, generation prompt,
 enable_thinking=False: for Qwen3 the header is followed by the empty think block) followed by
 the answer tokens: the letter and the end-of-turn token. Whatever the template renders after the

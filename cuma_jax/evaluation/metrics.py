@@ -1,4 +1,4 @@
-"""WorldValuesBench evaluation metrics (reference section 6), as pure numpy functions.
+"""WorldValuesBench evaluation metrics (docs/evaluation.md), as pure numpy functions.
 
 Every function takes flat per-example arrays (one entry per (participant, question) example)
 and returns plain Python floats or dicts, so results can be logged or JSON-dumped directly.

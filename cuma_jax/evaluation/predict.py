@@ -1,4 +1,4 @@
-"""Turning next-token logits into multiple-choice predictions (reference section 6).
+"""Turning next-token logits into multiple-choice predictions (docs/evaluation.md#prediction).
 
 The model's answer to a WVB question is read off the logits at the last prompt position
 (right after the assistant header), restricted to the letters of that question's valid

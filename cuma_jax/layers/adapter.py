@@ -138,7 +138,7 @@ class LoraExperts(nn.Module):
 
   delta = (alpha / rank) * sum_{i in top-k} g_i B_i A_i dropout(x). ``a`` is one shared
   [d_in, r] matrix (``shared_a``, HydraLoRA layout of the released scripts) or [N, d_in, r];
-  ``b`` is [N, r, d_out]. A ~ normal(std=0.01) and B = 0 (reference), so the adapted
+  ``b`` is [N, r, d_out]. A ~ normal(std=0.01) and B = 0 (docs/method.md#experts), so the adapted
   model starts exactly at the frozen one. ``dtype`` is the compute dtype (None: x's).
   """
 

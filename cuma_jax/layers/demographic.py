@@ -1,4 +1,7 @@
-"""The optional trainable projection of the demographic vector before the routers."""
+"""The optional trainable projection of the demographic vector before the routers.
+
+See docs/method.md#demographic-encoder.
+"""
 
 from __future__ import annotations
 

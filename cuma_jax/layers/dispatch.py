@@ -1,5 +1,7 @@
 """The gated mixture of LoRA experts, sum_{i in top-k} g_i (x A_i) B_i, two ways.
 
+When each is cheaper: docs/method.md#dispatch.
+
 ``mixture_dense`` runs every expert and zeroes the unselected ones through the gates:
 one plain matmul over the N*r expert columns, no data movement, N/k times the needed
 FLOPs. ``mixture_ragged`` sorts (token, slot) pairs by expert and runs only the selected
