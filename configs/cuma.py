@@ -1,7 +1,7 @@
 """CuMA: demographic-aware router over LoRA experts (the paper's method)."""
 
-from cuma_jax.presets import experiment_config
+from cuma_jax.presets import DEFAULT_PRESET, experiment_config
 
 
-def get_config(preset="demo"):
+def get_config(preset=DEFAULT_PRESET):
   return experiment_config("cuma", preset, ablation="none")

@@ -1,7 +1,7 @@
 """Baseline: full fine-tuning (no adapters, the whole backbone trainable)."""
 
-from cuma_jax.presets import experiment_config
+from cuma_jax.presets import DEFAULT_PRESET, experiment_config
 
 
-def get_config(preset="demo"):
+def get_config(preset=DEFAULT_PRESET):
   return experiment_config("full", preset, ablation="none")

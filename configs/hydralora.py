@@ -1,7 +1,7 @@
 """Baseline: HydraLoRA (shared A, per-expert B, router on the token only)."""
 
-from cuma_jax.presets import experiment_config
+from cuma_jax.presets import DEFAULT_PRESET, experiment_config
 
 
-def get_config(preset="demo"):
+def get_config(preset=DEFAULT_PRESET):
   return experiment_config("hydralora", preset, ablation="none")

@@ -1,7 +1,7 @@
 """Baseline: MixLoRA (per-expert A and B, one linear token router shared by q and v)."""
 
-from cuma_jax.presets import experiment_config
+from cuma_jax.presets import DEFAULT_PRESET, experiment_config
 
 
-def get_config(preset="demo"):
+def get_config(preset=DEFAULT_PRESET):
   return experiment_config("mixlora", preset, ablation="none")
