@@ -81,9 +81,15 @@ def apply_rope(x, positions, inv_freq):
   return x * cos + rotated * sin
 
 
-def build_attention_mask(attention_mask, query_len, key_len, prefix_len=0):
-  """[B, T, P + S] boolean mask: causal over the sequence, padding on keys, prefix visible."""
-  causal = jnp.tril(jnp.ones((query_len, key_len), bool), k=key_len - query_len)
+def build_attention_mask(attention_mask, query_len, prefix_len=0, query_offset=0):
+  """[B, T, P + S] boolean mask: causal, padding masked on keys, learned prefixes visible.
+
+  ``attention_mask`` [B, S] covers the keys; query t sits at key position
+  ``query_offset + t`` (0 for a whole sequence, the cache index when decoding).
+  """
+  key_len = attention_mask.shape[1]
+  query_positions = query_offset + jnp.arange(query_len)
+  causal = jnp.arange(key_len)[None, :] <= query_positions[:, None]
   mask = causal[None] & attention_mask[:, None, :].astype(bool)
   if prefix_len:
     prefix = jnp.ones((mask.shape[0], query_len, prefix_len), bool)
@@ -203,7 +209,10 @@ def _adapted_projections(
 
 class Attention(_Block):
   @nn.compact
-  def __call__(self, x, mask, positions, demographics, token_mask):
+  def __call__(self, x, mask, positions, demographics, token_mask, cache=None, cache_index=None):
+    """With ``cache`` ({"key", "value"}: [B, S, kv_heads, head_dim]), this call's keys and
+    values are written at ``cache_index`` and the queries attend over the whole cache;
+    returns (out, aux, updated cache) instead of (out, aux)."""
     cfg = self.config
     head = (ax.HEAD_DIM,)
     qkv, aux_in = _adapted_projections(
@@ -225,6 +234,15 @@ class Attention(_Block):
       q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
     inv_freq = rope_inverse_frequencies(cfg.rope, cfg.head_dim)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      cache = {
+        "key": jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start),
+        "value": jax.lax.dynamic_update_slice(
+          cache["value"], v.astype(cache["value"].dtype), start
+        ),
+      }
+      k, v = cache["key"], cache["value"]
     k, v = with_prefix(self, self.adapter, k, v, self.dtype)
     out = dot_product_attention(q, k, v, mask, self.dtype)
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.HEADS, ax.HEAD_DIM))
@@ -238,7 +256,9 @@ class Attention(_Block):
       {"o_proj": ((cfg.hidden_size,), (ax.EMBED,))},
       cfg.attention_bias,
     )
-    return o["o_proj"], merge_aux(aux_in, aux_out)
+    if cache is None:
+      return o["o_proj"], merge_aux(aux_in, aux_out)
+    return o["o_proj"], merge_aux(aux_in, aux_out), cache
 
 
 class MLP(_Block):
@@ -273,7 +293,7 @@ class MLP(_Block):
 
 class DecoderLayer(_Block):
   @nn.compact
-  def __call__(self, x, mask, positions, demographics, token_mask):
+  def __call__(self, x, mask, positions, demographics, token_mask, cache=None, cache_index=None):
     kwargs = dict(
       config=self.config,
       adapter=self.adapter,
@@ -282,15 +302,17 @@ class DecoderLayer(_Block):
       deterministic=self.deterministic,
       capture_routing=self.capture_routing,
     )
-    attn, aux_attn = Attention(**kwargs, name="self_attn")(
-      self.norm("input_layernorm")(x), mask, positions, demographics, token_mask
+    attn, aux_attn, *new_cache = Attention(**kwargs, name="self_attn")(
+      self.norm("input_layernorm")(x), mask, positions, demographics, token_mask, cache, cache_index
     )
     x = x + attn
     mlp, aux_mlp = MLP(**kwargs, name="mlp")(
       self.norm("post_attention_layernorm")(x), demographics, token_mask
     )
     x = nn.with_logical_constraint(x + mlp, (ax.BATCH, ax.LENGTH, ax.EMBED))
-    return x, merge_aux(aux_attn, aux_mlp)
+    if cache is None:
+      return x, merge_aux(aux_attn, aux_mlp)
+    return x, (merge_aux(aux_attn, aux_mlp), new_cache[0])
 
 
 class Decoder(nn.Module):
@@ -327,12 +349,22 @@ class Decoder(nn.Module):
     demographics=None,
     deterministic: bool = True,
     logit_indices=None,
+    cache=None,
+    cache_index=None,
   ):
     """``logit_indices`` [batch, K]: score only these positions (the supervised tokens or
-    the last prompt position), so the [batch, length, vocab] logits are never formed."""
+    the last prompt position), so the [batch, length, vocab] logits are never formed.
+
+    Decoding (``cuma_jax.generation``) passes a key/value ``cache`` ({"key", "value"}:
+    [layers, batch, S, kv_heads, head_dim], see :func:`init_cache`) and ``cache_index``,
+    where this call's tokens are written; ``attention_mask`` [batch, S] then covers the
+    whole cache and ``positions`` are required.  The call returns ``(out, aux, cache)``.
+    """
     self.setup_check()
     cfg = self.config
     batch, length = input_ids.shape
+    if cache is not None and (positions is None or attention_mask is None):
+      raise ValueError("decoding with a cache needs positions and the cache's attention_mask")
     if attention_mask is None:
       attention_mask = jnp.ones((batch, length), jnp.int32)
     if positions is None:
@@ -353,8 +385,17 @@ class Decoder(nn.Module):
     )
     x = nn.with_logical_constraint(embed(input_ids), (ax.BATCH, ax.LENGTH, ax.EMBED))
     prefix_len = self.adapter.prefix_length if self.adapter is not None else 0
-    mask = build_attention_mask(attention_mask, length, length, prefix_len)
-    x, aux = self._layers(x, mask, positions, demographics, attention_mask, deterministic)
+    if cache is None:
+      mask = build_attention_mask(attention_mask, length, prefix_len)
+      token_mask = attention_mask
+    else:
+      mask = build_attention_mask(attention_mask, length, prefix_len, query_offset=cache_index)
+      token_mask = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, length, axis=1)
+    x, aux = self._layers(
+      x, mask, positions, demographics, token_mask, deterministic, cache, cache_index
+    )
+    if cache is not None:
+      aux, cache = aux
     x = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
     if logit_indices is not None:
       x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)
@@ -372,11 +413,14 @@ class Decoder(nn.Module):
         name="lm_head",
       )(x).astype(jnp.float32)
     out = nn.with_logical_constraint(out, (ax.BATCH, ax.LENGTH, ax.VOCAB))
-    if self.adapter is None:
-      return out
-    return out, finalize_aux(aux)
+    aux = finalize_aux(aux) if self.adapter is not None else None
+    if cache is not None:
+      return out, aux, cache
+    return out if self.adapter is None else (out, aux)
 
-  def _layers(self, x, mask, positions, demographics, token_mask, deterministic):
+  def _layers(
+    self, x, mask, positions, demographics, token_mask, deterministic, cache, cache_index
+  ):
     cfg = self.config
     kwargs = dict(
       config=cfg,
@@ -386,25 +430,40 @@ class Decoder(nn.Module):
       deterministic=deterministic,
       capture_routing=self.capture_routing,
     )
-    # A layer maps (x, *broadcast) -> (x, aux): exactly nn.scan's (carry, ys) contract.
+    # A layer maps (x, *broadcast[, cache]) -> (x, aux[, cache]): exactly nn.scan's
+    # (carry, ys) contract, with each layer's cache scanned over and stacked back.
     layer_cls = DecoderLayer
     if self.remat != "none":
       policy = (
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if self.remat == "dots" else None
       )
       layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not self.scan_layers)
+    args = (x, mask, positions, demographics, token_mask)
+    if cache is not None:
+      args += (cache, cache_index)
     if self.scan_layers:
+      in_axes = (nn.broadcast,) * 4 + ((0, nn.broadcast) if cache is not None else ())
       scanned = nn.scan(
         layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * 4,
+        in_axes=in_axes,
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: ax.LAYERS},
       )
-      return scanned(**kwargs, name="layers")(x, mask, positions, demographics, token_mask)
+      return scanned(**kwargs, name="layers")(*args)
     per_layer = []
     for i in range(cfg.num_layers):
-      x, aux = layer_cls(**kwargs, name=f"layers_{i}")(x, mask, positions, demographics, token_mask)
-      per_layer.append(aux)
+      layer_args = args[1:]
+      if cache is not None:
+        layer_args = (*args[1:5], jax.tree.map(lambda c: c[i], cache), cache_index)
+      x, out = layer_cls(**kwargs, name=f"layers_{i}")(x, *layer_args)
+      per_layer.append(out)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else {}
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+  """An empty key/value cache for ``length`` positions: {"key", "value"} of shape
+  [layers, batch, length, kv_heads, head_dim]."""
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
