@@ -152,6 +152,9 @@ class EvalSection(Section):
   KEY: ClassVar[str] = "eval"
   batch_size: int = field(32, low=1, resume=FREE)
   splits: tuple[str, ...] = field(("test",), choices=SYNTHETIC_SPLITS, resume=FREE)
+  # sigma-inequity over the 8 profile fields, country included (the released evaluation);
+  # False: over the 7 others (docs/evaluation.md#inequity).
+  inequity_includes_country: bool = field(True, choices=(False, True), resume=FREE)
 
 
 @dataclasses.dataclass(frozen=True)

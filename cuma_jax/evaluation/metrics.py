@@ -290,9 +290,9 @@ def summarize(
 ) -> dict[str, float]:
   """All main WVB metrics of one evaluation run, from per-example arrays.
 
-  ``profile_fields`` maps each demographic dimension (age, gender, ...) to per-example labels;
-  these are the sigma-inequity dimensions, and (with ``countries``) they identify the profile
-  for :func:`profile_diversity`. ``scales`` maps question id -> (min, max) answer scale.
+  ``profile_fields`` maps each sigma-inequity dimension (country, age, gender, ...) to
+  per-example labels; with ``countries`` they identify the profile for
+  :func:`profile_diversity`. ``scales`` maps question id -> (min, max) answer scale.
   Keys: accuracy, macro_f1, country_macro_accuracy, sigma_inequity, emd_mean, emd_median,
   emd_auc, entropy_pred, entropy_true, profile_diversity, num_examples, num_questions.
   """
