@@ -148,6 +148,20 @@ def test_emd_summary_auc_clips_emds_above_one():
   assert auc == pytest.approx(np.trapezoid(curve, grid), abs=1e-4)
 
 
+def test_emd_summary_released_auc_hand_example():
+  # The released grid t = 0, 0.05, ..., 0.6; four questions, 25% each; F(t) in percent and the
+  # trapezoid rule, so a step at a grid point counts half the interval before it:
+  #   e = 0.0  : in from t = 0                                25 * 0.6               = 15
+  #   e = 0.1  : half of [0.05, 0.1], then [0.1, 0.6]         25 * (0.025 + 0.5)     = 13.125
+  #   e = 0.12 : half of [0.1, 0.15], then [0.15, 0.6]        25 * (0.025 + 0.45)    = 11.875
+  #   e = 0.7  : above the last threshold                                            = 0
+  # Total 40.0 (in [0, 60]); the exact AUC over [0, 1] is 1 - mean = 1 - 0.23 = 0.77.
+  np.testing.assert_array_equal(metrics.RELEASED_AUC_THRESHOLDS, np.arange(13) * 0.05)
+  summary = metrics.emd_summary([0.0, 0.1, 0.12, 0.7])
+  assert summary["auc_released"] == pytest.approx(40.0, abs=1e-9)
+  assert summary["auc"] == pytest.approx(0.77)
+
+
 # ----------------------------------------------------------------------------- mean collapse
 
 
@@ -229,6 +243,7 @@ def test_summarize_wires_the_metrics():
       "emd_mean": emd["mean"],
       "emd_median": emd["median"],
       "emd_auc": emd["auc"],
+      "emd_auc_released": emd["auc_released"],
       "entropy_pred": metrics.prediction_entropy(qids, pred_letters),
       "entropy_true": metrics.prediction_entropy(qids, true_letters),
       "profile_diversity": metrics.profile_diversity(qids, profiles, pred_letters),
