@@ -144,6 +144,7 @@ class Experiment:
       num_epochs=1,
       drop_remainder=False,
       demographic_system_prompt=self.config.data.demographic_system_prompt,
+      supervision=self.config.data.supervision,
       shard_index=0,
       shard_count=1,
     )
@@ -230,6 +231,7 @@ def _train(experiment: Experiment, log) -> dict:
     seed=config.data.shuffle_seed,
     num_epochs=None,
     demographic_system_prompt=config.data.demographic_system_prompt,
+    supervision=config.data.supervision,
     tables=experiment.train_tables,
   )
   result = loop.train(

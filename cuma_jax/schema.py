@@ -25,6 +25,7 @@ import ml_collections
 from cuma_jax import fields
 from cuma_jax.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from cuma_jax.data.synthetic import SyntheticSurveyConfig
+from cuma_jax.data.tokenize import END_OF_TURN, SUPERVISION
 from cuma_jax.encoders import POOLING_MODES
 from cuma_jax.fields import FREE, STRUCTURAL, field
 from cuma_jax.layers.adapter_config import AdapterConfig
@@ -101,6 +102,9 @@ class DataSection(Section):
   max_length: int = field(1024, low=1)
   batch_size: int = field(16, low=1)  # per process: each reads its own shard
   demographic_system_prompt: bool = field(True, choices=(False, True))
+  # Supervised answer tokens (docs/data.md#supervision): the letter and the end-of-turn
+  # token, or "released": what the released training supervises.
+  supervision: str = field(END_OF_TURN, choices=SUPERVISION)
   shuffle_seed: int = field(42)
   synthetic: SyntheticSurveyConfig = dataclasses.field(default_factory=SyntheticSurveyConfig)
 

@@ -23,6 +23,7 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
     num_epochs=1,
     drop_remainder=False,
     demographic_system_prompt=config.data.demographic_system_prompt,
+    supervision=config.data.supervision,
     shard_index=0,
     shard_count=1,
   )
