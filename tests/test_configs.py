@@ -53,5 +53,30 @@ def test_config_builds_and_keeps_its_method(path, preset):
   else:
     assert adapter.num_experts > 1 and adapter.router_hidden
     assert adapter.uses_demographics == (c.ablation not in ("no_demographics", "minimal"))
-    assert (adapter.gate == "top_probs") == (c.ablation in ("soft_routing", "minimal"))
+    assert (adapter.gate == "top_probs") == (c.ablation == "soft_routing")
     assert (c.optim.lambda_aux == 0) == (c.ablation in ("no_balance_loss", "minimal"))
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+_MINIMAL = {"ablation": "minimal", "adapter.router": "token", "optim.lambda_aux": 0.0}
+
+
+@pytest.mark.parametrize(
+  "preset, expected",
+  [
+    ("qwen3_8b_r64", {**_MINIMAL, "data.demographic_system_prompt": False}),
+    ("demo", _MINIMAL),  # the CPU presets have no profile in the prompt to remove
+  ],
+)
+def test_minimal_ablation_is_the_released_scripts(preset, expected):
+  # The released script: no demographic embedding (router on x), no profile in the system
+  # prompt, no balance loss; top-k routing kept (the gate is CuMA's).
+  cuma = _flat(presets.experiment_config("cuma", preset).to_dict())
+  minimal = _flat(presets.experiment_config("cuma", preset, "minimal").to_dict())
+  assert {k: minimal[k] for k in cuma if cuma[k] != minimal[k]} == expected
