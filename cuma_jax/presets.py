@@ -117,13 +117,27 @@ def tiny() -> ml_collections.ConfigDict:
   )
 
 
-SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+_PAPER_SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "qwen3_8b_r64": _paper_scale("qwen3-8b", 64, 5e-6),
   "qwen3_8b_r8": _paper_scale("qwen3-8b", 8, 2e-5),
   # The released Llama-3.1-8B script adapts q_proj and k_proj.
   "llama31_8b_r64": _paper_scale(
     "llama-3.1-8b", 64, 5e-6, **{"adapter.targets": ("q_proj", "k_proj")}
   ),
+}
+# The released training scripts' adapter layout: one A shared by a projection's experts, and
+# one router per layer shared by q/k/v (another by gate/up). The paper scales keep per-expert
+# A and a router per target: that layout reproduces the paper's trainable percentages.
+RELEASED_LAYOUT: Overrides = {"adapter.shared_a": True, "adapter.share_router": True}
+
+
+def _released_layout(scale: Callable[[], ml_collections.ConfigDict]) -> Callable:
+  return lambda: _apply(scale(), RELEASED_LAYOUT)
+
+
+SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+  **_PAPER_SCALES,
+  **{f"{name}_released": _released_layout(scale) for name, scale in _PAPER_SCALES.items()},
   "demo": demo,
   "tiny": tiny,
 }

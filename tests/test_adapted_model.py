@@ -227,6 +227,21 @@ def test_trainable_percentages_reproduce_the_paper(method, preset, percent):
 
 
 @pytest.mark.parametrize(
+  "preset, layers, d_out",
+  [("qwen3_8b_r64_released", 36, (4096, 1024)), ("llama31_8b_r64_released", 32, (4096, 1024))],
+)
+def test_released_layout_counts(preset, layers, d_out):
+  # One A [4096, 64] per target shared by its 8 experts, per-expert B [8, 64, d_out], and one
+  # router per layer for both targets (they read the same input): (4096 + 1024) * 256 + 256
+  # + 256 * 8 + 8. Qwen3-8B: q_proj + v_proj; Llama-3.1-8B (released script): q_proj + k_proj.
+  d, r, n, h, d_z = 4096, 64, 8, 256, 1024
+  per_layer = sum(d * r + n * r * out for out in d_out) + (d + d_z) * h + h + h * n + n
+  config = presets.experiment_config("cuma", preset)
+  assert config.adapter.shared_a and config.adapter.share_router
+  assert param_count.count_parameters(config)["trainable"] == layers * per_layer
+
+
+@pytest.mark.parametrize(
   "kwargs, message",
   [
     (dict(top_k=0), r"top_k"),

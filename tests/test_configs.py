@@ -52,6 +52,8 @@ def test_config_builds_and_keeps_its_method(path, preset):
     assert adapter is None and c.trainable == "all"
   else:
     assert adapter.num_experts > 1 and adapter.router_hidden
+    released = preset.endswith("_released")
+    assert (adapter.shared_a, adapter.share_router) == (released, released)
     assert adapter.uses_demographics == (c.ablation not in ("no_demographics", "minimal"))
     assert (adapter.gate == "top_probs") == (c.ablation == "soft_routing")
     assert (c.optim.lambda_aux == 0) == (c.ablation in ("no_balance_loss", "minimal"))
