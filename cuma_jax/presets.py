@@ -21,14 +21,24 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 Overrides = dict[str, Any]
 
 
+def _section(c: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+  """The section holding dotted ``key``, and the key's name in it."""
+  *path, name = key.split(".")
+  for part in path:
+    c = c[part]
+  if name not in c:
+    raise KeyError(f"preset override {key!r} is not a config key")
+  return c, name
+
+
+def _get(c: ml_collections.ConfigDict, key: str) -> Any:
+  section, name = _section(c, key)
+  return section[name]
+
+
 def _apply(c: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
   for key, value in overrides.items():
-    *path, name = key.split(".")
-    section = c
-    for part in path:
-      section = section[part]
-    if name not in section:
-      raise KeyError(f"preset override {key!r} is not a config key")
+    section, name = _section(c, key)
     section[name] = value
   return c
 
@@ -142,6 +152,9 @@ SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "tiny": tiny,
 }
 
+# LoRA, prefix tuning and full fine-tuning are pinned to the released scripts' recipes (PEFT
+# defaults included: LoRA's kaiming-uniform A; prefix init normal(0, 1), the field's
+# default); HydraLoRA and MixLoRA take the scale's CuMA recipe (README, configs).
 METHODS: dict[str, Overrides] = {
   "cuma": {},
   "hydralora": {"adapter.shared_a": True, "adapter.router": "token"},
@@ -151,15 +164,22 @@ METHODS: dict[str, Overrides] = {
     "adapter.router_hidden": (),
     "adapter.share_router": True,
   },
-  "lora": {"adapter.router": "none", "adapter.num_experts": 1, "adapter.top_k": 1},
-  "prefix": {"adapter.targets": (), "adapter.prefix_length": 32},
-  "full": {"trainable": "all", "optim.learning_rate": 2e-5},
+  "lora": {
+    "adapter.router": "none",
+    "adapter.num_experts": 1,
+    "adapter.top_k": 1,
+    "adapter.a_init": "kaiming_uniform",
+    "optim.learning_rate": 2e-5,
+    "optim.b2": 0.95,
+  },
+  "prefix": {"adapter.targets": (), "adapter.prefix_length": 32, "optim.learning_rate": 2e-5},
+  "full": {"trainable": "all", "optim.learning_rate": 2e-5, "optim.b2": 0.95},
 }
-# Where a scale keeps its own value against a method's table: the CPU scales' learning
-# rate suits full fine-tuning of the tiny backbone too.
-SCALE_METHOD_OVERRIDES: dict[tuple[str, str], Overrides] = {
-  ("demo", "full"): {"optim.learning_rate": 3e-3},
-  ("tiny", "full"): {"optim.learning_rate": 3e-3},
+# Keys a scale keeps against any method's table: the CPU scales' learning rate suits every
+# method on the tiny backbone (the methods' rates are for 8B backbones).
+SCALE_KEEPS: dict[str, tuple[str, ...]] = {
+  "demo": ("optim.learning_rate",),
+  "tiny": ("optim.learning_rate",),
 }
 
 _NO_DEMOGRAPHICS = {"adapter.router": "token", "data.demographic_system_prompt": False}
@@ -190,8 +210,9 @@ def experiment_config(
   if ablation != "none" and method != "cuma":
     raise ValueError(f"ablation {ablation!r} is an ablation of CuMA; method={method!r}")
   c = SCALES[preset]()
+  kept = {key: _get(c, key) for key in SCALE_KEEPS.get(preset, ())}
   _apply(c, METHODS[method])
-  _apply(c, SCALE_METHOD_OVERRIDES.get((preset, method), {}))
+  _apply(c, kept)
   _apply(c, ABLATIONS[ablation])
   c.method, c.ablation = method, ablation
   schema.validate(c)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 import torch
 import transformers
 
@@ -85,6 +86,20 @@ def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, adapter):
   else:
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected))
   assert np.isfinite(float(aux["balance_loss"]))
+
+
+def test_prefix_init_is_normal_with_the_configured_std(tiny_checkpoint):
+  # PEFT's prefix (an nn.Embedding, no projection) starts at normal(0, 1); 0.1 is any other.
+  directory, _ = tiny_checkpoint("qwen3")
+  for std in (1.0, 0.1):
+    adapter = AdapterConfig(targets=(), prefix_length=32, prefix_init_std=std)
+    _, params = load_pretrained(directory, adapter=adapter, rng=jax.random.key(5))
+    flat = traverse_util.flatten_dict(params)
+    values = np.concatenate(
+      [np.asarray(v).ravel() for p, v in flat.items() if p[-1].startswith("prefix_")]
+    )
+    assert values.size >= 1000
+    assert scipy.stats.kstest(values, scipy.stats.norm(0.0, std).cdf).pvalue > 1e-3
 
 
 def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint):

@@ -82,3 +82,28 @@ def test_minimal_ablation_is_the_released_scripts(preset, expected):
   cuma = _flat(presets.experiment_config("cuma", preset).to_dict())
   minimal = _flat(presets.experiment_config("cuma", preset, "minimal").to_dict())
   assert {k: minimal[k] for k in cuma if cuma[k] != minimal[k]} == expected
+
+
+@pytest.mark.parametrize("preset", ["qwen3_8b_r64", "qwen3_8b_r8", "llama31_8b_r64"])
+def test_baselines_are_pinned_to_the_released_scripts(preset):
+  # train_lora_sft / train_prefix_sft / train_fft_sft: lr 2e-5; AdamW betas (0.9, 0.95) for
+  # LoRA and full fine-tuning, torch's default (0.9, 0.999) for prefix tuning; PEFT's LoRA A
+  # (kaiming-uniform) and prefix embedding (normal(0, 1)) initialisations.
+  lora = presets.experiment_config("lora", preset)
+  prefix = presets.experiment_config("prefix", preset)
+  full = presets.experiment_config("full", preset)
+  assert (lora.optim.learning_rate, lora.optim.b1, lora.optim.b2) == (2e-5, 0.9, 0.95)
+  assert lora.adapter.a_init == "kaiming_uniform"
+  assert (prefix.optim.learning_rate, prefix.optim.b2, prefix.adapter.prefix_init_std) == (
+    2e-5,
+    0.999,
+    1.0,
+  )
+  assert (full.optim.learning_rate, full.optim.b2) == (2e-5, 0.95)
+  assert presets.experiment_config("cuma", preset).adapter.a_init == "normal"
+
+
+@pytest.mark.parametrize("method", list(presets.METHODS))
+def test_cpu_scales_keep_their_learning_rate(method):
+  assert presets.experiment_config(method, "demo").optim.learning_rate == 3e-3
+  assert presets.experiment_config(method, "tiny").optim.learning_rate == 3e-3
