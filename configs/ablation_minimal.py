@@ -1,4 +1,4 @@
-"""Ablation: minimal CuMA (soft routing, no demographics, no balance loss together)."""
+"""Ablation: minimal CuMA (no demographics and no balance loss; top-k routing kept)."""
 
 from cuma_jax.presets import DEFAULT_PRESET, experiment_config
 

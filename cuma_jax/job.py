@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 from typing import Any
 
 import jax
@@ -144,6 +146,7 @@ class Experiment:
       num_epochs=1,
       drop_remainder=False,
       demographic_system_prompt=self.config.data.demographic_system_prompt,
+      supervision=self.config.data.supervision,
       shard_index=0,
       shard_count=1,
     )
@@ -205,8 +208,33 @@ def run(config, workdir: str, log=print) -> dict:
   results["trained"] = _evaluate_all(experiment)
   _report("trained", results["trained"], log)
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+    json.dump({**results, "run": provenance(config)}, f, indent=2)
   return results
+
+
+# Distributions whose versions a run records (results.json "run").
+RECORDED_PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "transformers",
+  "numpy",
+)
+
+
+def provenance(config) -> dict:
+  """What reproduces a run: its exact config and seed, library versions, devices."""
+  return {
+    "config": checkpointing.config_to_json(config),
+    "seed": config.seed,
+    "versions": {
+      "python": platform.python_version(),
+      **{name: importlib.metadata.version(name) for name in RECORDED_PACKAGES},
+    },
+    "devices": {"kind": jax.devices()[0].device_kind, "count": jax.device_count()},
+  }
 
 
 def restore(workdir: str, config: ml_collections.ConfigDict | None = None, log=print):
@@ -230,6 +258,7 @@ def _train(experiment: Experiment, log) -> dict:
     seed=config.data.shuffle_seed,
     num_epochs=None,
     demographic_system_prompt=config.data.demographic_system_prompt,
+    supervision=config.data.supervision,
     tables=experiment.train_tables,
   )
   result = loop.train(

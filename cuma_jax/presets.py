@@ -21,14 +21,24 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 Overrides = dict[str, Any]
 
 
+def _section(c: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+  """The section holding dotted ``key``, and the key's name in it."""
+  *path, name = key.split(".")
+  for part in path:
+    c = c[part]
+  if name not in c:
+    raise KeyError(f"preset override {key!r} is not a config key")
+  return c, name
+
+
+def _get(c: ml_collections.ConfigDict, key: str) -> Any:
+  section, name = _section(c, key)
+  return section[name]
+
+
 def _apply(c: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
   for key, value in overrides.items():
-    *path, name = key.split(".")
-    section = c
-    for part in path:
-      section = section[part]
-    if name not in section:
-      raise KeyError(f"preset override {key!r} is not a config key")
+    section, name = _section(c, key)
     section[name] = value
   return c
 
@@ -117,17 +127,34 @@ def tiny() -> ml_collections.ConfigDict:
   )
 
 
-SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+_PAPER_SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "qwen3_8b_r64": _paper_scale("qwen3-8b", 64, 5e-6),
   "qwen3_8b_r8": _paper_scale("qwen3-8b", 8, 2e-5),
   # The released Llama-3.1-8B script adapts q_proj and k_proj.
   "llama31_8b_r64": _paper_scale(
     "llama-3.1-8b", 64, 5e-6, **{"adapter.targets": ("q_proj", "k_proj")}
   ),
+}
+# The released training scripts' adapter layout: one A shared by a projection's experts, and
+# one router per layer shared by q/k/v (another by gate/up). The paper scales keep per-expert
+# A and a router per target: that layout reproduces the paper's trainable percentages.
+RELEASED_LAYOUT: Overrides = {"adapter.shared_a": True, "adapter.share_router": True}
+
+
+def _released_layout(scale: Callable[[], ml_collections.ConfigDict]) -> Callable:
+  return lambda: _apply(scale(), RELEASED_LAYOUT)
+
+
+SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+  **_PAPER_SCALES,
+  **{f"{name}_released": _released_layout(scale) for name, scale in _PAPER_SCALES.items()},
   "demo": demo,
   "tiny": tiny,
 }
 
+# LoRA, prefix tuning and full fine-tuning are pinned to the released scripts' recipes (PEFT
+# defaults included: LoRA's kaiming-uniform A; prefix init normal(0, 1), the field's
+# default); HydraLoRA and MixLoRA take the scale's CuMA recipe (README, configs).
 METHODS: dict[str, Overrides] = {
   "cuma": {},
   "hydralora": {"adapter.shared_a": True, "adapter.router": "token"},
@@ -137,27 +164,35 @@ METHODS: dict[str, Overrides] = {
     "adapter.router_hidden": (),
     "adapter.share_router": True,
   },
-  "lora": {"adapter.router": "none", "adapter.num_experts": 1, "adapter.top_k": 1},
-  "prefix": {"adapter.targets": (), "adapter.prefix_length": 32},
-  "full": {"trainable": "all", "optim.learning_rate": 2e-5},
+  "lora": {
+    "adapter.router": "none",
+    "adapter.num_experts": 1,
+    "adapter.top_k": 1,
+    "adapter.a_init": "kaiming_uniform",
+    "optim.learning_rate": 2e-5,
+    "optim.b2": 0.95,
+  },
+  "prefix": {"adapter.targets": (), "adapter.prefix_length": 32, "optim.learning_rate": 2e-5},
+  "full": {"trainable": "all", "optim.learning_rate": 2e-5, "optim.b2": 0.95},
 }
-# Where a scale keeps its own value against a method's table: the CPU scales' learning
-# rate suits full fine-tuning of the tiny backbone too.
-SCALE_METHOD_OVERRIDES: dict[tuple[str, str], Overrides] = {
-  ("demo", "full"): {"optim.learning_rate": 3e-3},
-  ("tiny", "full"): {"optim.learning_rate": 3e-3},
+# Keys a scale keeps against any method's table: the CPU scales' learning rate suits every
+# method on the tiny backbone (the methods' rates are for 8B backbones).
+SCALE_KEEPS: dict[str, tuple[str, ...]] = {
+  "demo": ("optim.learning_rate",),
+  "tiny": ("optim.learning_rate",),
 }
 
 _NO_DEMOGRAPHICS = {"adapter.router": "token", "data.demographic_system_prompt": False}
 _SOFT_ROUTING = {"adapter.gate": "top_probs"}
 _NO_BALANCE_LOSS = {"optim.lambda_aux": 0.0}
-# Ablations of CuMA (the paper's section 7).
+# Ablations of CuMA (the paper's section 7). "minimal" is the released script's: without
+# demographics and without the balance loss, top-k routing kept.
 ABLATIONS: dict[str, Overrides] = {
   "none": {},
   "soft_routing": _SOFT_ROUTING,
   "no_demographics": _NO_DEMOGRAPHICS,
   "no_balance_loss": _NO_BALANCE_LOSS,
-  "minimal": {**_SOFT_ROUTING, **_NO_DEMOGRAPHICS, **_NO_BALANCE_LOSS},
+  "minimal": {**_NO_DEMOGRAPHICS, **_NO_BALANCE_LOSS},
 }
 
 
@@ -175,8 +210,9 @@ def experiment_config(
   if ablation != "none" and method != "cuma":
     raise ValueError(f"ablation {ablation!r} is an ablation of CuMA; method={method!r}")
   c = SCALES[preset]()
+  kept = {key: _get(c, key) for key in SCALE_KEEPS.get(preset, ())}
   _apply(c, METHODS[method])
-  _apply(c, SCALE_METHOD_OVERRIDES.get((preset, method), {}))
+  _apply(c, kept)
   _apply(c, ABLATIONS[ablation])
   c.method, c.ablation = method, ablation
   schema.validate(c)

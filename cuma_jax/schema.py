@@ -25,6 +25,7 @@ import ml_collections
 from cuma_jax import fields
 from cuma_jax.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from cuma_jax.data.synthetic import SyntheticSurveyConfig
+from cuma_jax.data.tokenize import END_OF_TURN, SUPERVISION
 from cuma_jax.encoders import POOLING_MODES
 from cuma_jax.fields import FREE, STRUCTURAL, field
 from cuma_jax.layers.adapter_config import AdapterConfig
@@ -101,6 +102,9 @@ class DataSection(Section):
   max_length: int = field(1024, low=1)
   batch_size: int = field(16, low=1)  # per process: each reads its own shard
   demographic_system_prompt: bool = field(True, choices=(False, True))
+  # Supervised answer tokens (docs/data.md#supervision): the letter and the end-of-turn
+  # token, or "released": what the released training supervises.
+  supervision: str = field(END_OF_TURN, choices=SUPERVISION)
   shuffle_seed: int = field(42)
   synthetic: SyntheticSurveyConfig = dataclasses.field(default_factory=SyntheticSurveyConfig)
 
@@ -152,6 +156,9 @@ class EvalSection(Section):
   KEY: ClassVar[str] = "eval"
   batch_size: int = field(32, low=1, resume=FREE)
   splits: tuple[str, ...] = field(("test",), choices=SYNTHETIC_SPLITS, resume=FREE)
+  # sigma-inequity over the 8 profile fields, country included (the released evaluation);
+  # False: over the 7 others (docs/evaluation.md#inequity).
+  inequity_includes_country: bool = field(True, choices=(False, True), resume=FREE)
 
 
 @dataclasses.dataclass(frozen=True)

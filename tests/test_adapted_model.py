@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 import torch
 import transformers
 
@@ -85,6 +86,20 @@ def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, adapter):
   else:
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected))
   assert np.isfinite(float(aux["balance_loss"]))
+
+
+def test_prefix_init_is_normal_with_the_configured_std(tiny_checkpoint):
+  # PEFT's prefix (an nn.Embedding, no projection) starts at normal(0, 1); 0.1 is any other.
+  directory, _ = tiny_checkpoint("qwen3")
+  for std in (1.0, 0.1):
+    adapter = AdapterConfig(targets=(), prefix_length=32, prefix_init_std=std)
+    _, params = load_pretrained(directory, adapter=adapter, rng=jax.random.key(5))
+    flat = traverse_util.flatten_dict(params)
+    values = np.concatenate(
+      [np.asarray(v).ravel() for p, v in flat.items() if p[-1].startswith("prefix_")]
+    )
+    assert values.size >= 1000
+    assert scipy.stats.kstest(values, scipy.stats.norm(0.0, std).cdf).pvalue > 1e-3
 
 
 def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint):
@@ -224,6 +239,21 @@ def test_trainable_percentages_reproduce_the_paper(method, preset, percent):
   counts = param_count.count_parameters(presets.experiment_config(method, preset))
   assert counts["backbone"] == 8_190_735_360
   assert round(counts["trainable_percent"], 2) == percent
+
+
+@pytest.mark.parametrize(
+  "preset, layers, d_out",
+  [("qwen3_8b_r64_released", 36, (4096, 1024)), ("llama31_8b_r64_released", 32, (4096, 1024))],
+)
+def test_released_layout_counts(preset, layers, d_out):
+  # One A [4096, 64] per target shared by its 8 experts, per-expert B [8, 64, d_out], and one
+  # router per layer for both targets (they read the same input): (4096 + 1024) * 256 + 256
+  # + 256 * 8 + 8. Qwen3-8B: q_proj + v_proj; Llama-3.1-8B (released script): q_proj + k_proj.
+  d, r, n, h, d_z = 4096, 64, 8, 256, 1024
+  per_layer = sum(d * r + n * r * out for out in d_out) + (d + d_z) * h + h + h * n + n
+  config = presets.experiment_config("cuma", preset)
+  assert config.adapter.shared_a and config.adapter.share_router
+  assert param_count.count_parameters(config)["trainable"] == layers * per_layer
 
 
 @pytest.mark.parametrize(

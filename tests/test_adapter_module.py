@@ -1,11 +1,15 @@
 """Router and LoraExperts modules against plain numpy MLP / LoRA built from their params."""
 
+import math
+
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
+import torch
 
 from cuma_jax.layers.adapter import LoraExperts, Router
 from cuma_jax.layers.routing import select_experts
@@ -158,6 +162,27 @@ def test_lora_experts_init_and_axes(shared_a):
   assert b.value.shape == (4, 3, D_OUT) and b.names == (EXPERTS, LORA_RANK, HEADS)
   assert not np.any(b.value) and 0.003 < float(jnp.std(a.value)) < 0.03
   np.testing.assert_array_equal(jax.jit(module.apply)(variables, X, routing), 0.0)
+
+
+@pytest.mark.parametrize("a_init", ["normal", "kaiming_uniform"])
+def test_lora_experts_a_init_law(a_init):
+  # A's 8 * 512 * 16 entries against the law each name promises; the uniform's bound is
+  # torch's kaiming_uniform_(a=sqrt(5)) on a [r, d_in] weight (PEFT's LoRA A), from torch.
+  d_in = 512
+  x = jnp.zeros((1, 2, d_in))
+  routing = select_experts(jnp.zeros((1, 2, 8)), 2)
+  module = LoraExperts(features=4, num_experts=8, rank=16, alpha=32.0, a_init=a_init)
+  a = np.asarray(nn.unbox(_init(module, x, routing))["params"]["a"]).ravel()
+  if a_init == "normal":
+    law = scipy.stats.norm(0.0, 0.01)
+  else:
+    gain = torch.nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    bound = gain * math.sqrt(3.0 / d_in)
+    law = scipy.stats.uniform(-bound, 2 * bound)
+    assert np.abs(a).max() <= bound
+  assert scipy.stats.kstest(a, law.cdf).pvalue > 1e-3
+  with pytest.raises(ValueError, match=r"a_init='xavier'.*'kaiming_uniform'"):
+    LoraExperts(features=4, num_experts=8, rank=16, alpha=32.0, a_init="xavier")
 
 
 def test_lora_experts_dtype_and_dropout():

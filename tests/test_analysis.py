@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cuma_jax
-from cuma_jax import presets
+from cuma_jax import job, presets, schema
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,27 @@ def test_restore_reproduces_the_jobs_printed_metrics(trained):
   for split in ("test", "zero_shot"):
     assert experiment.evaluate(split) == results["trained"][split]
   assert sorted(os.listdir(workdir)) == ["adapters", "assets", "results.json", "tfds", "train"]
+
+
+def test_results_record_what_reproduces_the_run(trained):
+  import flax
+  import jax
+  import jaxlib
+  import numpy
+  import optax
+  import orbax.checkpoint
+  import transformers
+
+  workdir, _ = trained
+  with open(os.path.join(workdir, "results.json")) as f:
+    run = json.load(f)["run"]
+  # The recorded config rebuilds exactly the config that ran.
+  config = presets.experiment_config("cuma", "tiny")
+  assert schema.from_dict(run["config"]) == schema.validate(config)
+  assert run["seed"] == config.seed
+  modules = (jax, jaxlib, flax, optax, orbax.checkpoint, transformers, numpy)
+  assert [run["versions"][n] for n in job.RECORDED_PACKAGES] == [m.__version__ for m in modules]
+  assert run["devices"] == {"kind": jax.devices()[0].device_kind, "count": len(jax.devices())}
 
 
 def test_restore_of_an_empty_workdir_says_so(tmp_path):

@@ -52,6 +52,58 @@ def test_config_builds_and_keeps_its_method(path, preset):
     assert adapter is None and c.trainable == "all"
   else:
     assert adapter.num_experts > 1 and adapter.router_hidden
+    released = preset.endswith("_released")
+    assert (adapter.shared_a, adapter.share_router) == (released, released)
     assert adapter.uses_demographics == (c.ablation not in ("no_demographics", "minimal"))
-    assert (adapter.gate == "top_probs") == (c.ablation in ("soft_routing", "minimal"))
+    assert (adapter.gate == "top_probs") == (c.ablation == "soft_routing")
     assert (c.optim.lambda_aux == 0) == (c.ablation in ("no_balance_loss", "minimal"))
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+_MINIMAL = {"ablation": "minimal", "adapter.router": "token", "optim.lambda_aux": 0.0}
+
+
+@pytest.mark.parametrize(
+  "preset, expected",
+  [
+    ("qwen3_8b_r64", {**_MINIMAL, "data.demographic_system_prompt": False}),
+    ("demo", _MINIMAL),  # the CPU presets have no profile in the prompt to remove
+  ],
+)
+def test_minimal_ablation_is_the_released_scripts(preset, expected):
+  # The released script: no demographic embedding (router on x), no profile in the system
+  # prompt, no balance loss; top-k routing kept (the gate is CuMA's).
+  cuma = _flat(presets.experiment_config("cuma", preset).to_dict())
+  minimal = _flat(presets.experiment_config("cuma", preset, "minimal").to_dict())
+  assert {k: minimal[k] for k in cuma if cuma[k] != minimal[k]} == expected
+
+
+@pytest.mark.parametrize("preset", ["qwen3_8b_r64", "qwen3_8b_r8", "llama31_8b_r64"])
+def test_baselines_are_pinned_to_the_released_scripts(preset):
+  # train_lora_sft / train_prefix_sft / train_fft_sft: lr 2e-5; AdamW betas (0.9, 0.95) for
+  # LoRA and full fine-tuning, torch's default (0.9, 0.999) for prefix tuning; PEFT's LoRA A
+  # (kaiming-uniform) and prefix embedding (normal(0, 1)) initialisations.
+  lora = presets.experiment_config("lora", preset)
+  prefix = presets.experiment_config("prefix", preset)
+  full = presets.experiment_config("full", preset)
+  assert (lora.optim.learning_rate, lora.optim.b1, lora.optim.b2) == (2e-5, 0.9, 0.95)
+  assert lora.adapter.a_init == "kaiming_uniform"
+  assert (prefix.optim.learning_rate, prefix.optim.b2, prefix.adapter.prefix_init_std) == (
+    2e-5,
+    0.999,
+    1.0,
+  )
+  assert (full.optim.learning_rate, full.optim.b2) == (2e-5, 0.95)
+  assert presets.experiment_config("cuma", preset).adapter.a_init == "normal"
+
+
+@pytest.mark.parametrize("method", list(presets.METHODS))
+def test_cpu_scales_keep_their_learning_rate(method):
+  assert presets.experiment_config(method, "demo").optim.learning_rate == 3e-3
+  assert presets.experiment_config(method, "tiny").optim.learning_rate == 3e-3

@@ -1,5 +1,7 @@
 """WorldValuesBench reader, prompts and TFDS builder on the hand-written fixture."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -86,9 +88,29 @@ def test_examples_and_skip_counts(wvb_root):
     "answer_not_in_options": 1,
     "participants_missing_profile": 2,
     "examples_missing_profile": 3,
+    "participants_nan_profile": 0,
+    "examples_nan_profile": 0,
     "skipped_questions": ["Q999"],
   }
   assert counts.skipped_examples == 6
+
+
+def test_incomplete_profile_kept_as_nan(wvb_root):
+  counts = SkipCounts()
+  examples = list(WvbReader(wvb_root).examples("train", counts, incomplete_profiles="nan"))
+  germany = [e for e in examples if e["participant_id"] == 276070004]
+  assert [(e["question_id"], e["answer_letter"]) for e in germany] == [("Q1", "B"), ("Q46", "A")]
+  assert germany[0]["demographics"]["ethnicity"] == "nan"
+  assert germany[0]["profile"] == (
+    "You are a person from Germany, age group: 45-54 years old, gender: Male, education: "
+    "Short-cycle tertiary education (ISCED 5), marital status: Divorced, religion: Roman "
+    "Catholic, ethnicity: nan, employment: Self employed."
+  )
+  # Only the participant without a demographic row is dropped now (as an inner join drops it).
+  assert (counts.examples, counts.participants_missing_profile) == (10, 1)
+  assert (counts.participants_nan_profile, counts.examples_nan_profile) == (1, 2)
+  with pytest.raises(ValueError, match=r"incomplete_profiles='keep'.*\('drop', 'nan'\)"):
+    list(WvbReader(wvb_root).examples("train", incomplete_profiles="keep"))
 
 
 def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
@@ -158,18 +180,69 @@ def test_tfds_full_config_reads_back_every_example(wvb_root, tmp_path):
   assert metadata["skip_counts"]["train"]["answer_not_in_options"] == 1
 
 
-def test_tfds_sampled_config_matches_seeded_permutation(wvb_root, tmp_path):
-  config = builders.WvbConfig(name="sampled_5", train_size=5, test_size=2, sample_seed=42)
+def _released_sample(root, split, size, seed=42):
+  """(participant id, question id, profile) of the released preprocessing's sample, written
+  here from its description with pandas, as it reads the TSVs.
+
+  The value TSV is inner-joined with the profile columns of the demographic TSV (value rows
+  keep their order); each row yields its columns starting with "Q", in order, whose cell is a
+  number >= 0 (or a string of digits) that is one of the codebook's choices >= 0; the profile
+  sentence formats the pandas values with str(), so an empty cell reads "nan". The sample is
+  HF datasets' shuffle(seed).select(range(size)): numpy's default_rng(seed) permutation.
+  """
+  import pandas as pd
+
+  codebook = json.loads((root / "dataset_construction/codebook.json").read_text())
+  demographic_path, value_path = split_files(root, split)
+  demographic = pd.read_csv(demographic_path, sep="\t", index_col="D_INTERVIEW")
+  values = pd.read_csv(value_path, sep="\t", index_col="D_INTERVIEW")
+  columns = ["B_COUNTRY", "X003R", "Q260", "Q275", "Q273", "Q289", "Q290", "Q279"]
+  joined = values.join(demographic[columns], how="inner")
+  rows = []
+  for pid, row in joined.iterrows():
+    country, age, gender, education, marital, religion, ethnicity, employment = (
+      str(row[c]) for c in columns
+    )
+    if age.endswith("years"):
+      age = age.replace(" years", " years old")
+    profile = (
+      f"You are a person from {country}, age group: {age}, gender: {gender}, education: "
+      f"{education}, marital status: {marital}, religion: {religion}, ethnicity: {ethnicity}, "
+      f"employment: {employment}."
+    )
+    for question in (c for c in values.columns if c.startswith("Q")):
+      cell = row[question]
+      if isinstance(cell, str):
+        code = int(cell) if cell.strip().isdigit() else None
+      else:
+        code = None if pd.isna(cell) else int(cell)
+      choices = {int(c) for c in codebook.get(question, {}).get("choices", {}) if int(c) >= 0}
+      if code is not None and code in choices:
+        rows.append((int(pid), question, profile))
+  order = np.random.default_rng(seed).permutation(len(rows))[:size]
+  return [rows[i] for i in order]
+
+
+def test_sampled_50k_selects_the_released_rows(wvb_root, tmp_path):
+  configs = {c.name: c for c in builders.CumaWorldValuesBench.BUILDER_CONFIGS}
+  assert configs["sampled_50k"].incomplete_profiles == "nan"
+  assert configs["full"].incomplete_profiles == "drop"
+  config = builders.WvbConfig(
+    name="sampled_7", train_size=7, test_size=4, sample_seed=42, incomplete_profiles="nan"
+  )
   builder = builders.CumaWorldValuesBench(data_dir=tmp_path, config=config)
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=str(wvb_root))
   )
   sources = builder.as_data_source()
-  reader = WvbReader(wvb_root)
-  for split, size in (("train", 5), ("test", 2)):
-    examples = list(reader.examples(split))
-    order = np.random.default_rng(42).permutation(len(examples))[:size]
-    assert [_decoded(r) for r in sources[split]] == [examples[i] for i in order]
+  for split, size in (("train", 7), ("test", 4)):
+    got = [
+      (int(r["participant_id"]), r["question_id"].decode(), r["profile"].decode())
+      for r in sources[split]
+    ]
+    assert got == _released_sample(wvb_root, split, size)
+  # The participant with an empty ethnicity is in the permuted rows (10 of them, not 8).
+  assert len(_released_sample(wvb_root, "train", 100)) == 10
 
 
 def test_split_files_layout(tmp_path):

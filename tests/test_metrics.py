@@ -7,6 +7,7 @@ the EMD tool's input file.
 
 import csv
 import math
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,9 @@ from scipy.stats import wasserstein_distance
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from cuma_jax.evaluation import metrics
+from cuma_jax import presets
+from cuma_jax.data import prompts
+from cuma_jax.evaluation import metrics, survey
 from cuma_jax.evaluation.predict import letter_token_ids, option_log_probs, restricted_argmax
 
 # ----------------------------------------------------------------------------- classification
@@ -145,6 +148,20 @@ def test_emd_summary_auc_clips_emds_above_one():
   assert auc == pytest.approx(np.trapezoid(curve, grid), abs=1e-4)
 
 
+def test_emd_summary_released_auc_hand_example():
+  # The released grid t = 0, 0.05, ..., 0.6; four questions, 25% each; F(t) in percent and the
+  # trapezoid rule, so a step at a grid point counts half the interval before it:
+  #   e = 0.0  : in from t = 0                                25 * 0.6               = 15
+  #   e = 0.1  : half of [0.05, 0.1], then [0.1, 0.6]         25 * (0.025 + 0.5)     = 13.125
+  #   e = 0.12 : half of [0.1, 0.15], then [0.15, 0.6]        25 * (0.025 + 0.45)    = 11.875
+  #   e = 0.7  : above the last threshold                                            = 0
+  # Total 40.0 (in [0, 60]); the exact AUC over [0, 1] is 1 - mean = 1 - 0.23 = 0.77.
+  np.testing.assert_array_equal(metrics.RELEASED_AUC_THRESHOLDS, np.arange(13) * 0.05)
+  summary = metrics.emd_summary([0.0, 0.1, 0.12, 0.7])
+  assert summary["auc_released"] == pytest.approx(40.0, abs=1e-9)
+  assert summary["auc"] == pytest.approx(0.77)
+
+
 # ----------------------------------------------------------------------------- mean collapse
 
 
@@ -226,6 +243,7 @@ def test_summarize_wires_the_metrics():
       "emd_mean": emd["mean"],
       "emd_median": emd["median"],
       "emd_auc": emd["auc"],
+      "emd_auc_released": emd["auc_released"],
       "entropy_pred": metrics.prediction_entropy(qids, pred_letters),
       "entropy_true": metrics.prediction_entropy(qids, true_letters),
       "profile_diversity": metrics.profile_diversity(qids, profiles, pred_letters),
@@ -287,3 +305,45 @@ def test_letter_token_ids_rejects_multi_token_letter():
 def test_letter_token_ids_rejects_unknown_letter():
   with pytest.raises(ValueError, match="'D'"):
     letter_token_ids(_tokenizer(prefix_space=False), "ABCD")
+
+
+# ----------------------------------------------------------------------------- survey scoring
+
+
+class _Source(list):
+  """A prepared split as score_predictions reads it: records plus the question table."""
+
+  def __init__(self, records, questions):
+    super().__init__(records)
+    self.dataset_info = types.SimpleNamespace(metadata={"questions": questions})
+
+
+def test_sigma_inequity_of_a_split_includes_country_by_default():
+  # Ten answers to one question; the true option is always A. Country and gender vary, every
+  # other profile field is constant (one subgroup: no spread, the dimension is skipped).
+  countries = ["Chile"] * 5 + ["Peru"] * 5
+  genders = ["Male", "Male", "Male", "Female", "Female", "Male", "Male"] + ["Female"] * 3
+  correct = [1, 1, 1, 1, 0, 1, 1, 0, 0, 0]
+  records = [
+    {
+      "question_id": "Q1",
+      "profile": f"{c}|{g}",
+      "option_codes": [1, 2, 3, 4],
+      "answer_option": 0,
+      "demographics": {**{f: "same" for f in prompts.PROFILE_FIELDS}, "country": c, "gender": g},
+    }
+    for c, g in zip(countries, genders)
+  ]
+  source = _Source(records, [{"question_id": "Q1", "scale_min": 1, "scale_max": 4}])
+  chosen = [0 if ok else 1 for ok in correct]
+  # Country: Chile 4/5, Peru 2/5 -> std(0.8, 0.4) = 0.2.
+  # Gender: Male (rows 0-2, 5, 6) 5/5, Female (rows 3, 4, 7-9) 1/5 -> std(1.0, 0.2) = 0.4.
+  # Released (8 dimensions): mean(0.2, 0.4) = 0.3; without country: 0.4.
+  with_country = survey.score_predictions(
+    source, chosen, range(10), inequity_includes_country=True
+  )["model"]
+  without = survey.score_predictions(source, chosen, range(10), inequity_includes_country=False)
+  assert with_country["sigma_inequity"] == pytest.approx(0.3)
+  assert without["model"]["sigma_inequity"] == pytest.approx(0.4)
+  assert with_country["country_macro_accuracy"] == pytest.approx(0.6)
+  assert presets.experiment_config("cuma", "tiny").eval.inequity_includes_country is True

@@ -98,37 +98,54 @@ class _SurveyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata.setdefault("profiles", {})[split] = sorted(profiles)
     self.info.metadata.setdefault("skip_counts", {})[split] = counts.as_dict()
 
-  def _split(self, reader: wvb.WvbReader, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _split(
+    self, reader: wvb.WvbReader, split: str, incomplete_profiles: str = wvb.DROP
+  ) -> Iterator[tuple[int, dict[str, Any]]]:
     counts = wvb.SkipCounts()
-    return self._generate_examples(enumerate(reader.examples(split, counts)), split, counts)
+    examples = reader.examples(split, counts, incomplete_profiles)
+    return self._generate_examples(enumerate(examples), split, counts)
 
 
 @dataclasses.dataclass(eq=False)
 class WvbConfig(tfds.core.BuilderConfig):
-  """train_size/test_size None: every example; else a seeded sample of the train/test splits."""
+  """train_size/test_size None: every example; else a seeded sample of the train/test splits.
+
+  incomplete_profiles: what becomes of a participant with an empty profile field
+  (``wvb.DROP`` or ``wvb.AS_NAN``).
+  """
 
   train_size: int | None = None
   test_size: int | None = None
   sample_seed: int = 42
+  incomplete_profiles: str = wvb.DROP
 
 
 class CumaWorldValuesBench(_SurveyBuilder):
   """WorldValuesBench from a manual directory (WVS needs registration, so no download)."""
 
   name = "cuma_world_values_bench"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.1.0": "sampled_50k keeps participants with an empty profile field (it reads 'nan').",
+  }
   DESCRIPTION = "WorldValuesBench: one example per (participant, value question) answer."
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Obtain WVS wave 7 and run WorldValuesBench's dataset_construction/data_preparation.py; "
     "pass the repository root as manual_dir. It must hold:\n" + wvb.LAYOUT
   )
   BUILDER_CONFIGS = [
-    WvbConfig(name="full", description="All train/valid/test examples."),
+    WvbConfig(
+      name="full",
+      description="All train/valid/test examples of participants with a complete profile.",
+    ),
     WvbConfig(
       name="sampled_50k",
       train_size=50_000,
       test_size=5_000,
       sample_seed=42,
-      description="The paper's sample: 50k train and 5k test examples, seed 42.",
+      incomplete_profiles=wvb.AS_NAN,
+      description="The paper's sample: 50k train and 5k test examples, seed 42, drawn from the "
+      "released preprocessing's rows (an empty profile field reads 'nan').",
     ),
   ]
 
@@ -142,19 +159,25 @@ class CumaWorldValuesBench(_SurveyBuilder):
     self._set_questions(reader, "train")
     config = self.builder_config
     if config.train_size is None:
-      return {split: self._split(reader, split) for split in ("train", "valid", "test")}
+      return {
+        split: self._split(reader, split, config.incomplete_profiles)
+        for split in ("train", "valid", "test")
+      }
     return {
-      split: self._sampled(reader, split, size, config.sample_seed)
+      split: self._sampled(reader, split, size, config.sample_seed, config.incomplete_profiles)
       for split, size in (("train", config.train_size), ("test", config.test_size))
     }
 
-  def _sampled(self, reader: wvb.WvbReader, split: str, size: int, seed: int):
+  def _sampled(
+    self, reader: wvb.WvbReader, split: str, size: int, seed: int, incomplete_profiles: str
+  ):
     """`size` examples, as the authors' `Dataset.shuffle(seed).select(range(size))` picks."""
     counts = wvb.SkipCounts()
-    total = sum(1 for _ in reader.examples(split, counts))
+    total = sum(1 for _ in reader.examples(split, counts, incomplete_profiles))
     order = np.random.default_rng(seed).permutation(total)[:size]
     rank = {int(i): r for r, i in enumerate(order)}
-    chosen = ((rank[i], ex) for i, ex in enumerate(reader.examples(split)) if i in rank)
+    examples = reader.examples(split, incomplete_profiles=incomplete_profiles)
+    chosen = ((rank[i], ex) for i, ex in enumerate(examples) if i in rank)
     return self._generate_examples(chosen, split, counts)
 
 

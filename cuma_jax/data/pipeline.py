@@ -3,8 +3,8 @@
 Every batch is a dict of numpy arrays (B = batch size, L = max_length):
 
     input_ids, attention_mask, targets, loss_mask   [B, L] int32 (see tokenize.py: targets[t] is
-                                                    input_ids[t + 1]; loss_mask marks the answer
-                                                    letter and end-of-turn targets)
+                                                    input_ids[t + 1]; loss_mask marks the
+                                                    supervised answer targets)
     prompt_length        [B] index of the last prompt token, where evaluation reads the logits
     truncated_tokens     [B] prompt tokens dropped to fit max_length (0 almost always)
     profile_index        [B] row of `SurveyTables.profiles` (sorted distinct profile strings),
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from cuma_jax.data import prompts
-from cuma_jax.data.tokenize import ChatEncoder
+from cuma_jax.data.tokenize import END_OF_TURN, ChatEncoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +69,16 @@ class _EncodeExample:
   """Source index -> one tokenised example (a picklable callable, for grain workers)."""
 
   def __init__(
-    self, source, tokenizer, tables: SurveyTables, max_length: int, demographic_system_prompt: bool
+    self,
+    source,
+    tokenizer,
+    tables: SurveyTables,
+    max_length: int,
+    demographic_system_prompt: bool,
+    supervision: str,
   ):
     self.source = source
-    self.encoder = ChatEncoder(tokenizer, max_length)
+    self.encoder = ChatEncoder(tokenizer, max_length, supervision)
     self.profile_index = {p: i for i, p in enumerate(tables.profiles)}
     self.question_index = {q: i for i, q in enumerate(tables.question_ids)}
     self.demographic_system_prompt = demographic_system_prompt
@@ -108,6 +114,7 @@ def make_dataset(
   shuffle: bool = True,
   num_epochs: int | None = 1,
   demographic_system_prompt: bool = False,
+  supervision: str = END_OF_TURN,
   shard_index: int | None = None,
   shard_count: int | None = None,
   drop_remainder: bool = True,
@@ -133,7 +140,9 @@ def make_dataset(
     indices = indices.shuffle(seed=seed)
   dataset = (
     indices.repeat(num_epochs)
-    .map(_EncodeExample(source, tokenizer, tables, max_length, demographic_system_prompt))
+    .map(
+      _EncodeExample(source, tokenizer, tables, max_length, demographic_system_prompt, supervision)
+    )
     .batch(batch_size, drop_remainder=drop_remainder)
     .to_iter_dataset()
   )

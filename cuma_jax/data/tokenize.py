@@ -4,13 +4,18 @@ What is supervised: docs/data.md#supervision.
 
 The sequence is the prompt exactly as evaluation renders it (system + user, generation prompt,
 enable_thinking=False: for Qwen3 the header is followed by the empty think block) followed by
-the answer tokens: the letter and the end-of-turn token. Whatever the template renders after the
-end-of-turn token (Qwen3's trailing "\\n") is neither supervised nor kept.
+the answer tokens. Which ones, and which of them are supervised, is `supervision`:
+
+- END_OF_TURN (default): the letter and the end-of-turn token. Whatever the template renders
+  after the end-of-turn token (Qwen3's trailing "\\n") is neither supervised nor kept.
+- RELEASED: as the released training: every token the template writes after the assistant
+  header, except those equal to the padding id, which it masks. Qwen3: letter, <|im_end|>,
+  "\\n"; Llama 3, whose tokenizer has no padding token and so pads with <|eot_id|>: the letter.
 
 Shift convention (next-token): `targets[t] = input_ids[t + 1]`, and `loss_mask[t] = 1` exactly
-where `targets[t]` is an answer token. `prompt_length` is the index of the LAST prompt token:
-the logits there predict the letter (`targets[prompt_length]` is the letter, its loss_mask is 1),
-which is where evaluation reads them.
+where `targets[t]` is a supervised answer token. `prompt_length` is the index of the LAST
+prompt token: the logits there predict the letter (`targets[prompt_length]` is the letter, its
+loss_mask is 1), which is where evaluation reads them.
 
 An example longer than max_length loses tokens from the left of the prompt (the system turn
 first) so that the answer and the generation header are always kept; `truncated_tokens` says
@@ -25,6 +30,10 @@ import logging
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+END_OF_TURN = "answer_and_end_of_turn"
+RELEASED = "released"
+SUPERVISION = (END_OF_TURN, RELEASED)
 
 
 def _special_ids(tokenizer) -> frozenset[int]:
@@ -52,9 +61,12 @@ def render_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
 class ChatEncoder:
   """Encodes (messages, answer) pairs for one tokenizer into fixed-length numpy arrays."""
 
-  def __init__(self, tokenizer, max_length: int):
+  def __init__(self, tokenizer, max_length: int, supervision: str = END_OF_TURN):
+    if supervision not in SUPERVISION:
+      raise ValueError(f"supervision={supervision!r}; must be one of {SUPERVISION}")
     self.tokenizer = tokenizer
     self.max_length = max_length
+    self.supervision = supervision
     self.pad_id = pad_id(tokenizer)
     self.special_ids = _special_ids(tokenizer)
     self._warned_truncation = False
@@ -91,7 +103,7 @@ class ChatEncoder:
         f"no answer followed by an end-of-turn special token after the prompt: "
         f"{tok.convert_ids_to_tokens(completion)}"
       )
-    answer_ids = completion[: end + 1]
+    answer_ids = completion[: end + 1] if self.supervision == END_OF_TURN else completion
 
     keep = self.max_length - len(answer_ids)
     if keep < 1:
@@ -118,6 +130,8 @@ class ChatEncoder:
     attention_mask[:n] = 1
     loss_mask = np.zeros(self.max_length, np.int32)
     loss_mask[len(prompt_ids) - 1 : n - 1] = 1
+    if self.supervision == RELEASED:
+      loss_mask[targets == self.pad_id] = 0
     return {
       "input_ids": input_ids,
       "attention_mask": attention_mask,

@@ -11,8 +11,9 @@ One example is one (participant, value question) cell holding a valid answer cod
 >= 0 that is one of the question's codebook choices. Rows are visited in file order and
 questions in column order, as the authors' preprocessing does, so seeded sampling over the
 example sequence selects the same examples as theirs. Unusable cells are skipped and counted
-(`SkipCounts`); so are participants with a missing profile field, whom the released code would
-have rendered as "nan" in the prompt.
+(`SkipCounts`), and so are participants without a demographic row. A participant with an empty
+profile field is either dropped (`DROP`) or kept with the field reading "nan" (`AS_NAN`), which
+is what the released preprocessing writes, since it reads the TSVs with pandas.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cuma_jax.data import prompts
 
 logger = logging.getLogger(__name__)
 
 ID_COLUMN = "D_INTERVIEW"
+# What becomes of a participant with an empty profile field (docs/data.md).
+DROP = "drop"  # skipped and counted
+AS_NAN = "nan"  # kept; the field reads "nan", as pandas' NaN prints in the released prompts
+INCOMPLETE_PROFILES = (DROP, AS_NAN)
 CODEBOOK = Path("dataset_construction/codebook.json")
 QUESTION_METADATA = Path("dataset_construction/question_metadata.json")
 LAYOUT = """\
@@ -75,10 +80,13 @@ class SkipCounts:
   negative_answer: int = 0  # WVS missing-value code (< 0) left in the file
   non_numeric_answer: int = 0  # text in a value cell (WVB's non-ordinal questions)
   answer_not_in_options: int = 0  # integer code that is not one of the question's choices
-  # Participants with valid answers but an empty profile field or no demographic row, and the
-  # valid answers dropped with them.
+  # Participants with valid answers but no demographic row (or, with DROP, an empty profile
+  # field), and the valid answers dropped with them.
   participants_missing_profile: int = 0
   examples_missing_profile: int = 0
+  # With AS_NAN: participants with an empty profile field, and their examples (kept).
+  participants_nan_profile: int = 0
+  examples_nan_profile: int = 0
   skipped_questions: list[str] = dataclasses.field(default_factory=list)  # unusable columns
 
   @property
@@ -93,6 +101,12 @@ class SkipCounts:
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+class _Profile(NamedTuple):
+  sentence: str
+  fields: dict[str, str]
+  incomplete: bool  # an empty field reads "nan" (AS_NAN)
 
 
 def _parse_code(cell: str) -> int | None:
@@ -178,8 +192,8 @@ class WvbReader:
     found = (self.question(qid) for qid in header if qid != ID_COLUMN)
     return [q for q in found if q is not None]
 
-  def _profiles(self, path: Path) -> dict[str, tuple[str, dict[str, str]] | None]:
-    """participant id -> (profile sentence, profile fields), or None when a field is empty."""
+  def _profiles(self, path: Path, incomplete_profiles: str) -> dict[str, _Profile | None]:
+    """participant id -> profile; None for a dropped one (an empty field, with DROP)."""
     rows = _read_tsv(path)
     header = next(rows)
     try:
@@ -189,23 +203,34 @@ class WvbReader:
       }
     except ValueError as e:
       raise ValueError(f"{path} lacks a required column: {e}") from None
-    profiles: dict[str, tuple[str, dict[str, str]] | None] = {}
+    profiles: dict[str, _Profile | None] = {}
     for row in rows:
       values = {field: row[col].strip() if col < len(row) else "" for field, col in columns.items()}
+      incomplete = not all(values.values())
+      if incomplete and incomplete_profiles == DROP:
+        profiles[row[id_col].strip()] = None
+        continue
+      values = {field: value or AS_NAN for field, value in values.items()}
       values["age_group"] = prompts.age_group_text(values["age_group"])
-      profile = (prompts.profile_sentence(values), values) if all(values.values()) else None
-      profiles[row[id_col].strip()] = profile
+      profiles[row[id_col].strip()] = _Profile(prompts.profile_sentence(values), values, incomplete)
     return profiles
 
-  def examples(self, split: str, counts: SkipCounts | None = None) -> Iterator[dict[str, Any]]:
+  def examples(
+    self, split: str, counts: SkipCounts | None = None, incomplete_profiles: str = DROP
+  ) -> Iterator[dict[str, Any]]:
     """Yields the split's examples as raw-text dicts (the TFDS feature layout).
 
     `counts` is filled in as the iterator advances; a split without a single valid example
-    raises ValueError once exhausted.
+    raises ValueError once exhausted. `incomplete_profiles` (DROP or AS_NAN) says what becomes
+    of a participant with an empty profile field.
     """
+    if incomplete_profiles not in INCOMPLETE_PROFILES:
+      raise ValueError(
+        f"incomplete_profiles={incomplete_profiles!r}; must be one of {INCOMPLETE_PROFILES}"
+      )
     counts = SkipCounts() if counts is None else counts
     demographic_path, value_path = self._files(split)
-    profiles = self._profiles(demographic_path)
+    profiles = self._profiles(demographic_path, incomplete_profiles)
     rows = _read_tsv(value_path)
     header = next(rows)
     if ID_COLUMN not in header:
@@ -247,13 +272,18 @@ class WvbReader:
             counts.participants_missing_profile += 1
             counted_participant = True
           continue
+        if profile.incomplete:
+          counts.examples_nan_profile += 1
+          if not counted_participant:
+            counts.participants_nan_profile += 1
+            counted_participant = True
         counts.examples += 1
         yield {
           "question_id": question.question_id,
           "participant_id": int(participant),
           "user": question.user,
-          "profile": profile[0],
-          "demographics": dict(profile[1]),
+          "profile": profile.sentence,
+          "demographics": dict(profile.fields),
           "answer_letter": prompts.LETTERS[option],
           "answer_option": option,
           "answer_code": code,
@@ -285,6 +315,14 @@ def _report(root: Path, split: str, counts: SkipCounts) -> None:
       counts.participants_missing_profile,
       len(counts.skipped_questions),
       counts.skipped_questions[:10],
+    )
+  if counts.participants_nan_profile:
+    logger.warning(
+      "WVB split %r: kept %d examples of %d participants with an empty profile field, which "
+      "reads 'nan'",
+      split,
+      counts.examples_nan_profile,
+      counts.participants_nan_profile,
     )
 
 

@@ -178,14 +178,21 @@ def emd_by_question(
   return result
 
 
-def emd_summary(emds: Mapping[Hashable, float] | ArrayLike) -> dict[str, float]:
-  """Mean, median and AUC of per-question EMDs (a dict from :func:`emd_by_question` or values).
+# The released evaluation's AUC thresholds, built as it builds them (0, 0.05, ..., 0.6).
+RELEASED_AUC_THRESHOLDS = np.arange(0.0, 0.6 + 1e-8, 0.05)
 
-  ``auc`` is the area under the curve F(t) = fraction (in [0, 1], not percent) of questions
-  with EMD <= t, for thresholds t in [0, 1]; higher is better. It is computed exactly: one
-  question contributes the integral of the indicator [e <= t] over t in [0, 1], i.e.
-  1 - clip(e, 0, 1), so ``auc = mean(1 - clip(emd, 0, 1))``, which equals ``1 - mean`` whenever
-  all EMDs lie in [0, 1] (always the case for in-scale codes).
+
+def emd_summary(emds: Mapping[Hashable, float] | ArrayLike) -> dict[str, float]:
+  """Mean, median and two AUCs of per-question EMDs (a dict from :func:`emd_by_question`).
+
+  Both AUCs are areas under F(t), the share of questions with EMD <= t; higher is better.
+
+  - ``auc``: F as a fraction, t over [0, 1], integrated exactly: one question contributes the
+    integral of the indicator [e <= t] over t in [0, 1], i.e. 1 - clip(e, 0, 1), so
+    ``auc = mean(1 - clip(emd, 0, 1))``, which equals ``1 - mean`` whenever all EMDs lie in
+    [0, 1] (always the case for in-scale codes).
+  - ``auc_released``: as the released evaluation computes it: F in percent at the thresholds
+    :data:`RELEASED_AUC_THRESHOLDS`, integrated with the trapezoid rule; in [0, 60].
   """
   values = np.asarray(list(emds.values()) if isinstance(emds, Mapping) else emds, np.float64)
   if values.size == 0:
@@ -194,6 +201,11 @@ def emd_summary(emds: Mapping[Hashable, float] | ArrayLike) -> dict[str, float]:
     "mean": float(np.mean(values)),
     "median": float(np.median(values)),
     "auc": float(np.mean(1.0 - np.clip(values, 0.0, 1.0))),
+    "auc_released": float(
+      np.trapezoid(
+        [np.mean(values <= t) * 100.0 for t in RELEASED_AUC_THRESHOLDS], RELEASED_AUC_THRESHOLDS
+      )
+    ),
   }
 
 
@@ -290,11 +302,11 @@ def summarize(
 ) -> dict[str, float]:
   """All main WVB metrics of one evaluation run, from per-example arrays.
 
-  ``profile_fields`` maps each demographic dimension (age, gender, ...) to per-example labels;
-  these are the sigma-inequity dimensions, and (with ``countries``) they identify the profile
-  for :func:`profile_diversity`. ``scales`` maps question id -> (min, max) answer scale.
+  ``profile_fields`` maps each sigma-inequity dimension (country, age, gender, ...) to
+  per-example labels; with ``countries`` they identify the profile for
+  :func:`profile_diversity`. ``scales`` maps question id -> (min, max) answer scale.
   Keys: accuracy, macro_f1, country_macro_accuracy, sigma_inequity, emd_mean, emd_median,
-  emd_auc, entropy_pred, entropy_true, profile_diversity, num_examples, num_questions.
+  emd_auc, emd_auc_released, entropy_pred, entropy_true, profile_diversity, num_examples, num_questions.
   """
   pred_letters, true_letters = _paired(pred_letters, true_letters)
   # One integer id per distinct (country, *profile fields) combination, built column by column
@@ -313,6 +325,7 @@ def summarize(
     "emd_mean": emd["mean"],
     "emd_median": emd["median"],
     "emd_auc": emd["auc"],
+    "emd_auc_released": emd["auc_released"],
     "entropy_pred": prediction_entropy(question_ids, pred_letters),
     "entropy_true": prediction_entropy(question_ids, true_letters),
     "profile_diversity": profile_diversity(question_ids, profile_ids, pred_letters),

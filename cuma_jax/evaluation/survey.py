@@ -23,6 +23,7 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
     num_epochs=1,
     drop_remainder=False,
     demographic_system_prompt=config.data.demographic_system_prompt,
+    supervision=config.data.supervision,
     shard_index=0,
     shard_count=1,
   )
@@ -42,7 +43,13 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
     chosen = np.asarray(predict.restricted_argmax(last_logits, option_ids, option_mask))
     options.append(chosen[:n])
     indices.append(batch["example_index"])
-  return score_predictions(source, np.concatenate(options), np.concatenate(indices), oracle)
+  return score_predictions(
+    source,
+    np.concatenate(options),
+    np.concatenate(indices),
+    oracle,
+    inequity_includes_country=config.eval.inequity_includes_country,
+  )
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
@@ -52,8 +59,14 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([array, pad])
 
 
-def score_predictions(source, chosen_options, example_indices, oracle=None) -> dict:
-  """Metrics of predicted option indices; with an oracle also its two reference predictors."""
+def score_predictions(
+  source, chosen_options, example_indices, oracle=None, *, inequity_includes_country: bool
+) -> dict:
+  """Metrics of predicted option indices; with an oracle also its two reference predictors.
+
+  sigma-inequity runs over every profile field, or over all but country when
+  ``inequity_includes_country`` is False (docs/evaluation.md#inequity).
+  """
   records = [source[int(i)] for i in example_indices]
   qids = np.array([as_text(r["question_id"]) for r in records])
   codes = [np.asarray(r["option_codes"]) for r in records]
@@ -65,12 +78,12 @@ def score_predictions(source, chosen_options, example_indices, oracle=None) -> d
   for qid, c in zip(qids, codes):
     if scales.get(qid, (None, None))[0] is None:
       scales[qid] = (min(c), max(c))  # Non-ordinal questions: the option codes' range.
-  fields = {
-    f: np.array([as_text(r["demographics"][f]) for r in records])
-    for f in prompts.PROFILE_FIELDS
-    if f != "country"
+  demographics = {
+    f: np.array([as_text(r["demographics"][f]) for r in records]) for f in prompts.PROFILE_FIELDS
   }
-  countries = np.array([as_text(r["demographics"]["country"]) for r in records])
+  inequity_fields = {
+    f: labels for f, labels in demographics.items() if inequity_includes_country or f != "country"
+  }
 
   def summary(options):
     return metrics.summarize(
@@ -79,8 +92,8 @@ def score_predictions(source, chosen_options, example_indices, oracle=None) -> d
       pred_codes=np.array([c[o] for c, o in zip(codes, options)]),
       true_codes=np.array([c[o] for c, o in zip(codes, true_option)]),
       question_ids=qids,
-      countries=countries,
-      profile_fields=fields,
+      countries=demographics["country"],
+      profile_fields=inequity_fields,
       scales=scales,
     )
 

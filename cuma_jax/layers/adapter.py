@@ -127,6 +127,15 @@ ROUTERS: Registry[RouterKind] = Registry("router kind", "adapter.router")
 # CuMA: an MLP on concat(x_t, z).
 ROUTERS.register("token_and_demographics", RouterKind(Router, reads_demographics=True))
 # HydraLoRA / MixLoRA and the no-demographics ablation: the same MLP on x_t alone.
+# Initialisers of A (B is zero), by name (``adapter.a_init``): d_in -> initializer.
+# "normal": normal(0, 0.01), the released CuMA/HydraLoRA/MixLoRA modules'. "kaiming_uniform":
+# PEFT LoRA's kaiming_uniform(a=sqrt(5)) over fan_in = d_in, i.e. U(+-1/sqrt(d_in)).
+A_INITS: dict[str, Callable[[int], Callable]] = {
+  "normal": lambda d_in: nn.initializers.normal(stddev=0.01),
+  "kaiming_uniform": torch_linear_init,
+}
+
+
 ROUTERS.register(
   "token", RouterKind(functools.partial(Router, use_demographics=False), reads_demographics=False)
 )
@@ -138,8 +147,9 @@ class LoraExperts(nn.Module):
 
   delta = (alpha / rank) * sum_{i in top-k} g_i B_i A_i dropout(x). ``a`` is one shared
   [d_in, r] matrix (``shared_a``, HydraLoRA layout of the released scripts) or [N, d_in, r];
-  ``b`` is [N, r, d_out]. A ~ normal(std=0.01) and B = 0 (docs/method.md#experts), so the adapted
-  model starts exactly at the frozen one. ``dtype`` is the compute dtype (None: x's).
+  ``b`` is [N, r, d_out]. A is drawn by ``a_init`` (``A_INITS``; default normal(std=0.01)) and
+  B = 0 (docs/method.md#experts), so the adapted model starts exactly at the frozen one.
+  ``dtype`` is the compute dtype (None: x's).
   """
 
   features: int
@@ -149,6 +159,7 @@ class LoraExperts(nn.Module):
   shared_a: bool = True
   dropout: float = 0.0
   strategy: str = AUTO
+  a_init: str = "normal"
   in_axis: str = EMBED
   out_axis: str = EMBED
   param_dtype: Any = jnp.float32
@@ -164,6 +175,8 @@ class LoraExperts(nn.Module):
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
     check_strategy(self.strategy)
+    if self.a_init not in A_INITS:
+      raise ValueError(f"a_init={self.a_init!r}; must be one of {tuple(A_INITS)}")
     super().__post_init__()
 
   @nn.compact
@@ -181,7 +194,7 @@ class LoraExperts(nn.Module):
       a_axes = (EXPERTS, self.in_axis, LORA_RANK)
     a = self.param(
       "a",
-      nn.with_logical_partitioning(nn.initializers.normal(stddev=0.01), a_axes),
+      nn.with_logical_partitioning(A_INITS[self.a_init](d_in), a_axes),
       a_shape,
       self.param_dtype,
     )

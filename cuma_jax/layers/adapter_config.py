@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from cuma_jax import fields
 from cuma_jax.fields import field
-from cuma_jax.layers.adapter import ROUTERS
+from cuma_jax.layers.adapter import A_INITS, ROUTERS
 from cuma_jax.layers.dispatch import AUTO, DISPATCH
 from cuma_jax.layers.routing import DEFAULT_GATE, GATES
 
@@ -49,6 +49,8 @@ class AdapterConfig:
   num_experts: int = field(8, low=1)
   top_k: int = field(2, low=1)
   shared_a: bool = field(False, choices=(False, True))
+  # A's initialisation: "normal" (std 0.01) or PEFT LoRA's "kaiming_uniform" (U(+-1/sqrt(d_in))).
+  a_init: str = field("normal", choices=tuple(A_INITS))
   router: str = field("token_and_demographics", choices=ROUTERS.names)
   router_hidden: tuple[int, ...] = field((256,), low=1)
   router_dropout: float = field(0.0, low=0, high=1, high_open=True)
@@ -62,6 +64,8 @@ class AdapterConfig:
   gate_temperature: float = field(1.0, low=0, low_open=True)
   strategy: str = field(AUTO, choices=lambda: (AUTO, *DISPATCH.names()))
   prefix_length: int = field(0, low=0)
+  # Prefix keys/values ~ normal(0, prefix_init_std): 1 is PEFT's (an nn.Embedding's) default.
+  prefix_init_std: float = field(1.0, low=0, low_open=True)
   # Master weights of the trainable parameters; not a config key.
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata={"config": False})
 

@@ -69,6 +69,7 @@ class AdapterGroup(nn.Module):
         shared_a=cfg.shared_a,
         dropout=cfg.dropout,
         strategy=cfg.strategy,
+        a_init=cfg.a_init,
         in_axis=in_axis,
         out_axis=out_axis,
         features=d_out,
@@ -123,7 +124,7 @@ def with_prefix(module: nn.Module, adapter: AdapterConfig | None, k, v, dtype):
     return k, v
   shape = (adapter.prefix_length,) + k.shape[2:]
   axes = (ax.PREFIX, ax.KV_HEADS, ax.HEAD_DIM)
-  init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+  init = nn.with_logical_partitioning(nn.initializers.normal(adapter.prefix_init_std), axes)
   batch = k.shape[0]
   prefixed = []
   for name, seq in (("prefix_key", k), ("prefix_value", v)):

@@ -71,11 +71,8 @@ _FORMATS = {
       "<|finetune_right_pad_id|>",
     ],
     [],
-    {
-      "bos_token": "<|begin_of_text|>",
-      "eos_token": "<|eot_id|>",
-      "pad_token": "<|finetune_right_pad_id|>",
-    },
+    # As Llama 3.x Instruct's own tokenizer: no padding token (users pad with EOS).
+    {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
     LLAMA3_CHAT_TEMPLATE,
   ),
 }
