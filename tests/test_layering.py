@@ -11,7 +11,7 @@ LAYERS = (
   ("registry", "fields", "sharding", "params"),
   ("layers",),
   ("models", "checkpoints", "data"),
-  ("training", "encoders"),
+  ("training", "encoders", "generation"),
   ("evaluation", "schema", "presets"),
   ("tiny",),
   ("job", "analysis"),
