@@ -160,7 +160,7 @@ class _Block(nn.Module):
 
 
 def _adapted_projections(
-  block: _Block, group: str, x, demographics, token_mask, in_axes, projections, use_bias
+  block: _Block, router_group: str, x, demographics, token_mask, in_axes, projections, use_bias
 ):
   """Frozen projections of ``x`` plus their adapters' deltas (one router group).
 
@@ -171,10 +171,10 @@ def _adapted_projections(
   flat = x.reshape(*x.shape[:2], -1)
   deltas, aux = group.AdapterGroup(
     adapter=block.adapter,
-    group=group,
+    group=router_group,
     dtype=block.dtype,
     deterministic=block.deterministic,
-    name=f"adapters_{group.split('_')[1]}",
+    name=f"adapters_{router_group.split('_')[1]}",
   )(
     flat,
     demographics,
