@@ -7,14 +7,12 @@ Everything :mod:`cuma_jax.main` does is importable here, so a notebook can call
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import tensorflow_datasets as tfds
 
 from cuma_jax import presets
 from cuma_jax.data import builders, synthetic
@@ -33,42 +31,26 @@ class SurveyData:
   sources: dict[str, Any]  # split -> tfds data source
   eval_splits: tuple[str, ...]
   oracle: synthetic.SurveyOracle | None
+  directory: str  # The prepared dataset's files.
 
 
-def load_data(config, workdir: str) -> SurveyData:
-  """Prepares (once) and opens the TFDS array_record dataset the config names."""
+def load_data(config, workdir: str, log=print) -> SurveyData:
+  """Opens the TFDS array_record dataset the config names, prepared once per input contents."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  builder = builders.prepared_builder(config.data, data_dir, log)
+  sources = builder.as_data_source()
   if config.data.dataset == "synthetic":
-    survey = synthetic.SyntheticSurveyConfig(**config.data.synthetic.to_dict())
-    # A config name per survey setting, so a changed size never reuses stale files.
-    digest = hashlib.sha1(json.dumps(dataclasses.asdict(survey), sort_keys=True).encode())
-    name = "s" + digest.hexdigest()[:12]
-    builder = builders.CumaSyntheticSurvey(
-      data_dir=data_dir, config=builders.SyntheticConfig(name=name, survey=survey)
-    )
-    builder.download_and_prepare()
-    sources = builder.as_data_source()
     eval_splits = ("test", "zero_shot")
     oracle = builders.load_oracle(sources["test"])
   else:
-    if not config.data.manual_dir or not os.path.isdir(config.data.manual_dir):
-      raise FileNotFoundError(
-        f"config.data.manual_dir={config.data.manual_dir!r} is not a directory; point it at "
-        "the WorldValuesBench root (see wvb-format in the README)"
-      )
-    sources = tfds.data_source(
-      f"cuma_world_values_bench/{config.data.builder_config}",
-      data_dir=data_dir,
-      download_and_prepare_kwargs={
-        "download_config": tfds.download.DownloadConfig(manual_dir=config.data.manual_dir)
-      },
-    )
     eval_splits = tuple(s for s in config.eval.splits if s in sources)
     oracle = None
   for split, source in sources.items():
     if len(source) == 0:
       raise ValueError(f"dataset split {split!r} has no valid rows")
-  return SurveyData(sources=dict(sources), eval_splits=eval_splits, oracle=oracle)
+  return SurveyData(
+    sources=dict(sources), eval_splits=eval_splits, oracle=oracle, directory=str(builder.data_dir)
+  )
 
 
 def demographic_table(demographics: Demographics | None, tables: SurveyTables):
@@ -111,7 +93,7 @@ def run(config, workdir: str, log=print) -> dict:
   """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed."""
   presets.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  data = load_data(config, workdir)
+  data = load_data(config, workdir, log)
   backbone_dir = config.model.checkpoint or tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log
   )

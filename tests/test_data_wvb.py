@@ -1,5 +1,6 @@
 """WorldValuesBench reader, prompts and TFDS builder on the hand-written fixture."""
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -167,6 +168,27 @@ def test_file_with_a_wrong_header_is_refused(tmp_path, header, message):
   _edit(values, lambda lines: lines.__setitem__(0, header))
   with pytest.raises(ValueError, match=rf"train_value_qa\.tsv {message}"):
     list(WvbReader(root).examples("train"))
+
+
+def test_prepared_data_are_keyed_by_the_manual_directory_contents(tmp_path):
+  root = write_wvb_fixture(tmp_path / "manual")
+  data = ml_collections.ConfigDict(dict(dataset="wvb", builder_config="full", manual_dir=str(root)))
+  logs = []
+  first = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
+  again = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
+  assert again.data_dir == first.data_dir
+  assert logs == [f"reusing the dataset prepared in {first.data_dir} (its inputs are unchanged)"]
+  _, values = split_files(root, "train")
+  _edit(
+    values, lambda lines: lines.__setitem__(1, lines[1].replace("156070001\t1", "156070001\t3"))
+  )
+  changed = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
+  assert changed.data_dir != first.data_dir and len(logs) == 1
+  answers = {
+    (int(r["participant_id"]), r["question_id"].decode()): int(r["answer_code"])
+    for r in changed.as_data_source()["train"]
+  }
+  assert answers[(156070001, "Q1")] == 3
 
 
 def _key(example):

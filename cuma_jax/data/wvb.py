@@ -47,6 +47,13 @@ LAYOUT = """\
 <root>/dataset_construction/question_metadata.json"""
 
 
+def input_files(root: str | Path) -> list[Path]:
+  """Every file a reader of the train, valid and test splits reads."""
+  root = Path(root)
+  splits = [path for split in ("train", "valid", "test") for path in split_files(root, split)]
+  return [root / CODEBOOK, root / QUESTION_METADATA, *splits]
+
+
 def split_files(root: str | Path, split: str) -> tuple[Path, Path]:
   """Paths of a split's (demographic, value) TSVs."""
   directory = Path(root) / "WorldValuesBench" / split
