@@ -24,6 +24,7 @@ from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
 from cuma_jax.params import merge_params, split_params
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
+from cuma_jax.training.workdir import WorkdirLock, write_atomically
 
 
 @dataclasses.dataclass
@@ -90,9 +91,16 @@ def make_demographics(
 
 
 def run(config, workdir: str, log=print) -> dict:
-  """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed."""
+  """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed.
+
+  The workdir is locked for the whole run.
+  """
   presets.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
+    return _run(config, workdir, log)
+
+
+def _run(config, workdir: str, log) -> dict:
   data = load_data(config, workdir, log)
   backbone_dir = config.model.checkpoint or tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log
@@ -146,8 +154,7 @@ def run(config, workdir: str, log=print) -> dict:
   params = merge_params(trainable, frozen)
   results["trained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
   _report("trained", results["trained"], log)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  write_atomically(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   return results
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cuma_jax.checkpoints.safetensors_io import write_safetensors
+from cuma_jax.training.workdir import write_atomically
 
 # Keys whose change makes an existing checkpoint belong to another experiment; the
 # per-step RNG is derived from ``seed`` and the step, so it needs no saving of its own.
@@ -125,8 +126,10 @@ def export_adapters(trainable, adapter_config: dict, directory: str) -> str:
     os.path.join(directory, "adapters.safetensors"),
     (("/".join(path), np.asarray(value)) for path, value in sorted(flat.items())),
   )
-  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-    json.dump(adapter_config, f, indent=2, sort_keys=True)
+  write_atomically(
+    os.path.join(directory, "adapter_config.json"),
+    json.dumps(adapter_config, indent=2, sort_keys=True),
+  )
   return directory
 
 
