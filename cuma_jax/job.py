@@ -59,19 +59,26 @@ def demographic_table(demographics: Demographics | None, tables: SurveyTables):
   return None if demographics is None else demographics.encode(tables.profiles)
 
 
+def encoder_path(config, backbone_dir: str) -> str | None:
+  """The demographic encoder's checkpoint or .npz (None when the routers read no profiles)."""
+  adapter = presets.adapter_config(config)
+  if adapter is None or not adapter.uses_demographics:
+    return None
+  return config.encoder.precomputed or config.encoder.checkpoint or backbone_dir
+
+
 def make_demographics(
   config, backbone_dir: str, train_tables: SurveyTables | None = None
 ) -> Demographics | None:
   """The router's demographic inputs (None when the routers do not read them)."""
-  adapter = presets.adapter_config(config)
-  if adapter is None or not adapter.uses_demographics:
+  path = encoder_path(config, backbone_dir)
+  if path is None:
     return None
+  adapter = presets.adapter_config(config)
   if config.encoder.precomputed:
-    path = config.encoder.precomputed
     encoder = PrecomputedEncoder(path)
     width = encoder.dim
   else:
-    path = config.encoder.checkpoint or backbone_dir
     width = ModelConfig.from_pretrained(path).hidden_size  # Before loading a large model.
   if width != adapter.demographic_dim:
     raise ValueError(
@@ -93,9 +100,13 @@ def make_demographics(
 def run(config, workdir: str, log=print) -> dict:
   """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed.
 
-  The workdir is locked for the whole run.
+  The cheap checks come first and write nothing: the config, the workdir's checkpoints being
+  of it, and for mode=eval their existence. The workdir is then locked for the rest of the run.
   """
   presets.validate(config)
+  checkpoints = os.path.join(workdir, "train", "checkpoints")
+  if checkpointing.check_workdir(config, checkpoints) is None and config.mode == "eval":
+    raise FileNotFoundError(f"mode=eval needs a readable training checkpoint in {checkpoints}")
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     return _run(config, workdir, log)
 
@@ -105,6 +116,11 @@ def _run(config, workdir: str, log) -> dict:
   backbone_dir = config.model.checkpoint or tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log
   )
+  inputs = checkpointing.input_fingerprints(
+    backbone=backbone_dir, encoder=encoder_path(config, backbone_dir), dataset=data.directory
+  )
+  train_dir = os.path.join(workdir, "train")
+  checkpointing.check_workdir(config, os.path.join(train_dir, "checkpoints"), inputs)
   adapter = presets.adapter_config(config)
   dtype = jnp.dtype(config.model.dtype)
   module, params = load_pretrained(
@@ -120,7 +136,6 @@ def _run(config, workdir: str, log) -> dict:
   train_tables = SurveyTables.of(data.sources["train"])
   demographics = make_demographics(config, backbone_dir, train_tables)
   results = {}
-  train_dir = os.path.join(workdir, "train")
   if config.mode == "train":
     results["untrained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
     _report("untrained", results["untrained"], log)
@@ -143,6 +158,7 @@ def _run(config, workdir: str, log) -> dict:
       dataset,
       num_steps=steps,
       demographic_table=demographic_table(demographics, train_tables),
+      inputs=inputs,
       log=log,
     )
     trainable, frozen = result.trainable, result.frozen
@@ -150,7 +166,7 @@ def _run(config, workdir: str, log) -> dict:
       exported = dict(dataclasses.asdict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
       checkpointing.export_adapters(trainable, exported, os.path.join(workdir, "adapters"))
   else:
-    trainable, frozen = _restore_trainable(config, train_dir, module, params)
+    trainable, frozen = _restore_trainable(config, train_dir, module, params, inputs, log)
   params = merge_params(trainable, frozen)
   results["trained"] = _evaluate_all(config, module, params, tokenizer, data, demographics)
   _report("trained", results["trained"], log)
@@ -167,21 +183,15 @@ def _evaluate_all(config, module, params, tokenizer, data, demographics):
   }
 
 
-def _restore_trainable(config, train_dir, module, params):
-  """mode=eval: the latest training checkpoint's trainable parameters."""
+def _restore_trainable(config, train_dir, module, params, inputs, log):
+  """mode=eval: the newest readable training checkpoint's trainable parameters."""
   trainable, frozen = split_params(
     params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
   )
-  ckpt = checkpointing.TrainCheckpoints(
-    os.path.join(train_dir, "checkpoints"),
-    save_every=1,
-    keep=1,
-    config_json=checkpointing.config_to_json(config),
+  ckpt = checkpointing.TrainCheckpoints.of(
+    config, os.path.join(train_dir, "checkpoints"), inputs=inputs, log=log
   )
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"mode=eval needs a training checkpoint in {train_dir}/checkpoints")
-  state, _ = ckpt.restore(step, loop.abstract_state(config, trainable))
+  _, state, _ = ckpt.restore_latest(loop.abstract_state(config, trainable))
   ckpt.close()
   return state["trainable"], frozen
 

@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       progress_bar=True,
+      # An unreadable newest checkpoint: "fallback" resumes from the newest readable step
+      # (moving the unreadable ones aside), "stop" stops and says how to discard it.
+      on_corrupt_checkpoint="fallback",
     )
   )
   c.eval = ml_collections.ConfigDict(dict(batch_size=32, splits=("test",)))

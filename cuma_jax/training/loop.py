@@ -62,12 +62,14 @@ def train(
   *,
   num_steps: int,
   demographic_table=None,
+  inputs=None,
   log=print,
 ) -> TrainResult:
   """Trains ``module``'s trainable parameters; resumes from ``workdir`` when it has a checkpoint.
 
   ``train_dataset`` is an (infinitely repeating) grain IterDataset of numpy batches;
-  ``demographic_table`` is [num_profiles, d] (batches carry ``profile_index``) or None.
+  ``demographic_table`` is [num_profiles, d] (batches carry ``profile_index``) or None;
+  ``inputs`` are :func:`checkpointing.input_fingerprints`, recorded and checked on resume.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.shape)
@@ -116,18 +118,15 @@ def train(
       donate_argnums=(0, 2),
     )
 
-  ckpt = checkpointing.TrainCheckpoints(
-    os.path.join(workdir, "checkpoints"),
-    save_every=config.train.checkpoint_every,
-    keep=config.train.keep_checkpoints,
-    config_json=checkpointing.config_to_json(config),
+  ckpt = checkpointing.TrainCheckpoints.of(
+    config, os.path.join(workdir, "checkpoints"), inputs=inputs, log=log
   )
   iterator = iter(train_dataset)
   base_rng = jax.random.PRNGKey(config.seed)
-  start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, _abstract(trainable, opt_state))
+  start, last_good = 0, None
+  restored = ckpt.restore_latest(_abstract(trainable, opt_state))
+  if restored is not None:
+    last_good, state, data_state = restored
     trainable, opt_state, start = state["trainable"], state["opt_state"], int(state["step"])
     iterator.set_state(data_state)
     log(f"resumed from {ckpt.directory} at step {start}")
@@ -142,7 +141,6 @@ def train(
     dynamic_ncols=True,
   )
   losses = []
-  last_good = latest
   tokens_seen, t0 = 0, time.perf_counter()
   try:
     for step in range(start, steps):
