@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ from cuma_jax.training.metrics_log import MetricWriter
 from cuma_jax.training.step import MAX_TARGETS, demographics_for, make_train_step
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "profile_index")
+# Seconds between progress lines when stderr is not a terminal.
+LOG_PROGRESS_SECONDS = 10.0
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -131,15 +134,8 @@ def train(
     iterator.set_state(data_state)
     log(f"resumed from {ckpt.directory} at step {start}")
 
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  bar = tqdm(
-    total=steps,
-    initial=start,
-    disable=not config.train.progress_bar,
-    desc="train",
-    unit="step",
-    dynamic_ncols=True,
-  )
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+  bar = progress_bar(steps, start, enabled=config.train.progress_bar)
   losses = []
   tokens_seen, t0 = 0, time.perf_counter()
   try:
@@ -191,6 +187,37 @@ def train(
     ckpt.wait()
   ckpt.close()
   return TrainResult(trainable=trainable, frozen=frozen, step=max(start, steps), losses=losses)
+
+
+def progress_bar(total: int, initial: int, *, enabled: bool, stream=None) -> tqdm:
+  """A redrawn bar on a terminal; elsewhere (CI, cluster logs) a line every few seconds."""
+  stream = sys.stderr if stream is None else stream
+  terminal = stream.isatty()
+  return tqdm(
+    total=total,
+    initial=initial,
+    disable=not enabled,
+    desc="train",
+    unit="step",
+    file=stream if terminal else _LinePerRefresh(stream),
+    mininterval=0.1 if terminal else LOG_PROGRESS_SECONDS,
+    dynamic_ncols=terminal,
+  )
+
+
+class _LinePerRefresh:
+  """Turns tqdm's carriage-return redraws into one line each."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    text = text.replace("\r", "").rstrip()
+    if text:
+      self.stream.write(text + "\n")
+
+  def flush(self) -> None:
+    self.stream.flush()
 
 
 def _state(trainable, opt_state, step: int) -> dict:
