@@ -107,7 +107,7 @@ class TrainCheckpoints:
   """``CheckpointManager`` over {state, data, config, inputs} items, keeping the last K steps.
 
   ``inputs``: :func:`input_fingerprints` to record and to check on restore (None: unchecked).
-  ``read_only``: creates, cleans and moves nothing (for checks before the workdir is locked).
+  ``read_only``: creates and cleans nothing (for checks before the workdir is locked).
   """
 
   def __init__(
@@ -128,7 +128,7 @@ class TrainCheckpoints:
       )
     self.directory = os.path.abspath(directory)
     self.config_json, self.inputs = config_json, inputs
-    self.on_corrupt, self.read_only, self.log = on_corrupt, read_only, log
+    self.on_corrupt, self.log = on_corrupt, log
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
