@@ -1,6 +1,6 @@
 """WorldValuesBench (WVB) manual directories: read them into examples, and write the layout.
 
-A manual directory is what WVB's own `data_preparation.py` produces (shared/wvb-format.md):
+A manual directory is what WVB's own `data_preparation.py` produces (docs/data.md describes it):
 
     <root>/WorldValuesBench/<split>/<split>_demographic_qa.tsv   one row per participant
     <root>/WorldValuesBench/<split>/<split>_value_qa.tsv         one column per value question
