@@ -8,7 +8,6 @@ what a config describes; :func:`restore` gives a trained workdir back as an
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -18,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import tensorflow_datasets as tfds
 
 from cuma_jax import schema
 from cuma_jax.data import builders, synthetic
@@ -30,46 +28,26 @@ from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
 from cuma_jax.params import merge_params, split_params
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
+from cuma_jax.training.workdir import WorkdirLock, write_atomically
 
 
 @dataclasses.dataclass
 class SurveyData:
   sources: dict[str, Any]  # split -> tfds data source
   oracle: synthetic.SurveyOracle | None
+  directory: str  # the prepared dataset's files
 
 
-def load_data(config, workdir: str) -> SurveyData:
-  """Prepares (once) and opens the TFDS array_record dataset the config names."""
+def load_data(config, workdir: str, log=print) -> SurveyData:
+  """Opens the TFDS array_record dataset the config names, prepared once per input contents."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  if config.data.dataset == "synthetic":
-    survey = synthetic.SyntheticSurveyConfig(**config.data.synthetic.to_dict())
-    # A config name per survey setting, so a changed size never reuses stale files.
-    digest = hashlib.sha1(json.dumps(dataclasses.asdict(survey), sort_keys=True).encode())
-    name = "s" + digest.hexdigest()[:12]
-    builder = builders.CumaSyntheticSurvey(
-      data_dir=data_dir, config=builders.SyntheticConfig(name=name, survey=survey)
-    )
-    builder.download_and_prepare()
-    sources = builder.as_data_source()
-    oracle = builders.load_oracle(sources["test"])
-  else:
-    if not config.data.manual_dir or not os.path.isdir(config.data.manual_dir):
-      raise FileNotFoundError(
-        f"config.data.manual_dir={config.data.manual_dir!r} is not a directory; point it at "
-        "the WorldValuesBench root (docs/data.md#worldvaluesbench-on-disk)"
-      )
-    sources = tfds.data_source(
-      f"cuma_world_values_bench/{config.data.builder_config}",
-      data_dir=data_dir,
-      download_and_prepare_kwargs={
-        "download_config": tfds.download.DownloadConfig(manual_dir=config.data.manual_dir)
-      },
-    )
-    oracle = None
+  builder = builders.prepared_builder(config.data, data_dir, log)
+  sources = builder.as_data_source()
+  oracle = builders.load_oracle(sources["test"]) if config.data.dataset == "synthetic" else None
   for split, source in sources.items():
     if len(source) == 0:
       raise ValueError(f"dataset split {split!r} has no valid rows")
-  return SurveyData(sources=dict(sources), oracle=oracle)
+  return SurveyData(sources=dict(sources), oracle=oracle, directory=str(builder.data_dir))
 
 
 def demographic_table(demographics: Demographics | None, tables: SurveyTables):
@@ -77,19 +55,26 @@ def demographic_table(demographics: Demographics | None, tables: SurveyTables):
   return None if demographics is None else demographics.encode(tables.profiles)
 
 
+def encoder_path(config, backbone_dir: str) -> str | None:
+  """The demographic encoder's checkpoint or .npz (None when the routers read no profiles)."""
+  adapter = schema.adapter_config(config)
+  if adapter is None or not adapter.uses_demographics:
+    return None
+  return config.encoder.precomputed or config.encoder.checkpoint or backbone_dir
+
+
 def make_demographics(
   config, backbone_dir: str, train_tables: SurveyTables | None = None
 ) -> Demographics | None:
   """The router's demographic inputs (None when the routers do not read them)."""
-  adapter = schema.adapter_config(config)
-  if adapter is None or not adapter.uses_demographics:
+  path = encoder_path(config, backbone_dir)
+  if path is None:
     return None
+  adapter = schema.adapter_config(config)
   if config.encoder.precomputed:
-    path = config.encoder.precomputed
     encoder = PrecomputedEncoder(path)
     width = encoder.dim
   else:
-    path = config.encoder.checkpoint or backbone_dir
     width = ModelConfig.from_pretrained(path).hidden_size  # Before loading a large model.
   if width != adapter.demographic_dim:
     raise ValueError(
@@ -122,6 +107,7 @@ class Experiment:
   tokenizer: Any
   demographics: Demographics | None
   train_tables: SurveyTables
+  inputs: dict  # fingerprints of the backbone, encoder and prepared dataset
 
   def evaluate(self, split: str) -> dict:
     """Metrics of this model (and, on the synthetic survey, its reference predictors)."""
@@ -152,7 +138,9 @@ class Experiment:
     )
 
 
-def _require_backbone(config) -> None:
+def _validate(config) -> None:
+  """What can be refused before anything is read: the schema, and a missing backbone."""
+  schema.validate(config)
   if config.model.architecture != schema.TINY and not config.model.checkpoint:
     raise ValueError(
       f"config.model.checkpoint is empty: running architecture "
@@ -162,13 +150,18 @@ def _require_backbone(config) -> None:
 
 
 def prepare(config, workdir: str, log=print) -> Experiment:
-  """Validates the config, then prepares data, backbone, model, tokenizer, demographics."""
-  schema.validate(config)
-  _require_backbone(config)
+  """Prepares data, backbone, model, tokenizer and demographics of a validated config, after
+  refusing a workdir whose checkpoints came from other inputs (before any model loads)."""
   os.makedirs(workdir, exist_ok=True)
-  data = load_data(config, workdir)
+  data = load_data(config, workdir, log)
   backbone_dir = config.model.checkpoint or tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log
+  )
+  inputs = checkpointing.input_fingerprints(
+    backbone=backbone_dir, encoder=encoder_path(config, backbone_dir), dataset=data.directory
+  )
+  checkpointing.check_workdir(
+    config, _checkpoint_dir(workdir), inputs, config_conflicts=schema.resume_conflicts
   )
   module, params = load_pretrained(
     backbone_dir,
@@ -190,13 +183,29 @@ def prepare(config, workdir: str, log=print) -> Experiment:
     tokenizer=load_tokenizer(backbone_dir),
     demographics=make_demographics(config, backbone_dir, train_tables),
     train_tables=train_tables,
+    inputs=inputs,
   )
 
 
 def run(config, workdir: str, log=print) -> dict:
-  """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed."""
-  if config.mode == "eval":
-    _require_checkpoint(workdir)  # before anything is prepared or written
+  """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed.
+
+  The cheap checks come first and write nothing: the config, the workdir's checkpoints being
+  of it, and for mode=eval their existence. The workdir is then locked for the rest of the run.
+  """
+  _validate(config)
+  step = checkpointing.check_workdir(
+    config, _checkpoint_dir(workdir), config_conflicts=schema.resume_conflicts
+  )
+  if step is None and config.mode == "eval":
+    raise FileNotFoundError(
+      f"mode=eval needs a readable training checkpoint in {_checkpoint_dir(workdir)}"
+    )
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
+    return _run(config, workdir, log)
+
+
+def _run(config, workdir: str, log) -> dict:
   experiment = prepare(config, workdir, log)
   results = {}
   if config.mode == "train":
@@ -204,11 +213,13 @@ def run(config, workdir: str, log=print) -> dict:
     _report("untrained", results["untrained"], log)
     experiment.params = _train(experiment, log)
   else:
-    experiment.params = _trained_params(experiment)
+    experiment.params = _trained_params(experiment, log)
   results["trained"] = _evaluate_all(experiment)
   _report("trained", results["trained"], log)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({**results, "run": provenance(config)}, f, indent=2)
+  write_atomically(
+    os.path.join(workdir, "results.json"),
+    json.dumps({**results, "run": provenance(config)}, indent=2),
+  )
   return results
 
 
@@ -243,8 +254,9 @@ def restore(workdir: str, config: ml_collections.ConfigDict | None = None, log=p
   _require_checkpoint(workdir)
   if config is None:
     config = _saved_config(workdir)
+  _validate(config)
   experiment = prepare(config, workdir, log)
-  experiment.params = _trained_params(experiment)
+  experiment.params = _trained_params(experiment, log)
   return experiment
 
 
@@ -269,6 +281,7 @@ def _train(experiment: Experiment, log) -> dict:
     dataset,
     num_steps=loop.total_steps(config, len(sources["train"])),
     demographic_table=demographic_table(experiment.demographics, experiment.train_tables),
+    inputs=experiment.inputs,
     config_conflicts=schema.resume_conflicts,
     log=log,
   )
@@ -300,19 +313,9 @@ def _require_checkpoint(workdir: str) -> None:
     raise FileNotFoundError(f"{workdir} has no training checkpoint in {directory}")
 
 
-def _checkpoints(workdir: str, config_json: dict) -> checkpointing.TrainCheckpoints:
-  return checkpointing.TrainCheckpoints(
-    _checkpoint_dir(workdir),
-    save_every=1,
-    keep=1,
-    config_json=config_json,
-    config_conflicts=schema.resume_conflicts,
-  )
-
-
 def _saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the workdir's latest checkpoint, completed with the schema's defaults."""
-  ckpt = _checkpoints(workdir, config_json={})
+  ckpt = checkpointing.TrainCheckpoints(_checkpoint_dir(workdir), config_json={}, read_only=True)
   try:
     saved = ckpt.saved_config(ckpt.latest_step())
   finally:
@@ -323,15 +326,21 @@ def _saved_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _trained_params(experiment: Experiment) -> dict:
-  """The latest training checkpoint's trainable parameters over the loaded backbone."""
+def _trained_params(experiment: Experiment, log=print) -> dict:
+  """The newest readable checkpoint's trainable parameters over the loaded backbone."""
   config = experiment.config
   trainable, frozen = split_params(
     experiment.params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
   )
-  ckpt = _checkpoints(experiment.workdir, checkpointing.config_to_json(config))
+  ckpt = checkpointing.TrainCheckpoints.of(
+    config,
+    _checkpoint_dir(experiment.workdir),
+    inputs=experiment.inputs,
+    config_conflicts=schema.resume_conflicts,
+    log=log,
+  )
   try:
-    state, _ = ckpt.restore(ckpt.latest_step(), loop.abstract_state(config, trainable))
+    _, state, _ = ckpt.restore_latest(loop.abstract_state(config, trainable))
   finally:
     ckpt.close()
   return merge_params(state["trainable"], frozen)

@@ -32,6 +32,7 @@ from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.decoder import REMAT_POLICIES
 from cuma_jax.params import TRAINABLE_MODES
 from cuma_jax.sharding import DEFAULT_RULES
+from cuma_jax.training.checkpointing import CORRUPT_CHECKPOINT_POLICIES
 
 ARCHITECTURES_DIR = os.path.join(os.path.dirname(__file__), "architectures")
 METHODS = ("cuma", "lora", "hydralora", "mixlora", "prefix", "full")
@@ -149,6 +150,9 @@ class TrainSection(Section):
   checkpoint_every: int = field(500, low=1, resume=FREE)
   keep_checkpoints: int = field(3, low=1, resume=FREE)
   progress_bar: bool = field(True, choices=(False, True), resume=FREE)
+  # An unreadable checkpoint step: "fallback" resumes from the newest readable one (moving
+  # the unreadable aside), "stop" stops and says how to discard it.
+  on_corrupt_checkpoint: str = field("fallback", choices=CORRUPT_CHECKPOINT_POLICIES, resume=FREE)
 
 
 @dataclasses.dataclass(frozen=True)

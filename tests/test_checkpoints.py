@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import shutil
+import struct
 
 import jax
 import numpy as np
@@ -103,6 +104,29 @@ def test_directory_without_checkpoint_is_named(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
   with pytest.raises(FileNotFoundError, match=r"not a safetensors checkpoint"):
     load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+  "damage",
+  [
+    lambda path: os.truncate(path, os.path.getsize(path) - 100),
+    lambda path: os.truncate(path, 5),
+    lambda path: _overwrite(path, 0, struct.pack("<Q", 1 << 62)),
+    lambda path: _overwrite(path, 8, b"[1, 2]"),
+  ],
+  ids=["truncated_data", "truncated_prefix", "absurd_header_length", "header_not_an_index"],
+)
+def test_corrupt_safetensors_file_is_named(tiny_checkpoint, tmp_path, damage):
+  path = _copy(tiny_checkpoint("qwen3")[0], tmp_path)
+  damage(path / "model.safetensors")
+  with pytest.raises(ValueError, match=rf"{path}/model\.safetensors is corrupt"):
+    load_pretrained(path)
+
+
+def _overwrite(path, offset, data):
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    f.write(data)
 
 
 def test_missing_shard_is_named(tiny_checkpoint, tmp_path):

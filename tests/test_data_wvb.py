@@ -2,6 +2,7 @@
 
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -90,6 +91,7 @@ def test_examples_and_skip_counts(wvb_root):
     "examples_missing_profile": 3,
     "participants_nan_profile": 0,
     "examples_nan_profile": 0,
+    "malformed_rows": 0,
     "skipped_questions": ["Q999"],
   }
   assert counts.skipped_examples == 6
@@ -114,7 +116,7 @@ def test_incomplete_profile_kept_as_nan(wvb_root):
 
 
 def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
-  with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+  with pytest.raises(FileNotFoundError, match=r"nowhere.*does not exist.*docs/data\.md"):
     WvbReader(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="codebook.json"):
     WvbReader(tmp_path)
@@ -140,6 +142,75 @@ def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
   write_wvb_tree(tmp_path / "empty", CODEBOOK, QUESTION_METADATA, {"train": (demographic, values)})
   with pytest.raises(ValueError, match="split 'train' of .*empty has no valid"):
     list(WvbReader(tmp_path / "empty").examples("train"))
+
+
+def _edit(path, edit):
+  lines = path.read_text().split("\n")
+  edit(lines)
+  path.write_text("\n".join(lines))
+
+
+def test_malformed_rows_are_named_counted_and_skipped(wvb_root, tmp_path, caplog):
+  root = write_wvb_fixture(tmp_path)
+  demographic, values = split_files(root, "train")
+
+  def break_values(lines):
+    lines[2] = lines[2].replace("818070002\t1\t\t", "818070002\t1\t")  # Q46's tab dropped
+    lines[3] = lines[3].replace("840070003", "84007OOO3")
+    lines.insert(2, "")  # A blank line 3 moves those two rows to lines 4 and 5.
+
+  _edit(values, break_values)
+  # 410070006's H_URBRURAL cell lost (line 6: 392070005 has no demographic row).
+  _edit(demographic, lambda lines: lines.__setitem__(5, lines[5].replace("\tUrban\t", "\t", 1)))
+  counts = SkipCounts()
+  got = [(e["participant_id"], e["question_id"]) for e in WvbReader(root).examples("train", counts)]
+  # Only 156070001 is left: 818070002's answers would have shifted onto the next questions,
+  # 840070003 has no usable id, and 410070006's profile row lost a cell.
+  assert got == [(156070001, "Q1"), (156070001, "Q46"), (156070001, "Q106")]
+  assert counts.malformed_rows == 4 and counts.examples_missing_profile == 3 + 3
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert f"{demographic} line 6: 9 cells where the header has 10" in warnings[0]
+  assert f"{values} line 3: blank line; row skipped" in warnings[1]
+  assert f"{values} line 4: 4 cells where the header has 5" in warnings[2]
+  assert f"{values} line 5: column 1 (D_INTERVIEW): participant id '84007OOO3'" in warnings[3]
+
+
+@pytest.mark.parametrize(
+  "header, message",
+  [
+    ("156070001\t1\t2\t7\t3", r"line 1: the header has no D_INTERVIEW column"),
+    ("D_INTERVIEW\tQ1\tQ46\tQ1\tQ999", r"line 1, columns 2 and 4: the header names 'Q1' twice"),
+    ("D_INTERVIEW\tQ1\t\tQ106\tQ999", r"line 1, column 3: the header has an empty column name"),
+  ],
+  ids=["no_header", "duplicate", "empty_name"],
+)
+def test_file_with_a_wrong_header_is_refused(tmp_path, header, message):
+  root = write_wvb_fixture(tmp_path)
+  _, values = split_files(root, "train")
+  _edit(values, lambda lines: lines.__setitem__(0, header))
+  with pytest.raises(ValueError, match=rf"train_value_qa\.tsv {message}"):
+    list(WvbReader(root).examples("train"))
+
+
+def test_prepared_data_are_keyed_by_the_manual_directory_contents(tmp_path):
+  root = write_wvb_fixture(tmp_path / "manual")
+  data = ml_collections.ConfigDict(dict(dataset="wvb", builder_config="full", manual_dir=str(root)))
+  logs = []
+  first = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
+  again = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
+  assert again.data_dir == first.data_dir
+  assert logs == [f"reusing the dataset prepared in {first.data_dir} (its inputs are unchanged)"]
+  _, values = split_files(root, "train")
+  _edit(
+    values, lambda lines: lines.__setitem__(1, lines[1].replace("156070001\t1", "156070001\t3"))
+  )
+  changed = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
+  assert changed.data_dir != first.data_dir and len(logs) == 1
+  answers = {
+    (int(r["participant_id"]), r["question_id"].decode()): int(r["answer_code"])
+    for r in changed.as_data_source()["train"]
+  }
+  assert answers[(156070001, "Q1")] == 3
 
 
 def _key(example):

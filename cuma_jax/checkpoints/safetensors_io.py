@@ -93,16 +93,32 @@ class TensorIndex:
 
 
 def _read_header(path: str):
+  """(tensor index, data offset) of a safetensors file, checked against the file's size.
+
+  A truncated or damaged file is named as corrupt here, rather than failing later in a
+  memory map of bytes that are not there.
+  """
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
     prefix = f.read(8)
     if len(prefix) != 8:
-      raise ValueError(f"{path} is not a safetensors file (too short)")
+      raise ValueError(f"{path} is corrupt: {size} bytes, too short for a safetensors file")
     (length,) = struct.unpack("<Q", prefix)
+    if length > size - 8:
+      raise ValueError(
+        f"{path} is corrupt: its header claims {length} bytes but the file has {size} "
+        "(truncated, or not a safetensors file)"
+      )
     try:
       header = json.loads(f.read(length))
-    except ValueError as e:
-      raise ValueError(f"{path} is not a safetensors file: bad header ({e})") from None
-  header.pop("__metadata__", None)
+      header.pop("__metadata__", None)
+      end = 8 + length + max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+      raise ValueError(f"{path} is corrupt: its header is not a tensor index ({e!r})") from None
+  if end > size:
+    raise ValueError(
+      f"{path} is corrupt: its tensors end at byte {end} but the file has {size} (truncated)"
+    )
   return header, 8 + length
 
 

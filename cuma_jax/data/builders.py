@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 import dataclasses
 import inspect
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cuma_jax import fingerprint
 from cuma_jax.data import prompts, synthetic, wvb
 
 RAW_DIR = "raw"  # the synthetic survey's WVB-layout files, next to its array_record files
@@ -207,6 +209,44 @@ class CumaSyntheticSurvey(_SurveyBuilder):
     reader = wvb.WvbReader(survey.write_wvb(Path(self.data_path) / RAW_DIR))
     self._set_questions(reader, "train")
     return {split: self._split(reader, split) for split in survey.participants}
+
+
+def prepared_builder(data_config, data_dir: str, log=print) -> tfds.core.DatasetBuilder:
+  """The builder of ``config.data``, prepared once per content of its inputs.
+
+  The builder config's name carries a digest of what the records are made of (the synthetic
+  survey's settings; the WVB files the reader reads), so a changed manual directory is
+  prepared anew instead of reusing records of the old one.
+  """
+  if data_config.dataset == "synthetic":
+    survey = synthetic.SyntheticSurveyConfig(**data_config.synthetic.to_dict())
+    key = fingerprint.digest(dataclasses.asdict(survey))
+    builder = CumaSyntheticSurvey(
+      data_dir=data_dir, config=SyntheticConfig(name=f"s{key[:12]}", survey=survey)
+    )
+    download_config = None
+  else:
+    manual_dir = data_config.manual_dir
+    if not manual_dir or not os.path.isdir(manual_dir):
+      raise FileNotFoundError(
+        f"config.data.manual_dir={manual_dir!r} is not a directory; point it at the "
+        f"WorldValuesBench root ({wvb.DOCS} describes what it holds)"
+      )
+    files = {
+      name: digest
+      for path in wvb.input_files(manual_dir)
+      if path.is_file()
+      for name, digest in fingerprint.fingerprint(path).items()
+    }
+    base = CumaWorldValuesBench.builder_configs[data_config.builder_config]
+    name = f"{base.name}_{fingerprint.digest(files)[:12]}"
+    builder = CumaWorldValuesBench(data_dir=data_dir, config=dataclasses.replace(base, name=name))
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  if builder.is_prepared():
+    log(f"reusing the dataset prepared in {builder.data_dir} (its inputs are unchanged)")
+  else:
+    builder.download_and_prepare(download_config=download_config)
+  return builder
 
 
 def load_oracle(source) -> synthetic.SurveyOracle:

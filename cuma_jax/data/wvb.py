@@ -11,9 +11,12 @@ One example is one (participant, value question) cell holding a valid answer cod
 >= 0 that is one of the question's codebook choices. Rows are visited in file order and
 questions in column order, as the authors' preprocessing does, so seeded sampling over the
 example sequence selects the same examples as theirs. Unusable cells are skipped and counted
-(`SkipCounts`), and so are participants without a demographic row. A participant with an empty
-profile field is either dropped (`DROP`) or kept with the field reading "nan" (`AS_NAN`), which
-is what the released preprocessing writes, since it reads the TSVs with pandas.
+(`SkipCounts`), and so are participants without a demographic row and malformed rows (a blank
+line, a row whose cell count differs from the header's — a dropped tab would shift answers onto
+other questions — or a non-integer participant id), which are also logged with their file and
+line. A file whose header is not a WVB header is refused. A participant with an empty profile
+field is either dropped (`DROP`) or kept with the field reading "nan" (`AS_NAN`), which is what
+the released preprocessing writes, since it reads the TSVs with pandas.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ ID_COLUMN = "D_INTERVIEW"
 DROP = "drop"  # skipped and counted
 AS_NAN = "nan"  # kept; the field reads "nan", as pandas' NaN prints in the released prompts
 INCOMPLETE_PROFILES = (DROP, AS_NAN)
+# This repository's description of the manual directory, named by errors about it.
+DOCS = "docs/data.md"
+# Malformed rows logged one by one per split; the rest are only counted.
+LOGGED_MALFORMED_ROWS = 10
 CODEBOOK = Path("dataset_construction/codebook.json")
 QUESTION_METADATA = Path("dataset_construction/question_metadata.json")
 LAYOUT = """\
@@ -43,6 +50,13 @@ LAYOUT = """\
 <root>/WorldValuesBench/{full,train,valid,test}/{split}_value_qa.tsv
 <root>/dataset_construction/codebook.json
 <root>/dataset_construction/question_metadata.json"""
+
+
+def input_files(root: str | Path) -> list[Path]:
+  """Every file a reader of the train, valid and test splits reads."""
+  root = Path(root)
+  splits = [path for split in ("train", "valid", "test") for path in split_files(root, split)]
+  return [root / CODEBOOK, root / QUESTION_METADATA, *splits]
 
 
 def split_files(root: str | Path, split: str) -> tuple[Path, Path]:
@@ -87,6 +101,9 @@ class SkipCounts:
   # With AS_NAN: participants with an empty profile field, and their examples (kept).
   participants_nan_profile: int = 0
   examples_nan_profile: int = 0
+  # Rows of either TSV that are blank, have another cell count than the header, or whose
+  # participant id is not an integer.
+  malformed_rows: int = 0
   skipped_questions: list[str] = dataclasses.field(default_factory=list)  # unusable columns
 
   @property
@@ -122,15 +139,64 @@ def _parse_code(cell: str) -> int | None:
   return int(value) if value.is_integer() else None
 
 
-def _read_tsv(path: Path) -> Iterator[list[str]]:
-  """Yields the header, then the rows, of a TSV written by pandas (csv quoting rules)."""
+def _read_tsv(path: Path) -> Iterator[tuple[int, list[str]]]:
+  """Yields (line number, cells) of the header, then of the rows, of a TSV written by pandas.
+
+  The header is checked first: it must name every column once and include D_INTERVIEW.
+  """
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.reader(f, delimiter="\t")
     header = next(reader, None)
     if header is None:
-      raise ValueError(f"{path} is empty (no header row)")
-    yield header
-    yield from reader
+      raise ValueError(f"{path} is empty (no header row); see {DOCS}")
+    for column, name in enumerate(header, 1):
+      if not name.strip():
+        raise ValueError(f"{path} line 1, column {column}: the header has an empty column name")
+      if header.index(name) + 1 != column:
+        raise ValueError(
+          f"{path} line 1, columns {header.index(name) + 1} and {column}: the header names "
+          f"{name!r} twice"
+        )
+    if ID_COLUMN not in header:
+      raise ValueError(
+        f"{path} line 1: the header has no {ID_COLUMN} column (it starts {header[:4]}); is this "
+        f"a WorldValuesBench TSV? See {DOCS}"
+      )
+    yield reader.line_num, header
+    for row in reader:
+      yield reader.line_num, row
+
+
+def _malformed(row: list[str], header: list[str]) -> str | None:
+  """Why a row cannot be read safely (None if it can), naming the column when there is one."""
+  if not row:
+    return "blank line"
+  if len(row) != len(header):
+    return (
+      f"{len(row)} cells where the header has {len(header)} (a missing or extra tab would "
+      "shift values onto other columns)"
+    )
+  id_col = header.index(ID_COLUMN)
+  try:
+    int(row[id_col])
+  except ValueError:
+    return f"column {id_col + 1} ({ID_COLUMN}): participant id {row[id_col]!r} is not an integer"
+  return None
+
+
+def _rows(path: Path, counts: SkipCounts) -> Iterator[list[str]]:
+  """The header, then the well-formed rows, of a WVB TSV; malformed ones are counted."""
+  lines = _read_tsv(path)
+  _, header = next(lines)
+  yield header
+  for line, row in lines:
+    problem = _malformed(row, header)
+    if problem is None:
+      yield row
+      continue
+    counts.malformed_rows += 1
+    if counts.malformed_rows <= LOGGED_MALFORMED_ROWS:
+      logger.warning("%s line %d: %s; row skipped", path, line, problem)
 
 
 def _scale(value: Any) -> int | None:
@@ -146,8 +212,8 @@ class WvbReader:
     if not self.root.is_dir():
       raise FileNotFoundError(
         f"WorldValuesBench manual directory {self.root} does not exist. Build it with "
-        f"WorldValuesBench's dataset_construction/data_preparation.py; expected layout:\n"
-        f"{LAYOUT}"
+        f"WorldValuesBench's dataset_construction/data_preparation.py ({DOCS} in this "
+        f"repository says how); expected layout:\n{LAYOUT}"
       )
     self.codebook = self._load_json(CODEBOOK)
     self.question_metadata = self._load_json(QUESTION_METADATA)
@@ -188,13 +254,15 @@ class WvbReader:
   def questions(self, split: str) -> list[Question]:
     """The split's usable value questions, in column order."""
     _, value_path = self._files(split)
-    header = next(_read_tsv(value_path))
+    _, header = next(_read_tsv(value_path))
     found = (self.question(qid) for qid in header if qid != ID_COLUMN)
     return [q for q in found if q is not None]
 
-  def _profiles(self, path: Path, incomplete_profiles: str) -> dict[str, _Profile | None]:
+  def _profiles(
+    self, path: Path, counts: SkipCounts, incomplete_profiles: str
+  ) -> dict[str, _Profile | None]:
     """participant id -> profile; None for a dropped one (an empty field, with DROP)."""
-    rows = _read_tsv(path)
+    rows = _rows(path, counts)
     header = next(rows)
     try:
       id_col = header.index(ID_COLUMN)
@@ -205,7 +273,7 @@ class WvbReader:
       raise ValueError(f"{path} lacks a required column: {e}") from None
     profiles: dict[str, _Profile | None] = {}
     for row in rows:
-      values = {field: row[col].strip() if col < len(row) else "" for field, col in columns.items()}
+      values = {field: row[col].strip() for field, col in columns.items()}
       incomplete = not all(values.values())
       if incomplete and incomplete_profiles == DROP:
         profiles[row[id_col].strip()] = None
@@ -230,11 +298,9 @@ class WvbReader:
       )
     counts = SkipCounts() if counts is None else counts
     demographic_path, value_path = self._files(split)
-    profiles = self._profiles(demographic_path, incomplete_profiles)
-    rows = _read_tsv(value_path)
+    profiles = self._profiles(demographic_path, counts, incomplete_profiles)
+    rows = _rows(value_path, counts)
     header = next(rows)
-    if ID_COLUMN not in header:
-      raise ValueError(f"{value_path} has no {ID_COLUMN} column")
     id_col = header.index(ID_COLUMN)
     columns = []
     for col, qid in enumerate(header):
@@ -251,7 +317,7 @@ class WvbReader:
       profile = profiles.get(participant)
       counted_participant = False
       for col, question, option_of_code in columns:
-        cell = row[col].strip() if col < len(row) else ""
+        cell = row[col].strip()
         if not cell:
           counts.missing_answer += 1
           continue
@@ -302,11 +368,12 @@ def _report(root: Path, split: str, counts: SkipCounts) -> None:
   logger.info(
     "WVB %s split %r: %d examples; skip counts %s", root, split, counts.examples, counts.as_dict()
   )
-  if counts.skipped_examples or counts.skipped_questions:
+  if counts.skipped_examples or counts.skipped_questions or counts.malformed_rows:
     logger.warning(
-      "WVB split %r: skipped %d answer cells (negative %d, non-numeric %d, not an option %d, "
-      "missing profile %d from %d participants) and %d question columns %s",
+      "WVB split %r: skipped %d malformed rows, %d answer cells (negative %d, non-numeric %d, "
+      "not an option %d, missing profile %d from %d participants) and %d question columns %s",
       split,
+      counts.malformed_rows,
       counts.skipped_examples,
       counts.negative_answer,
       counts.non_numeric_answer,

@@ -167,7 +167,7 @@ class _Block(nn.Module):
 
 
 def _adapted_projections(
-  block: _Block, group: str, x, demographics, token_mask, in_axes, projections, use_bias
+  block: _Block, router_group: str, x, demographics, token_mask, in_axes, projections, use_bias
 ):
   """Frozen projections of ``x`` plus their adapters' deltas (one router group).
 
@@ -178,11 +178,11 @@ def _adapted_projections(
   flat = x.reshape(*x.shape[:2], -1)
   deltas, aux = AdapterGroup(
     adapter=block.adapter,
-    group=group,
+    group=router_group,
     dtype=block.dtype,
     deterministic=block.deterministic,
     capture_routing=block.capture_routing,
-    name=f"adapters_{group.split('_')[1]}",
+    name=f"adapters_{router_group.split('_')[1]}",
   )(
     flat,
     demographics,

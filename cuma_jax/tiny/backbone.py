@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import transformers
 
-from cuma_jax import presets
+from cuma_jax import fingerprint, presets
 from cuma_jax.data import prompts
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.models.config import ModelConfig
@@ -86,12 +86,19 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
   A random tiny Qwen3 and a BPE tokenizer are built from the survey's text, then fully
   fine-tuned for ``tiny_backbone.warmup_steps`` on the survey WITHOUT profiles in the prompt:
   it learns the answer format and the population's answers (mean collapse), which is the
-  "base model" CuMA then specialises per culture.  Cached in ``workdir/backbone``.
+  "base model" CuMA then specialises per culture.  Cached in ``workdir/tiny_backbone_<key>``,
+  the key being a digest of the prepared data and the warm-up settings, so changing either
+  builds a new backbone instead of reusing one made from other inputs.
   """
-  final = os.path.join(workdir, "backbone")
+  key = fingerprint.digest(
+    {"data": fingerprint.fingerprint(data.directory), "warmup": _warmup_settings(config)}
+  )
+  cache = os.path.join(workdir, f"tiny_backbone_{key}")
+  final = os.path.join(cache, "warmed_up")
   if is_checkpoint(final):
+    log(f"reusing the warmed-up tiny backbone in {final} (same data and warm-up settings)")
     return final
-  random_dir = os.path.join(workdir, "backbone_random")
+  random_dir = os.path.join(cache, "random")
   if not is_checkpoint(random_dir):
     train = data.sources["train"]
     corpus = _survey_corpus(train)
@@ -115,7 +122,7 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
   )
   result = loop.train(
     warm,
-    os.path.join(workdir, "warmup"),
+    os.path.join(cache, "warmup"),
     module,
     params,
     dataset,
@@ -126,6 +133,18 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
   tokenizer.save_pretrained(final + ".tmp")
   os.replace(final + ".tmp", final)
   return final
+
+
+def _warmup_settings(config) -> dict:
+  """Every setting the warmed-up weights depend on besides the data."""
+  warm = presets.warmup_config(config)
+  return {
+    "seed": warm.seed,
+    "tiny_backbone": warm.tiny_backbone.to_dict(),
+    "optim": warm.optim.to_dict(),
+    "max_length": warm.data.max_length,
+    "shuffle_seed": warm.data.shuffle_seed,
+  }
 
 
 def _survey_corpus(source):

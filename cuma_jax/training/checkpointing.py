@@ -1,15 +1,20 @@
 """Resumable training checkpoints (Orbax, async) and adapter-only export.
 
 A training checkpoint holds the trainable parameters, the optimiser state, the step, the
-data iterator's state and the config (JSON) — never the frozen backbone,
-which is re-read from its own checkpoint directory.  Resuming into a workdir written by
-a different config is refused with the keys that differ, before anything is overwritten.
+data iterator's state, the config (JSON) and fingerprints of its inputs (the backbone, the
+demographic encoder, the prepared dataset) — never the frozen backbone, which is re-read from
+its own checkpoint directory. Resuming or evaluating a workdir written by a different config,
+or with inputs whose contents differ, is refused with what differs, before anything is
+overwritten; paths may change (a moved backbone directory still resumes). An unreadable step
+(a truncated or missing file) is named; by ``train.on_corrupt_checkpoint`` the run either falls
+back to the newest readable step, moving the unreadable ones aside, or stops.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable
 
 from flax import traverse_util
@@ -17,10 +22,28 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cuma_jax import fingerprint
 from cuma_jax.checkpoints.safetensors_io import write_safetensors
+from cuma_jax.training.workdir import write_atomically
+
+CORRUPT_CHECKPOINT_POLICIES = ("fallback", "stop")
+# What each recorded input fingerprint is of, for the refusal message.
+INPUT_SOURCES = {
+  "backbone": "model.checkpoint",
+  "encoder": "encoder.checkpoint / encoder.precomputed",
+  "dataset": "the prepared dataset",
+}
 
 
 class CheckpointConfigMismatch(ValueError):
+  pass
+
+
+class CheckpointInputsMismatch(CheckpointConfigMismatch):
+  pass
+
+
+class UnreadableCheckpoint(RuntimeError):
   pass
 
 
@@ -46,28 +69,79 @@ def config_to_json(config) -> dict:
   return json.loads(config.to_json())
 
 
+def input_fingerprints(*, backbone: str, encoder: str | None, dataset: str) -> dict:
+  """Fingerprints (:mod:`cuma_jax.fingerprint`) of what a trained state depends on."""
+  return {
+    "backbone": fingerprint.fingerprint(backbone),
+    "encoder": None if encoder is None else fingerprint.fingerprint(encoder),
+    "dataset": fingerprint.fingerprint(dataset),
+  }
+
+
+def input_differences(saved: dict, current: dict) -> list[str]:
+  """One phrase per input whose files differ, naming the input and the files."""
+  return [
+    f"{name} ({source}): "
+    + ", ".join(fingerprint.differences(saved.get(name) or {}, current.get(name) or {}))
+    for name, source in INPUT_SOURCES.items()
+    if saved.get(name) != current.get(name)
+  ]
+
+
 class TrainCheckpoints:
-  """``CheckpointManager`` over {state, data, config} items, keeping the last K steps."""
+  """``CheckpointManager`` over {state, data, config, inputs} items, keeping the last K steps.
+
+  ``inputs``: :func:`input_fingerprints` to record and to check on restore (None: unchecked).
+  ``config_conflicts(saved, current)`` names the config changes a resume refuses (the
+  experiment job passes the schema's classification of keys).
+  ``read_only``: creates and cleans nothing (for checks before the workdir is locked).
+  """
 
   def __init__(
     self,
     directory: str,
     *,
-    save_every: int,
-    keep: int,
     config_json: dict,
+    save_every: int = 1,
+    keep: int = 1,
+    inputs: dict | None = None,
     config_conflicts: Callable[[dict, dict], list[str]] = exact_differences,
+    on_corrupt: str = "fallback",
+    read_only: bool = False,
+    log=print,
   ):
-    """``config_conflicts(saved, current)`` names the config changes a resume refuses."""
+    if on_corrupt not in CORRUPT_CHECKPOINT_POLICIES:
+      raise ValueError(
+        f"config.train.on_corrupt_checkpoint={on_corrupt!r}; allowed: {CORRUPT_CHECKPOINT_POLICIES}"
+      )
     self.directory = os.path.abspath(directory)
-    self.config_json = config_json
+    self.config_json, self.inputs = config_json, inputs
     self.config_conflicts = config_conflicts
+    self.on_corrupt, self.log = on_corrupt, log
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, enable_async_checkpointing=True
+        max_to_keep=keep,
+        save_interval_steps=save_every,
+        enable_async_checkpointing=True,
+        # A killed save leaves a temporary directory; only the workdir's lock holder may
+        # remove it. (Orbax's own read_only option logs warnings on every use.)
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
       ),
-      item_names=("state", "data", "config"),
+      item_names=("state", "data", "config", "inputs"),
+    )
+
+  @classmethod
+  def of(cls, config, directory: str, **kwargs) -> TrainCheckpoints:
+    """The checkpoints of ``config``'s training run in ``directory``."""
+    return cls(
+      directory,
+      config_json=config_to_json(config),
+      save_every=config.train.checkpoint_every,
+      keep=config.train.keep_checkpoints,
+      on_corrupt=config.train.on_corrupt_checkpoint,
+      **kwargs,
     )
 
   def latest_step(self) -> int | None:
@@ -78,13 +152,40 @@ class TrainCheckpoints:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored["config"]
 
-  def check_config(self, step: int) -> None:
-    differences = self.config_conflicts(self.saved_config(step), self.config_json)
+  def check(self, step: int) -> None:
+    """Refuses ``step`` if it was written by another config or from other inputs."""
+    saved = self.manager.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore(), inputs=ocp.args.JsonRestore())
+    )
+    differences = self.config_conflicts(saved["config"], self.config_json)
     if differences:
       raise CheckpointConfigMismatch(
         f"{self.directory} holds checkpoints of another config (step {step}); these keys "
         f"differ: {differences}. Use a new --workdir or restore the original config."
       )
+    if self.inputs is None:
+      return
+    changed = input_differences(saved["inputs"], self.inputs)
+    if changed:
+      raise CheckpointInputsMismatch(
+        f"{self.directory} (step {step}) was trained from other inputs: {'; '.join(changed)}. "
+        "Point the config back at the original files, or use a new --workdir."
+      )
+
+  def check_latest(self) -> int | None:
+    """Checks the newest step whose config can be read (:meth:`check`); returns it.
+
+    Steps that cannot be read are left to :meth:`restore_latest`.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        self.check(step)
+      except CheckpointConfigMismatch:
+        raise
+      except Exception:
+        continue
+      return step
+    return None
 
   def save(self, step: int, state: dict, data_state: Any, force: bool = False) -> bool:
     return self.manager.save(
@@ -93,12 +194,13 @@ class TrainCheckpoints:
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(self.config_json),
+        inputs=ocp.args.JsonSave(self.inputs or {}),
       ),
       force=force,
     )
 
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, Any]:
-    self.check_config(step)
+    self.check(step)
     restored = self.manager.restore(
       step,
       args=ocp.args.Composite(
@@ -107,11 +209,93 @@ class TrainCheckpoints:
     )
     return restored["state"], restored["data"]
 
+  def restore_latest(self, abstract_state: dict) -> tuple[int, dict, Any] | None:
+    """(step, state, data iterator state) of the newest readable step; None without steps.
+
+    Unreadable steps newer than it are moved aside (``<step>.unreadable-<time>``) so that
+    training can write those steps again; with ``on_corrupt='stop'`` the first one stops.
+    """
+    unreadable = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except CheckpointConfigMismatch:
+        raise
+      except Exception as e:
+        unreadable.append((step, _reason(e)))
+        if self.on_corrupt == "stop":
+          raise UnreadableCheckpoint(self._stop_message(step, _reason(e))) from e
+        continue
+      for bad, reason in unreadable:
+        moved = self._move_aside(bad)
+        self.log(
+          f"checkpoint step {bad} in {self.directory} is unreadable ({reason}); moved it to "
+          f"{moved}; resuming from step {step}"
+        )
+      return step, state, data_state
+    if unreadable:
+      raise UnreadableCheckpoint(
+        f"no step in {self.directory} is readable: "
+        + "; ".join(f"step {s}: {reason}" for s, reason in unreadable)
+        + ". Move the directory away to start afresh."
+      )
+    return None
+
+  def _stop_message(self, step: int, reason: str) -> str:
+    older = [s for s in self.manager.all_steps() if s < step]
+    then = f"an older step ({max(older)})" if older else "the start"
+    path = os.path.join(self.directory, str(step))
+    return (
+      f"checkpoint step {step} in {self.directory} is unreadable ({reason}); stopping "
+      f"(config.train.on_corrupt_checkpoint='stop'). To discard it and resume from {then}, "
+      f"move it away (mv {path} {path}.unreadable) or delete it, or rerun with "
+      "--config.train.on_corrupt_checkpoint=fallback, which does that itself."
+    )
+
+  def _move_aside(self, step: int) -> str:
+    path = os.path.join(self.directory, str(step))
+    target = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      os.rename(path, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f"moved aside unreadable checkpoint {step}")
+    self.manager.reload()
+    return target
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def check_workdir(
+  config,
+  directory: str,
+  inputs: dict | None = None,
+  config_conflicts: Callable[[dict, dict], list[str]] = exact_differences,
+) -> int | None:
+  """The newest step in ``directory`` after refusing another config's (or inputs') steps.
+
+  Reads only: usable before the workdir is locked, and on a directory that does not exist.
+  """
+  ckpt = TrainCheckpoints.of(
+    config, directory, inputs=inputs, config_conflicts=config_conflicts, read_only=True
+  )
+  try:
+    return ckpt.check_latest()
+  finally:
+    ckpt.close()
+
+
+def _reason(error: BaseException) -> str:
+  """The root cause's first line (TensorStore wraps it in a many-line spec dump)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines() or [""]
+  return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 def export_adapters(trainable, adapter_config: dict, directory: str) -> str:
@@ -125,8 +309,10 @@ def export_adapters(trainable, adapter_config: dict, directory: str) -> str:
     os.path.join(directory, "adapters.safetensors"),
     (("/".join(path), np.asarray(value)) for path, value in sorted(flat.items())),
   )
-  with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-    json.dump(adapter_config, f, indent=2, sort_keys=True)
+  write_atomically(
+    os.path.join(directory, "adapter_config.json"),
+    json.dumps(adapter_config, indent=2, sort_keys=True),
+  )
   return directory
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ from cuma_jax.training.metrics_log import MetricWriter
 from cuma_jax.training.step import MAX_TARGETS, demographics_for, make_train_step
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "profile_index")
+# Seconds between progress lines when stderr is not a terminal.
+LOG_PROGRESS_SECONDS = 10.0
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -62,6 +65,7 @@ def train(
   *,
   num_steps: int,
   demographic_table=None,
+  inputs=None,
   config_conflicts=checkpointing.exact_differences,
   log=print,
 ) -> TrainResult:
@@ -69,6 +73,7 @@ def train(
 
   ``train_dataset`` is an (infinitely repeating) grain IterDataset of numpy batches;
   ``demographic_table`` is [num_profiles, d] (batches carry ``profile_index``) or None;
+  ``inputs`` are :func:`checkpointing.input_fingerprints`, recorded and checked on resume;
   ``config_conflicts(saved, current)`` lists the config changes a resume refuses.
   """
   os.makedirs(workdir, exist_ok=True)
@@ -118,34 +123,26 @@ def train(
       donate_argnums=(0, 2),
     )
 
-  ckpt = checkpointing.TrainCheckpoints(
+  ckpt = checkpointing.TrainCheckpoints.of(
+    config,
     os.path.join(workdir, "checkpoints"),
-    save_every=config.train.checkpoint_every,
-    keep=config.train.keep_checkpoints,
-    config_json=checkpointing.config_to_json(config),
+    inputs=inputs,
     config_conflicts=config_conflicts,
+    log=log,
   )
   iterator = iter(train_dataset)
   base_rng = jax.random.PRNGKey(config.seed)
-  start = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, _abstract(trainable, opt_state))
+  start, last_good = 0, None
+  restored = ckpt.restore_latest(_abstract(trainable, opt_state))
+  if restored is not None:
+    last_good, state, data_state = restored
     trainable, opt_state, start = state["trainable"], state["opt_state"], int(state["step"])
     iterator.set_state(data_state)
     log(f"resumed from {ckpt.directory} at step {start}")
 
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  bar = tqdm(
-    total=steps,
-    initial=start,
-    disable=not config.train.progress_bar,
-    desc="train",
-    unit="step",
-    dynamic_ncols=True,
-  )
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+  bar = progress_bar(steps, start, enabled=config.train.progress_bar)
   losses = []
-  last_good = latest
   tokens_seen, t0 = 0, time.perf_counter()
   try:
     for step in range(start, steps):
@@ -196,6 +193,37 @@ def train(
     ckpt.wait()
   ckpt.close()
   return TrainResult(trainable=trainable, frozen=frozen, step=max(start, steps), losses=losses)
+
+
+def progress_bar(total: int, initial: int, *, enabled: bool, stream=None) -> tqdm:
+  """A redrawn bar on a terminal; elsewhere (CI, cluster logs) a line every few seconds."""
+  stream = sys.stderr if stream is None else stream
+  terminal = stream.isatty()
+  return tqdm(
+    total=total,
+    initial=initial,
+    disable=not enabled,
+    desc="train",
+    unit="step",
+    file=stream if terminal else _LinePerRefresh(stream),
+    mininterval=0.1 if terminal else LOG_PROGRESS_SECONDS,
+    dynamic_ncols=terminal,
+  )
+
+
+class _LinePerRefresh:
+  """Turns tqdm's carriage-return redraws into one line each."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    text = text.replace("\r", "").rstrip()
+    if text:
+      self.stream.write(text + "\n")
+
+  def flush(self) -> None:
+    self.stream.flush()
 
 
 def _state(trainable, opt_state, step: int) -> dict:

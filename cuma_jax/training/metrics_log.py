@@ -7,15 +7,19 @@ import os
 
 import numpy as np
 
+from cuma_jax.training.workdir import write_atomically
+
 
 class MetricWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard events in ``workdir/tb``.
 
   Per-router expert usage ([layers, experts] fractions) goes to the JSONL file whole and to
   TensorBoard as histograms plus one load-imbalance scalar (max / mean usage) per router.
+  A run resumed at ``resume_step`` replays the steps after it, so their earlier records (and
+  a line cut short by a kill) are dropped first and TensorBoard is told to purge them.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     if not enabled:
       return
@@ -23,8 +27,9 @@ class MetricWriter:
 
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    _drop_records_after(self.path, resume_step)
     self._jsonl = open(self.path, "a", buffering=1)
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
 
   def write(
     self, step: int, scalars: dict[str, float], expert_usage: dict[str, np.ndarray] | None = None
@@ -47,3 +52,19 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites ``path`` without records of steps after ``step`` or torn lines."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if record["step"] <= step:
+        kept.append(line.rstrip("\n") + "\n")
+  write_atomically(path, "".join(kept))

@@ -1,0 +1,91 @@
+"""One writer per workdir, files never seen half-written, content fingerprints."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from cuma_jax import fingerprint, job, presets
+from cuma_jax.training.workdir import WorkdirBusy, WorkdirLock, write_atomically
+
+# Another process that takes a workdir's lock and holds it until killed.
+_HOLDER = """
+import sys
+from cuma_jax.training.workdir import WorkdirLock
+lock = WorkdirLock(sys.argv[1]).__enter__()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _must_not_run(*args, **kwargs):
+  raise AssertionError("the data were prepared before the workdir was locked")
+
+
+def test_second_writer_is_refused_and_a_dead_holders_lock_recovered(tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLDER, str(workdir)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline() == "held\n"
+    monkeypatch.setattr(job, "load_data", _must_not_run)
+    config = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
+    busy = rf"in use by pid {holder.pid} on host {re.escape(socket.gethostname())}"
+    with pytest.raises(WorkdirBusy, match=busy):
+      job.run(config, str(workdir))
+    assert os.listdir(workdir) == ["LOCK"]
+  finally:
+    holder.kill()
+    holder.wait()
+  logs = []
+  with WorkdirLock(str(workdir), log=logs.append):
+    pass
+  recovered = f"recovered the workdir lock left by pid {holder.pid} on host {socket.gethostname()}"
+  assert len(logs) == 1 and logs[0].startswith(recovered)
+  with WorkdirLock(str(workdir), log=logs.append):
+    pass
+  assert len(logs) == 1  # A clean exit leaves nothing to recover.
+
+
+def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
+  path = tmp_path / "results.json"
+  write_atomically(str(path), "old")
+  with pytest.raises(UnicodeEncodeError):
+    write_atomically(str(path), "new \ud800")  # Not encodable: fails while writing.
+  assert path.read_text() == "old"
+  assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_fingerprint_follows_contents_not_location(tmp_path, monkeypatch):
+  # Small limits so that the 4 KiB file is fingerprinted by samples, as weights are.
+  monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 1024)
+  monkeypatch.setattr(fingerprint, "HEAD_BYTES", 256)
+  monkeypatch.setattr(fingerprint, "SAMPLE_BYTES", 16)
+  a = tmp_path / "a"
+  (a / "sub").mkdir(parents=True)
+  (a / "config.json").write_text('{"hidden_size": 32}')
+  (a / "sub" / "weights.bin").write_bytes(bytes(range(256)) * 16)
+  (a / ".cache").write_text("ignored")
+  saved = fingerprint.fingerprint(a)
+  assert sorted(saved) == ["config.json", "sub/weights.bin"]
+  os.rename(a, tmp_path / "b")
+  assert fingerprint.fingerprint(tmp_path / "b") == saved
+  (tmp_path / "b" / "config.json").write_text('{"hidden_size": 64}')
+  with open(tmp_path / "b" / "sub" / "weights.bin", "r+b") as f:
+    f.seek(256)  # The first sampled byte after the head.
+    f.write(b"\xff")
+  (tmp_path / "b" / "tokenizer.json").write_text("{}")
+  os.remove(tmp_path / "b" / ".cache")
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "b")) == [
+    "config.json changed",
+    "sub/weights.bin changed",
+    "tokenizer.json is new",
+  ]
