@@ -137,15 +137,15 @@ class OptimSection(Section):
   # 0 = no clipping; switching clipping on or off changes the optimiser state's tree.
   grad_clip: float = field(1.0, low=0, resume=STRUCTURAL)
   accumulation_steps: int = field(1, low=1, resume=STRUCTURAL)
-  label_smoothing: float = field(0.0, low=0, high=1, high_open=True)
-  lambda_aux: float = field(0.01, low=0)  # weight of the summed balance losses
+  label_smoothing: float = field(0.0, low=0, high=1, high_open=True, resume=FREE)
+  lambda_aux: float = field(0.01, low=0, resume=FREE)  # weight of the summed balance losses
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection(Section):
   KEY: ClassVar[str] = "train"
-  num_epochs: int = field(3, low=0)
-  num_steps: int = field(-1, low=-1)  # -1: num_epochs over the training split
+  num_epochs: int = field(3, low=0, resume=FREE)
+  num_steps: int = field(-1, low=-1, resume=FREE)  # -1: num_epochs over the training split
   log_every: int = field(10, low=1, resume=FREE)
   checkpoint_every: int = field(500, low=1, resume=FREE)
   keep_checkpoints: int = field(3, low=1, resume=FREE)

@@ -86,6 +86,7 @@ def _run(config, workdir, assets, stop_after=None, inputs=None, log=lambda *_: N
     num_steps=config.train.num_steps,
     demographic_table=job.demographic_table(demographics, tables),
     inputs=inputs or _inputs(assets),
+    config_conflicts=schema.resume_conflicts,  # as the job resumes
     log=log,
   )
 
