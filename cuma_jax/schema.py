@@ -70,8 +70,9 @@ class ModelSection(Section):
   # Local Hugging Face directory of the backbone (needed to run any architecture but
   # "tiny").
   checkpoint: str = field("", resume=FREE)
-  # "tiny": built locally from the ``tiny_backbone`` section (CPU-sized presets); else a
-  # bundled config.json name, for shape-only work (parameter counts) before a checkpoint.
+  # Used when ``checkpoint`` is "": "tiny" builds the backbone locally from the
+  # ``tiny_backbone`` section (CPU-sized presets); a bundled config.json name serves
+  # shape-only work (parameter counts) before a checkpoint is given.
   architecture: str = field("qwen3-8b", choices=lambda: (TINY, *available_architectures()))
   dtype: str = field("bfloat16", choices=DTYPES)  # compute
   param_dtype: str = field("bfloat16", choices=DTYPES)  # the frozen backbone's weights
@@ -261,13 +262,8 @@ def validate(c: ml_collections.ConfigDict) -> Config:
     )
   if config.method == "full" and config.trainable != "all":
     raise ValueError("config.method='full' needs config.trainable='all'")
-  if config.model.architecture == TINY and config.model.checkpoint:
-    raise ValueError(
-      f"config.model.checkpoint={config.model.checkpoint!r} with model.architecture='tiny' "
-      "(built locally): set one of them"
-    )
   encoder_is_tiny_backbone = config.model.architecture == TINY and not (
-    config.encoder.checkpoint or config.encoder.precomputed
+    config.model.checkpoint or config.encoder.checkpoint or config.encoder.precomputed
   )
   if (
     config.method != "full"

@@ -26,7 +26,14 @@ def test_restore_reproduces_the_jobs_printed_metrics(trained):
   assert experiment.config.mode == "eval" and experiment.config.method == "cuma"
   for split in ("test", "zero_shot"):
     assert experiment.evaluate(split) == results["trained"][split]
-  assert sorted(os.listdir(workdir)) == ["adapters", "assets", "results.json", "tfds", "train"]
+  assert sorted(os.listdir(workdir)) == [
+    "LOCK",
+    "adapters",
+    "assets",
+    "results.json",
+    "tfds",
+    "train",
+  ]
 
 
 def test_results_record_what_reproduces_the_run(trained):
