@@ -1,11 +1,26 @@
-"""Shared fixtures: tiny random Hugging Face models built locally (no download)."""
+"""Shared fixtures: tiny random Hugging Face models built locally (no download).
+
+Compilation, not execution, is most of the suite's time on these tiny programs, so XLA:CPU
+skips its costly optimisation passes, and compilations are cached on disk for the session
+(JAX's persistent cache in a temporary directory, seen by subprocesses too): a program traced
+again with the same shapes is compiled once.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the
+cache between runs.
+"""
 
 import os
+import shutil
+import tempfile
 
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Tests that build a mesh need several host devices; this must precede importing jax.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cuma-tests-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -85,3 +100,8 @@ def tiny_checkpoint(tmp_path_factory):
     return cache[name]
 
   return get
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
