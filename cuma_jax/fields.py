@@ -16,7 +16,6 @@ from typing import Any, Callable, Sequence
 IDENTITY = "identity"  # defines the experiment: a change is refused
 STRUCTURAL = "structural"  # changes the checkpoint's tree (optimiser state): refused
 FREE = "free"  # where files live, memory and logging knobs, evaluation settings
-RESUME_CLASSES = (IDENTITY, STRUCTURAL, FREE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +30,6 @@ class Spec:
   high_open: bool = False
   choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None
   resume: str = IDENTITY
-  help: str = ""
 
   def allowed(self) -> tuple[Any, ...] | None:
     if self.choices is None:

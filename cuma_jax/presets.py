@@ -14,9 +14,9 @@ from typing import Any, Callable
 import ml_collections
 
 from cuma_jax import schema
+from cuma_jax.layers.adapter_config import TARGET_MODULES
 
 DEFAULT_PRESET = "demo"
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 Overrides = dict[str, Any]
 
@@ -77,7 +77,7 @@ def demo() -> ml_collections.ConfigDict:
       "model.scan_layers": False,
       "model.remat": "none",
       "encoder.standardize": True,
-      "adapter.targets": ALL_PROJECTIONS,
+      "adapter.targets": TARGET_MODULES,
       "adapter.num_experts": 4,
       "adapter.router_hidden": (32,),
       "adapter.demographic_dim": 64,  # the tiny backbone is the profile encoder
