@@ -13,6 +13,7 @@ import pytest
 from cuma_jax import job, presets
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.models import pretrained as api
+from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ def assets(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("assets"))
   config = _config()
   data = job.load_data(config, workdir)
-  backbone = job.build_tiny_backbone(
+  backbone = tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log=lambda *_: None
   )
   return data, backbone
