@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random Hugging Face models built locally (no download)."""
+"""Session fixtures: everything expensive is built once per test run.
+
+Tiny random Hugging Face models (no download), their JAX loads, the hand-written
+WorldValuesBench directory, the tiny chat tokenizers and the synthetic TFDS survey.
+"""
 
 import os
 
@@ -7,9 +11,23 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+from cuma_jax.data import prompts  # noqa: E402
+from cuma_jax.data.wvb import WvbReader  # noqa: E402
+from cuma_jax.models.pretrained import load_pretrained  # noqa: E402
+from cuma_jax.tiny.tokenizer import build_tiny_tokenizer  # noqa: E402
+from cuma_jax.tiny.wvb_fixture import write_wvb_fixture  # noqa: E402
+
+tfds.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- tiny models
 
 TINY = dict(
   vocab_size=96,
@@ -75,7 +93,10 @@ def build_tiny_model(name, directory, seed=0):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-  """Returns a function name -> (directory, torch model), cached per session."""
+  """Returns a function name -> (directory, torch model), cached per session.
+
+  The torch model is shared: a test that changes it (dtype, weights) works on a copy.
+  """
   cache = {}
 
   def get(name):
@@ -85,3 +106,69 @@ def tiny_checkpoint(tmp_path_factory):
     return cache[name]
 
   return get
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_checkpoint):
+  """Returns a function (name, **load_pretrained kwargs) -> (module, params), cached per session.
+
+  Parameters are immutable arrays; each call gets its own (shallow) copy of the dicts.
+  """
+  cache = {}
+
+  def hashable(value):
+    if isinstance(value, jax.Array):  # e.g. rng: a key is cached by its bits.
+      if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        value = jax.random.key_data(value)
+      return (str(value.dtype), tuple(np.asarray(value).ravel().tolist()))
+    return value
+
+  def get(name, **kwargs):
+    key = (name, tuple(sorted((k, hashable(v)) for k, v in kwargs.items())))
+    if key not in cache:
+      cache[key] = load_pretrained(tiny_checkpoint(name)[0], **kwargs)
+    module, params = cache[key]
+    return module, jax.tree.map(lambda x: x, params)
+
+  return get
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="session")
+def wvb_root(tmp_path_factory):
+  """The hand-written WorldValuesBench manual directory (`cuma_jax.tiny.wvb_fixture`)."""
+  return write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
+
+
+@pytest.fixture(scope="session")
+def wvb_examples(wvb_root):
+  """Every example the reader gives for the fixture's train, valid and test splits."""
+  reader = WvbReader(wvb_root)
+  return [e for split in ("train", "valid", "test") for e in reader.examples(split)]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(wvb_examples, tmp_path_factory):
+  """Returns a function chat_format -> tiny tokenizer built from the fixture's text, cached.
+
+  Each is reloaded from disk with AutoTokenizer, as users will.
+  """
+  cache = {}
+
+  def get(chat_format):
+    if chat_format not in cache:
+      corpus = [e["user"] for e in wvb_examples] + [e["profile"] for e in wvb_examples]
+      out = tmp_path_factory.mktemp(chat_format)
+      build_tiny_tokenizer([*corpus, prompts.DEFAULT_SYSTEM_PROMPT], out, chat_format=chat_format)
+      cache[chat_format] = transformers.AutoTokenizer.from_pretrained(out)
+    return cache[chat_format]
+
+  return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_sources(tmp_path_factory):
+  """The `tiny` config of the synthetic survey, prepared with TFDS (array_record)."""
+  return tfds.data_source("cuma_synthetic_survey/tiny", data_dir=tmp_path_factory.mktemp("tfds"))

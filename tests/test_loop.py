@@ -1,12 +1,10 @@
-"""The experiment driver: exact resumption, NaN stop, config checks, the main job on `tiny`."""
+"""The training loop on the tiny survey: exact resumption, NaN stop, another config refused."""
 
 import json
 import os
-import subprocess
-import sys
 
+from helpers import tiny_config
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -16,27 +14,12 @@ from cuma_jax.models import pretrained as api
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(**overrides):
-  c = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
-  c.train.update(log_every=1, checkpoint_every=3, keep_checkpoints=5)
-  c.optim.update(schedule="cosine", warmup_steps=2)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """The tiny synthetic survey and a warmed-up tiny backbone, built once."""
   workdir = str(tmp_path_factory.mktemp("assets"))
-  config = _config()
+  config = tiny_config()
   data = job.load_data(config, workdir)
   backbone = tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log=lambda *_: None
@@ -107,7 +90,7 @@ def _losses(workdir):
 
 
 def test_resumption_is_exact(assets, tmp_path):
-  config = _config(**{"train.num_steps": 6})
+  config = tiny_config(**{"train.num_steps": 6})
   straight = _run(config, str(tmp_path / "straight"), assets)
   with pytest.raises(KeyboardInterrupt):
     _run(config, str(tmp_path / "resumed"), assets, stop_after=3)
@@ -124,14 +107,14 @@ def test_resumption_is_exact(assets, tmp_path):
 
 
 def test_checkpoint_of_another_config_is_refused(assets, tmp_path):
-  _run(_config(**{"train.num_steps": 1}), str(tmp_path), assets)
-  other = _config(**{"train.num_steps": 1, "adapter.rank": 4})
+  _run(tiny_config(**{"train.num_steps": 1}), str(tmp_path), assets)
+  other = tiny_config(**{"train.num_steps": 1, "adapter.rank": 4})
   with pytest.raises(checkpointing.CheckpointConfigMismatch, match=r"adapter\.rank"):
     _run(other, str(tmp_path), assets)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
-  config = _config(
+  config = tiny_config(
     **{
       "train.num_steps": 6,
       "train.checkpoint_every": 1,
@@ -152,64 +135,3 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
   )
   assert ckpt.latest_step() == good
   ckpt.close()
-
-
-def test_config_validation_names_the_key():
-  c = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
-  for key, value, message in [
-    ("adapter.top_k", 9, r"top_k"),
-    ("optim.schedule", "step", r"optim\.schedule.*cosine"),
-    ("data.dataset", "imagenet", r"data\.dataset.*synthetic"),
-    ("encoder.pooling", "max", r"encoder\.pooling.*last_token"),
-  ]:
-    bad = ml_collections.ConfigDict(c.to_dict())
-    parent, leaf = key.split(".")
-    bad[parent][leaf] = value
-    with pytest.raises(ValueError, match=message):
-      presets.validate(bad)
-  locked = presets.experiment_config("cuma", "tiny")
-  with pytest.raises(AttributeError, match="learning_rte"):
-    locked.optim.learning_rte = 1.0
-
-
-def test_missing_manual_directory_is_named(tmp_path):
-  config = _config(**{"data.dataset": "wvb", "data.manual_dir": str(tmp_path / "nope")})
-  with pytest.raises(FileNotFoundError, match="nope"):
-    job.load_data(config, str(tmp_path))
-
-
-def test_main_job_runs_end_to_end_on_tiny(tmp_path):
-  workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "cuma_jax.main",
-      "--config=configs/cuma.py:tiny",
-      f"--workdir={workdir}",
-      "--config.train.num_steps=3",
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "trained: accuracy" in proc.stdout
-  assert os.listdir(workdir / "train" / "checkpoints")
-  records = [json.loads(l) for l in open(workdir / "train" / "metrics.jsonl")]
-  assert [r["step"] for r in records] == [1, 2, 3]
-  assert all(np.isfinite(r["loss"]) and "expert_usage" in r for r in records)
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "train" / "tb"))
-  adapters, adapter_config = checkpointing.load_adapters(str(workdir / "adapters"))
-  assert adapter_config["rank"] == 8 and "layers_0" in adapters
-  assert all(
-    k.startswith("adapters_")
-    for layer in adapters.values()
-    for block in layer.values()
-    for k in block
-  )
-  results = json.load(open(workdir / "results.json"))
-  assert set(results["trained"]) == {"test", "zero_shot"}

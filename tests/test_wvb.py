@@ -1,19 +1,10 @@
-"""WorldValuesBench reader, prompts and TFDS builder on the hand-written fixture."""
+"""The WorldValuesBench reader on the hand-written fixture (`cuma_jax.tiny.wvb_fixture`)."""
 
-import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from cuma_jax.data import builders, prompts
+from cuma_jax.data import prompts
 from cuma_jax.data.wvb import SkipCounts, WvbReader, split_files, write_wvb_tree
-from cuma_jax.tiny.wvb_fixture import write_wvb_fixture
-
-tfds.disable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def wvb_root(tmp_path_factory):
-  return write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
+from cuma_jax.tiny.wvb_fixture import CODEBOOK, QUESTION_METADATA
 
 
 def test_worked_example_character_for_character(wvb_root):
@@ -54,14 +45,6 @@ def test_ten_point_scale_prompt_and_old_age_group(wvb_root):
   assert "age group: 65 and more years old," in us["profile"]
 
 
-def test_question_mark_is_appended_as_the_released_code_does():
-  assert prompts.user_prompt("Why?", ["Yes", "No"]) == (
-    "Why?? A. Yes B. No. You can only choose one option."
-  )
-  with pytest.raises(ValueError):
-    prompts.user_prompt("Q", [str(i) for i in range(27)])
-
-
 def test_examples_and_skip_counts(wvb_root):
   counts = SkipCounts()
   got = [
@@ -99,8 +82,6 @@ def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"split 'probe'.*probe_demographic_qa.tsv"):
     list(WvbReader(wvb_root).examples("probe"))
 
-  from cuma_jax.tiny.wvb_fixture import CODEBOOK, QUESTION_METADATA
-
   demographic = [
     {
       "D_INTERVIEW": "1",
@@ -118,58 +99,6 @@ def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
   write_wvb_tree(tmp_path / "empty", CODEBOOK, QUESTION_METADATA, {"train": (demographic, values)})
   with pytest.raises(ValueError, match="split 'train' of .*empty has no valid"):
     list(WvbReader(tmp_path / "empty").examples("train"))
-
-
-def _key(example):
-  return (example["participant_id"], example["question_id"])
-
-
-def _decoded(record):
-  """A TFDS record with bytes -> str and numpy -> Python, comparable to a reader example."""
-  if isinstance(record, dict):
-    return {k: _decoded(v) for k, v in record.items()}
-  if isinstance(record, bytes):
-    return record.decode()
-  if isinstance(record, (list, np.ndarray)):
-    return [int(v) for v in record]
-  return int(record)
-
-
-def test_tfds_full_config_reads_back_every_example(wvb_root, tmp_path):
-  sources = tfds.data_source(
-    "cuma_world_values_bench/full",
-    data_dir=tmp_path,
-    download_and_prepare_kwargs={
-      "download_config": tfds.download.DownloadConfig(manual_dir=str(wvb_root))
-    },
-  )
-  reader = WvbReader(wvb_root)
-  assert {split: len(source) for split, source in sources.items()} == {
-    "train": 8,
-    "valid": 3,
-    "test": 6,
-  }
-  for split, source in sources.items():
-    expected = sorted(reader.examples(split), key=_key)
-    assert sorted((_decoded(r) for r in source), key=_key) == expected
-  metadata = sources["train"].dataset_info.metadata
-  assert metadata["profiles"]["test"] == sorted({e["profile"] for e in reader.examples("test")})
-  assert [q["question_id"] for q in metadata["questions"]] == ["Q1", "Q46", "Q106"]
-  assert metadata["skip_counts"]["train"]["answer_not_in_options"] == 1
-
-
-def test_tfds_sampled_config_matches_seeded_permutation(wvb_root, tmp_path):
-  config = builders.WvbConfig(name="sampled_5", train_size=5, test_size=2, sample_seed=42)
-  builder = builders.CumaWorldValuesBench(data_dir=tmp_path, config=config)
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(wvb_root))
-  )
-  sources = builder.as_data_source()
-  reader = WvbReader(wvb_root)
-  for split, size in (("train", 5), ("test", 2)):
-    examples = list(reader.examples(split))
-    order = np.random.default_rng(42).permutation(len(examples))[:size]
-    assert [_decoded(r) for r in sources[split]] == [examples[i] for i in order]
 
 
 def test_split_files_layout(tmp_path):
