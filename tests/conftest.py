@@ -2,14 +2,27 @@
 
 Tiny random Hugging Face models (no download), their JAX loads, the hand-written
 WorldValuesBench directory, the tiny chat tokenizers and the synthetic TFDS survey.
+
+Compilations are cached on disk for the session (JAX's persistent compilation cache in a
+temporary directory): a function traced again with the same shapes (every `load_pretrained`
+with the same adapter, every training run of the same config, the main job's evaluations)
+is compiled once.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the cache between runs.
 """
 
 import os
+import shutil
+import tempfile
 
 # Tests that build a mesh need several host devices; this must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# In the environment, so that subprocesses share it.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cuma-tests-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -25,6 +38,11 @@ from cuma_jax.tiny.tokenizer import build_tiny_tokenizer  # noqa: E402
 from cuma_jax.tiny.wvb_fixture import write_wvb_fixture  # noqa: E402
 
 tfds.disable_progress_bar()
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- tiny models
