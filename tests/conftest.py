@@ -1,7 +1,8 @@
 """Session fixtures: everything expensive is built once per test run.
 
 Tiny random Hugging Face models (no download), their JAX loads, the hand-written
-WorldValuesBench directory, the tiny chat tokenizers and the synthetic TFDS survey.
+WorldValuesBench directory, the tiny chat tokenizers, the synthetic TFDS survey, and one run
+of the main job on the `tiny` preset (started in the background when the session starts).
 
 Compilations are cached on disk for the session (JAX's persistent compilation cache in a
 temporary directory): a function traced again with the same shapes (every `load_pretrained`
@@ -11,6 +12,8 @@ is compiled once.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the cache between r
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Tests that build a mesh need several host devices; this must precede importing jax.
@@ -37,6 +40,7 @@ from cuma_jax.models.pretrained import load_pretrained  # noqa: E402
 from cuma_jax.tiny.tokenizer import build_tiny_tokenizer  # noqa: E402
 from cuma_jax.tiny.wvb_fixture import write_wvb_fixture  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 tfds.disable_progress_bar()
 
 
@@ -190,3 +194,52 @@ def chat_tokenizer(wvb_examples, tmp_path_factory):
 def synthetic_sources(tmp_path_factory):
   """The `tiny` config of the synthetic survey, prepared with TFDS (array_record)."""
   return tfds.data_source("cuma_synthetic_survey/tiny", data_dir=tmp_path_factory.mktemp("tfds"))
+
+
+# ----------------------------------------------------------------------------- the main job
+
+MAIN_JOB_ARGS = ("--config=configs/cuma.py:tiny", "--config.train.num_steps=3")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _main_job_process(request, tmp_path_factory):
+  """Starts `python -m cuma_jax.main` on `tiny` when the session starts, if a test needs it.
+
+  It runs in its own process (one host device, as a user runs it) while the other tests
+  run; `main_job` waits for it.
+  """
+  if not any("main_job" in item.fixturenames for item in request.session.items):
+    yield None
+    return
+  base = tmp_path_factory.mktemp("main_job")
+  workdir = base / "run"
+  stdout, stderr = open(base / "stdout.txt", "w+"), open(base / "stderr.txt", "w+")
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS, f"--workdir={workdir}"],
+    cwd=ROOT,
+    env=dict(os.environ, XLA_FLAGS=""),
+    stdout=stdout,
+    stderr=stderr,
+    text=True,
+  )
+  yield proc, workdir, stdout, stderr
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+  stdout.close()
+  stderr.close()
+
+
+@pytest.fixture(scope="session")
+def main_job(_main_job_process):
+  """The finished main-job run: (CompletedProcess, workdir).
+
+  Its workdir also holds the prepared survey (`tfds/`) and the warmed-up tiny backbone
+  (`assets/backbone`) that the training-loop tests reuse.
+  """
+  proc, workdir, stdout, stderr = _main_job_process
+  proc.wait(timeout=900)
+  stdout.seek(0)
+  stderr.seek(0)
+  completed = subprocess.CompletedProcess(proc.args, proc.returncode, stdout.read(), stderr.read())
+  return completed, workdir

@@ -16,11 +16,15 @@ from cuma_jax.training import checkpointing, loop
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  """The tiny synthetic survey and a warmed-up tiny backbone, built once."""
-  workdir = str(tmp_path_factory.mktemp("assets"))
+def assets(main_job):
+  """The tiny synthetic survey and the warmed-up tiny backbone of the main job's run.
+
+  Both are in its workdir, written as `job.run` writes them (built here if that run failed
+  before writing them).
+  """
+  _, workdir = main_job
   config = tiny_config()
-  data = job.load_data(config, workdir)
+  data = job.load_data(config, str(workdir))
   backbone = tiny_backbone.build_warmed_up(
     config, os.path.join(workdir, "assets"), data, log=lambda *_: None
   )

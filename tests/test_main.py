@@ -1,35 +1,19 @@
-"""The command line: `python -m cuma_jax.main` runs the `tiny` experiment end to end."""
+"""The command line: `python -m cuma_jax.main` runs the `tiny` experiment end to end.
+
+The run itself is the session fixture `main_job` (conftest.py), started when the session
+starts; its workdir is reused by the training-loop tests.
+"""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
 from cuma_jax.training import checkpointing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def test_main_job_runs_end_to_end_on_tiny(tmp_path):
-  workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "cuma_jax.main",
-      "--config=configs/cuma.py:tiny",
-      f"--workdir={workdir}",
-      "--config.train.num_steps=3",
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+def test_main_job_runs_end_to_end_on_tiny(main_job):
+  proc, workdir = main_job
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "trained: accuracy" in proc.stdout
   assert os.listdir(workdir / "train" / "checkpoints")
