@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 from helpers import tiny_config
 import jax
@@ -13,6 +14,12 @@ from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.models import pretrained as api
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
+
+
+def _config(**overrides):
+  """The `tiny` config with adapters on q_proj and v_proj only (half the tracing and
+  compile time of all seven projections; the main job trains all seven)."""
+  return tiny_config(**{"adapter.targets": ("q_proj", "v_proj"), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +100,26 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-def test_resumption_is_exact(assets, tmp_path):
-  config = tiny_config(**{"train.num_steps": 6})
-  straight = _run(config, str(tmp_path / "straight"), assets)
+SIX_STEPS = {"train.num_steps": 6}
+
+
+@pytest.fixture(scope="module")
+def straight(assets, tmp_path_factory):
+  """Six uninterrupted steps: (its TrainResult, its workdir), read-only for the tests."""
+  workdir = tmp_path_factory.mktemp("straight")
+  return _run(_config(**SIX_STEPS), str(workdir), assets), workdir
+
+
+def test_resumption_is_exact(assets, straight, tmp_path):
+  config = _config(**SIX_STEPS)
+  straight, straight_dir = straight
   with pytest.raises(KeyboardInterrupt):
     _run(config, str(tmp_path / "resumed"), assets, stop_after=3)
   resumed = _run(config, str(tmp_path / "resumed"), assets)
   assert len(resumed.losses) == 3  # Only steps 4..6 ran after the restart.
   for a, b in zip(jax.tree.leaves(straight.trainable), jax.tree.leaves(resumed.trainable)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
-  full, split = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+  full, split = _losses(straight_dir), _losses(tmp_path / "resumed")
   assert sorted(full) == sorted(split) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose(
     [split[s] for s in range(1, 7)], [full[s] for s in range(1, 7)], atol=1e-6, rtol=0
@@ -110,15 +127,15 @@ def test_resumption_is_exact(assets, tmp_path):
   assert not np.allclose(full[1], full[6])  # It did learn something.
 
 
-def test_checkpoint_of_another_config_is_refused(assets, tmp_path):
-  _run(tiny_config(**{"train.num_steps": 1}), str(tmp_path), assets)
-  other = tiny_config(**{"train.num_steps": 1, "adapter.rank": 4})
+def test_checkpoint_of_another_config_is_refused(assets, straight, tmp_path):
+  shutil.copytree(straight[1], tmp_path, dirs_exist_ok=True)  # A workdir with checkpoints.
+  other = _config(**SIX_STEPS, **{"adapter.rank": 4})
   with pytest.raises(checkpointing.CheckpointConfigMismatch, match=r"adapter\.rank"):
     _run(other, str(tmp_path), assets)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
-  config = tiny_config(
+  config = _config(
     **{
       "train.num_steps": 6,
       "train.checkpoint_every": 1,
