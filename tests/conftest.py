@@ -16,8 +16,10 @@ import subprocess
 import sys
 import tempfile
 
+# Tiny programs: XLA:CPU compile time, not run time, dominates; skip its costly passes.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Tests that build a mesh need several host devices; this must precede importing jax.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # In the environment, so that subprocesses share it.
@@ -217,7 +219,7 @@ def _main_job_process(request, tmp_path_factory):
   proc = subprocess.Popen(
     [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS, f"--workdir={workdir}"],
     cwd=ROOT,
-    env=dict(os.environ, XLA_FLAGS=""),
+    env=dict(os.environ, XLA_FLAGS=FAST_COMPILE),
     stdout=stdout,
     stderr=stderr,
     text=True,
