@@ -4,10 +4,14 @@ Tiny random Hugging Face models (no download), their JAX loads, the hand-written
 WorldValuesBench directory, the tiny chat tokenizers, the synthetic TFDS survey, and one run
 of the main job on the `tiny` preset (started in the background when the session starts).
 
-Compilations are cached on disk for the session (JAX's persistent compilation cache in a
-temporary directory): a function traced again with the same shapes (every `load_pretrained`
-with the same adapter, every training run of the same config, the main job's evaluations)
-is compiled once.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the cache between runs.
+Compilation is most of the suite's time, so:
+- compilations are cached on disk for the session (JAX's persistent compilation cache in a
+  temporary directory): a function traced again with the same shapes (every
+  `load_pretrained` with the same adapter, every training run of the same config, the main
+  job's evaluations) is compiled once.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the cache
+  between runs;
+- XLA:CPU skips its costly optimisation passes (``FAST_COMPILE``; an ``XLA_FLAGS`` already
+  in the environment is left as it is).
 """
 
 import os
