@@ -1,30 +1,61 @@
-"""Shared fixtures: tiny random Hugging Face models built locally (no download).
+"""Session fixtures: everything expensive is built once per test run.
 
-Compilation, not execution, is most of the suite's time on these tiny programs, so XLA:CPU
-skips its costly optimisation passes, and compilations are cached on disk for the session
-(JAX's persistent cache in a temporary directory, seen by subprocesses too): a program traced
-again with the same shapes is compiled once.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the
-cache between runs.
+Tiny random Hugging Face models (no download), their JAX loads, the hand-written
+WorldValuesBench directory, the tiny chat tokenizers, the synthetic TFDS survey, and one run
+of the main job on the `tiny` preset (started in the background when the session starts).
+
+Compilation is most of the suite's time, so:
+- compilations are cached on disk for the session (JAX's persistent compilation cache in a
+  temporary directory): a function traced again with the same shapes (every
+  `load_pretrained` with the same adapter, every training run of the same config, the main
+  job's evaluations) is compiled once.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the cache
+  between runs;
+- XLA:CPU skips its costly optimisation passes (``FAST_COMPILE``; an ``XLA_FLAGS`` already
+  in the environment is left as it is).
 """
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
+# Tiny programs: XLA:CPU compile time, not run time, dominates; skip its costly passes.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Tests that build a mesh need several host devices; this must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# In the environment, so that subprocesses share it.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cuma-tests-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+from cuma_jax.data import prompts  # noqa: E402
+from cuma_jax.data.wvb import WvbReader  # noqa: E402
+from cuma_jax.models.pretrained import load_pretrained  # noqa: E402
+from cuma_jax.tiny.tokenizer import build_tiny_tokenizer  # noqa: E402
+from cuma_jax.tiny.wvb_fixture import write_wvb_fixture  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+tfds.disable_progress_bar()
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- tiny models
 
 TINY = dict(
   vocab_size=96,
@@ -90,7 +121,10 @@ def build_tiny_model(name, directory, seed=0):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-  """Returns a function name -> (directory, torch model), cached per session."""
+  """Returns a function name -> (directory, torch model), cached per session.
+
+  The torch model is shared: a test that changes it (dtype, weights) works on a copy.
+  """
   cache = {}
 
   def get(name):
@@ -102,6 +136,116 @@ def tiny_checkpoint(tmp_path_factory):
   return get
 
 
-def pytest_unconfigure(config):
-  if _OWN_CACHE:
-    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+@pytest.fixture(scope="session")
+def pretrained(tiny_checkpoint):
+  """Returns a function (name, **load_pretrained kwargs) -> (module, params), cached per session.
+
+  Parameters are immutable arrays; each call gets its own (shallow) copy of the dicts.
+  """
+  cache = {}
+
+  def hashable(value):
+    if isinstance(value, jax.Array):  # e.g. rng: a key is cached by its bits.
+      if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        value = jax.random.key_data(value)
+      return (str(value.dtype), tuple(np.asarray(value).ravel().tolist()))
+    return value
+
+  def get(name, **kwargs):
+    key = (name, tuple(sorted((k, hashable(v)) for k, v in kwargs.items())))
+    if key not in cache:
+      cache[key] = load_pretrained(tiny_checkpoint(name)[0], **kwargs)
+    module, params = cache[key]
+    return module, jax.tree.map(lambda x: x, params)
+
+  return get
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="session")
+def wvb_root(tmp_path_factory):
+  """The hand-written WorldValuesBench manual directory (`cuma_jax.tiny.wvb_fixture`)."""
+  return write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
+
+
+@pytest.fixture(scope="session")
+def wvb_examples(wvb_root):
+  """Every example the reader gives for the fixture's train, valid and test splits."""
+  reader = WvbReader(wvb_root)
+  return [e for split in ("train", "valid", "test") for e in reader.examples(split)]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(wvb_examples, tmp_path_factory):
+  """Returns a function chat_format -> tiny tokenizer built from the fixture's text, cached.
+
+  Each is reloaded from disk with AutoTokenizer, as users will.
+  """
+  cache = {}
+
+  def get(chat_format):
+    if chat_format not in cache:
+      corpus = [e["user"] for e in wvb_examples] + [e["profile"] for e in wvb_examples]
+      out = tmp_path_factory.mktemp(chat_format)
+      build_tiny_tokenizer([*corpus, prompts.DEFAULT_SYSTEM_PROMPT], out, chat_format=chat_format)
+      cache[chat_format] = transformers.AutoTokenizer.from_pretrained(out)
+    return cache[chat_format]
+
+  return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_sources(tmp_path_factory):
+  """The `tiny` config of the synthetic survey, prepared with TFDS (array_record)."""
+  return tfds.data_source("cuma_synthetic_survey/tiny", data_dir=tmp_path_factory.mktemp("tfds"))
+
+
+# ----------------------------------------------------------------------------- the main job
+
+MAIN_JOB_ARGS = ("--config=configs/cuma.py:tiny", "--config.train.num_steps=3")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _main_job_process(request, tmp_path_factory):
+  """Starts `python -m cuma_jax.main` on `tiny` when the session starts, if a test needs it.
+
+  It runs in its own process (one host device, as a user runs it) while the other tests
+  run; `main_job` waits for it.
+  """
+  if not any("main_job" in item.fixturenames for item in request.session.items):
+    yield None
+    return
+  base = tmp_path_factory.mktemp("main_job")
+  workdir = base / "run"
+  stdout, stderr = open(base / "stdout.txt", "w+"), open(base / "stderr.txt", "w+")
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS, f"--workdir={workdir}"],
+    cwd=ROOT,
+    env=dict(os.environ, XLA_FLAGS=FAST_COMPILE),
+    stdout=stdout,
+    stderr=stderr,
+    text=True,
+  )
+  yield proc, workdir, stdout, stderr
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+  stdout.close()
+  stderr.close()
+
+
+@pytest.fixture(scope="session")
+def main_job(_main_job_process):
+  """The finished main-job run: (CompletedProcess, workdir).
+
+  Its workdir also holds the prepared survey (`tfds/`) and the warmed-up tiny backbone
+  (`assets/backbone`) that the training-loop tests reuse.
+  """
+  proc, workdir, stdout, stderr = _main_job_process
+  proc.wait(timeout=900)
+  stdout.seek(0)
+  stderr.seek(0)
+  completed = subprocess.CompletedProcess(proc.args, proc.returncode, stdout.read(), stderr.read())
+  return completed, workdir

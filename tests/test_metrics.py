@@ -1,25 +1,21 @@
-"""Tests for cuma_jax.evaluation.metrics and .predict against independent oracles.
+"""Tests for cuma_jax.evaluation.metrics against independent oracles.
 
-Oracles: scipy.stats.wasserstein_distance for EMD, hand-computed examples (worked out in the
-comments) for the other metrics, a numpy log-softmax for option log-probs, and csv reading for
-the EMD tool's input file.
+Oracles: scipy.stats.wasserstein_distance for EMD, scikit-learn for macro-F1, hand-computed
+examples (worked out in the comments) for the other metrics, and csv reading for the EMD
+tool's input file.
 """
 
 import csv
 import math
 import types
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import wasserstein_distance
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from cuma_jax import presets
 from cuma_jax.data import prompts
 from cuma_jax.evaluation import metrics, survey
-from cuma_jax.evaluation.predict import letter_token_ids, option_log_probs, restricted_argmax
 
 # ----------------------------------------------------------------------------- classification
 
@@ -251,63 +247,6 @@ def test_summarize_wires_the_metrics():
       "num_questions": 2,
     }
   )
-
-
-# ----------------------------------------------------------------------------- predict
-
-
-def test_restricted_argmax_ignores_tokens_outside_the_options():
-  logits = jnp.array(
-    [
-      [0.0, 0.0, 1.0, 3.0, 2.0, 0.0, 0.0, 100.0],  # token 7 is not an option
-      [50.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0],  # token 0 is a padded option
-    ]
-  )
-  option_ids = jnp.array([[2, 3, 4], [5, 6, 0]])
-  mask = jnp.array([[True, True, True], [True, True, False]])
-  np.testing.assert_array_equal(restricted_argmax(logits, option_ids, mask), [1, 1])
-
-
-def test_option_log_probs_renormalise_over_valid_options():
-  rng = np.random.default_rng(4)
-  logits = rng.normal(size=(2, 10)).astype(np.float32)
-  option_ids = np.array([[3, 1, 7, 0], [2, 9, 0, 0]])
-  mask = np.array([[True, True, True, True], [True, True, False, False]])
-  out = np.asarray(option_log_probs(jnp.asarray(logits), option_ids, mask))
-  for b in range(2):
-    valid = logits[b, option_ids[b][mask[b]]]
-    expected = valid - np.log(np.sum(np.exp(valid)))
-    np.testing.assert_allclose(out[b][mask[b]], expected, rtol=1e-5)
-    assert np.all(np.isneginf(out[b][~mask[b]]))
-
-
-def _tokenizer(prefix_space: bool) -> PreTrainedTokenizerFast:
-  """WordLevel tokenizer over {A, B, C}; with prefix_space, "A" encodes as ["▁", "A"]."""
-  vocab = {"[UNK]": 0, "▁": 1, "A": 2, "B": 3, "C": 4}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-  if prefix_space:
-    tok.normalizer = normalizers.Prepend("▁")
-    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="isolated")
-  else:
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
-def test_letter_token_ids():
-  assert letter_token_ids(_tokenizer(prefix_space=False), "CAB") == [4, 2, 3]
-
-
-def test_letter_token_ids_rejects_multi_token_letter():
-  with pytest.raises(ValueError, match="'A' is not a single token"):
-    letter_token_ids(_tokenizer(prefix_space=True), "AB")
-
-
-def test_letter_token_ids_rejects_unknown_letter():
-  with pytest.raises(ValueError, match="'D'"):
-    letter_token_ids(_tokenizer(prefix_space=False), "ABCD")
-
-
-# ----------------------------------------------------------------------------- survey scoring
 
 
 class _Source(list):

@@ -1,30 +1,16 @@
-"""TFDS (array_record, no TensorFlow) round trip of the synthetic survey, and the grain pipeline."""
-
-import subprocess
-import sys
-import textwrap
+"""The grain pipeline over the synthetic survey's TFDS data source: batches, order, shards."""
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from cuma_jax.data import builders, prompts
+from cuma_jax.data import prompts
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
-from cuma_jax.data.synthetic import SurveyOracle
-from cuma_jax.data.wvb import WvbReader
 from cuma_jax.tiny.tokenizer import build_tiny_tokenizer
 
-tfds.disable_progress_bar()
-
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-  return tfds.data_source("cuma_synthetic_survey/tiny", data_dir=tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def train(sources):
-  return sources["train"]
+def train(synthetic_sources):
+  return synthetic_sources["train"]
 
 
 @pytest.fixture(scope="module")
@@ -39,51 +25,6 @@ def tokenizer(train, tmp_path_factory):
 def _batches(dataset, n=None):
   iterator = iter(dataset)
   return list(iterator) if n is None else [next(iterator) for _ in range(n)]
-
-
-def test_data_source_reads_back_what_was_written(sources):
-  raw = builders.RAW_DIR
-  data_dir = sources["train"].dataset_info.data_dir
-  reader = WvbReader(f"{data_dir}/{raw}")
-  for split, source in sources.items():
-    written = list(reader.examples(split))
-    assert len(source) == len(written) > 0
-    for i in (0, len(written) // 2, len(written) - 1):  # generation order is kept
-      record = source[i]
-      assert record["user"].decode() == written[i]["user"]
-      assert record["profile"].decode() == written[i]["profile"]
-      assert record["answer_letter"].decode() == written[i]["answer_letter"]
-      assert list(record["option_codes"]) == written[i]["option_codes"]
-      assert record["participant_id"] == written[i]["participant_id"]
-    assert source.dataset_info.metadata["profiles"][split] == sorted(
-      {e["profile"] for e in written}
-    )
-  oracle = builders.load_oracle(sources["test"])
-  assert oracle.question_ids == SurveyOracle.load(f"{data_dir}/{raw}").question_ids
-
-
-def test_builds_and_reads_without_tensorflow(tmp_path):
-  """In a fresh interpreter, building and reading never imports TensorFlow (installed or not)."""
-  script = textwrap.dedent(f"""
-        import sys
-        import tensorflow_datasets as tfds
-        tfds.disable_progress_bar()
-        from cuma_jax.data import builders
-        from cuma_jax.tiny.wvb_fixture import write_wvb_fixture
-        root = write_wvb_fixture({str(tmp_path / "wvb")!r})
-        sources = tfds.data_source(
-            "cuma_world_values_bench/full", data_dir={str(tmp_path / "tfds")!r},
-            download_and_prepare_kwargs={{"download_config": tfds.download.DownloadConfig(
-                manual_dir=str(root))}})
-        print(len(sources["train"]), sources["train"][0]["answer_letter"].decode(),
-              "tensorflow" in sys.modules)
-    """)
-  result = subprocess.run(
-    [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  count, _, tensorflow_imported = result.stdout.splitlines()[-1].split()
-  assert (count, tensorflow_imported) == ("8", "False")
 
 
 def test_batch_contents(train, tokenizer):

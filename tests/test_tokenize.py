@@ -1,16 +1,13 @@
-"""Tiny tokenizers and the chat-template label construction (Qwen3 and Llama 3 formats)."""
+"""Chat-template label construction (Qwen3 and Llama 3 formats) on the tiny tokenizers."""
 
 import ml_collections
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 from cuma_jax import presets, schema
 from cuma_jax.data import prompts
 from cuma_jax.data.tokenize import ChatEncoder, pad_id, render_prompt
-from cuma_jax.data.wvb import WvbReader
 from cuma_jax.tiny.tokenizer import build_tiny_tokenizer
-from cuma_jax.tiny.wvb_fixture import write_wvb_fixture
 
 # chat_format -> its end-of-turn token
 FORMATS = {"qwen3": "<|im_end|>", "llama3": "<|eot_id|>"}
@@ -21,58 +18,23 @@ RELEASED_MARKERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-  root = write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
-  reader = WvbReader(root)
-  return [e for split in ("train", "valid", "test") for e in reader.examples(split)]
-
-
 @pytest.fixture(scope="module", params=sorted(FORMATS))
 def chat_format(request):
   return request.param
 
 
 @pytest.fixture(scope="module")
-def tokenizer(chat_format, examples, tmp_path_factory):
-  corpus = [e["user"] for e in examples] + [e["profile"] for e in examples]
-  out = tmp_path_factory.mktemp(chat_format)
-  build_tiny_tokenizer([*corpus, prompts.DEFAULT_SYSTEM_PROMPT], out, chat_format=chat_format)
-  return AutoTokenizer.from_pretrained(out)  # reloaded from disk, as users will
-
-
-def test_tiny_tokenizer_letters_vocab_and_round_trip(tokenizer, examples):
-  assert len(tokenizer) <= 2048
-  for letter in prompts.LETTERS:
-    assert len(tokenizer.encode(letter, add_special_tokens=False)) == 1
-  text = tokenizer.apply_chat_template(
-    prompts.chat_messages(examples[0]["profile"], examples[0]["user"], "A"), tokenize=False
-  )
-  assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
-
-
-def test_qwen3_template_renders_like_qwen3(tmp_path):
-  tok = build_tiny_tokenizer(["hello"], tmp_path)
-  messages = prompts.chat_messages("S", "U", "B")
-  assert tok.apply_chat_template(messages, tokenize=False) == (
-    "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\n\n</think>\n\nB<|im_end|>\n"
-  )
-  assert render_prompt(tok, messages[:2]) == (
-    "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-  )
-  assert tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True) == (
-    "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
-  )
-  assert (tok.pad_token, tok.eos_token) == ("<|endoftext|>", "<|im_end|>")
+def tokenizer(chat_tokenizer, chat_format):
+  return chat_tokenizer(chat_format)
 
 
 @pytest.mark.parametrize("demographic", [False, True])
-def test_only_letter_and_end_of_turn_are_supervised(chat_format, tokenizer, examples, demographic):
+def test_only_letter_and_end_of_turn_are_supervised(
+  chat_format, tokenizer, wvb_examples, demographic
+):
   end_of_turn = FORMATS[chat_format]
   encoder = ChatEncoder(tokenizer, max_length=192)
-  for example in examples:
+  for example in wvb_examples:
     system = prompts.system_prompt(example["profile"], demographic)
     messages = prompts.chat_messages(system, example["user"])
     out = encoder(messages, example["answer_letter"])
@@ -105,10 +67,10 @@ def _released_labels(tokenizer, messages, answer, marker):
   return ids, [t for t in ids[start + len(marker_ids) :] if t != pad]
 
 
-def test_released_supervision(chat_format, tokenizer, examples):
+def test_released_supervision(chat_format, tokenizer, wvb_examples):
   encoder = ChatEncoder(tokenizer, max_length=192, supervision="released")
   expected = {"qwen3": "{}<|im_end|>\n", "llama3": "{}"}[chat_format]
-  for example in examples[:6]:
+  for example in wvb_examples[:6]:
     messages = prompts.chat_messages(example["profile"], example["user"])
     letter = example["answer_letter"]
     out = encoder(messages, letter)
@@ -133,8 +95,8 @@ def test_supervision_choices_are_checked(tokenizer):
     schema.validate(c)
 
 
-def test_left_truncation_keeps_the_answer(chat_format, tokenizer, examples):
-  example = examples[0]
+def test_left_truncation_keeps_the_answer(chat_format, tokenizer, wvb_examples):
+  example = wvb_examples[0]
   messages = prompts.chat_messages(example["profile"], example["user"])
   full = ChatEncoder(tokenizer, max_length=256)(messages, "A")
   n = int(full["attention_mask"].sum())

@@ -1,22 +1,11 @@
-"""WorldValuesBench reader, prompts and TFDS builder on the hand-written fixture."""
+"""The WorldValuesBench reader on the hand-written fixture (`cuma_jax.tiny.wvb_fixture`)."""
 
-import json
-
-import ml_collections
-import numpy as np
+from helpers import edit_lines
 import pytest
-import tensorflow_datasets as tfds
 
-from cuma_jax.data import builders, prompts
+from cuma_jax.data import prompts
 from cuma_jax.data.wvb import SkipCounts, WvbReader, split_files, write_wvb_tree
-from cuma_jax.tiny.wvb_fixture import write_wvb_fixture
-
-tfds.disable_progress_bar()
-
-
-@pytest.fixture(scope="module")
-def wvb_root(tmp_path_factory):
-  return write_wvb_fixture(tmp_path_factory.mktemp("wvb"))
+from cuma_jax.tiny.wvb_fixture import CODEBOOK, QUESTION_METADATA, write_wvb_fixture
 
 
 def test_worked_example_character_for_character(wvb_root):
@@ -55,14 +44,6 @@ def test_ten_point_scale_prompt_and_old_age_group(wvb_root):
     "E. 5 F. 6 G. 7 H. 8 I. 9 J. Larger income differences. You can only choose one option."
   )
   assert "age group: 65 and more years old," in us["profile"]
-
-
-def test_question_mark_is_appended_as_the_released_code_does():
-  assert prompts.user_prompt("Why?", ["Yes", "No"]) == (
-    "Why?? A. Yes B. No. You can only choose one option."
-  )
-  with pytest.raises(ValueError):
-    prompts.user_prompt("Q", [str(i) for i in range(27)])
 
 
 def test_examples_and_skip_counts(wvb_root):
@@ -123,8 +104,6 @@ def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"split 'probe'.*probe_demographic_qa.tsv"):
     list(WvbReader(wvb_root).examples("probe"))
 
-  from cuma_jax.tiny.wvb_fixture import CODEBOOK, QUESTION_METADATA
-
   demographic = [
     {
       "D_INTERVIEW": "1",
@@ -144,12 +123,6 @@ def test_missing_directory_file_and_empty_split_errors(wvb_root, tmp_path):
     list(WvbReader(tmp_path / "empty").examples("train"))
 
 
-def _edit(path, edit):
-  lines = path.read_text().split("\n")
-  edit(lines)
-  path.write_text("\n".join(lines))
-
-
 def test_malformed_rows_are_named_counted_and_skipped(wvb_root, tmp_path, caplog):
   root = write_wvb_fixture(tmp_path)
   demographic, values = split_files(root, "train")
@@ -159,9 +132,11 @@ def test_malformed_rows_are_named_counted_and_skipped(wvb_root, tmp_path, caplog
     lines[3] = lines[3].replace("840070003", "84007OOO3")
     lines.insert(2, "")  # A blank line 3 moves those two rows to lines 4 and 5.
 
-  _edit(values, break_values)
+  edit_lines(values, break_values)
   # 410070006's H_URBRURAL cell lost (line 6: 392070005 has no demographic row).
-  _edit(demographic, lambda lines: lines.__setitem__(5, lines[5].replace("\tUrban\t", "\t", 1)))
+  edit_lines(
+    demographic, lambda lines: lines.__setitem__(5, lines[5].replace("\tUrban\t", "\t", 1))
+  )
   counts = SkipCounts()
   got = [(e["participant_id"], e["question_id"]) for e in WvbReader(root).examples("train", counts)]
   # Only 156070001 is left: 818070002's answers would have shifted onto the next questions,
@@ -187,133 +162,9 @@ def test_malformed_rows_are_named_counted_and_skipped(wvb_root, tmp_path, caplog
 def test_file_with_a_wrong_header_is_refused(tmp_path, header, message):
   root = write_wvb_fixture(tmp_path)
   _, values = split_files(root, "train")
-  _edit(values, lambda lines: lines.__setitem__(0, header))
+  edit_lines(values, lambda lines: lines.__setitem__(0, header))
   with pytest.raises(ValueError, match=rf"train_value_qa\.tsv {message}"):
     list(WvbReader(root).examples("train"))
-
-
-def test_prepared_data_are_keyed_by_the_manual_directory_contents(tmp_path):
-  root = write_wvb_fixture(tmp_path / "manual")
-  data = ml_collections.ConfigDict(dict(dataset="wvb", builder_config="full", manual_dir=str(root)))
-  logs = []
-  first = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
-  again = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
-  assert again.data_dir == first.data_dir
-  assert logs == [f"reusing the dataset prepared in {first.data_dir} (its inputs are unchanged)"]
-  _, values = split_files(root, "train")
-  _edit(
-    values, lambda lines: lines.__setitem__(1, lines[1].replace("156070001\t1", "156070001\t3"))
-  )
-  changed = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
-  assert changed.data_dir != first.data_dir and len(logs) == 1
-  answers = {
-    (int(r["participant_id"]), r["question_id"].decode()): int(r["answer_code"])
-    for r in changed.as_data_source()["train"]
-  }
-  assert answers[(156070001, "Q1")] == 3
-
-
-def _key(example):
-  return (example["participant_id"], example["question_id"])
-
-
-def _decoded(record):
-  """A TFDS record with bytes -> str and numpy -> Python, comparable to a reader example."""
-  if isinstance(record, dict):
-    return {k: _decoded(v) for k, v in record.items()}
-  if isinstance(record, bytes):
-    return record.decode()
-  if isinstance(record, (list, np.ndarray)):
-    return [int(v) for v in record]
-  return int(record)
-
-
-def test_tfds_full_config_reads_back_every_example(wvb_root, tmp_path):
-  sources = tfds.data_source(
-    "cuma_world_values_bench/full",
-    data_dir=tmp_path,
-    download_and_prepare_kwargs={
-      "download_config": tfds.download.DownloadConfig(manual_dir=str(wvb_root))
-    },
-  )
-  reader = WvbReader(wvb_root)
-  assert {split: len(source) for split, source in sources.items()} == {
-    "train": 8,
-    "valid": 3,
-    "test": 6,
-  }
-  for split, source in sources.items():
-    expected = sorted(reader.examples(split), key=_key)
-    assert sorted((_decoded(r) for r in source), key=_key) == expected
-  metadata = sources["train"].dataset_info.metadata
-  assert metadata["profiles"]["test"] == sorted({e["profile"] for e in reader.examples("test")})
-  assert [q["question_id"] for q in metadata["questions"]] == ["Q1", "Q46", "Q106"]
-  assert metadata["skip_counts"]["train"]["answer_not_in_options"] == 1
-
-
-def _released_sample(root, split, size, seed=42):
-  """(participant id, question id, profile) of the released preprocessing's sample, written
-  here from its description with pandas, as it reads the TSVs.
-
-  The value TSV is inner-joined with the profile columns of the demographic TSV (value rows
-  keep their order); each row yields its columns starting with "Q", in order, whose cell is a
-  number >= 0 (or a string of digits) that is one of the codebook's choices >= 0; the profile
-  sentence formats the pandas values with str(), so an empty cell reads "nan". The sample is
-  HF datasets' shuffle(seed).select(range(size)): numpy's default_rng(seed) permutation.
-  """
-  import pandas as pd
-
-  codebook = json.loads((root / "dataset_construction/codebook.json").read_text())
-  demographic_path, value_path = split_files(root, split)
-  demographic = pd.read_csv(demographic_path, sep="\t", index_col="D_INTERVIEW")
-  values = pd.read_csv(value_path, sep="\t", index_col="D_INTERVIEW")
-  columns = ["B_COUNTRY", "X003R", "Q260", "Q275", "Q273", "Q289", "Q290", "Q279"]
-  joined = values.join(demographic[columns], how="inner")
-  rows = []
-  for pid, row in joined.iterrows():
-    country, age, gender, education, marital, religion, ethnicity, employment = (
-      str(row[c]) for c in columns
-    )
-    if age.endswith("years"):
-      age = age.replace(" years", " years old")
-    profile = (
-      f"You are a person from {country}, age group: {age}, gender: {gender}, education: "
-      f"{education}, marital status: {marital}, religion: {religion}, ethnicity: {ethnicity}, "
-      f"employment: {employment}."
-    )
-    for question in (c for c in values.columns if c.startswith("Q")):
-      cell = row[question]
-      if isinstance(cell, str):
-        code = int(cell) if cell.strip().isdigit() else None
-      else:
-        code = None if pd.isna(cell) else int(cell)
-      choices = {int(c) for c in codebook.get(question, {}).get("choices", {}) if int(c) >= 0}
-      if code is not None and code in choices:
-        rows.append((int(pid), question, profile))
-  order = np.random.default_rng(seed).permutation(len(rows))[:size]
-  return [rows[i] for i in order]
-
-
-def test_sampled_50k_selects_the_released_rows(wvb_root, tmp_path):
-  configs = {c.name: c for c in builders.CumaWorldValuesBench.BUILDER_CONFIGS}
-  assert configs["sampled_50k"].incomplete_profiles == "nan"
-  assert configs["full"].incomplete_profiles == "drop"
-  config = builders.WvbConfig(
-    name="sampled_7", train_size=7, test_size=4, sample_seed=42, incomplete_profiles="nan"
-  )
-  builder = builders.CumaWorldValuesBench(data_dir=tmp_path, config=config)
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(wvb_root))
-  )
-  sources = builder.as_data_source()
-  for split, size in (("train", 7), ("test", 4)):
-    got = [
-      (int(r["participant_id"]), r["question_id"].decode(), r["profile"].decode())
-      for r in sources[split]
-    ]
-    assert got == _released_sample(wvb_root, split, size)
-  # The participant with an empty ethnicity is in the permuted rows (10 of them, not 8).
-  assert len(_released_sample(wvb_root, "train", 100)) == 10
 
 
 def test_split_files_layout(tmp_path):

@@ -1,0 +1,108 @@
+"""Helpers shared by several test files: one copy of each.
+
+Expensive artefacts (tiny checkpoints, loaded models, data sets, the main job's run) are
+session fixtures in ``conftest.py``; this module holds the plain functions and constants.
+"""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
+import transformers
+
+from cuma_jax import presets
+from cuma_jax.checkpoints.safetensors_io import SINGLE_FILE, TensorIndex, write_safetensors
+from cuma_jax.layers.adapter_config import AdapterConfig
+
+# The adapted decoder's tests: a CuMA mixture on six of the seven projections, read by the
+# tests of the decoder, of the parameter split and of the demographics check.
+D_DEMO = 6
+CUMA = AdapterConfig(
+  targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+  rank=4,
+  alpha=8.0,
+  num_experts=4,
+  top_k=2,
+  router_hidden=(16,),
+  demographic_dim=D_DEMO,
+  strategy="dense",
+)
+
+
+def randomise(tree, seed, *, scale=1.0, names=None):
+  """``tree`` with normal(0, scale) values (numpy ``seed``) in the leaves named ``names``.
+
+  ``names`` None randomises every leaf.  LoRA's B starts at zero: randomising it makes an
+  adapter change its output, so that a check of the adapted path means something.
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, value):
+    if names is not None and getattr(path[-1], "key", None) not in names:
+      return value
+    return jnp.asarray(scale * rng.normal(size=value.shape), value.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def padded_batch(vocab, lengths, length, seed=0):
+  """Random token ids [len(lengths), length] and their right-padded attention mask."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, vocab, size=(len(lengths), length))
+  mask = (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.int64)
+  return ids, mask
+
+
+def adapter_inputs(vocab, seed=0):
+  """Ids, mask and demographics [2, D_DEMO] for the adapted decoder (row 1 padded after 6)."""
+  ids, mask = padded_batch(vocab, [9, 6], 9, seed)
+  z = np.random.default_rng(seed + 1000).normal(size=(2, D_DEMO)).astype(np.float32)
+  return jnp.asarray(ids), jnp.asarray(mask, jnp.int32), jnp.asarray(z)
+
+
+def word_level_tokenizer(vocab, unk_token, *, pad_token=None, pre_tokenizer=None, normalizer=None):
+  """A ``PreTrainedTokenizerFast`` over a fixed word vocabulary (whitespace split by default)."""
+  tok = Tokenizer(models.WordLevel(vocab, unk_token=unk_token))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace() if pre_tokenizer is None else pre_tokenizer
+  if normalizer is not None:
+    tok.normalizer = normalizer
+  kwargs = {} if pad_token is None else {"pad_token": pad_token}
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk_token, **kwargs)
+
+
+def tiny_config(**overrides):
+  """The `tiny` CuMA experiment config (unlocked), with short checkpoint and log intervals.
+
+  ``overrides`` maps dotted keys to values, e.g. ``tiny_config(**{"train.num_steps": 6})``.
+  """
+  c = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
+  c.train.update(log_every=1, checkpoint_every=3, keep_checkpoints=5)
+  c.optim.update(schedule="cosine", warmup_steps=2)
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def edit_lines(path, edit):
+  """Rewrites a text file through ``edit(lines)`` (lines without their newlines)."""
+  lines = path.read_text().split("\n")
+  edit(lines)
+  path.write_text("\n".join(lines))
+
+
+def other_backbone(backbone, directory):
+  """A copy of checkpoint ``backbone`` with one weight changed: same shapes, other contents."""
+  shutil.copytree(backbone, directory)
+  index = TensorIndex(directory)
+  tensors = {name: np.array(index.read(name)) for name in index.names()}
+  tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
+  write_safetensors(os.path.join(directory, SINGLE_FILE), tensors.items())
+  return str(directory)

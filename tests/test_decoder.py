@@ -1,0 +1,259 @@
+"""The decoder: logits parity with Hugging Face's PyTorch models (the oracle), the adapted
+decoder against the frozen one and against LoRA written out, and full-size architectures
+traced with jax.eval_shape against Hugging Face parameter counts."""
+
+import os
+
+from flax import traverse_util
+import flax.linen as nn
+import helpers
+from helpers import CUMA, D_DEMO, adapter_inputs, randomise
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import transformers
+
+import cuma_jax
+from cuma_jax.layers.adapter_config import AdapterConfig
+from cuma_jax.models.config import ModelConfig
+from cuma_jax.models.pretrained import abstract_params, build_decoder, load_pretrained
+
+CONFIGS = os.path.join(os.path.dirname(cuma_jax.__file__), "architectures")
+
+
+def _batch(vocab, seed=0):
+  """Three rows of 11 tokens, right padded to lengths 11, 7 and 4."""
+  return helpers.padded_batch(vocab, [11, 7, 4], 11, seed)
+
+
+def _torch_logits(model, ids, mask):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_tied", "llama3", "llama_tied_bias"])
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_logits_match_pytorch(tiny_checkpoint, pretrained, name, scan_layers):
+  _, torch_model = tiny_checkpoint(name)
+  ids, mask = _batch(torch_model.config.vocab_size)
+  module, params = pretrained(name, scan_layers=scan_layers)
+  logits = module.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+  assert logits.shape == (3, 11, torch_model.config.vocab_size)
+  assert logits.dtype == jnp.float32
+  expected = _torch_logits(torch_model, ids, mask)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], expected[valid], atol=1e-4, rtol=0)
+
+
+def test_remat_and_scan_give_identical_logits(tiny_checkpoint, pretrained):
+  _, torch_model = tiny_checkpoint("qwen3")
+  ids, mask = _batch(torch_model.config.vocab_size, seed=1)
+  outs = []
+  for scan_layers, remat in [(False, "none"), (True, "full"), (False, "dots")]:
+    module, params = pretrained("qwen3", scan_layers=scan_layers, remat=remat)
+    outs.append(np.asarray(module.apply({"params": params}, ids, attention_mask=mask)))
+  np.testing.assert_allclose(outs[1], outs[0], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(outs[2], outs[0], atol=1e-6, rtol=0)
+
+
+def test_bf16_compute_close_to_float32_pytorch(tiny_checkpoint, pretrained):
+  """bf16 weights and activations (fp32 norms/softmax): tolerance 5e-2 on logits of O(1)."""
+  _, torch_model = tiny_checkpoint("llama3")
+  ids, mask = _batch(torch_model.config.vocab_size, seed=2)
+  module, params = pretrained("llama3", dtype=jnp.bfloat16)
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+  logits = module.apply({"params": params}, ids, attention_mask=mask)
+  expected = _torch_logits(torch_model, ids, mask)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], expected[valid], atol=5e-2, rtol=0)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_hidden_states_variant_matches_automodel(tiny_checkpoint, tmp_path, scan_layers):
+  directory, torch_model = tiny_checkpoint("qwen3_tied")
+  # Qwen3-Embedding checkpoints are saved from the bare model: tensors have no "model." prefix.
+  base = transformers.AutoModel.from_pretrained(directory).eval()
+  base.save_pretrained(tmp_path)
+  ids, mask = _batch(torch_model.config.vocab_size, seed=3)
+  for source in (directory, str(tmp_path)):
+    module, params = load_pretrained(source, output="hidden_states", scan_layers=scan_layers)
+    hidden = module.apply({"params": params}, ids, attention_mask=mask)
+    with torch.no_grad():
+      expected = base(
+        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)
+      ).last_hidden_state.numpy()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[valid], expected[valid], atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- adapted decoder
+
+
+@pytest.mark.parametrize(
+  "adapter",
+  [
+    CUMA,
+    AdapterConfig(
+      targets=("q_proj", "k_proj", "v_proj"),
+      rank=4,
+      alpha=8.0,
+      num_experts=3,
+      top_k=1,
+      shared_a=True,
+      router="token",
+      share_router=True,
+      strategy="ragged",
+      gate="softmax_top_logits",
+    ),
+    AdapterConfig(targets=(), prefix_length=3),
+  ],
+)
+def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, pretrained, adapter):
+  _, torch_model = tiny_checkpoint("qwen3")
+  ids, mask, z = adapter_inputs(torch_model.config.vocab_size)
+  base_module, base_params = pretrained("qwen3")
+  module, params = pretrained("qwen3", adapter=adapter, rng=jax.random.key(3))
+  expected = base_module.apply({"params": base_params}, ids, attention_mask=mask)
+  logits, aux = module.apply(
+    {"params": params},
+    ids,
+    attention_mask=mask,
+    demographics=z if adapter.uses_demographics else None,
+  )
+  if adapter.prefix_length:
+    # Prefixes are not a zero-initialised residual: they must change the output.
+    assert not np.allclose(logits, expected)
+  else:
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected))
+  assert np.isfinite(float(aux["balance_loss"]))
+
+
+def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint, pretrained):
+  _, torch_model = tiny_checkpoint("llama3")
+  ids, mask, z = adapter_inputs(torch_model.config.vocab_size, seed=4)
+  targets = ("q_proj", "v_proj", "down_proj")
+  lora = AdapterConfig(targets=targets, rank=4, alpha=8.0, num_experts=1, top_k=1, router="none")
+  moe = AdapterConfig(
+    targets=targets,
+    rank=4,
+    alpha=8.0,
+    num_experts=1,
+    top_k=1,
+    demographic_dim=D_DEMO,
+    router_hidden=(8,),
+  )
+  lora_module, lora_params = pretrained("llama3", adapter=lora)
+  lora_params = randomise(lora_params, 1, scale=0.05, names={"b"})
+  moe_module, moe_params = pretrained("llama3", adapter=moe)
+  # Copy LoRA's A and B into the 1-expert mixture; its router stays random.
+  flat_moe = traverse_util.flatten_dict(moe_params)
+  flat_lora = traverse_util.flatten_dict(lora_params)
+  for path in flat_lora:
+    flat_moe[path] = flat_lora[path]
+  moe_params = traverse_util.unflatten_dict(flat_moe)
+  a, _ = lora_module.apply({"params": lora_params}, ids, attention_mask=mask)
+  b, _ = moe_module.apply({"params": moe_params}, ids, attention_mask=mask, demographics=z)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # And the (randomised) LoRA really changes the model; the next test checks its formula.
+  base_module, base_params = pretrained("llama3")
+  assert not np.allclose(
+    np.asarray(a), np.asarray(base_module.apply({"params": base_params}, ids, attention_mask=mask))
+  )
+
+
+def test_lora_projection_matches_numpy_formula(pretrained):
+  """Only down_proj adapted: its delta from the loaded parameters vs (alpha / r) h A B."""
+  adapter = AdapterConfig(
+    targets=("down_proj",),
+    rank=3,
+    alpha=6.0,
+    num_experts=1,
+    top_k=1,
+    router="none",
+  )
+  module, params = pretrained("qwen3", adapter=adapter)
+  params = randomise(params, 1, scale=0.05, names={"b"})
+  lora = params["layers_0"]["mlp"]["adapters_out"]["down_proj_lora"]
+  h = np.random.default_rng(0).normal(size=(1, 5, 48)).astype(np.float32)
+  from cuma_jax.layers.adapter import LoraExperts
+  from cuma_jax.layers.routing import Routing
+
+  experts = LoraExperts(
+    features=32, num_experts=1, rank=3, alpha=6.0, shared_a=False, strategy="dense"
+  )
+  routing = Routing(
+    gates=jnp.ones((1, 5, 1)), experts=jnp.zeros((1, 5, 1), jnp.int32), probs=jnp.ones((1, 5, 1))
+  )
+  delta = experts.apply({"params": lora}, jnp.asarray(h), routing)
+  a = np.asarray(lora["a"]).reshape(48, 3)
+  b = np.asarray(lora["b"]).reshape(3, 32)
+  np.testing.assert_allclose(np.asarray(delta), (6.0 / 3) * h @ a @ b, atol=1e-6)
+
+
+def test_scanned_and_unscanned_adapted_models_agree(tiny_checkpoint, pretrained):
+  _, torch_model = tiny_checkpoint("qwen3")
+  ids, mask, z = adapter_inputs(torch_model.config.vocab_size, seed=6)
+  m1, p1 = pretrained("qwen3", adapter=CUMA)
+  m2, p2 = pretrained("qwen3", adapter=CUMA, scan_layers=True)
+  p1 = randomise(p1, 1, scale=0.05, names={"b"})
+  # Stack the unscanned adapter params into the scanned layout.
+  layers = [p1[f"layers_{i}"] for i in range(2)]
+  p2 = dict(p2, layers=jax.tree.map(lambda *x: jnp.stack(x), *layers))
+  a, aux_a = m1.apply({"params": p1}, ids, attention_mask=mask, demographics=z)
+  b, aux_b = m2.apply({"params": p2}, ids, attention_mask=mask, demographics=z)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  np.testing.assert_allclose(float(aux_a["balance_loss"]), float(aux_b["balance_loss"]), rtol=1e-6)
+  for key, counts in aux_a["expert_counts"].items():
+    assert counts.shape == (2, 4)
+    # Each non-padded token sends top_k assignments per router per layer.
+    np.testing.assert_array_equal(np.asarray(counts).sum(-1), [(9 + 6) * 2] * 2)
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(aux_b["expert_counts"][key]))
+
+
+# ----------------------------------------------------------------------------- full-size shapes
+
+
+@pytest.mark.parametrize(
+  "filename, output, expected",
+  [
+    ("qwen3-8b.json", "logits", 8_190_735_360),
+    ("llama-3.1-8b.json", "logits", 8_030_261_248),
+    ("qwen3-embedding-0.6b.json", "hidden_states", 595_776_512),
+  ],
+)
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_parameter_count_matches_hugging_face(filename, output, expected, scan_layers):
+  config = ModelConfig.from_pretrained(os.path.join(CONFIGS, filename))
+  module = build_decoder(config, output=output, scan_layers=scan_layers)
+  shapes = nn.unbox(abstract_params(module))
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+
+
+def test_every_parameter_has_logical_axes():
+  config = ModelConfig.from_pretrained(os.path.join(CONFIGS, "qwen3-8b.json"))
+  boxed = abstract_params(build_decoder(config, scan_layers=True))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == leaf.value.ndim
+    assert "layers" not in leaf.names or leaf.names[0] == "layers"
+
+
+def test_prefix_init_is_normal_with_the_configured_std(tiny_checkpoint):
+  # PEFT's prefix (an nn.Embedding, no projection) starts at normal(0, 1); 0.1 is any other.
+  directory, _ = tiny_checkpoint("qwen3")
+  for std in (1.0, 0.1):
+    adapter = AdapterConfig(targets=(), prefix_length=32, prefix_init_std=std)
+    _, params = load_pretrained(directory, adapter=adapter, rng=jax.random.key(5))
+    flat = traverse_util.flatten_dict(params)
+    values = np.concatenate(
+      [np.asarray(v).ravel() for p, v in flat.items() if p[-1].startswith("prefix_")]
+    )
+    assert values.size >= 1000
+    assert scipy.stats.kstest(values, scipy.stats.norm(0.0, std).cdf).pvalue > 1e-3
