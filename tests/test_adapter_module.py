@@ -4,6 +4,7 @@ import math
 
 import chex
 import flax.linen as nn
+from helpers import randomise
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,17 +116,11 @@ def _lora_experts(num_experts, shared_a, strategy="dense", **kw):
   )
 
 
-def _randomise(variables, seed):
-  """B starts at zero; give every parameter random values so the check means something."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), v.dtype), variables)
-
-
 @pytest.mark.parametrize("shared_a", [True, False])
 def test_one_expert_equals_plain_lora(shared_a):
   routing = select_experts(jnp.zeros((B, T, 1)), 1, "softmax_top_probs")
   modules = {s: _lora_experts(1, shared_a, s) for s in ("dense", "ragged", "auto")}
-  variables = _randomise(nn.unbox(_shapes(modules["dense"], X, routing)), 1)
+  variables = randomise(nn.unbox(_shapes(modules["dense"], X, routing)), 1)
   deltas = jax.jit(lambda v: {s: m.apply(v, X, routing) for s, m in modules.items()})(
     {"params": variables}
   )
@@ -140,7 +135,7 @@ def test_lora_experts_applies_alpha_over_rank_to_gated_experts():
   logits = jnp.asarray(RNG.normal(size=(B, T, 4)), jnp.float32)
   routing = select_experts(logits, 2, "softmax_top_logits")
   module = _lora_experts(4, False)
-  variables = {"params": _randomise(nn.unbox(_shapes(module, X, routing)), 2)}
+  variables = {"params": randomise(nn.unbox(_shapes(module, X, routing)), 2)}
   a, b = (np.asarray(variables["params"][k]) for k in ("a", "b"))
   gates = np.zeros((B, T, 4))
   np.put_along_axis(gates, np.asarray(routing.experts), np.asarray(routing.gates), -1)
@@ -188,7 +183,7 @@ def test_lora_experts_a_init_law(a_init):
 def test_lora_experts_dtype_and_dropout():
   routing = select_experts(jnp.zeros((B, T, 4)), 2)
   module = _lora_experts(4, True, dtype=jnp.bfloat16, dropout=0.5)
-  variables = {"params": _randomise(nn.unbox(_shapes(module, X, routing)), 3)}
+  variables = {"params": randomise(nn.unbox(_shapes(module, X, routing)), 3)}
 
   @jax.jit
   def run(key):
@@ -269,7 +264,7 @@ def test_adapter_group_matches_oracle(strategy, shared_a, share_router):
   shapes = jax.eval_shape(
     lambda key: group.init(key, X, Z, None, outputs, EMBED), jax.random.PRNGKey(0)
   )["params"]
-  params = _randomise(nn.unbox(shapes), 4)
+  params = randomise(nn.unbox(shapes), 4)
   router_of = (lambda t: "attn_in") if share_router else (lambda t: t)
   cot = {t: jnp.asarray(RNG.normal(size=(B, T, d)), jnp.float32) for t, (d, _) in outputs.items()}
 
