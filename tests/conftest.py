@@ -2,23 +2,29 @@
 
 Tiny random Hugging Face models (no download), their JAX loads, the hand-written
 WorldValuesBench directory, the tiny chat tokenizers, the synthetic TFDS survey, and one run
-of the main job on the `tiny` preset (started in the background when the session starts).
+of the main job on the `tiny` preset (started in the background by the controlling process
+when the session starts, and read by every test process).
+
+The suite runs in parallel (`pytest -n auto`: one pytest-xdist worker per core); the
+session fixtures are built once per worker, the main job once per session.
 
 Compilation is most of the suite's time, so:
 - compilations are cached on disk for the session (JAX's persistent compilation cache in a
   temporary directory): a function traced again with the same shapes (every
   `load_pretrained` with the same adapter, every training run of the same config, the main
-  job's evaluations) is compiled once.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the cache
+  job's evaluations) is compiled once, by whichever worker gets there first.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the cache
   between runs;
 - XLA:CPU skips its costly optimisation passes (``FAST_COMPILE``; an ``XLA_FLAGS`` already
   in the environment is left as it is).
 """
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 # Tiny programs: XLA:CPU compile time, not run time, dominates; skip its costly passes.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -51,6 +57,7 @@ tfds.disable_progress_bar()
 
 
 def pytest_unconfigure(config):
+  _stop_main_job(config)
   if _OWN_CACHE:
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
@@ -204,48 +211,77 @@ def synthetic_sources(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the main job
 
-MAIN_JOB_ARGS = ("--config=configs/cuma.py:tiny", "--config.train.num_steps=3")
+MAIN_JOB_ARGS = (f"--config={ROOT}/configs/cuma.py:tiny", "--config.train.num_steps=3")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _main_job_process(request, tmp_path_factory):
-  """Starts `python -m cuma_jax.main` on `tiny` when the session starts, if a test needs it.
+# The test files whose tests read the main job's run (`main_job`).
+MAIN_JOB_FILES = (
+  "test_analysis.py",
+  "test_job.py",
+  "test_loop.py",
+  "test_main.py",
+  "test_registry.py",
+)
+# Where the controlling process tells the test processes (xdist workers) about the run.
+_MAIN_JOB_ENV = "CUMA_TESTS_MAIN_JOB_DIR"
 
-  It runs in its own process (one host device, as a user runs it) while the other tests
-  run; `main_job` waits for it.
+
+def _selects_main_job_tests(config) -> bool:
+  """Whether the paths on the command line include a file that reads the main job."""
+  paths = [arg.split("::")[0] for arg in config.args] or ["."]
+  for path in paths:
+    path = os.path.abspath(path)
+    if os.path.isdir(path) or os.path.basename(path) in MAIN_JOB_FILES:
+      return True
+  return False
+
+
+def pytest_configure(config):
+  """The controlling process starts the main job, once for every test process.
+
+  It runs in its own process (one host device, as a user runs it) while the tests run;
+  `main_job` waits for the file holding its exit status.
   """
-  if not any("main_job" in item.fixturenames for item in request.session.items):
-    yield None
-    return
-  base = tmp_path_factory.mktemp("main_job")
-  workdir = base / "run"
-  stdout, stderr = open(base / "stdout.txt", "w+"), open(base / "stderr.txt", "w+")
-  proc = subprocess.Popen(
-    [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS, f"--workdir={workdir}"],
-    cwd=ROOT,
-    env=dict(os.environ, XLA_FLAGS=FAST_COMPILE),
-    stdout=stdout,
-    stderr=stderr,
-    text=True,
+  if hasattr(config, "workerinput") or not _selects_main_job_tests(config):
+    return  # an xdist worker: the controlling process has started it
+  base = tempfile.mkdtemp(prefix="cuma-tests-main-job-")
+  command = [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS, f"--workdir={base}/run"]
+  script = '"$@" >stdout.txt 2>stderr.txt; echo $? >returncode.tmp && mv returncode.tmp returncode'
+  config.main_job = subprocess.Popen(
+    ["sh", "-c", script, "sh", *command],
+    cwd=base,
+    env=dict(os.environ, XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT),
   )
-  yield proc, workdir, stdout, stderr
+  os.environ[_MAIN_JOB_ENV] = base
+
+
+def _stop_main_job(config):
+  proc = getattr(config, "main_job", None)
+  if proc is None:
+    return
   if proc.poll() is None:
     proc.kill()
     proc.wait()
-  stdout.close()
-  stderr.close()
+  shutil.rmtree(os.environ.pop(_MAIN_JOB_ENV), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def main_job(_main_job_process):
+def main_job():
   """The finished main-job run: (CompletedProcess, workdir).
 
   Its workdir also holds the prepared survey (`tfds/`) and the warmed-up tiny backbone
   (`assets/backbone`) that the training-loop tests reuse.
   """
-  proc, workdir, stdout, stderr = _main_job_process
-  proc.wait(timeout=900)
-  stdout.seek(0)
-  stderr.seek(0)
-  completed = subprocess.CompletedProcess(proc.args, proc.returncode, stdout.read(), stderr.read())
-  return completed, workdir
+  base = os.environ.get(_MAIN_JOB_ENV)
+  assert base, f"the main job was not started: name one of {MAIN_JOB_FILES} or a directory"
+  returncode = os.path.join(base, "returncode")
+  deadline = time.monotonic() + 900
+  while not os.path.exists(returncode):
+    assert time.monotonic() < deadline, "the main job did not finish in 900 s"
+    time.sleep(0.5)
+  read = lambda name: open(os.path.join(base, name)).read()  # noqa: E731
+  args = [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS]
+  completed = subprocess.CompletedProcess(
+    args, int(read("returncode")), read("stdout.txt"), read("stderr.txt")
+  )
+  return completed, pathlib.Path(base) / "run"

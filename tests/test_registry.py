@@ -74,12 +74,14 @@ def registered():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-  """The tiny survey and warmed-up tiny backbone, built once for this file."""
-  workdir = str(tmp_path_factory.mktemp("registry_assets"))
+def assets(main_job):
+  """The tiny survey and warmed-up tiny backbone of the session's main-job run."""
+  _, workdir = main_job
   config = presets.experiment_config("cuma", "tiny")
-  data = job.load_data(config, workdir)
-  backbone = tiny_backbone.build_warmed_up(config, workdir, data, log=lambda *_: None)
+  data = job.load_data(config, str(workdir))
+  backbone = tiny_backbone.build_warmed_up(
+    config, os.path.join(workdir, "assets"), data, log=lambda *_: None
+  )
   return data, backbone
 
 
@@ -128,7 +130,8 @@ def _train_and_capture(config, assets, workdir):
   trained = merge_params(result.trainable, result.frozen)
   batch = next(iter(dataset))
   z = None if table is None else jnp.asarray(table)[batch["profile_index"]]
-  _, aux = module.clone(capture_routing=True).apply(
+  capture = jax.jit(module.clone(capture_routing=True).apply)
+  _, aux = capture(
     {"params": trained},
     batch["input_ids"],
     attention_mask=batch["attention_mask"],
