@@ -1,9 +1,16 @@
-"""Demographic encoder: a frozen Qwen3-Embedding-style decoder pooled to one vector per profile.
+"""Profile encoders: profile sentence -> the router's demographic vector z.
 
 See docs/method.md#demographic-encoder.
 
+- :class:`DemographicEncoder`: a frozen Qwen3-Embedding-style decoder pooled to one vector
+  (the paper's encoder);
+- :class:`FittedNgramEncoder`: a bag of word n-grams of the sentence, projected by a
+  reduced-rank ridge regression fitted to the training split's answers (a small text encoder
+  trained on the survey, for backbones too small to read a profile);
+- :class:`PrecomputedEncoder`: vectors computed elsewhere.
+
 Each distinct profile string is encoded once and cached (a survey has millions of rows but
-only thousands of distinct profiles).  Pooling modes:
+only thousands of distinct profiles).  Pooling modes of the decoder:
 
 - ``mean``: mean of the last hidden states over real tokens (the default, correct);
 - ``mean_unmasked``: mean over every position of the batch's padded length, as the
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Sequence
 
 import jax
@@ -25,6 +33,8 @@ import numpy as np
 from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
 
 POOLING_MODES = ("mean", "mean_unmasked", "last_token")
+# encoder.kind: the pooled decoder, or the n-gram encoder fitted to the training answers.
+ENCODER_KINDS = ("decoder", "fitted_ngrams")
 
 
 def pool(hidden, mask, mode: str):
@@ -101,6 +111,84 @@ class DemographicEncoder:
     return ids, mask
 
 
+def word_ngrams(text: str) -> list[str]:
+  """Lower-cased words and word bigrams: "age group: 25-34" -> age, group, 25, 34, age group, ..."""
+  words = re.findall(r"\w+", text.lower())
+  return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
+class FittedNgramEncoder:
+  """A bag-of-word-n-grams encoder fitted to a survey's training answers.
+
+  Features: the presence of each word unigram and bigram seen in a training profile (n-grams
+  first met at evaluation are ignored, so an unseen combination of seen values still
+  encodes). Targets: per distinct training profile, the frequency of each answer option of
+  each question (a question the profile never answered takes the population's frequencies).
+  A ridge regression from features to targets, reduced to its ``dim`` leading directions
+  (reduced-rank regression), keeps the parts of the profile that move its answers; the
+  vectors are scaled so that the leading direction has unit variance over training profiles.
+  It reads answers only: never culture labels, which a real survey does not have.
+  """
+
+  def __init__(self, vocabulary: dict[str, int], mean: np.ndarray, projection: np.ndarray):
+    self.vocabulary, self.mean, self.projection = vocabulary, mean, projection
+    self.dim = projection.shape[1]
+
+  @classmethod
+  def fit(
+    cls,
+    profiles: Sequence[str],
+    questions: Sequence[int],
+    options: Sequence[int],
+    *,
+    dim: int,
+    ridge: float,
+  ) -> FittedNgramEncoder:
+    """``profiles[i]`` answered option ``options[i]`` of question ``questions[i]`` (indices)."""
+    if not len(profiles) == len(questions) == len(options) > 0:
+      raise ValueError("fitting needs one (profile, question, option) per answer, and answers")
+    distinct = sorted(set(profiles))
+    row = {p: i for i, p in enumerate(distinct)}
+    vocabulary: dict[str, int] = {}
+    for p in distinct:
+      for gram in word_ngrams(p):
+        vocabulary.setdefault(gram, len(vocabulary))
+    questions, options = np.asarray(questions), np.asarray(options)
+    width = int(options.max()) + 1
+    counts = np.zeros((len(distinct), int(questions.max()) + 1, width))
+    np.add.at(counts, ([row[p] for p in profiles], questions, options), 1.0)
+    answered = counts.sum(-1, keepdims=True)
+    population = counts.sum(0) / np.maximum(counts.sum((0, 2))[:, None], 1.0)
+    targets = np.where(answered > 0, counts / np.maximum(answered, 1.0), population)
+    targets = targets.reshape(len(distinct), -1)
+    encoder = cls(vocabulary, np.zeros(len(vocabulary)), np.zeros((len(vocabulary), 0)))
+    features = encoder._features(distinct)
+    mean = features.mean(0)
+    x, y = features - mean, targets - targets.mean(0)
+    rank = min(x.shape[0], x.shape[1], np.linalg.matrix_rank(y))
+    if dim > rank:
+      raise ValueError(
+        f"the fitted n-gram encoder can give at most {rank} dimensions on this training "
+        f"split ({len(distinct)} profiles, {len(vocabulary)} n-grams, {y.shape[1]} answer "
+        f"options); set adapter.demographic_dim <= {rank}"
+      )
+    coefficients = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+    _, singular, directions = np.linalg.svd(x @ coefficients, full_matrices=False)
+    scale = max(singular[0] / np.sqrt(len(distinct)), 1e-12)
+    return cls(vocabulary, mean, coefficients @ directions[:dim].T / scale)
+
+  def _features(self, texts: Sequence[str]) -> np.ndarray:
+    features = np.zeros((len(texts), len(self.vocabulary)))
+    for i, text in enumerate(texts):
+      columns = [self.vocabulary[g] for g in word_ngrams(text) if g in self.vocabulary]
+      features[i, columns] = 1.0
+    return features
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    """[len(texts), dim] float32."""
+    return ((self._features(list(texts)) - self.mean) @ self.projection).astype(np.float32)
+
+
 class PrecomputedEncoder:
   """Demographic embeddings computed elsewhere and stored with the data.
 
@@ -140,7 +228,7 @@ class Demographics:
   unchanged for evaluation) spreads them without peeking at evaluation profiles.
   """
 
-  encoder: DemographicEncoder | PrecomputedEncoder
+  encoder: DemographicEncoder | FittedNgramEncoder | PrecomputedEncoder
   mean: np.ndarray | float = 0.0
   std: np.ndarray | float = 1.0
 

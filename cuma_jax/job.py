@@ -18,10 +18,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cuma_jax import schema
+from cuma_jax import presets, schema
 from cuma_jax.data import builders, synthetic
-from cuma_jax.data.pipeline import SurveyTables, make_dataset
-from cuma_jax.encoders import DemographicEncoder, Demographics, PrecomputedEncoder
+from cuma_jax.data.pipeline import SurveyTables, as_text, make_dataset
+from cuma_jax.encoders import (
+  DemographicEncoder,
+  Demographics,
+  FittedNgramEncoder,
+  PrecomputedEncoder,
+)
 from cuma_jax.evaluation.survey import evaluate
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
@@ -55,21 +60,60 @@ def demographic_table(demographics: Demographics | None, tables: SurveyTables):
   return None if demographics is None else demographics.encode(tables.profiles)
 
 
-def encoder_path(config, backbone_dir: str) -> str | None:
-  """The demographic encoder's checkpoint or .npz (None when the routers read no profiles)."""
+def _reads_profiles(config) -> bool:
   adapter = schema.adapter_config(config)
-  if adapter is None or not adapter.uses_demographics:
+  return adapter is not None and adapter.uses_demographics
+
+
+def encoder_path(config, backbone_dir: str) -> str | None:
+  """The demographic encoder's checkpoint or .npz (None when the routers read no profiles,
+  or when the encoder is fitted to the dataset, which is fingerprinted on its own)."""
+  if not _reads_profiles(config) or config.encoder.kind == "fitted_ngrams":
     return None
   return config.encoder.precomputed or config.encoder.checkpoint or backbone_dir
 
 
-def make_demographics(
-  config, backbone_dir: str, train_tables: SurveyTables | None = None
-) -> Demographics | None:
+# (prepared dataset directory, split, width, ridge) -> fitted encoder. A prepared dataset's
+# directory is named by its inputs' digest, so the key identifies the fit's inputs; a process
+# running many experiments on one dataset (experiments/mean_collapse) fits once.
+_FITTED_ENCODERS: dict[tuple, FittedNgramEncoder] = {}
+
+
+def fit_ngram_encoder(config, train_source) -> FittedNgramEncoder:
+  """The n-gram encoder fitted to the training split's answers (``encoder.kind``)."""
+  info = getattr(train_source, "dataset_info", None)
+  if info is None:  # not a prepared dataset: nothing names its contents
+    return _fit_ngram_encoder(config, train_source)
+  key = (str(info.data_dir), str(train_source.split), config.adapter.demographic_dim)
+  key += (config.encoder.ridge,)
+  if key not in _FITTED_ENCODERS:
+    _FITTED_ENCODERS[key] = _fit_ngram_encoder(config, train_source)
+  return _FITTED_ENCODERS[key]
+
+
+def _fit_ngram_encoder(config, train_source) -> FittedNgramEncoder:
+  records = train_source.__getitems__(range(len(train_source)))
+  questions = {q: i for i, q in enumerate(SurveyTables.of(train_source).question_ids)}
+  return FittedNgramEncoder.fit(
+    [as_text(r["profile"]) for r in records],
+    [questions[as_text(r["question_id"])] for r in records],
+    [int(r["answer_option"]) for r in records],
+    dim=config.adapter.demographic_dim,
+    ridge=config.encoder.ridge,
+  )
+
+
+def make_demographics(config, backbone_dir: str, train_source) -> Demographics | None:
   """The router's demographic inputs (None when the routers do not read them)."""
-  path = encoder_path(config, backbone_dir)
-  if path is None:
+  if not _reads_profiles(config):
     return None
+  train_profiles = SurveyTables.of(train_source).profiles
+  if config.encoder.kind == "fitted_ngrams":
+    encoder = fit_ngram_encoder(config, train_source)
+    if not config.encoder.standardize:
+      return Demographics(encoder)
+    return Demographics.standardized(encoder, train_profiles)
+  path = encoder_path(config, backbone_dir)
   adapter = schema.adapter_config(config)
   if config.encoder.precomputed:
     encoder = PrecomputedEncoder(path)
@@ -88,9 +132,7 @@ def make_demographics(
     )
   if not config.encoder.standardize:
     return Demographics(encoder)
-  if train_tables is None:
-    raise ValueError("encoder.standardize needs the training profiles")
-  return Demographics.standardized(encoder, train_tables.profiles)
+  return Demographics.standardized(encoder, train_profiles)
 
 
 @dataclasses.dataclass
@@ -181,7 +223,7 @@ def prepare(config, workdir: str, log=print) -> Experiment:
     module=module,
     params=params,
     tokenizer=load_tokenizer(backbone_dir),
-    demographics=make_demographics(config, backbone_dir, train_tables),
+    demographics=make_demographics(config, backbone_dir, data.sources["train"]),
     train_tables=train_tables,
     inputs=inputs,
   )
@@ -205,22 +247,37 @@ def run(config, workdir: str, log=print) -> dict:
     return _run(config, workdir, log)
 
 
-def _run(config, workdir: str, log) -> dict:
+def _run(config, workdir: str, log, *, baseline: bool = False) -> dict:
   experiment = prepare(config, workdir, log)
   results = {}
-  if config.mode == "train":
+  if config.mode == "train" and config.eval.untrained:
     results["untrained"] = _evaluate_all(experiment)
     _report("untrained", results["untrained"], log)
+  if config.mode == "train":
     experiment.params = _train(experiment, log)
   else:
     experiment.params = _trained_params(experiment, log)
   results["trained"] = _evaluate_all(experiment)
-  _report("trained", results["trained"], log)
+  _report(config.method if baseline else "trained", results["trained"], log, models_only=baseline)
+  for method in config.eval.baselines:
+    results.setdefault("baselines", {})[method] = _run_baseline(experiment, method, log)
   write_atomically(
     os.path.join(workdir, "results.json"),
     json.dumps({**results, "run": provenance(config)}, indent=2),
   )
   return results
+
+
+def _run_baseline(experiment: Experiment, method: str, log) -> dict:
+  """Trains (or restores) and evaluates ``method`` the way the experiment was trained."""
+  config, workdir = experiment.config, os.path.join(experiment.workdir, "baselines", method)
+  data_dir = config.data.data_dir or os.path.join(experiment.workdir, "tfds")
+  baseline = presets.baseline_config(
+    config, method, backbone=experiment.backbone_dir, data_dir=data_dir
+  )
+  log(f"baseline {method}: the same data, backbone, steps and optimiser, in {workdir}")
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
+    return _run(baseline, workdir, log, baseline=True)["trained"]
 
 
 # Distributions whose versions a run records (results.json "run").
@@ -346,9 +403,11 @@ def _trained_params(experiment: Experiment, log=print) -> dict:
   return merge_params(state["trainable"], frozen)
 
 
-def _report(name, results, log):
+def _report(name, results, log, models_only=False):
   for split, by_predictor in results.items():
     for predictor, m in by_predictor.items():
+      if models_only and predictor != "model":
+        continue
       label = name if predictor == "model" else predictor
       log(
         f"[{split}] {label:>16}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "

@@ -76,14 +76,16 @@ def demo() -> ml_collections.ConfigDict:
       "model.param_dtype": "float32",
       "model.scan_layers": False,
       "model.remat": "none",
-      "encoder.standardize": True,
+      # The profile reaches the routers as text through an n-gram encoder fitted to the
+      # training answers: the tiny backbone's pooled states carry too little of it.
+      "encoder.kind": "fitted_ngrams",
       "adapter.targets": TARGET_MODULES,
       "adapter.num_experts": 4,
       "adapter.router_hidden": (32,),
-      "adapter.demographic_dim": 64,  # the tiny backbone is the profile encoder
+      "adapter.demographic_dim": 64,
       "tiny_backbone.hidden_size": 64,
       "data.dataset": "synthetic",
-      "data.max_length": 160,
+      "data.max_length": 112,  # the survey's longest example has 108 tokens
       "data.batch_size": 32,
       "data.demographic_system_prompt": False,
       # Sharp, culture-specific answers: the optimum beats the population mode by 0.69
@@ -99,6 +101,7 @@ def demo() -> ml_collections.ConfigDict:
       "train.keep_checkpoints": 2,
       "eval.batch_size": 128,
       "eval.splits": ("test", "zero_shot"),
+      "eval.baselines": ("lora",),
     },
   )
 
@@ -108,7 +111,7 @@ def tiny() -> ml_collections.ConfigDict:
   return _apply(
     demo(),
     {
-      "adapter.demographic_dim": 32,
+      "adapter.demographic_dim": 8,  # within what 60 profiles x 6 questions can fit
       "tiny_backbone.hidden_size": 32,
       "tiny_backbone.warmup_steps": 4,
       "tiny_backbone.warmup_batch_size": 8,
@@ -215,9 +218,27 @@ def experiment_config(
   _apply(c, kept)
   _apply(c, ABLATIONS[ablation])
   c.method, c.ablation = method, ablation
+  # The scale's comparison baselines, less the method itself.
+  c.eval.baselines = tuple(m for m in c.eval.baselines if m != method)
   schema.validate(c)
   c.lock()
   return c
+
+
+def baseline_config(
+  c: ml_collections.ConfigDict, method: str, *, backbone: str, data_dir: str
+) -> ml_collections.ConfigDict:
+  """``method`` trained the same way as run ``c`` (``eval.baselines``): its data, backbone,
+  steps and optimiser, with the method's adapter; the method table's optimiser is not
+  applied (it is the recipe for an 8B backbone)."""
+  b = ml_collections.ConfigDict(c.to_dict())
+  _apply(b, {k: v for k, v in METHODS[method].items() if not k.startswith("optim.")})
+  b.method, b.ablation = method, "none"
+  b.model.checkpoint, b.data.data_dir = backbone, data_dir
+  b.eval.baselines, b.eval.untrained = (), False  # it starts from the run's model
+  schema.validate(b)
+  b.lock()
+  return b
 
 
 def warmup_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -26,7 +26,7 @@ from cuma_jax import fields
 from cuma_jax.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from cuma_jax.data.synthetic import SyntheticSurveyConfig
 from cuma_jax.data.tokenize import END_OF_TURN, SUPERVISION
-from cuma_jax.encoders import POOLING_MODES
+from cuma_jax.encoders import ENCODER_KINDS, POOLING_MODES
 from cuma_jax.fields import FREE, STRUCTURAL, field
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.decoder import REMAT_POLICIES
@@ -83,6 +83,9 @@ class ModelSection(Section):
 @dataclasses.dataclass(frozen=True)
 class EncoderSection(Section):
   KEY: ClassVar[str] = "encoder"
+  # "decoder": a pooled hidden-states decoder (the paper's); "fitted_ngrams": word n-grams
+  # projected by a ridge regression fitted to the training answers (docs/method.md).
+  kind: str = field("decoder", choices=ENCODER_KINDS)
   # Local Qwen3-Embedding-style directory ("" = the backbone's own).
   checkpoint: str = field("", resume=FREE)
   # .npz of profiles/embeddings, used instead of encoding when set.
@@ -92,6 +95,8 @@ class EncoderSection(Section):
   # Centre and scale each dimension with the training profiles' statistics (reused for
   # evaluation): for weak encoders whose vectors are nearly parallel.
   standardize: bool = field(False, choices=(False, True))
+  # The fitted n-gram encoder's ridge penalty (on 0/1 n-gram features).
+  ridge: float = field(1.0, low=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +169,11 @@ class EvalSection(Section):
   # sigma-inequity over the 8 profile fields, country included (the released evaluation);
   # False: over the 7 others (docs/evaluation.md#inequity).
   inequity_includes_country: bool = field(True, choices=(False, True), resume=FREE)
+  # Evaluate the model before training too (the "untrained" rows of results.json).
+  untrained: bool = field(True, choices=(False, True), resume=FREE)
+  # Methods trained beside this run on its data, backbone, steps and optimiser, each in
+  # WORKDIR/baselines/<method>, and reported in the same table.
+  baselines: tuple[str, ...] = field((), choices=METHODS, resume=FREE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,10 +270,18 @@ def validate(c: ml_collections.ConfigDict) -> Config:
       f"config.train.num_steps={config.train.num_steps}, num_epochs={config.train.num_epochs}: "
       "set num_steps >= 1, or num_steps=-1 and num_epochs >= 1"
     )
+  if config.method in config.eval.baselines:
+    raise ValueError(
+      f"config.eval.baselines={config.eval.baselines} holds the run's own method "
+      f"{config.method!r}; list other methods"
+    )
   if config.method == "full" and config.trainable != "all":
     raise ValueError("config.method='full' needs config.trainable='all'")
-  encoder_is_tiny_backbone = config.model.architecture == TINY and not (
-    config.model.checkpoint or config.encoder.checkpoint or config.encoder.precomputed
+  _check_encoder_keys(config.encoder)
+  encoder_is_tiny_backbone = (
+    config.model.architecture == TINY
+    and config.encoder.kind == "decoder"
+    and not (config.model.checkpoint or config.encoder.checkpoint or config.encoder.precomputed)
   )
   if (
     config.method != "full"
@@ -277,6 +295,27 @@ def validate(c: ml_collections.ConfigDict) -> Config:
       f"{config.tiny_backbone.hidden_size}"
     )
   return config
+
+
+# The encoder keys each kind reads; another kind's key set away from its default is refused.
+_ENCODER_KEYS = {
+  "decoder": ("checkpoint", "precomputed", "pooling", "max_length"),
+  "fitted_ngrams": ("ridge",),
+}
+
+
+def _check_encoder_keys(encoder: EncoderSection) -> None:
+  default = EncoderSection()
+  for kind, keys in _ENCODER_KEYS.items():
+    if kind == encoder.kind:
+      continue
+    for key in keys:
+      value = getattr(encoder, key)
+      if value != getattr(default, key) and key not in _ENCODER_KEYS[encoder.kind]:
+        raise ValueError(
+          f"config.encoder.{key}={value!r} is read by encoder.kind={kind!r} only, "
+          f"but encoder.kind={encoder.kind!r}; reset it or choose kind {kind!r}"
+        )
 
 
 def adapter_config(c: ml_collections.ConfigDict) -> AdapterConfig | None:

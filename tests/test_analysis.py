@@ -27,6 +27,7 @@ def test_restore_reproduces_the_jobs_printed_metrics(trained):
   assert sorted(os.listdir(workdir)) == [
     "LOCK",
     "adapters",
+    "baselines",
     "assets",
     "results.json",
     "tfds",

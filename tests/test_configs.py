@@ -107,3 +107,14 @@ def test_baselines_are_pinned_to_the_released_scripts(preset):
 def test_cpu_scales_keep_their_learning_rate(method):
   assert presets.experiment_config(method, "demo").optim.learning_rate == 3e-3
   assert presets.experiment_config(method, "tiny").optim.learning_rate == 3e-3
+
+
+def test_a_baseline_is_trained_the_way_of_its_run():
+  run = presets.experiment_config("cuma", "demo")
+  baseline = presets.baseline_config(run, "lora", backbone="/backbone", data_dir="/tfds")
+  lora = presets.experiment_config("lora", "demo")
+  assert (baseline.method, baseline.ablation, baseline.eval.baselines) == ("lora", "none", ())
+  assert baseline.adapter == lora.adapter  # the method's adapter...
+  assert baseline.optim == run.optim and baseline.train == run.train  # ...trained as the run
+  assert baseline.data.synthetic == run.data.synthetic and baseline.seed == run.seed
+  assert (baseline.model.checkpoint, baseline.data.data_dir) == ("/backbone", "/tfds")

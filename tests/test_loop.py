@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cuma_jax import fingerprint, job, schema
-from cuma_jax.data.pipeline import SurveyTables, make_dataset
+from cuma_jax.data.pipeline import make_dataset
 from cuma_jax.models import pretrained as api
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
@@ -64,7 +64,7 @@ def _run(config, workdir, assets, stop_after=None, inputs=None, log=lambda *_: N
     backbone, adapter=schema.adapter_config(config), rng=jax.random.PRNGKey(config.seed)
   )
   tokenizer = api.load_tokenizer(backbone)
-  demographics = job.make_demographics(config, backbone, SurveyTables.of(data.sources["train"]))
+  demographics = job.make_demographics(config, backbone, data.sources["train"])
   dataset, tables = make_dataset(
     data.sources["train"],
     tokenizer,

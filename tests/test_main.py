@@ -6,6 +6,7 @@ starts; its workdir is reused by the training-loop tests.
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -31,4 +32,16 @@ def test_main_job_runs_end_to_end_on_tiny(main_job):
   )
   results = json.load(open(workdir / "results.json"))
   assert set(results["trained"]) == {"test", "zero_shot"}
+  # The LoRA baseline (eval.baselines): trained beside the run, on its backbone, in its table.
+  lora = workdir / "baselines" / "lora"
+  assert re.search(r"\[test\] +lora: accuracy", proc.stdout)
+  assert set(results["baselines"]["lora"]) == {"test", "zero_shot"}
+  assert (
+    results["baselines"]["lora"]["test"]["model"]
+    == json.load(open(lora / "results.json"))["trained"]["test"]["model"]
+  )
+  saved = json.load(open(lora / "results.json"))["run"]["config"]
+  assert saved["method"] == "lora" and saved["model"]["checkpoint"].startswith(str(workdir))
+  assert [json.loads(l)["step"] for l in open(lora / "train" / "metrics.jsonl")] == [1, 2, 3]
+  assert not (lora / "tfds").exists() and not (lora / "assets").exists()  # shared, not rebuilt
   assert (workdir / "LOCK").read_text() == ""  # Released.

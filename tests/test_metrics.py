@@ -227,7 +227,9 @@ def test_summarize_wires_the_metrics():
   out = metrics.summarize(
     pred_letters, true_letters, pred_codes, true_codes, qids, countries, fields, scales
   )
-  emd = metrics.emd_summary(metrics.emd_by_question(qids, true_codes, pred_codes, scales))
+  emds = metrics.emd_by_question(qids, true_codes, pred_codes, scales)
+  emd = metrics.emd_summary(emds)
+  assert out.pop("emd_by_question") == pytest.approx(emds)
   assert out == pytest.approx(
     {
       "accuracy": np.mean(pred_letters == true_letters),

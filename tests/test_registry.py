@@ -104,7 +104,7 @@ def _train_and_capture(config, assets, workdir):
   )
   tokenizer = pretrained.load_tokenizer(backbone)
   tables = SurveyTables.of(data.sources["train"])
-  demographics = job.make_demographics(config, backbone, tables)
+  demographics = job.make_demographics(config, backbone, data.sources["train"])
   dataset, _ = make_dataset(
     data.sources["train"],
     tokenizer,

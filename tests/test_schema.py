@@ -103,8 +103,15 @@ def test_eval_splits_must_exist_in_the_dataset():
 
 def test_cross_field_checks():
   c = _tiny()
-  c.adapter.demographic_dim = 16  # the tiny backbone encodes profiles at width 32
+  c.encoder.kind = "decoder"  # the tiny backbone encodes profiles, at width 32
+  c.adapter.demographic_dim = 16
   with pytest.raises(ValueError, match=r"demographic_dim=16.*hidden_size=32"):
+    schema.validate(c)
+  c.encoder.kind = "fitted_ngrams"  # fitted at the width the routers read
+  schema.validate(c)
+  c = _tiny()
+  c.eval.baselines = ("lora", "cuma")
+  with pytest.raises(ValueError, match=r"eval\.baselines=\('lora', 'cuma'\) holds the run's own"):
     schema.validate(c)
   c = _tiny()
   c.adapter.top_k = c.adapter.num_experts + 1
@@ -118,6 +125,24 @@ def test_cross_field_checks():
   c.model.checkpoint = "/somewhere"  # its width is read from its config.json at load time
   c.adapter.demographic_dim = 16
   schema.validate(c)
+
+
+@pytest.mark.parametrize(
+  "kind, key, value",
+  [
+    ("fitted_ngrams", "checkpoint", "/encoder"),
+    ("fitted_ngrams", "precomputed", "/z.npz"),
+    ("fitted_ngrams", "pooling", "last_token"),
+    ("fitted_ngrams", "max_length", 64),
+    ("decoder", "ridge", 3.0),
+  ],
+)
+def test_an_encoder_key_the_kind_does_not_read_is_refused(kind, key, value):
+  c = _tiny()
+  c.encoder.kind = kind
+  c.encoder[key] = value
+  with pytest.raises(ValueError, match=rf"config\.encoder\.{key}=.*read by encoder\.kind="):
+    schema.validate(c)
 
 
 def test_unknown_key_in_a_saved_config_is_named():

@@ -306,7 +306,8 @@ def summarize(
   per-example labels; with ``countries`` they identify the profile for
   :func:`profile_diversity`. ``scales`` maps question id -> (min, max) answer scale.
   Keys: accuracy, macro_f1, country_macro_accuracy, sigma_inequity, emd_mean, emd_median,
-  emd_auc, emd_auc_released, entropy_pred, entropy_true, profile_diversity, num_examples, num_questions.
+  emd_auc, emd_auc_released, entropy_pred, entropy_true, profile_diversity, num_examples,
+  num_questions, and emd_by_question (question id -> EMD, for cumulative curves).
   """
   pred_letters, true_letters = _paired(pred_letters, true_letters)
   # One integer id per distinct (country, *profile fields) combination, built column by column
@@ -331,4 +332,5 @@ def summarize(
     "profile_diversity": profile_diversity(question_ids, profile_ids, pred_letters),
     "num_examples": float(pred_letters.size),
     "num_questions": float(len(emds)),
+    "emd_by_question": {str(q): float(v) for q, v in emds.items()},
   }
