@@ -27,8 +27,8 @@ def test_restore_reproduces_the_jobs_printed_metrics(trained):
   assert sorted(os.listdir(workdir)) == [
     "LOCK",
     "adapters",
-    "baselines",
     "assets",
+    "baselines",
     "results.json",
     "tfds",
     "train",
