@@ -20,6 +20,7 @@ backbone, with the same data, steps and optimiser (the `demo` preset's, with
 ``--quick`` runs the `tiny` preset (20 steps, one seed) as a smoke test of the whole study
 (CI runs it).
 Runs resume: a finished run's workdir is restored and evaluated, not retrained.
+``--report_only`` rewrites the tables and figures from ``OUT/results.json`` without training.
 """
 
 from __future__ import annotations
@@ -263,18 +264,20 @@ def plot_topology(experiment, oracle, out: str) -> None:
   fig, axes = plt.subplots(
     1, len(routers), figsize=(2.2 * len(routers), 2.8), squeeze=False, constrained_layout=True
   )
+  names = sorted(groups)
+  top = max(float(groups[g][r].max()) for g in names for r in routers)
   for ax, router in zip(axes[0], routers):
-    # Rows: (culture, layer); columns: experts.
-    names = sorted(groups)
+    # Rows: (culture, layer); columns: experts; one colour scale for every router.
     matrix = np.concatenate([groups[g][router] for g in names])
     layers = groups[names[0]][router].shape[0]
-    ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0.0)
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0.0, vmax=top)
     ax.set_title(router, fontsize=8)
     ax.set_xlabel("expert", fontsize=7)
     ax.set_yticks(range(len(matrix)))
     ax.set_yticklabels([f"{g[-1]}/L{layer}" for g in names for layer in range(layers)], fontsize=6)
     ax.tick_params(labelsize=6)
   axes[0][0].set_ylabel("culture / layer", fontsize=7)
+  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean gate weight per token")
   fig.suptitle("CuMA expert usage per latent culture and layer (test profiles)", fontsize=9)
   fig.savefig(os.path.join(out, "figures", "cultural_topology.png"), dpi=120)
   plt.close(fig)
@@ -298,10 +301,12 @@ def plot_topology(experiment, oracle, out: str) -> None:
 def plot_emd_curves(curves: dict[str, list[float]], out: str) -> None:
   thresholds = np.linspace(0.0, 0.6, 61)
   fig, ax = plt.subplots(figsize=(5.2, 3.6), constrained_layout=True)
-  for label, emds in curves.items():
+  colours = plt.get_cmap("tab20").colors  # one colour per curve (the default cycle has 10)
+  for (label, emds), colour in zip(curves.items(), colours):
     emds = np.asarray(emds)
     style = "--" if label in dict(REFERENCES) else "-"
-    ax.plot(thresholds, [(emds <= t).mean() for t in thresholds], style, label=label, lw=1.2)
+    fraction = [(emds <= t).mean() for t in thresholds]
+    ax.plot(thresholds, fraction, style, label=label, lw=1.2, color=colour)
   ax.set_xlabel("EMD threshold")
   ax.set_ylabel("fraction of test questions (all seeds)")
   ax.legend(fontsize=6, ncol=2)
@@ -316,6 +321,11 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=None, help="training steps per run")
   parser.add_argument("--out", default=HERE, help="where results and figures are written")
   parser.add_argument("--workdir", default=None, help="run workdirs (default OUT/runs)")
+  parser.add_argument(
+    "--report_only",
+    action="store_true",
+    help="rewrite the tables and figures from OUT/results.json and the runs, training nothing",
+  )
   args = parser.parse_args(argv)
   preset = "tiny" if args.quick else "demo"
   seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -332,23 +342,33 @@ def main(argv=None) -> int:
 
   config, data, backbone = shared_inputs(preset, workdir, log)
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  reference = references(preset, workdir, backbone, data_dir, log)
-  probe = linear_probe(config, data, backbone)
-  log(f"linear probe for the latent culture: {probe}")
-  results: dict[str, list[dict]] = {run.label: [] for run in RUNS}
-  trainable = {}
-  topology = None
-  for seed in seeds:
-    for run in RUNS:
-      c = run_config(run, preset, seed, steps, backbone, data_dir)
-      run_dir = os.path.join(workdir, f"{_slug(run.label)}_seed{seed}")
-      log(f"{run.label}, seed {seed}: {run_dir}")
-      results[run.label].append(job.run(c, run_dir, log=lambda *_: None)["trained"])
-      trainable[run.label] = count_parameters(c)["trainable_percent"]
-      m = results[run.label][-1]["test"]["model"]
-      log(f"  test accuracy {m['accuracy']:.4f}  EMD {m['emd_mean']:.4f}")
-      if run.label == TOPOLOGY_RUN and topology is None:
-        topology = run_dir
+  if args.report_only:
+    with open(os.path.join(args.out, "results.json")) as f:
+      saved = json.load(f)
+    reference, probe, results = saved["reference"], saved["probe"], saved["runs"]
+    seconds = saved["seconds"]
+    if set(results) != {run.label for run in RUNS} or any(
+      len(r) != len(seeds) for r in results.values()
+    ):
+      raise ValueError(f"{args.out}/results.json holds other runs or seeds than {seeds}")
+  else:
+    reference = references(preset, workdir, backbone, data_dir, log)
+    probe = linear_probe(config, data, backbone)
+    log(f"linear probe for the latent culture: {probe}")
+    results = {run.label: [] for run in RUNS}
+    for seed in seeds:
+      for run in RUNS:
+        c = run_config(run, preset, seed, steps, backbone, data_dir)
+        run_dir = _run_dir(workdir, run, seed)
+        log(f"{run.label}, seed {seed}: {run_dir}")
+        results[run.label].append(job.run(c, run_dir, log=lambda *_: None)["trained"])
+        m = results[run.label][-1]["test"]["model"]
+        log(f"  test accuracy {m['accuracy']:.4f}  EMD {m['emd_mean']:.4f}")
+    seconds = time.time() - start
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+      json.dump(
+        {"reference": reference, "probe": probe, "runs": results, "seconds": seconds}, f, indent=1
+      )
 
   rows = []
   for label, key in REFERENCES:
@@ -357,13 +377,17 @@ def main(argv=None) -> int:
       row[name], row[f"{name}_std"] = reference[split][key][metric], ""
     rows.append(row)
   for run in RUNS:
-    row = {"method": run.label, "seeds": len(seeds), "trainable_percent": trainable[run.label]}
+    c = run_config(run, preset, seeds[0], steps, backbone, data_dir)
+    row = {
+      "method": run.label,
+      "seeds": len(seeds),
+      "trainable_percent": count_parameters(c)["trainable_percent"],
+    }
     for name, split, metric in COLUMNS:
       row[name], row[f"{name}_std"] = summarize(
         [r[split]["model"][metric] for r in results[run.label]]
       )
     rows.append(row)
-  seconds = time.time() - start
   write_tables(rows, probe, args.out, seeds, steps, preset, seconds)
   curves = {
     label: list(reference["test"][key]["emd_by_question"].values()) for label, key in REFERENCES
@@ -373,14 +397,15 @@ def main(argv=None) -> int:
       e for r in results[run.label] for e in r["test"]["model"]["emd_by_question"].values()
     ]
   plot_emd_curves(curves, args.out)
-  experiment = job.restore(topology, log=lambda *_: None)
+  topology = next(run for run in RUNS if run.label == TOPOLOGY_RUN)
+  experiment = job.restore(_run_dir(workdir, topology, seeds[0]), log=lambda *_: None)
   plot_topology(experiment, data.oracle, args.out)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump(
-      {"reference": reference, "probe": probe, "runs": results, "seconds": seconds}, f, indent=1
-    )
   log(f"wrote {args.out}/results.md, results.csv, results.json and figures/")
   return 0
+
+
+def _run_dir(workdir: str, run: Run, seed: int) -> str:
+  return os.path.join(workdir, f"{_slug(run.label)}_seed{seed}")
 
 
 if __name__ == "__main__":
