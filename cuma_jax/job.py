@@ -84,8 +84,12 @@ def fit_ngram_encoder(config, train_source) -> FittedNgramEncoder:
   info = getattr(train_source, "dataset_info", None)
   if info is None:  # not a prepared dataset: nothing names its contents
     return _fit_ngram_encoder(config, train_source)
-  key = (str(info.data_dir), str(train_source.split), config.adapter.demographic_dim)
-  key += (config.encoder.ridge,)
+  key = (
+    str(info.data_dir),
+    str(train_source.split),
+    config.adapter.demographic_dim,
+    config.encoder.ridge,
+  )
   if key not in _FITTED_ENCODERS:
     _FITTED_ENCODERS[key] = _fit_ngram_encoder(config, train_source)
   return _FITTED_ENCODERS[key]

@@ -36,7 +36,10 @@ def _get(c: ml_collections.ConfigDict, key: str) -> Any:
   return section[name]
 
 
-def _apply(c: ml_collections.ConfigDict, overrides: Overrides) -> ml_collections.ConfigDict:
+def apply_overrides(
+  c: ml_collections.ConfigDict, overrides: Overrides
+) -> ml_collections.ConfigDict:
+  """Sets each dotted key of ``overrides`` in ``c``; a key ``c`` does not have is refused."""
   for key, value in overrides.items():
     section, name = _section(c, key)
     section[name] = value
@@ -47,7 +50,7 @@ def _paper_scale(architecture: str, rank: int, learning_rate: float, **extra) ->
   """A recipe of the paper's section 7: CuMA on an 8B backbone, WorldValuesBench."""
 
   def scale() -> ml_collections.ConfigDict:
-    return _apply(
+    return apply_overrides(
       schema.defaults(),
       {
         "model.architecture": architecture,
@@ -68,7 +71,7 @@ def demo() -> ml_collections.ConfigDict:
   the warmed-up base is exactly mean-collapsed on these prompts, and any per-profile
   variation after training is the routing at work.
   """
-  return _apply(
+  return apply_overrides(
     schema.defaults(),
     {
       "model.architecture": schema.TINY,
@@ -108,7 +111,7 @@ def demo() -> ml_collections.ConfigDict:
 
 def tiny() -> ml_collections.ConfigDict:
   """The demo shrunk to seconds: CI's smoke test of the whole job."""
-  return _apply(
+  return apply_overrides(
     demo(),
     {
       "adapter.demographic_dim": 8,  # within what 60 profiles x 6 questions can fit
@@ -145,7 +148,7 @@ RELEASED_LAYOUT: Overrides = {"adapter.shared_a": True, "adapter.share_router": 
 
 
 def _released_layout(scale: Callable[[], ml_collections.ConfigDict]) -> Callable:
-  return lambda: _apply(scale(), RELEASED_LAYOUT)
+  return lambda: apply_overrides(scale(), RELEASED_LAYOUT)
 
 
 SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
@@ -214,9 +217,9 @@ def experiment_config(
     raise ValueError(f"ablation {ablation!r} is an ablation of CuMA; method={method!r}")
   c = SCALES[preset]()
   kept = {key: _get(c, key) for key in SCALE_KEEPS.get(preset, ())}
-  _apply(c, METHODS[method])
-  _apply(c, kept)
-  _apply(c, ABLATIONS[ablation])
+  apply_overrides(c, METHODS[method])
+  apply_overrides(c, kept)
+  apply_overrides(c, ABLATIONS[ablation])
   c.method, c.ablation = method, ablation
   # The scale's comparison baselines, less the method itself.
   c.eval.baselines = tuple(m for m in c.eval.baselines if m != method)
@@ -232,7 +235,7 @@ def baseline_config(
   steps and optimiser, with the method's adapter; the method table's optimiser is not
   applied (it is the recipe for an 8B backbone)."""
   b = ml_collections.ConfigDict(c.to_dict())
-  _apply(b, {k: v for k, v in METHODS[method].items() if not k.startswith("optim.")})
+  apply_overrides(b, {k: v for k, v in METHODS[method].items() if not k.startswith("optim.")})
   b.method, b.ablation = method, "none"
   b.model.checkpoint, b.data.data_dir = backbone, data_dir
   b.eval.baselines, b.eval.untrained = (), False  # it starts from the run's model

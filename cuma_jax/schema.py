@@ -307,11 +307,9 @@ _ENCODER_KEYS = {
 def _check_encoder_keys(encoder: EncoderSection) -> None:
   default = EncoderSection()
   for kind, keys in _ENCODER_KEYS.items():
-    if kind == encoder.kind:
-      continue
-    for key in keys:
+    for key in set(keys) - set(_ENCODER_KEYS[encoder.kind]):
       value = getattr(encoder, key)
-      if value != getattr(default, key) and key not in _ENCODER_KEYS[encoder.kind]:
+      if value != getattr(default, key):
         raise ValueError(
           f"config.encoder.{key}={value!r} is read by encoder.kind={kind!r} only, "
           f"but encoder.kind={encoder.kind!r}; reset it or choose kind {kind!r}"

@@ -88,9 +88,7 @@ def assets(main_job):
 def _config(**overrides):
   c = presets.experiment_config("cuma", "tiny")
   c.unlock()
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
+  presets.apply_overrides(c, overrides)
   c.train.update(num_steps=3, checkpoint_every=3)
   schema.validate(c)
   return c

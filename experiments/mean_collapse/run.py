@@ -106,23 +106,21 @@ def run_config(run: Run, preset: str, seed: int, steps: int, backbone: str, data
   """``run`` at ``preset`` scale, on the shared backbone and data, with ``seed``."""
   c = presets.experiment_config(run.method, preset, run.ablation)
   c.unlock()
-  for key, value in (
-    ("seed", seed),
-    ("data.shuffle_seed", seed),
-    ("model.checkpoint", backbone),
-    ("data.data_dir", data_dir),
-    ("train.num_steps", steps),
-    ("train.checkpoint_every", steps),
-    ("train.progress_bar", False),
-    ("eval.untrained", False),
-    ("eval.baselines", ()),
-    *run.overrides,
-  ):
-    *path, name = key.split(".")
-    section = c
-    for part in path:
-      section = section[part]
-    section[name] = value
+  presets.apply_overrides(
+    c,
+    {
+      "seed": seed,
+      "data.shuffle_seed": seed,
+      "model.checkpoint": backbone,
+      "data.data_dir": data_dir,
+      "train.num_steps": steps,
+      "train.checkpoint_every": steps,
+      "train.progress_bar": False,
+      "eval.untrained": False,
+      "eval.baselines": (),
+      **dict(run.overrides),
+    },
+  )
   schema.validate(c)
   c.lock()
   return c
@@ -160,10 +158,7 @@ def linear_probe(config, data, backbone: str) -> dict[str, dict[str, float]]:
       },
     ),
   ):
-    c = ml_collections.ConfigDict(config.to_dict())
-    for key, value in overrides.items():
-      section, name = key.split(".")
-      c[section][name] = value
+    c = presets.apply_overrides(ml_collections.ConfigDict(config.to_dict()), overrides)
     encoders[kind] = job.make_demographics(c, backbone, data.sources["train"])
   culture = lambda profiles: np.array(  # noqa: E731
     [np.argmax(data.oracle.culture_posterior[p]) for p in profiles]
