@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
+from cuma_jax.sharding import Layout
 
 POOLING_MODES = ("mean", "mean_unmasked", "last_token")
 # encoder.kind: the pooled decoder, or the n-gram encoder fitted to the training answers.
@@ -75,8 +76,11 @@ class DemographicEncoder:
     self._encode = jax.jit(self._encode_batch)
 
   @classmethod
-  def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, **kwargs):
-    module, params = load_pretrained(path, dtype=dtype, output="hidden_states")
+  def from_pretrained(
+    cls, path: str | os.PathLike, *, dtype=jnp.float32, layout: Layout | None = None, **kwargs
+  ):
+    """With ``layout``, the encoder's weights are placed on its mesh as the backbone's are."""
+    module, params = load_pretrained(path, dtype=dtype, output="hidden_states", layout=layout)
     return cls(module, params, load_tokenizer(path), **kwargs)
 
   def _encode_batch(self, params, ids, mask):

@@ -15,6 +15,7 @@ import platform
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 
@@ -29,8 +30,14 @@ from cuma_jax.encoders import (
 )
 from cuma_jax.evaluation.survey import evaluate
 from cuma_jax.models.config import ModelConfig
-from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
+from cuma_jax.models.pretrained import (
+  abstract_params,
+  build_decoder,
+  load_pretrained,
+  load_tokenizer,
+)
 from cuma_jax.params import merge_params, split_params
+from cuma_jax.sharding import Layout, indivisible
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
 from cuma_jax.training.workdir import WorkdirLock, write_atomically
@@ -43,10 +50,22 @@ class SurveyData:
   directory: str  # the prepared dataset's files
 
 
+def process_zero_first(name: str, make):
+  """``make()`` on process 0, then on the others once it is done (they reuse what process 0
+  wrote, e.g. a prepared dataset); in a single-process run just ``make()``."""
+  if jax.process_count() == 1:
+    return make()
+  result = make() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(name)
+  return result if jax.process_index() == 0 else make()
+
+
 def load_data(config, workdir: str, log=print) -> SurveyData:
   """Opens the TFDS array_record dataset the config names, prepared once per input contents."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  builder = builders.prepared_builder(config.data, data_dir, log)
+  builder = process_zero_first(
+    "prepare the dataset", lambda: builders.prepared_builder(config.data, data_dir, log)
+  )
   sources = builder.as_data_source()
   oracle = builders.load_oracle(sources["test"]) if config.data.dataset == "synthetic" else None
   for split, source in sources.items():
@@ -107,8 +126,11 @@ def _fit_ngram_encoder(config, train_source) -> FittedNgramEncoder:
   )
 
 
-def make_demographics(config, backbone_dir: str, train_source) -> Demographics | None:
-  """The router's demographic inputs (None when the routers do not read them)."""
+def make_demographics(
+  config, backbone_dir: str, train_source, layout: Layout | None = None
+) -> Demographics | None:
+  """The router's demographic inputs (None when the routers do not read them); a decoder
+  encoder is loaded onto ``layout`` when given."""
   if not _reads_profiles(config):
     return None
   train_profiles = SurveyTables.of(train_source).profiles
@@ -132,7 +154,10 @@ def make_demographics(config, backbone_dir: str, train_source) -> Demographics |
     )
   if not config.encoder.precomputed:
     encoder = DemographicEncoder.from_pretrained(
-      path, pooling=config.encoder.pooling, max_length=config.encoder.max_length
+      path,
+      pooling=config.encoder.pooling,
+      max_length=config.encoder.max_length,
+      layout=layout,
     )
   if not config.encoder.standardize:
     return Demographics(encoder)
@@ -184,8 +209,33 @@ class Experiment:
     )
 
 
+# Environment variables that mark a multi-process launch jax.distributed discovers itself.
+_CLUSTER_ENV = {
+  "TPU_WORKER_HOSTNAMES": lambda v: "," in v,  # a TPU VM slice of several hosts
+  "SLURM_NTASKS": lambda v: v.isdigit() and int(v) > 1,
+  "OMPI_COMM_WORLD_SIZE": lambda v: v.isdigit() and int(v) > 1,
+}
+
+
+def initialize_distributed(config) -> bool:
+  """Joins this process to a multi-process run as ``config.distributed`` says (before any
+  other JAX call); returns whether it did."""
+  d = config.distributed
+  launched = any(test(os.environ.get(k, "")) for k, test in _CLUSTER_ENV.items())
+  if d.initialize == "off" or (d.initialize == "auto" and not (launched or d.coordinator_address)):
+    return False
+  kwargs = {
+    "coordinator_address": d.coordinator_address or None,
+    "num_processes": d.num_processes or None,
+    "process_id": None if d.process_id < 0 else d.process_id,
+  }
+  jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+  return True
+
+
 def _validate(config) -> None:
-  """What can be refused before anything is read: the schema, and a missing backbone."""
+  """What can be refused before anything is read: the schema, a missing backbone, and a
+  mesh that does not fit the model (the tiny backbone's, once it is built)."""
   schema.validate(config)
   if config.model.architecture != schema.TINY and not config.model.checkpoint:
     raise ValueError(
@@ -193,6 +243,53 @@ def _validate(config) -> None:
       f"{config.model.architecture!r} needs a local Hugging Face directory "
       "(model.architecture alone serves shape-only commands such as cuma_jax.param_count)"
     )
+  if config.model.checkpoint:
+    check_layout(config, architecture(config))
+  elif jax.process_count() > 1:
+    raise ValueError(
+      "the tiny backbone is built by single-process runs: run this config once in one "
+      "process, then set config.model.checkpoint to its WORKDIR/assets/tiny_backbone_*/warmed_up"
+    )
+
+
+def architecture(config) -> ModelConfig:
+  """The backbone's architecture: the checkpoint's config.json, else the bundled one (for
+  the tiny backbone, its section with a vocabulary of ``tiny_backbone.vocab_size``; the
+  trained tokenizer adds its few special tokens to that)."""
+  if config.model.checkpoint:
+    return ModelConfig.from_pretrained(config.model.checkpoint)
+  if config.model.architecture == schema.TINY:
+    return ModelConfig.from_hf(
+      tiny_backbone.tiny_qwen3_config(config.tiny_backbone, config.tiny_backbone.vocab_size)
+    )
+  return ModelConfig.from_pretrained(
+    os.path.join(schema.ARCHITECTURES_DIR, config.model.architecture + ".json")
+  )
+
+
+def check_layout(config, model_config: ModelConfig, devices=None) -> Layout:
+  """The config's mesh and rules, refused (naming the axis and the dimension) when a mesh
+  axis does not divide a dimension it splits, or a batch; nothing is allocated."""
+  layout = Layout.of(config.mesh, devices)
+  module = build_decoder(
+    model_config, scan_layers=config.model.scan_layers, adapter=schema.adapter_config(config)
+  )
+  sizes = dict(layout.mesh.shape)
+  problems = indivisible(abstract_params(module), sizes, layout.rules)
+  split = layout.batch_split
+  global_batch = config.data.batch_size * jax.process_count()
+  if global_batch % split:
+    problems.append(f"data.batch_size x processes = {global_batch} over the batch axes ({split})")
+  if config.eval.batch_size % split:
+    problems.append(f"eval.batch_size = {config.eval.batch_size} over the batch axes ({split})")
+  if problems:
+    raise ValueError(
+      f"mesh {sizes} with rules_preset={config.mesh.rules_preset!r} does not divide: "
+      + "; ".join(problems[:6])
+      + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else "")
+      + ". Choose mesh.shape sizes that divide these, or another mesh.rules_preset."
+    )
+  return layout
 
 
 def prepare(config, workdir: str, log=print) -> Experiment:
@@ -209,6 +306,7 @@ def prepare(config, workdir: str, log=print) -> Experiment:
   checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), inputs, config_conflicts=schema.resume_conflicts
   )
+  layout = check_layout(config, ModelConfig.from_pretrained(backbone_dir))
   module, params = load_pretrained(
     backbone_dir,
     dtype=jnp.dtype(config.model.dtype),
@@ -217,6 +315,7 @@ def prepare(config, workdir: str, log=print) -> Experiment:
     remat=config.model.remat,
     adapter=schema.adapter_config(config),
     rng=jax.random.PRNGKey(config.seed),
+    layout=layout,
   )
   train_tables = SurveyTables.of(data.sources["train"])
   return Experiment(
@@ -227,7 +326,7 @@ def prepare(config, workdir: str, log=print) -> Experiment:
     module=module,
     params=params,
     tokenizer=load_tokenizer(backbone_dir),
-    demographics=make_demographics(config, backbone_dir, data.sources["train"]),
+    demographics=make_demographics(config, backbone_dir, data.sources["train"], layout),
     train_tables=train_tables,
     inputs=inputs,
   )
@@ -265,10 +364,11 @@ def _run(config, workdir: str, log, *, baseline: bool = False) -> dict:
   _report(config.method if baseline else "trained", results["trained"], log, models_only=baseline)
   for method in config.eval.baselines:
     results.setdefault("baselines", {})[method] = _run_baseline(experiment, method, log)
-  write_atomically(
-    os.path.join(workdir, "results.json"),
-    json.dumps({**results, "run": provenance(config)}, indent=2),
-  )
+  if jax.process_index() == 0:
+    write_atomically(
+      os.path.join(workdir, "results.json"),
+      json.dumps({**results, "run": provenance(config)}, indent=2),
+    )
   return results
 
 

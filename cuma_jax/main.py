@@ -7,6 +7,7 @@ import logging
 
 from absl import app, flags
 from absl import logging as absl_logging
+import jax
 from ml_collections import config_flags
 
 from cuma_jax import job
@@ -33,7 +34,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
-  job.run(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  job.initialize_distributed(config)
+  # Every process runs the job; process 0 alone reports.
+  job.run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
+
+
+def _silent(*_):
+  pass
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ Percentages are relative to the frozen backbone's own parameter count, as in the
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from flax import traverse_util
 import flax.linen as nn
@@ -16,29 +14,13 @@ from ml_collections import config_flags
 import numpy as np
 
 from cuma_jax import schema
-from cuma_jax.models.config import ModelConfig
+from cuma_jax.job import architecture
 from cuma_jax.models.pretrained import abstract_params, build_decoder
 from cuma_jax.params import is_adapter_path, is_trainable
-from cuma_jax.tiny import backbone as tiny_backbone
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file:preset.", lock_config=True
 )
-
-
-def architecture(config) -> ModelConfig:
-  """The backbone's architecture: the checkpoint's config.json, else the bundled one (for
-  the tiny backbone, its section with a vocabulary of ``tiny_backbone.vocab_size``; the
-  trained tokenizer adds its few special tokens to that)."""
-  if config.model.checkpoint:
-    return ModelConfig.from_pretrained(config.model.checkpoint)
-  if config.model.architecture == schema.TINY:
-    return ModelConfig.from_hf(
-      tiny_backbone.tiny_qwen3_config(config.tiny_backbone, config.tiny_backbone.vocab_size)
-    )
-  return ModelConfig.from_pretrained(
-    os.path.join(schema.ARCHITECTURES_DIR, config.model.architecture + ".json")
-  )
 
 
 def count_parameters(config) -> dict[str, float]:

@@ -57,6 +57,9 @@ def _paper_scale(architecture: str, rank: int, learning_rate: float, **extra) ->
         "adapter.rank": rank,
         "adapter.alpha": 2.0 * rank,
         "optim.learning_rate": learning_rate,
+        # The plan (python -m cuma_jax.plan, README "Sharded jobs"): on 8 chips of 16 GiB,
+        # FSDP needs 7 GiB per chip, tensor parallelism 14 and replicated weights do not fit.
+        "mesh.rules_preset": "fsdp",
         **extra,
       },
     )

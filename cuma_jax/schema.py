@@ -31,7 +31,7 @@ from cuma_jax.fields import FREE, STRUCTURAL, field
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.decoder import REMAT_POLICIES
 from cuma_jax.params import TRAINABLE_MODES
-from cuma_jax.sharding import DEFAULT_RULES
+from cuma_jax.sharding import MESH_AXES, RULES_PRESETS
 from cuma_jax.training.checkpointing import CORRUPT_CHECKPOINT_POLICIES
 
 ARCHITECTURES_DIR = os.path.join(os.path.dirname(__file__), "architectures")
@@ -125,6 +125,11 @@ class TinyBackboneSection(Section):
   vocab_size: int = field(1024, low=300)  # 256 bytes, the chat specials, some merges
   hidden_size: int = field(64, low=8)
   num_layers: int = field(2, low=1)
+  num_heads: int = field(4, low=1)  # of head_dim 16
+  num_kv_heads: int = field(2, low=1)
+  # The vocabulary padded to a multiple of this (as released models pad theirs), e.g. for
+  # tensor parallelism on CPU devices.
+  vocab_multiple: int = field(1, low=1)
   warmup_steps: int = field(300, low=0)
   warmup_learning_rate: float = field(3e-3, low=0, low_open=True)
   warmup_batch_size: int = field(32, low=1)
@@ -179,10 +184,30 @@ class EvalSection(Section):
 @dataclasses.dataclass(frozen=True)
 class MeshSection(Section):
   KEY: ClassVar[str] = "mesh"
-  # ((axis, size), ...); one size may be -1 (all remaining devices).
-  shape: tuple[tuple[str, int], ...] = field((("data", -1), ("model", 1)), resume=FREE)
-  # ((logical axis, mesh axis or None), ...): where each named dimension lives.
-  rules: tuple[tuple[str, Any], ...] = field(tuple(DEFAULT_RULES), resume=FREE)
+  # Where parameters and activations live (docs/sharding.md): "dp" (replicated weights),
+  # "fsdp" (weights and optimiser state split over the "fsdp" axis), "tp" (tensor
+  # parallel over "model"), "fsdp_tp" (both); "custom" reads ``rules`` instead.
+  rules_preset: str = field("dp", choices=(*RULES_PRESETS, "custom"), resume=FREE)
+  # ((axis, size), ...) over the axes "slice", "data", "fsdp", "model" (absent ones have
+  # size 1); one size may be -1 (all remaining devices).  () = the preset's own mesh.
+  shape: tuple[tuple[str, int], ...] = field((), resume=FREE)
+  # ((logical axis, mesh axis or None), ...), for rules_preset="custom" only.
+  rules: tuple[tuple[str, Any], ...] = field((), resume=FREE)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection(Section):
+  """Multi-process runs (docs/sharding.md#multi-host): one process per host (TPU VM worker,
+  GPU node or SLURM task), all running the same command."""
+
+  KEY: ClassVar[str] = "distributed"
+  # "auto": join when the environment is a multi-process launch (a TPU pod slice, SLURM
+  # with several tasks, Open MPI) or a coordinator is given; "on": always; "off": never.
+  initialize: str = field("auto", choices=("auto", "on", "off"), resume=FREE)
+  # host:port of process 0 ("" = discovered from the environment).
+  coordinator_address: str = field("", resume=FREE)
+  num_processes: int = field(0, low=0, resume=FREE)  # 0 = from the environment
+  process_id: int = field(-1, low=-1, resume=FREE)  # -1 = from the environment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +229,7 @@ class Config(Section):
   train: TrainSection = dataclasses.field(default_factory=TrainSection)
   eval: EvalSection = dataclasses.field(default_factory=EvalSection)
   mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+  distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
 
 def _config_fields(cls) -> tuple[dataclasses.Field, ...]:
@@ -278,6 +304,7 @@ def validate(c: ml_collections.ConfigDict) -> Config:
   if config.method == "full" and config.trainable != "all":
     raise ValueError("config.method='full' needs config.trainable='all'")
   _check_encoder_keys(config.encoder)
+  _check_mesh(config.mesh)
   encoder_is_tiny_backbone = (
     config.model.architecture == TINY
     and config.encoder.kind == "decoder"
@@ -295,6 +322,19 @@ def validate(c: ml_collections.ConfigDict) -> Config:
       f"{config.tiny_backbone.hidden_size}"
     )
   return config
+
+
+def _check_mesh(mesh: MeshSection) -> None:
+  if (mesh.rules_preset == "custom") != bool(mesh.rules):
+    raise ValueError(
+      f"config.mesh.rules={mesh.rules!r} with mesh.rules_preset={mesh.rules_preset!r}: "
+      "rules are read with rules_preset='custom' only, which needs them"
+    )
+  names = [name for name, _ in mesh.shape]
+  if set(names) - set(MESH_AXES) or len(set(names)) != len(names):
+    raise ValueError(
+      f"config.mesh.shape={mesh.shape!r}: axes must be distinct names among {MESH_AXES}"
+    )
 
 
 # The encoder keys each kind reads; another kind's key set away from its default is refused.

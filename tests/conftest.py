@@ -30,6 +30,8 @@ import time
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Tests that build a mesh need several host devices; this must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+# CPU only: libtpu (in the test extra, for ahead-of-time TPU compilation) is not a device.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # In the environment, so that subprocesses share it.
@@ -221,6 +223,8 @@ MAIN_JOB_FILES = (
   "test_loop.py",
   "test_main.py",
   "test_registry.py",
+  "test_sharding.py",
+  "test_multihost.py",
 )
 # Where the controlling process tells the test processes (xdist workers) about the run.
 _MAIN_JOB_ENV = "CUMA_TESTS_MAIN_JOB_DIR"

@@ -106,3 +106,30 @@ def other_backbone(backbone, directory):
   tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
   write_safetensors(os.path.join(directory, SINGLE_FILE), tensors.items())
   return str(directory)
+
+
+def divisible_qwen3(directory, tokenizer_dir, *, heads, kv_heads, hidden=32, mlp=48):
+  """A random tiny Qwen3 checkpoint with the tokenizer of ``tokenizer_dir`` and a vocabulary
+  padded to a multiple of 8, whose dimensions divide meshes of up to 8 devices."""
+  import torch
+
+  from cuma_jax.models.config import ModelConfig
+
+  vocab = -(-ModelConfig.from_pretrained(tokenizer_dir).vocab_size // 8) * 8
+  hf_config = transformers.Qwen3Config(
+    vocab_size=vocab,
+    hidden_size=hidden,
+    intermediate_size=mlp,
+    num_hidden_layers=2,
+    num_attention_heads=heads,
+    num_key_value_heads=kv_heads,
+    head_dim=8,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+  )
+  torch.manual_seed(0)
+  transformers.Qwen3ForCausalLM(hf_config).save_pretrained(directory)
+  for name in os.listdir(tokenizer_dir):
+    if name.startswith(("tokenizer", "chat_template", "special_tokens")):
+      shutil.copy(os.path.join(tokenizer_dir, name), directory)
+  return str(directory)

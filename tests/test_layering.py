@@ -16,7 +16,7 @@ LAYERS = (
   ("tiny",),
   ("job", "analysis"),
   ("api",),
-  ("main", "param_count"),
+  ("main", "param_count", "plan"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

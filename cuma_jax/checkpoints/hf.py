@@ -166,11 +166,16 @@ def import_params(
   output: str,
   scan_layers: bool,
   dtype,
+  shardings=None,
 ) -> dict:
-  """Reads a Hugging Face safetensors checkpoint into a parameter tree of numpy arrays.
+  """Reads a Hugging Face safetensors checkpoint into a parameter tree.
 
   ``abstract_params`` is the unboxed ``jax.eval_shape`` of the module's backbone params;
-  every tensor's shape is checked against it before anything is converted.
+  every tensor's shape is checked against it before anything is converted.  Without
+  ``shardings`` the leaves are numpy arrays.  With ``shardings`` (a matching tree of
+  ``jax.sharding.Sharding``) each parameter is placed onto its devices shard by shard: the
+  host holds one parameter's distinct local shards at a time and no device more than its
+  own shard.
   """
   index = TensorIndex(directory)
   available = set(index.names())
@@ -193,8 +198,7 @@ def import_params(
       f"{' ...' if len(unexpected) > 8 else ''}: it does not match the "
       f"{cfg.model_type} architecture of its config.json"
     )
-  params: dict = {}
-  np_dtype = np.dtype(dtype)
+  by_path: dict[tuple[str, ...], list] = {}
   for hf_name, path, transform, layer in rows:
     target_shape = tuple(_get(abstract_params, path).shape)
     if layer is not None:
@@ -203,17 +207,50 @@ def import_params(
     got = index.shape(hf_name)
     if got != want:
       raise ValueError(f"tensor {hf_name!r} has shape {got}; the config implies {want}")
-    value = transform.to_jax(index.read(hf_name), target_shape).astype(np_dtype)
-    if layer is None:
-      _set(params, path, value)
-    else:
-      try:
-        stacked = _get(params, path)
-      except KeyError:
-        stacked = np.empty((cfg.num_layers,) + target_shape, np_dtype)
-        _set(params, path, stacked)
-      stacked[layer] = value
+    by_path.setdefault(path, []).append((hf_name, transform, target_shape))
+  params: dict = {}
+  np_dtype = np.dtype(dtype)
+  for path, tensors in by_path.items():
+    shape = tuple(_get(abstract_params, path).shape)
+    if shardings is None:
+      _set(params, path, _read_shards(index, tensors, shape, np_dtype, [_whole(shape)])[0])
+      continue
+    sharding = _get(shardings, path)
+    placement = sharding.addressable_devices_indices_map(shape)
+    keys = [_key(idx, shape) for idx in placement.values()]
+    distinct = list(dict.fromkeys(keys))
+    shards = dict(zip(distinct, _read_shards(index, tensors, shape, np_dtype, distinct)))
+    arrays = [jax.device_put(shards[k], d) for d, k in zip(placement, keys)]
+    _set(params, path, jax.make_array_from_single_device_arrays(shape, sharding, arrays))
   return params
+
+
+def _whole(shape) -> tuple[tuple[int, int], ...]:
+  return tuple((0, n) for n in shape)
+
+
+def _key(index, shape) -> tuple[tuple[int, int], ...]:
+  """A device's index (a tuple of slices) as hashable (start, stop) pairs."""
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _read_shards(index, tensors, shape, np_dtype, keys) -> list[np.ndarray]:
+  """The blocks ``keys`` of one parameter (a single tensor, or one per layer stacked)."""
+  stacked = len(shape) > len(tensors[0][2])
+  shards = [np.empty([stop - start for start, stop in key], np_dtype) for key in keys]
+  for layer, (hf_name, transform, target_shape) in enumerate(tensors):
+    value = None
+    for shard, key in zip(shards, keys):
+      if stacked and not key[0][0] <= layer < key[0][1]:
+        continue
+      if value is None:  # Converted once, copied into every block that holds it.
+        value = transform.to_jax(index.read(hf_name), target_shape)
+      block = tuple(slice(start, stop) for start, stop in key)
+      if stacked:
+        shard[layer - key[0][0]] = value[block[1:]]
+      else:
+        shard[...] = value[block]
+  return shards
 
 
 def export_params(

@@ -9,7 +9,12 @@ import numpy as np
 from cuma_jax.data import prompts
 from cuma_jax.data.pipeline import as_text, make_dataset
 from cuma_jax.evaluation import metrics, predict
+from cuma_jax.models.pretrained import abstract_params
+from cuma_jax.sharding import Layout
 from cuma_jax.training.step import demographics_for, make_eval_step
+
+# What the evaluation step reads of a batch.
+EVAL_KEYS = ("input_ids", "attention_mask", "prompt_length", "profile_index", "option_count")
 
 
 def evaluate(config, module, params, tokenizer, source, demographics, oracle=None) -> dict:
@@ -28,19 +33,19 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
     shard_count=1,
   )
   table = None if demographics is None else jnp.asarray(demographics.encode(tables.profiles))
-  letter_ids = np.asarray(predict.letter_token_ids(tokenizer, prompts.LETTERS))
-  eval_step = jax.jit(make_eval_step(module))
+  letter_ids = predict.letter_token_ids(tokenizer, prompts.LETTERS)
+  layout = Layout.of(config.mesh)
+  jitted, param_sh = sharded_choice(module, layout, letter_ids)
+  params = jax.device_put(params, param_sh)
   options, indices = [], []
   for batch in dataset:
     n = len(batch["input_ids"])
-    padded = {k: _pad_rows(np.asarray(v), config.eval.batch_size) for k, v in batch.items()}
-    z = demographics_for(table, padded)
-    last_logits = eval_step(
-      params, {k: padded[k] for k in ("input_ids", "attention_mask", "prompt_length")}, z
-    )
-    option_ids = np.broadcast_to(letter_ids, (len(last_logits), len(letter_ids)))
-    option_mask = np.arange(len(letter_ids))[None] < padded["option_count"][:, None]
-    chosen = np.asarray(predict.restricted_argmax(last_logits, option_ids, option_mask))
+    padded = {
+      k: layout.global_batch(_pad_rows(np.asarray(batch[k]), config.eval.batch_size))
+      for k in EVAL_KEYS
+    }
+    with layout.active():
+      chosen = np.asarray(jitted(params, table, padded))
     options.append(chosen[:n])
     indices.append(batch["example_index"])
   return score_predictions(
@@ -50,6 +55,31 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
     oracle,
     inequity_includes_country=config.eval.inequity_includes_country,
   )
+
+
+def sharded_choice(module, layout: Layout, letter_ids):
+  """(jitted (params, table, batch) -> [B] chosen option, the parameters' shardings).
+
+  Under the training layout: parameters where training keeps them, the batch split over
+  the data axes; only the chosen options come back, to every process.
+  """
+  eval_step = make_eval_step(module)
+  letter_ids = jnp.asarray(letter_ids)
+  param_sh = layout.param_shardings(abstract_params(module))
+
+  def choose(params, table, batch):
+    last_logits = eval_step(params, batch, demographics_for(table, batch))
+    option_ids = jnp.broadcast_to(letter_ids, (len(last_logits), len(letter_ids)))
+    option_mask = jnp.arange(len(letter_ids))[None] < batch["option_count"][:, None]
+    return predict.restricted_argmax(last_logits, option_ids, option_mask)
+
+  with layout.active():
+    jitted = jax.jit(
+      choose,
+      in_shardings=(param_sh, layout.replicated, layout.batch),
+      out_shardings=layout.replicated,
+    )
+  return jitted, param_sh
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:

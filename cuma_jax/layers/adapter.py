@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from cuma_jax.layers.dispatch import AUTO, check_strategy, mixture
 from cuma_jax.layers.routing import Routing
 from cuma_jax.registry import Registry
-from cuma_jax.sharding import DEMO, EMBED, EXPERTS, LORA_RANK, ROUTER_HIDDEN
+from cuma_jax.sharding import ADAPTER_IN, DEMO, EMBED, EXPERTS, LORA_RANK, ROUTER_HIDDEN
 
 
 def torch_linear_init(fan_in: int):
@@ -55,7 +55,7 @@ class Router(nn.Module):
   hidden_dims: tuple[int, ...] = (256,)
   use_demographics: bool = True
   dropout: float = 0.0
-  in_axis: str = EMBED
+  in_axis: str = ADAPTER_IN
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -160,7 +160,7 @@ class LoraExperts(nn.Module):
   dropout: float = 0.0
   strategy: str = AUTO
   a_init: str = "normal"
-  in_axis: str = EMBED
+  in_axis: str = ADAPTER_IN
   out_axis: str = EMBED
   param_dtype: Any = jnp.float32
   dtype: Any = None

@@ -5,7 +5,8 @@ When each is cheaper: docs/method.md#dispatch.
 ``mixture_dense`` runs every expert and zeroes the unselected ones through the gates:
 one plain matmul over the N*r expert columns, no data movement, N/k times the needed
 FLOPs. ``mixture_ragged`` sorts (token, slot) pairs by expert and runs only the selected
-experts with ``jax.lax.ragged_dot``, paying for a permutation of the activations instead.
+experts with a 2-D ``jax.lax.ragged_dot`` (per device, over its rows of the batch),
+paying for a permutation of the activations instead.
 Both are exact; ``resolve_strategy`` picks the cheaper for the backend and shapes.
 
 Layouts: x [B, T, d_in]; a [d_in, r] (shared by all experts) or [N, d_in, r];
@@ -16,11 +17,14 @@ activations so nothing of size [B, T, N, r] is materialised in float32 for bf16 
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from cuma_jax.layers.routing import Routing, dense_gates
 from cuma_jax.registry import Registry
+from cuma_jax.sharding import BATCH
 
 # name -> mixture(x, a, b, routing, scale) -> [B, T, d_out].  "auto" is not an entry: it
 # resolves to "dense" or "ragged" by :func:`resolve_strategy`.
@@ -95,44 +99,76 @@ def mixture_dense(
   return flat @ b.astype(dtype).reshape(num_experts * rank, d_out)
 
 
-def _grouped_matmul(lhs: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """Per batch row: rows of lhs [B, M, K] grouped by expert times w[expert] [N, K, O].
+def _ragged_rows(x, a, b, experts, gates, scale):
+  """The selected experts of the tokens x [M, d_in] (experts, gates [M, k]) -> [M, d_out].
 
-  ragged_dot batches only when every operand carries the batch axis, hence the
-  broadcast of w; under SPMD each device only broadcasts to its own rows.
+  (token, slot) pairs are sorted by expert and each expert's run multiplied by its
+  matrices with one 2-D ``ragged_dot`` (the form every backend compiles).
   """
-  rows = lhs.shape[0]
-  return jax.vmap(jax.lax.ragged_dot)(lhs, jnp.broadcast_to(w, (rows, *w.shape)), group_sizes)
+  dtype = x.dtype
+  num_experts, _, d_out = b.shape
+  top_k = experts.shape[-1]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  source = order // top_k  # token of each sorted (token, slot) pair
+  group_sizes = jnp.sum(jax.nn.one_hot(flat, num_experts, dtype=jnp.int32), axis=0)
+  weights = (gates.reshape(-1)[order] * scale).astype(dtype)[:, None]
+  if a.ndim == 2:
+    h = (x @ a.astype(dtype))[source]
+  else:
+    h = jax.lax.ragged_dot(x[source], a.astype(dtype), group_sizes)
+  y = jax.lax.ragged_dot(h * weights, b.astype(dtype), group_sizes)
+  y = y[jnp.argsort(order)]
+  return y.reshape(x.shape[0], top_k, d_out).sum(axis=1)
+
+
+def _batch_mesh_axes() -> tuple[str, ...]:
+  """The mesh axes (of size > 1) the batch is split over, under the active mesh and rules."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  (axes,) = nn.logical_to_mesh_axes((BATCH,))
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
 
 
 @DISPATCH.register("ragged")
 def mixture_ragged(
   x: jax.Array, a: jax.Array, b: jax.Array, routing: Routing, scale: float = 1.0
 ) -> jax.Array:
-  """Only the selected experts: sort (token, slot) pairs by expert within each batch row.
+  """Only the selected experts: (token, slot) pairs sorted by expert, one 2-D grouped
+  matmul per projection.
 
-  Sorting per row (never across rows) keeps a batch sharded over devices local: no
-  global gather. Gates multiply the r-wide expert inputs, not the d_out-wide outputs.
+  With the batch split over devices, each device sorts only its own rows (``shard_map``
+  over the batch axes): no global gather. Gates multiply the r-wide expert inputs, not
+  the d_out-wide outputs.
   """
-  dtype = x.dtype
-  rows, tokens, _ = x.shape
-  num_experts, _, d_out = b.shape
+  rows, tokens, d_in = x.shape
+  d_out = b.shape[-1]
   top_k = routing.experts.shape[-1]
-  experts = routing.experts.reshape(rows, tokens * top_k)
-  order = jnp.argsort(experts, axis=-1, stable=True)
-  source = (order // top_k)[..., None]  # token of each sorted (token, slot) pair
-  group_sizes = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.int32), axis=1)
-  gates = jnp.take_along_axis(routing.gates.reshape(rows, tokens * top_k), order, axis=-1)
-  gates = (gates * scale).astype(dtype)[..., None]
-  if a.ndim == 2:
-    h = jnp.take_along_axis(x @ a.astype(dtype), source, axis=1)
-  else:
-    xs = jnp.take_along_axis(x, source, axis=1)
-    h = _grouped_matmul(xs, a.astype(dtype), group_sizes)
-  y = _grouped_matmul(h * gates, b.astype(dtype), group_sizes)
-  inverse = jnp.argsort(order, axis=-1)[..., None]
-  y = jnp.take_along_axis(y, inverse, axis=1)
-  return y.reshape(rows, tokens, top_k, d_out).sum(axis=2)
+
+  def local(x, a, b, experts, gates):
+    y = _ragged_rows(
+      x.reshape(-1, d_in),
+      a,
+      b,
+      experts.reshape(-1, top_k),
+      gates.reshape(-1, top_k),
+      scale,
+    )
+    return y.reshape(*x.shape[:-1], d_out)
+
+  axes = _batch_mesh_axes()
+  if not axes:
+    return local(x, a, b, routing.experts, routing.gates)
+  split = P(axes)
+  return jax.shard_map(
+    local,
+    in_specs=(split, P(), P(), split, split),
+    out_specs=split,
+    axis_names=frozenset(axes),
+    check_vma=False,
+  )(x, a, b, routing.experts, routing.gates)
 
 
 def mixture(

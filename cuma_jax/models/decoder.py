@@ -172,8 +172,9 @@ def _adapted_projections(
   """Frozen projections of ``x`` plus their adapters' deltas (one router group).
 
   ``projections``: {name: (features, out_axes)}.  Adapters see ``x`` with its feature
-  dimensions flattened (their input axis is the first of ``in_axes``) and return flat
-  deltas that are reshaped onto each projection's output.
+  dimensions flattened (on the logical axis ``ADAPTER_IN``, so the rules can split adapters
+  apart from the backbone) and return flat deltas that are reshaped onto each projection's
+  output.
   """
   flat = x.reshape(*x.shape[:2], -1)
   deltas, aux = AdapterGroup(
@@ -188,7 +189,7 @@ def _adapted_projections(
     demographics,
     token_mask,
     {n: (int(np.prod(f)), axes[0]) for n, (f, axes) in projections.items()},
-    in_axis=in_axes[0],
+    in_axis=ax.ADAPTER_IN,
   )
   outputs = {}
   for name, (features, out_axes) in projections.items():

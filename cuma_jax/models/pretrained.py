@@ -14,6 +14,7 @@ from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.decoder import Decoder
 from cuma_jax.params import filter_tree, is_adapter_path, merge_trees
+from cuma_jax.sharding import Layout
 
 
 def build_decoder(
@@ -50,14 +51,16 @@ def abstract_params(module: Decoder):
   return jax.eval_shape(lambda: module.init(jax.random.key(0), **dummy_inputs(module)))["params"]
 
 
-def init_adapter_params(module: Decoder, rng) -> dict:
-  """Initialises only the adapter parameters (XLA drops the unused backbone init)."""
+def init_adapter_params(module: Decoder, rng, shardings=None) -> dict:
+  """Initialises only the adapter parameters (XLA drops the unused backbone init), each
+  directly in its place when ``shardings`` (the whole model's tree) is given."""
 
   def init(key):
     params = nn.unbox(module.init(key, **dummy_inputs(module))["params"])
     return filter_tree(params, is_adapter_path)
 
-  return jax.jit(init)(rng)
+  out = None if shardings is None else filter_tree(shardings, is_adapter_path)
+  return jax.jit(init, out_shardings=out)(rng)
 
 
 def load_pretrained(
@@ -70,6 +73,7 @@ def load_pretrained(
   output: str = "logits",
   adapter: AdapterConfig | None = None,
   rng=None,
+  layout: Layout | None = None,
 ):
   """Loads a local Hugging Face Qwen3 / Llama checkpoint.
 
@@ -78,6 +82,8 @@ def load_pretrained(
   ``(logits, aux)``, and ``demographics=`` when its routers read them).  ``dtype`` is the
   compute dtype, ``param_dtype`` (default: ``dtype``) the dtype the weights are cast to.
   With ``adapter``, freshly initialised adapter parameters (from ``rng``) are merged in.
+  With ``layout``, every parameter is placed onto its mesh as its rules say, tensor by
+  tensor, without any device or the host holding the whole model.
   """
   config = ModelConfig.from_pretrained(path)
   module = build_decoder(
@@ -91,13 +97,20 @@ def load_pretrained(
   )
   backbone_module = module.clone(adapter=None)
   shapes = nn.unbox(abstract_params(backbone_module))
+  shardings = None if layout is None else layout.param_shardings(abstract_params(module))
   params = hf.import_params(
-    path, config, shapes, output=output, scan_layers=scan_layers, dtype=module.param_dtype
+    path,
+    config,
+    shapes,
+    output=output,
+    scan_layers=scan_layers,
+    dtype=module.param_dtype,
+    shardings=shardings,
   )
   params = jax.tree.map(jnp.asarray, params)
   if adapter is not None:
     rng = jax.random.key(0) if rng is None else rng
-    params = merge_trees(params, init_adapter_params(module, rng))
+    params = merge_trees(params, init_adapter_params(module, rng, shardings))
   return module, params
 
 

@@ -31,8 +31,6 @@ from cuma_jax.training import loop
 
 # The fixed part of the tiny Qwen3; width and depth come from the ``tiny_backbone`` section.
 TINY_QWEN3 = dict(
-  num_attention_heads=4,
-  num_key_value_heads=2,
   head_dim=16,
   max_position_embeddings=512,
   rms_norm_eps=1e-6,
@@ -43,15 +41,18 @@ TINY_QWEN3 = dict(
 
 def tiny_qwen3_config(tiny_backbone, vocab_size: int, **token_ids) -> transformers.Qwen3Config:
   """The Hugging Face config of the tiny backbone a config's ``tiny_backbone`` section
-  describes (``vocab_size``: the trained tokenizer's length)."""
+  describes (``vocab_size``: the trained tokenizer's length, padded up to a multiple of
+  ``tiny_backbone.vocab_multiple``)."""
   return transformers.Qwen3Config(
     **{
       **TINY_QWEN3,
       "hidden_size": tiny_backbone.hidden_size,
       "num_hidden_layers": tiny_backbone.num_layers,
       "intermediate_size": 2 * tiny_backbone.hidden_size,
+      "num_attention_heads": tiny_backbone.num_heads,
+      "num_key_value_heads": tiny_backbone.num_kv_heads,
     },
-    vocab_size=vocab_size,
+    vocab_size=-(-vocab_size // tiny_backbone.vocab_multiple) * tiny_backbone.vocab_multiple,
     **token_ids,
   )
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from flax import traverse_util
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -187,6 +188,10 @@ class TrainCheckpoints:
       return step
     return None
 
+  def should_save(self, step: int) -> bool:
+    """Whether :meth:`save` at ``step`` would write (the save interval and policy)."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state: dict, data_state: Any, force: bool = False) -> bool:
     return self.manager.save(
       step,
@@ -298,13 +303,23 @@ def _reason(error: BaseException) -> str:
   return f"{type(error).__name__}: {lines[0][:300]}"
 
 
+def to_host(array) -> np.ndarray:
+  """A whole array on this host, gathered from the other processes where it spans them."""
+  if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(jax.device_get(array))
+
+
 def export_adapters(trainable, adapter_config: dict, directory: str) -> str:
   """Writes the trained adapters alone (safetensors + adapter_config.json) for inference.
 
   Tensor names are the '/'-joined parameter paths; :func:`load_adapters` inverts them.
+  Every process must call it; process 0 writes.
   """
+  flat = traverse_util.flatten_dict(jax.tree.map(to_host, trainable))
+  if jax.process_index() != 0:  # Every process gathers (a collective); one writes.
+    return directory
   os.makedirs(directory, exist_ok=True)
-  flat = traverse_util.flatten_dict(jax.device_get(trainable))
   write_safetensors(
     os.path.join(directory, "adapters.safetensors"),
     (("/".join(path), np.asarray(value)) for path, value in sorted(flat.items())),

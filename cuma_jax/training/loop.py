@@ -15,11 +15,9 @@ import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -56,6 +54,42 @@ def total_steps(config, examples_per_epoch: int) -> int:
   return max(config.train.num_epochs * batches // config.optim.accumulation_steps, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardedStep:
+  """The jitted training step and where each of its inputs lives (see :meth:`of`)."""
+
+  step: Any  # (trainable, frozen, opt_state, table, batch, rng) -> (trainable, opt_state, metrics)
+  trainable: Any
+  frozen: Any
+  opt_state: Any
+
+  @classmethod
+  def of(cls, config, module, layout: sharding.Layout, tx, trainable) -> ShardedStep:
+    """The step of :func:`train` on ``layout`` (``trainable`` may be abstract: the AOT plan
+    lowers this same step from shapes alone)."""
+    trainable_sh, frozen_sh = partition(
+      layout.param_shardings(abstract_params(module)), config.trainable
+    )
+    replicated = layout.replicated
+    opt_sh = _optimizer_shardings(tx, trainable, trainable_sh, replicated)
+    step_fn = make_train_step(
+      module, tx, lambda_aux=config.optim.lambda_aux, label_smoothing=config.optim.label_smoothing
+    )
+
+    def full_step(trainable, frozen, opt_state, table, batch, rng):
+      z = demographics_for(table, batch)
+      return step_fn(trainable, frozen, opt_state, batch, z, rng)
+
+    with layout.active():
+      jitted = jax.jit(
+        full_step,
+        in_shardings=(trainable_sh, frozen_sh, opt_sh, replicated, layout.batch, replicated),
+        out_shardings=(trainable_sh, opt_sh, replicated),
+        donate_argnums=(0, 2),
+      )
+    return cls(step=jitted, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh)
+
+
 def train(
   config,
   workdir: str,
@@ -77,8 +111,7 @@ def train(
   ``config_conflicts(saved, current)`` lists the config changes a resume refuses.
   """
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
+  layout = sharding.Layout.of(config.mesh)
   steps = num_steps
   updates_per_step = config.optim.accumulation_steps
   tx = optim.make_optimizer(config.optim, steps)
@@ -87,41 +120,14 @@ def train(
   trainable, frozen = split_params(params, config.trainable, frozen_dtype=frozen_dtype)
   del params
 
-  trainable_sh, frozen_sh = partition(
-    sharding.param_shardings(abstract_params(module), mesh, rules), config.trainable
-  )
-  trainable = jax.device_put(trainable, trainable_sh)
-  frozen = jax.device_put(frozen, frozen_sh)
-  replicated = NamedSharding(mesh, P())
-  # Moments take their parameter's sharding; everything else (step counts) is replicated.
-  opt_sh = optax.tree_map_params(
-    tx,
-    lambda _, sh: sh,
-    jax.eval_shape(tx.init, trainable),
-    trainable_sh,
-    transform_non_params=lambda _: replicated,
-  )
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-  batch_sh = sharding.logical_sharding(mesh, (sharding.BATCH,), rules)
+  sharded = ShardedStep.of(config, module, layout, tx, trainable)
+  trainable = jax.device_put(trainable, sharded.trainable)
+  frozen = jax.device_put(frozen, sharded.frozen)
+  opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state)(trainable)
   table = None
   if demographic_table is not None:
-    table = jax.device_put(jnp.asarray(demographic_table, jnp.float32), replicated)
-
-  step_fn = make_train_step(
-    module, tx, lambda_aux=config.optim.lambda_aux, label_smoothing=config.optim.label_smoothing
-  )
-
-  def full_step(trainable, frozen, opt_state, table, batch, rng):
-    z = demographics_for(table, batch)
-    return step_fn(trainable, frozen, opt_state, batch, z, rng)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = jax.jit(
-      full_step,
-      in_shardings=(trainable_sh, frozen_sh, opt_sh, replicated, batch_sh, replicated),
-      out_shardings=(trainable_sh, opt_sh, replicated),
-      donate_argnums=(0, 2),
-    )
+    table = jax.device_put(jnp.asarray(demographic_table, jnp.float32), layout.replicated)
+  jitted, batch_sh = sharded.step, layout.batch
 
   ckpt = checkpointing.TrainCheckpoints.of(
     config,
@@ -141,49 +147,68 @@ def train(
     log(f"resumed from {ckpt.directory} at step {start}")
 
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
-  bar = progress_bar(steps, start, enabled=config.train.progress_bar)
+  bar = progress_bar(steps, start, enabled=config.train.progress_bar and jax.process_index() == 0)
   losses = []
   tokens_seen, t0 = 0, time.perf_counter()
+
+  def record(done: int, accumulated: list[dict]) -> None:
+    """Reads step ``done``'s metrics (waiting for it), refuses a non-finite loss, logs."""
+    nonlocal tokens_seen, t0
+    loss = float(np.mean([float(m["loss"]) for m in accumulated]))
+    grad_norms = [float(m["grad_norm"]) for m in accumulated]
+    if not math.isfinite(loss) or not all(map(math.isfinite, grad_norms)):
+      ckpt.wait()
+      raise NonFiniteLoss(
+        f"loss {loss}, gradient norms {grad_norms} at step {done}; stopping. The last "
+        f"good checkpoint (step {last_good}) in {ckpt.directory} is intact."
+      )
+    losses.append(loss)
+    tokens_seen += sum(int(m["input_tokens"]) for m in accumulated)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    if done % config.train.log_every == 0 or done == steps:
+      elapsed = time.perf_counter() - t0
+      scalars = {
+        "loss": loss,
+        "task_loss": float(np.mean([float(m["task_loss"]) for m in accumulated])),
+        "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
+        "grad_norm": max(grad_norms),  # Before clipping; the largest micro-batch's.
+        "learning_rate": float(schedule(done - 1)),
+        "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
+      }  # Non-padding tokens.
+      usage = {
+        k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
+        for k, v in accumulated[-1]["expert_counts"].items()
+      }
+      writer.write(done, scalars, usage)
+      tokens_seen, t0 = 0, time.perf_counter()
+
+  # The host reads a step's metrics only after dispatching the next one, so it prepares the
+  # next batch while the device computes; a step is checked before its state is saved.
+  unread = None  # (step, its micro-batches' metrics) dispatched but not yet read
   try:
     for step in range(start, steps):
       accumulated = []
       for micro in range(updates_per_step):
         batch = _device_batch(next(iterator), batch_sh)
         rng = jax.random.fold_in(base_rng, step * updates_per_step + micro)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with layout.active():
           trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, table, batch, rng)
         accumulated.append(metrics)
-        tokens_seen += int(metrics["input_tokens"])
-      loss = float(np.mean([float(m["loss"]) for m in accumulated]))
-      grad_norms = [float(m["grad_norm"]) for m in accumulated]
-      if not math.isfinite(loss) or not all(map(math.isfinite, grad_norms)):
-        ckpt.wait()
-        raise NonFiniteLoss(
-          f"loss {loss}, gradient norms {grad_norms} at step {step + 1}; stopping. The last "
-          f"good checkpoint (step {last_good}) in {ckpt.directory} is intact."
-        )
-      losses.append(loss)
+      if unread is not None:
+        previous, unread = unread, None
+        record(*previous)
       done = step + 1
-      if ckpt.save(done, _state(trainable, opt_state, done), iterator.get_state()):
-        last_good = done
-      bar.update(1)
-      bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-      if done % config.train.log_every == 0 or done == steps:
-        elapsed = time.perf_counter() - t0
-        scalars = {
-          "loss": loss,
-          "task_loss": float(np.mean([float(m["task_loss"]) for m in accumulated])),
-          "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
-          "grad_norm": max(grad_norms),  # Before clipping; the largest micro-batch's.
-          "learning_rate": float(schedule(step)),
-          "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
-        }  # Non-padding tokens.
-        usage = {
-          k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
-          for k, v in accumulated[-1]["expert_counts"].items()
-        }
-        writer.write(done, scalars, usage)
-        tokens_seen, t0 = 0, time.perf_counter()
+      if ckpt.should_save(done) or done == steps:
+        record(done, accumulated)
+        if ckpt.save(done, _state(trainable, opt_state, done), iterator.get_state()):
+          last_good = done
+      else:
+        unread = (done, accumulated)
+  except BaseException:
+    if unread is not None:  # An interrupted run still logs the step it finished.
+      record(*unread)
+    raise
   finally:
     bar.close()
     ckpt.wait()
@@ -231,6 +256,17 @@ def _state(trainable, opt_state, step: int) -> dict:
   return {"trainable": trainable, "opt_state": opt_state, "step": np.asarray(step, np.int64)}
 
 
+def _optimizer_shardings(tx, trainable, trainable_sh, replicated):
+  """Moments take their parameter's sharding; everything else (step counts) is replicated."""
+  return optax.tree_map_params(
+    tx,
+    lambda _, sh: sh,
+    jax.eval_shape(tx.init, trainable),
+    trainable_sh,
+    transform_non_params=lambda _: replicated,
+  )
+
+
 def _abstract(trainable, opt_state) -> dict:
   return jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
@@ -239,9 +275,18 @@ def _abstract(trainable, opt_state) -> dict:
 
 
 def abstract_state(config, trainable) -> dict:
-  """Shapes of a training checkpoint's state, for restoring it outside :func:`train`."""
+  """Shapes and shardings of a training checkpoint's state, for restoring it outside
+  :func:`train` onto where ``trainable``'s arrays are (whatever mesh it was saved from)."""
   tx = optim.make_optimizer(config.optim, 1)
-  return _abstract(trainable, jax.eval_shape(tx.init, trainable))
+  shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
+  opt_sh = _optimizer_shardings(tx, trainable, shardings, replicated)
+  opt_state = jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+    jax.eval_shape(tx.init, trainable),
+    opt_sh,
+  )
+  return _abstract(trainable, opt_state)
 
 
 def _device_batch(batch: dict, batch_sh) -> dict:

@@ -1,0 +1,59 @@
+"""The ahead-of-time plan: per-device memory of the compiled steps, from shapes alone."""
+
+from helpers import tiny_config
+import jax
+import numpy as np
+
+from cuma_jax import plan
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in tree)
+
+
+# Where each program's batch is among its arguments: (trainable, frozen, opt_state, table,
+# batch, rng) and (params, table, batch).
+BATCH_ARGUMENT = {"train step": 4, "eval step": 2}
+
+
+def _replicated_share(lowered, batch_index: int, devices: int) -> int:
+  """One device's arguments when everything but the batch is replicated: all of every
+  argument, and 1/devices of the batch (computed from the arguments' shapes, apart from
+  XLA's memory analysis)."""
+  # The train step's last argument, the dropout key, is unused without dropout (the tiny
+  # preset has none) and XLA drops it.
+  args = lowered.args_info[0][: batch_index + 1]
+  batch = jax.tree.leaves(args[batch_index])
+  return _nbytes(jax.tree.leaves(args)) - _nbytes(batch) + _nbytes(batch) // devices
+
+
+def test_plan_reports_each_devices_share_and_fsdp_shards_the_weights():
+  devices = jax.devices()[:8]
+  arguments = {}
+  for preset in ("dp", "fsdp"):
+    config = tiny_config(**{"mesh.rules_preset": preset})
+    lowered = plan.lower(config, devices)
+    programs = plan.plan(config, devices)
+    assert [p.name for p in programs] == ["train step", "eval step"]
+    for program in programs:
+      assert program.total >= program.arguments > 0
+      if preset == "dp":
+        assert program.arguments == _replicated_share(
+          lowered[program.name], BATCH_ARGUMENT[program.name], 8
+        ), program.name
+    arguments[preset] = programs[0].arguments
+    lines = []
+    assert plan.report(config, "cpu:8", plan.Target("", 80.0), devices, programs, lines.append)
+    assert lines[0].startswith(f"target cpu:8 (8 devices, 80 GiB each), rules_preset={preset}")
+    assert lines[3].startswith("| train step |") and "| yes |" in lines[3]
+  # Replicated weights on every device under dp; an eighth of most of them under fsdp.
+  assert arguments["fsdp"] < 0.5 * arguments["dp"]
+
+
+def test_a_budget_the_step_exceeds_is_reported_as_not_fitting():
+  devices = jax.devices()[:2]
+  config = tiny_config(**{"mesh.rules_preset": "dp"})
+  programs = plan.plan(config, devices)
+  lines = []
+  assert not plan.report(config, "cpu:2", plan.Target("", 1e-6), devices, programs, lines.append)
+  assert "| NO |" in lines[3]

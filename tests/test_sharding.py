@@ -1,0 +1,234 @@
+"""Sharded jobs on 8 host devices: the rules presets, sharded loading, training, checkpoints
+and evaluation on several meshes, each against one device."""
+
+import os
+
+from flax import traverse_util
+from helpers import divisible_qwen3, tiny_config
+import jax
+import numpy as np
+import pytest
+
+from cuma_jax import job, schema, sharding
+from cuma_jax.data.pipeline import make_dataset
+from cuma_jax.evaluation.survey import evaluate
+from cuma_jax.models.config import ModelConfig
+from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
+from cuma_jax.params import split_params
+from cuma_jax.tiny import backbone as tiny_backbone
+from cuma_jax.training import checkpointing, loop
+
+# A tiny Qwen3 whose heads (8), kv heads (4), MLP (48), hidden size (32) and padded
+# vocabulary divide every mesh below.
+HEADS, KV_HEADS, MLP = 8, 4, 48
+TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")  # inputs on embed, heads and MLP
+ONE_DEVICE = ("dp", (("data", 1),))
+MESHES = [
+  ("dp", (("data", 8),)),
+  ("fsdp", (("fsdp", 8),)),
+  ("fsdp_tp", (("fsdp", 2), ("model", 4))),
+  ("fsdp_tp", (("data", 2), ("fsdp", 2), ("model", 2))),
+  ("tp", (("data", 2), ("model", 4))),
+]
+
+# Where each parameter lives under fsdp_tp on (fsdp 2, model 4), worked out by hand from
+# the preset: heads, kv heads, MLP, vocabulary and the adapters' inputs over "model";
+# the hidden dimension over "fsdp"; layers (scanned), experts, ranks and norms whole.
+FSDP_TP_SPECS = {
+  "embed_tokens/embedding": ("model", "fsdp"),
+  "lm_head/kernel": ("fsdp", "model"),
+  "norm/scale": (None,),
+  "layers/input_layernorm/scale": (None, None),
+  "layers/self_attn/q_proj/kernel": (None, "fsdp", "model", None),
+  "layers/self_attn/k_proj/kernel": (None, "fsdp", "model", None),
+  "layers/self_attn/v_proj/kernel": (None, "fsdp", "model", None),
+  "layers/self_attn/o_proj/kernel": (None, "model", None, "fsdp"),
+  "layers/self_attn/q_norm/scale": (None, None),
+  "layers/mlp/gate_proj/kernel": (None, "fsdp", "model"),
+  "layers/mlp/up_proj/kernel": (None, "fsdp", "model"),
+  "layers/mlp/down_proj/kernel": (None, "model", "fsdp"),
+  "layers/self_attn/adapters_in/q_proj_lora/a": (None, None, "model", None),
+  "layers/self_attn/adapters_in/q_proj_lora/b": (None, None, None, "model"),
+  "layers/self_attn/adapters_in/q_proj_router/in_x": (None, "model", None),
+  "layers/self_attn/adapters_in/q_proj_router/in_z": (None, None, None),
+  "layers/self_attn/adapters_out/o_proj_lora/a": (None, None, "model", None),
+  "layers/self_attn/adapters_out/o_proj_lora/b": (None, None, None, "fsdp"),
+  "layers/mlp/adapters_out/down_proj_lora/a": (None, None, "model", None),
+  "layers/mlp/adapters_out/down_proj_lora/b": (None, None, None, "fsdp"),
+}
+MESH_SIZES = {"fsdp": 2, "model": 4}
+
+
+def _config(preset, shape, **overrides):
+  return tiny_config(
+    **{
+      "adapter.targets": TARGETS,
+      "mesh.rules_preset": preset,
+      "mesh.shape": shape,
+      "train.num_steps": 1,
+      "optim.warmup_steps": 0,
+      **overrides,
+    }
+  )
+
+
+@pytest.fixture(scope="module")
+def assets(main_job, tmp_path_factory):
+  """The main job's tiny survey and a random tiny Qwen3 (with its tokenizer) that divides
+  the meshes."""
+  _, workdir = main_job
+  config = tiny_config()
+  data = job.load_data(config, str(workdir))
+  warmed = tiny_backbone.build_warmed_up(
+    config, os.path.join(workdir, "assets"), data, log=lambda *_: None
+  )
+  directory = tmp_path_factory.mktemp("divisible_qwen3")
+  return data, divisible_qwen3(directory, warmed, heads=HEADS, kv_heads=KV_HEADS, mlp=MLP)
+
+
+def _load(config, backbone, layout=None):
+  return load_pretrained(
+    backbone,
+    scan_layers=config.model.scan_layers,
+    adapter=schema.adapter_config(config),
+    rng=jax.random.PRNGKey(config.seed),
+    layout=layout,
+  )
+
+
+def _flat(tree):
+  return {"/".join(p): v for p, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_sharded_load_places_each_shard_as_the_preset_says(assets):
+  _, backbone = assets
+  config = _config("fsdp_tp", (("fsdp", 2), ("model", 4)), **{"model.scan_layers": True})
+  layout = sharding.Layout.of(config.mesh)
+  _, params = _load(config, backbone, layout)
+  _, reference = _load(config, backbone)
+  sharded, whole = _flat(params), _flat(reference)
+  assert set(FSDP_TP_SPECS) <= set(sharded)
+  for path, spec in FSDP_TP_SPECS.items():
+    array = sharded[path]
+    assert tuple(array.sharding.spec) + (None,) * (array.ndim - len(array.sharding.spec)) == spec
+    shard_shape = tuple(n // MESH_SIZES[a] if a else n for n, a in zip(array.shape, spec))
+    # No device holds more than its own block of the tensor.
+    assert {s.data.shape for s in array.addressable_shards} == {shard_shape}, path
+  for path, array in sharded.items():
+    np.testing.assert_array_equal(np.asarray(array), np.asarray(whole[path]), err_msg=path)
+
+
+def _train_one_step(config, assets, workdir):
+  data, backbone = assets
+  module, params = _load(config, backbone)
+  params = jax.tree.map(np.asarray, params)  # A fresh host copy: the step donates its inputs.
+  tokenizer = load_tokenizer(backbone)
+  dataset, tables = make_dataset(
+    data.sources["train"],
+    tokenizer,
+    max_length=config.data.max_length,
+    batch_size=config.data.batch_size,
+    seed=config.data.shuffle_seed,
+    num_epochs=None,
+  )
+  demographics = job.make_demographics(config, backbone, data.sources["train"])
+  return loop.train(
+    config,
+    str(workdir),
+    module,
+    params,
+    dataset,
+    num_steps=1,
+    demographic_table=job.demographic_table(demographics, tables),
+    log=lambda *_: None,
+  )
+
+
+@pytest.fixture(scope="module")
+def one_device_step(assets, tmp_path_factory):
+  return _train_one_step(_config(*ONE_DEVICE), assets, tmp_path_factory.mktemp("one"))
+
+
+@pytest.mark.parametrize("preset,shape", MESHES, ids=lambda v: str(v))
+def test_a_training_step_on_a_mesh_equals_one_device(
+  assets, one_device_step, preset, shape, tmp_path
+):
+  result = _train_one_step(_config(preset, shape), assets, tmp_path)
+  assert result.trainable is not None
+  np.testing.assert_allclose(result.losses, one_device_step.losses, rtol=0, atol=1e-5)
+  expected = _flat(one_device_step.trainable)
+  got = _flat(result.trainable)
+  assert set(got) == set(expected)
+  for path, value in got.items():
+    np.testing.assert_allclose(
+      np.asarray(value), np.asarray(expected[path]), atol=1e-5, err_msg=path
+    )
+  # The step changed the adapters (LoRA B starts at zero).
+  assert any(np.abs(np.asarray(v)).max() > 0 for p, v in got.items() if p.endswith("lora/b"))
+
+
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(assets, tmp_path):
+  saved = _config("fsdp", (("fsdp", 8),))
+  result = _train_one_step(saved, assets, tmp_path)
+  other = _config("tp", (("data", 2), ("model", 4)))
+  layout = sharding.Layout.of(other.mesh)
+  _, params = _load(other, assets[1], layout)
+  trainable, _ = split_params(params, other.trainable)
+  ckpt = checkpointing.TrainCheckpoints.of(
+    other, str(tmp_path / "checkpoints"), config_conflicts=schema.resume_conflicts
+  )
+  step, state, _ = ckpt.restore_latest(loop.abstract_state(other, trainable))
+  ckpt.close()
+  assert step == 1
+  restored, before = _flat(state["trainable"]), _flat(result.trainable)
+  target = _flat(trainable)
+  for path, value in restored.items():
+    assert value.sharding == target[path].sharding, path
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(before[path]), err_msg=path)
+
+
+def test_evaluation_on_a_mesh_equals_one_device(assets):
+  data, backbone = assets
+  results = []
+  for preset, shape in (ONE_DEVICE, MESHES[3]):
+    config = _config(preset, shape)
+    module, params = _load(config, backbone, sharding.Layout.of(config.mesh))
+    # Adapters that change the answers (B starts at zero).
+    params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.3 if getattr(p[-1], "key", "") == "b" else v, params
+    )
+    results.append(
+      evaluate(
+        config,
+        module,
+        params,
+        load_tokenizer(backbone),
+        data.sources["test"],
+        job.make_demographics(config, backbone, data.sources["train"]),
+      )
+    )
+  assert results[0] == results[1]
+
+
+def test_a_mesh_that_does_not_divide_is_refused_at_validation(assets):
+  _, backbone = assets
+  config = _config("tp", (("model", 8),), **{"model.checkpoint": backbone})
+  # 4 kv heads over a model axis of 8.
+  with pytest.raises(
+    ValueError,
+    match=r"layers_0/self_attn/k_proj/kernel dimension 1 \(kv_heads, size 4\) over mesh axes model \(size 8\)",
+  ):
+    job.check_layout(config, ModelConfig.from_pretrained(backbone))
+  config = _config("fsdp", (("fsdp", 8),), **{"data.batch_size": 4})
+  with pytest.raises(
+    ValueError, match=r"data.batch_size x processes = 4 over the batch axes \(8\)"
+  ):
+    job.check_layout(config, ModelConfig.from_pretrained(backbone))
+
+
+def test_rules_only_with_the_custom_preset():
+  config = tiny_config(**{"mesh.rules": (("batch", "data"),)})
+  with pytest.raises(ValueError, match="rules_preset='custom' only"):
+    schema.validate(config)
+  with pytest.raises(ValueError, match="axes must be distinct names among"):
+    schema.validate(tiny_config(**{"mesh.shape": (("tensor", 2),)}))
