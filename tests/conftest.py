@@ -30,8 +30,10 @@ import time
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # Tests that build a mesh need several host devices; this must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
-# CPU only: libtpu (in the test extra, for ahead-of-time TPU compilation) is not a device.
+# CPU only: libtpu (in the test extra, for ahead-of-time TPU compilation) is not a device,
+# and each test process may load it (it takes a lock file otherwise).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # In the environment, so that subprocesses share it.

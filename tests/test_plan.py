@@ -1,5 +1,8 @@
 """The ahead-of-time plan: per-device memory of the compiled steps, from shapes alone."""
 
+import collections
+import re
+
 from helpers import tiny_config
 import jax
 import numpy as np
@@ -57,3 +60,24 @@ def test_a_budget_the_step_exceeds_is_reported_as_not_fitting():
   lines = []
   assert not plan.report(config, "cpu:2", plan.Target("", 1e-6), devices, programs, lines.append)
   assert "| NO |" in lines[3]
+
+
+def test_adapter_gradients_are_reduced_across_devices_in_float32():
+  # Compiled for TPU ahead of time (XLA:CPU computes bf16 in float32 and would hide it):
+  # a bf16 model's data-parallel step sums LoRA A and B gradients over devices in float32.
+  devices, _ = plan.target_devices("v5e-8")
+  config = tiny_config(
+    **{
+      "mesh.rules_preset": "dp",
+      "mesh.shape": (("data", 8),),
+      "model.dtype": "bfloat16",
+      "model.param_dtype": "bfloat16",
+      "adapter.targets": ("q_proj", "v_proj"),
+    }
+  )
+  text = plan.lower(config, devices)["train step"].compile().as_text()
+  reduced = collections.Counter()
+  for line in text.splitlines():
+    if " all-reduce(" in line or " all-reduce-start(" in line:
+      reduced.update(re.findall(r"(bf16|f32|s32)\[", line.split(" all-reduce")[0]))
+  assert reduced["f32"] > 0 and reduced["bf16"] == 0, reduced

@@ -16,6 +16,8 @@ activations so nothing of size [B, T, N, r] is materialised in float32 for bf16 
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -92,11 +94,39 @@ def mixture_dense(
   num_experts, rank, d_out = b.shape
   gates = (dense_gates(routing, num_experts) * scale).astype(dtype)
   if a.ndim == 2:
-    gated = gates[..., :, None] * (x @ a.astype(dtype))[..., None, :]
+    gated = gates[..., :, None] * project("...d,dr->...r", x, a)[..., None, :]
   else:
-    gated = gates[..., None] * jnp.einsum("...d,ndr->...nr", x, a.astype(dtype))
+    gated = gates[..., None] * project("...d,ndr->...nr", x, a)
   flat = gated.reshape(*x.shape[:-1], num_experts * rank)
-  return flat @ b.astype(dtype).reshape(num_experts * rank, d_out)
+  return project("...k,ko->...o", flat, b.reshape(num_experts * rank, d_out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def project(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """``einsum(spec, x, w)`` in x's dtype, whose gradient w.r.t. the (float32) weight is
+  accumulated in float32 and returned in w's dtype.
+
+  Autodiff through ``w.astype(bf16)`` would form w's gradient in bfloat16 and sum it over
+  the batch (across devices, too) before casting it up; here the sum over tokens is a
+  float32 result, so a data-parallel reduction of it runs in float32.
+  """
+  return jnp.einsum(spec, x, w.astype(x.dtype))
+
+
+def _project_fwd(spec, x, w):
+  return project(spec, x, w), (x, w)
+
+
+def _project_bwd(spec, residuals, g):
+  x, w = residuals
+  inputs, out = spec.split("->")
+  x_spec, w_spec = inputs.split(",")
+  dx = jnp.einsum(f"{out},{w_spec}->{x_spec}", g, w.astype(g.dtype)).astype(x.dtype)
+  dw = jnp.einsum(f"{x_spec},{out}->{w_spec}", x, g, preferred_element_type=jnp.float32)
+  return dx, dw.astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 def _ragged_rows(x, a, b, experts, gates, scale):

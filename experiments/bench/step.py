@@ -10,12 +10,14 @@ every matmul's forward, the activation gradients of every matmul, the weight gra
 the trainable ones only) and the fraction of this machine's float32 matmul rate, measured in
 the same run on a 2048 x 2048 ``jnp`` matmul.
 
-Where the time goes: the forward pass alone, and the step with plain LoRA r=64 in place of
-CuMA (no routers, one expert instead of eight), each timed as a row of its own.
+Where the time goes: the forward pass alone, the step with plain LoRA r=64 in place of
+CuMA (no routers, one expert instead of eight), and the step recomputing each layer's
+forward in the backward pass (``model.remat=full``, the 8B presets' setting), each timed as
+a row of its own.
 
-``--mesh`` runs the step on 8 host devices under each rules preset instead (start with
-XLA_FLAGS=--xla_force_host_platform_device_count=8; the 8 devices share this machine's
-cores, so this shows the presets' overhead, not a speed-up).
+``--mesh`` runs the step on 8 host devices under each rules preset instead, at batch 8 x 256
+(the 8 devices share this machine's cores, so this shows the presets' overhead, not a
+speed-up).
 """
 
 from __future__ import annotations
@@ -56,11 +58,14 @@ SHAPE = dict(
   vocab_size=8192,
 )
 BATCH, LENGTH = 4, 256
+MESH_BATCH = 8  # --mesh: a batch every preset's 8-device mesh divides
 EXPERTS, TOP_K, RANK, DEMO = 8, 2, 64, 64
 TARGETS = ("q_proj", "v_proj")
 
 
-def step_config(method: str = "cuma", preset: str = "dp", shape=(("data", 1),)):
+def step_config(
+  method: str = "cuma", preset: str = "dp", shape=(("data", 1),), remat="none", batch=BATCH
+):
   config = presets.experiment_config(method, "tiny")
   with config.unlocked():
     presets.apply_overrides(
@@ -73,10 +78,11 @@ def step_config(method: str = "cuma", preset: str = "dp", shape=(("data", 1),)):
         "adapter.alpha": 2.0 * RANK,
         "adapter.strategy": "dense",
         "adapter.demographic_dim": DEMO,
-        "data.batch_size": BATCH,
+        "data.batch_size": batch,
         "data.max_length": LENGTH,
         "mesh.rules_preset": preset,
         "mesh.shape": shape,
+        "model.remat": remat,
       },
     )
   return config
@@ -87,7 +93,7 @@ def model_flops(config) -> float:
   gradient w.r.t. its activation input, and w.r.t. its weight when that is trained."""
   h, layers = SHAPE["hidden_size"], SHAPE["num_hidden_layers"]
   q, kv = SHAPE["num_attention_heads"] * SHAPE["head_dim"], SHAPE["num_key_value_heads"] * 64
-  tokens = BATCH * LENGTH
+  tokens = config.data.batch_size * LENGTH
   frozen = h * q + 2 * h * kv + q * h + 3 * h * SHAPE["intermediate_size"]  # MACs per token
   attention = 2 * LENGTH * q  # scores and values, per token (both operands need gradients)
   adapter = config.adapter
@@ -115,7 +121,9 @@ def matmul_rate(repeats: int = 10, n: int = 2048) -> float:
 def build(config, forward_only: bool = False):
   """(one step callable, its arguments) on the config's mesh."""
   model_config = ModelConfig.from_hf(transformers.Qwen3Config(**SHAPE))
-  module = build_decoder(model_config, adapter=schema.adapter_config(config))
+  module = build_decoder(
+    model_config, remat=config.model.remat, adapter=schema.adapter_config(config)
+  )
   layout = sharding.Layout.of(config.mesh)
   params = nn.unbox(module.init(jax.random.key(0), **dummy_inputs(module))["params"])
   # B starts at zero: random values, so every expert's path carries numbers.
@@ -126,26 +134,27 @@ def build(config, forward_only: bool = False):
   tx = optim.make_optimizer(config.optim, 100)
   sharded = ShardedStep.of(config, module, layout, tx, trainable)
   rng = np.random.default_rng(0)
-  ids = rng.integers(0, SHAPE["vocab_size"], (BATCH, LENGTH)).astype(np.int32)
-  loss_mask = np.zeros((BATCH, LENGTH), np.int32)
+  batch_size = config.data.batch_size
+  ids = rng.integers(0, SHAPE["vocab_size"], (batch_size, LENGTH)).astype(np.int32)
+  loss_mask = np.zeros((batch_size, LENGTH), np.int32)
   loss_mask[:, -3:-1] = 1  # the answer letter and end-of-turn
   batch = {
     "input_ids": ids,
-    "attention_mask": np.ones((BATCH, LENGTH), np.int32),
+    "attention_mask": np.ones((batch_size, LENGTH), np.int32),
     "targets": np.roll(ids, -1, axis=1),
     "loss_mask": loss_mask,
-    "profile_index": np.arange(BATCH, dtype=np.int32),
+    "profile_index": np.arange(batch_size, dtype=np.int32),
   }
   batch = {k: jax.device_put(v, layout.batch) for k, v in batch.items()}
   table = jax.device_put(
-    jnp.asarray(rng.normal(size=(BATCH, DEMO)), jnp.float32), layout.replicated
+    jnp.asarray(rng.normal(size=(batch_size, DEMO)), jnp.float32), layout.replicated
   )
   trainable = jax.device_put(trainable, sharded.trainable)
   frozen = jax.device_put(frozen, sharded.frozen)
   opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state)(trainable)
   key = jax.random.PRNGKey(0)
   if forward_only:
-    positions = jnp.asarray(np.tile([LENGTH - 3, LENGTH - 2], (BATCH, 1)), jnp.int32)
+    positions = jnp.asarray(np.tile([LENGTH - 3, LENGTH - 2], (batch_size, 1)), jnp.int32)
 
     @jax.jit
     def fwd(trainable, frozen, table, batch):
@@ -189,11 +198,14 @@ def main():
   rows = {}
   if args.mesh:
     cases = {
-      "dp (data 8)": step_config(preset="dp", shape=(("data", 8),)),
-      "fsdp (fsdp 8)": step_config(preset="fsdp", shape=(("fsdp", 8),)),
-      "tp (data 2 x model 4)": step_config(preset="tp", shape=(("data", 2), ("model", 4))),
+      "one device": step_config(batch=MESH_BATCH),
+      "dp (data 8)": step_config(preset="dp", shape=(("data", 8),), batch=MESH_BATCH),
+      "fsdp (fsdp 8)": step_config(preset="fsdp", shape=(("fsdp", 8),), batch=MESH_BATCH),
+      "tp (data 2 x model 4)": step_config(
+        preset="tp", shape=(("data", 2), ("model", 4)), batch=MESH_BATCH
+      ),
       "fsdp_tp (fsdp 2 x model 4)": step_config(
-        preset="fsdp_tp", shape=(("fsdp", 2), ("model", 4))
+        preset="fsdp_tp", shape=(("fsdp", 2), ("model", 4)), batch=MESH_BATCH
       ),
     }
     variants = {name: (c, False) for name, c in cases.items()}
@@ -202,12 +214,18 @@ def main():
       "CuMA step (forward, backward, AdamW)": (step_config("cuma"), False),
       "CuMA forward only": (step_config("cuma"), True),
       "LoRA r=64 step (no routers, one expert)": (step_config("lora"), False),
+      "CuMA step, each layer rematerialised (remat=full)": (
+        step_config("cuma", remat="full"),
+        False,
+      ),
     }
-  flops = model_flops(step_config("cuma"))
   for name, (config, forward_only) in variants.items():
     run, _ = build(config, forward_only)
     seconds = time_step(run, args.repeats)
-    rows[name] = {"seconds": seconds, "tokens_per_second": BATCH * LENGTH / seconds}
+    tokens = config.data.batch_size * LENGTH
+    rows[name] = {"seconds": seconds, "tokens_per_second": tokens / seconds}
+  first_config = next(iter(variants.values()))[0]
+  flops = model_flops(first_config)
   main_row = next(iter(rows.values()))
   result = {
     "matmul_gflops": rate / 1e9,
@@ -220,13 +238,16 @@ def main():
     print(json.dumps(result, indent=2))
     return
   print(f"2048x2048 fp32 matmul: {rate / 1e9:.1f} GFLOP/s (median of 10)")
-  print(f"model FLOPs per CuMA step: {flops / 1e9:.2f} GFLOP")
+  print(
+    f"model FLOPs per CuMA step (batch {first_config.data.batch_size} x {LENGTH}): "
+    f"{flops / 1e9:.2f} GFLOP"
+  )
   print("| case | step (ms) | tokens/s |")
   print("|---|---|---|")
   for name, row in rows.items():
     print(f"| {name} | {row['seconds'] * 1e3:.1f} | {row['tokens_per_second']:.0f} |")
   print(
-    f"CuMA step: {result['step_gflops']:.1f} GFLOP/s = "
+    f"{next(iter(rows))}: {result['step_gflops']:.1f} GFLOP/s = "
     f"{100 * result['fraction_of_matmul_rate']:.0f}% of the matmul rate"
   )
 
