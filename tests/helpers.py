@@ -133,3 +133,42 @@ def divisible_qwen3(directory, tokenizer_dir, *, heads, kv_heads, hidden=32, mlp
     if name.startswith(("tokenizer", "chat_template", "special_tokens")):
       shutil.copy(os.path.join(tokenizer_dir, name), directory)
   return str(directory)
+
+
+def train_on_survey(config, workdir, data, backbone, *, wrap=None, inputs=None, log=None):
+  """``loop.train`` of ``config`` on the survey's training split from ``backbone``, as the
+  job trains (resuming a workdir's checkpoints the way it does); ``wrap`` wraps the dataset."""
+  from cuma_jax import job, schema
+  from cuma_jax.data.pipeline import make_dataset
+  from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
+  from cuma_jax.training import loop
+
+  module, params = load_pretrained(
+    backbone,
+    scan_layers=config.model.scan_layers,
+    adapter=schema.adapter_config(config),
+    rng=jax.random.PRNGKey(config.seed),
+  )
+  params = jax.tree.map(np.asarray, params)  # A host copy: the step donates its inputs.
+  dataset, tables = make_dataset(
+    data.sources["train"],
+    load_tokenizer(backbone),
+    max_length=config.data.max_length,
+    batch_size=config.data.batch_size,
+    seed=config.data.shuffle_seed,
+    num_epochs=None,
+    demographic_system_prompt=config.data.demographic_system_prompt,
+  )
+  demographics = job.make_demographics(config, backbone, data.sources["train"])
+  return loop.train(
+    config,
+    str(workdir),
+    module,
+    params,
+    wrap(dataset) if wrap else dataset,
+    num_steps=config.train.num_steps,
+    demographic_table=job.demographic_table(demographics, tables),
+    inputs=inputs,
+    config_conflicts=schema.resume_conflicts,
+    log=log or (lambda *_: None),
+  )

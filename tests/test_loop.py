@@ -7,14 +7,12 @@ import re
 import shutil
 import time
 
-from helpers import tiny_config
+from helpers import tiny_config, train_on_survey
 import jax
 import numpy as np
 import pytest
 
-from cuma_jax import fingerprint, job, schema
-from cuma_jax.data.pipeline import make_dataset
-from cuma_jax.models import pretrained as api
+from cuma_jax import fingerprint, job
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
 
@@ -60,33 +58,9 @@ def _inputs(assets, backbone=None):
 
 def _run(config, workdir, assets, stop_after=None, inputs=None, log=lambda *_: None):
   data, backbone = assets
-  module, params = api.load_pretrained(
-    backbone, adapter=schema.adapter_config(config), rng=jax.random.PRNGKey(config.seed)
-  )
-  tokenizer = api.load_tokenizer(backbone)
-  demographics = job.make_demographics(config, backbone, data.sources["train"])
-  dataset, tables = make_dataset(
-    data.sources["train"],
-    tokenizer,
-    max_length=config.data.max_length,
-    batch_size=config.data.batch_size,
-    seed=config.data.shuffle_seed,
-    num_epochs=None,
-    demographic_system_prompt=config.data.demographic_system_prompt,
-  )
-  if stop_after is not None:
-    dataset = _CrashAfter(dataset, stop_after)
-  return loop.train(
-    config,
-    workdir,
-    module,
-    params,
-    dataset,
-    num_steps=config.train.num_steps,
-    demographic_table=job.demographic_table(demographics, tables),
-    inputs=inputs or _inputs(assets),
-    config_conflicts=schema.resume_conflicts,  # as the job resumes
-    log=log,
+  wrap = None if stop_after is None else (lambda dataset: _CrashAfter(dataset, stop_after))
+  return train_on_survey(
+    config, workdir, data, backbone, wrap=wrap, inputs=inputs or _inputs(assets), log=log
   )
 
 

@@ -6,8 +6,10 @@ import re
 from helpers import tiny_config
 import jax
 import numpy as np
+import transformers
 
 from cuma_jax import plan
+from cuma_jax.models.config import ModelConfig
 
 
 def _nbytes(tree) -> int:
@@ -81,3 +83,37 @@ def test_adapter_gradients_are_reduced_across_devices_in_float32():
     if " all-reduce(" in line or " all-reduce-start(" in line:
       reduced.update(re.findall(r"(bf16|f32|s32)\[", line.split(" all-reduce")[0]))
   assert reduced["f32"] > 0 and reduced["bf16"] == 0, reduced
+
+
+def test_model_flops_count_every_matmul_once_forward_and_as_the_backward_needs():
+  # Qwen3 hidden 1024, 4 layers, 16 heads / 8 kv of 64, MLP 3072; CuMA on q and v: 8 experts
+  # of rank 64, router hidden 32 over the hidden state and an 8-wide profile; batch 4 x 256.
+  hf = transformers.Qwen3Config(
+    hidden_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=64,
+    intermediate_size=3072,
+    vocab_size=8192,
+  )
+  config = tiny_config(
+    **{
+      "adapter.targets": ("q_proj", "v_proj"),
+      "adapter.num_experts": 8,
+      "adapter.rank": 64,
+      "adapter.router_hidden": (32,),
+      "adapter.demographic_dim": 8,
+      "data.batch_size": 4,
+      "data.max_length": 256,
+      "eval.batch_size": 16,
+    }
+  )
+  frozen = 1024 * 1024 * 2 + 2 * 1024 * 512 + 3 * 1024 * 3072  # q, o, k, v, MLP: MACs/token
+  lora = 8 * (1024 * 64 + 64 * 1024) + 8 * (1024 * 64 + 64 * 512)
+  routers = 2 * (1024 * 32 + 8 * 32 + 32 * 8)
+  attention = 2 * 256 * 1024  # scores and values over 256 keys, 16 x 64 wide
+  per_layer_train = 2 * frozen + 3 * (lora + routers) + 3 * attention
+  flops = plan.model_flops(config, ModelConfig.from_hf(hf))
+  assert flops["train step"] == 2 * 4 * 256 * 4 * per_layer_train
+  assert flops["eval step"] == 2 * 16 * 256 * 4 * (frozen + lora + routers + attention)

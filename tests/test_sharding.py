@@ -4,13 +4,12 @@ and evaluation on several meshes, each against one device."""
 import os
 
 from flax import traverse_util
-from helpers import divisible_qwen3, tiny_config
+from helpers import divisible_qwen3, tiny_config, train_on_survey
 import jax
 import numpy as np
 import pytest
 
 from cuma_jax import job, schema, sharding
-from cuma_jax.data.pipeline import make_dataset
 from cuma_jax.evaluation.survey import evaluate
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
@@ -39,22 +38,42 @@ FSDP_TP_SPECS = {
   "lm_head/kernel": ("fsdp", "model"),
   "norm/scale": (None,),
   "layers/input_layernorm/scale": (None, None),
+  "layers/post_attention_layernorm/scale": (None, None),
   "layers/self_attn/q_proj/kernel": (None, "fsdp", "model", None),
   "layers/self_attn/k_proj/kernel": (None, "fsdp", "model", None),
   "layers/self_attn/v_proj/kernel": (None, "fsdp", "model", None),
   "layers/self_attn/o_proj/kernel": (None, "model", None, "fsdp"),
   "layers/self_attn/q_norm/scale": (None, None),
+  "layers/self_attn/k_norm/scale": (None, None),
   "layers/mlp/gate_proj/kernel": (None, "fsdp", "model"),
   "layers/mlp/up_proj/kernel": (None, "fsdp", "model"),
   "layers/mlp/down_proj/kernel": (None, "model", "fsdp"),
+  # LoRA A along its input over "model"; B along its output as the projection's output.
   "layers/self_attn/adapters_in/q_proj_lora/a": (None, None, "model", None),
   "layers/self_attn/adapters_in/q_proj_lora/b": (None, None, None, "model"),
-  "layers/self_attn/adapters_in/q_proj_router/in_x": (None, "model", None),
-  "layers/self_attn/adapters_in/q_proj_router/in_z": (None, None, None),
+  "layers/self_attn/adapters_in/v_proj_lora/a": (None, None, "model", None),
+  "layers/self_attn/adapters_in/v_proj_lora/b": (None, None, None, "model"),
   "layers/self_attn/adapters_out/o_proj_lora/a": (None, None, "model", None),
   "layers/self_attn/adapters_out/o_proj_lora/b": (None, None, None, "fsdp"),
   "layers/mlp/adapters_out/down_proj_lora/a": (None, None, "model", None),
   "layers/mlp/adapters_out/down_proj_lora/b": (None, None, None, "fsdp"),
+  # Routers: the hidden state's weights along their input over "model", the rest whole.
+  **{
+    f"layers/{block}/{router}_router/{name}": spec
+    for block, router in (
+      ("self_attn/adapters_in", "q_proj"),
+      ("self_attn/adapters_in", "v_proj"),
+      ("self_attn/adapters_out", "o_proj"),
+      ("mlp/adapters_out", "down_proj"),
+    )
+    for name, spec in (
+      ("in_x", (None, "model", None)),
+      ("in_z", (None, None, None)),
+      ("in_bias", (None, None)),
+      ("layer1_w", (None, None, None)),
+      ("layer1_bias", (None, None)),
+    )
+  },
 }
 MESH_SIZES = {"fsdp": 2, "model": 4}
 
@@ -107,7 +126,7 @@ def test_sharded_load_places_each_shard_as_the_preset_says(assets):
   _, params = _load(config, backbone, layout)
   _, reference = _load(config, backbone)
   sharded, whole = _flat(params), _flat(reference)
-  assert set(FSDP_TP_SPECS) <= set(sharded)
+  assert set(FSDP_TP_SPECS) == set(sharded)
   for path, spec in FSDP_TP_SPECS.items():
     array = sharded[path]
     assert tuple(array.sharding.spec) + (None,) * (array.ndim - len(array.sharding.spec)) == spec
@@ -120,28 +139,7 @@ def test_sharded_load_places_each_shard_as_the_preset_says(assets):
 
 def _train_one_step(config, assets, workdir):
   data, backbone = assets
-  module, params = _load(config, backbone)
-  params = jax.tree.map(np.asarray, params)  # A fresh host copy: the step donates its inputs.
-  tokenizer = load_tokenizer(backbone)
-  dataset, tables = make_dataset(
-    data.sources["train"],
-    tokenizer,
-    max_length=config.data.max_length,
-    batch_size=config.data.batch_size,
-    seed=config.data.shuffle_seed,
-    num_epochs=None,
-  )
-  demographics = job.make_demographics(config, backbone, data.sources["train"])
-  return loop.train(
-    config,
-    str(workdir),
-    module,
-    params,
-    dataset,
-    num_steps=1,
-    demographic_table=job.demographic_table(demographics, tables),
-    log=lambda *_: None,
-  )
+  return train_on_survey(config, workdir, data, backbone)
 
 
 @pytest.fixture(scope="module")

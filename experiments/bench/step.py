@@ -5,9 +5,9 @@
 The job's own jitted step (``cuma_jax.training.loop.ShardedStep``) at a small Qwen3 shape:
 hidden 1024, 4 layers, 16 heads / 8 kv heads of 64, MLP 3072, vocabulary 8192, batch 4 x 256
 tokens, CuMA on q_proj and v_proj (8 experts, top-2, rank 64, dense dispatch), float32, no
-remat. Reports the step's median time, tokens/s, its model FLOPs (counted from the shapes:
-every matmul's forward, the activation gradients of every matmul, the weight gradients of
-the trainable ones only) and the fraction of this machine's float32 matmul rate, measured in
+remat. Reports the step's median time, tokens/s, its model FLOPs (``cuma_jax.plan.model_flops``,
+counted from the shapes: every matmul's forward, the activation gradients of every matmul,
+the weight gradients of the trainable ones only) and the fraction of this machine's float32 matmul rate, measured in
 the same run on a 2048 x 2048 ``jnp`` matmul.
 
 Where the time goes: the forward pass alone, the step with plain LoRA r=64 in place of
@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
-from cuma_jax import presets, schema, sharding  # noqa: E402
+from cuma_jax import plan, presets, schema, sharding  # noqa: E402
 from cuma_jax.models.config import ModelConfig  # noqa: E402
 from cuma_jax.models.pretrained import build_decoder, dummy_inputs  # noqa: E402
 from cuma_jax.params import merge_params, partition  # noqa: E402
@@ -60,6 +60,7 @@ SHAPE = dict(
 BATCH, LENGTH = 4, 256
 MESH_BATCH = 8  # --mesh: a batch every preset's 8-device mesh divides
 EXPERTS, TOP_K, RANK, DEMO = 8, 2, 64, 64
+MODEL_CONFIG = ModelConfig.from_hf(transformers.Qwen3Config(**SHAPE))
 TARGETS = ("q_proj", "v_proj")
 
 
@@ -88,23 +89,6 @@ def step_config(
   return config
 
 
-def model_flops(config) -> float:
-  """FLOPs of one step from the shapes (2 per multiply-add): forward of every matmul, the
-  gradient w.r.t. its activation input, and w.r.t. its weight when that is trained."""
-  h, layers = SHAPE["hidden_size"], SHAPE["num_hidden_layers"]
-  q, kv = SHAPE["num_attention_heads"] * SHAPE["head_dim"], SHAPE["num_key_value_heads"] * 64
-  tokens = config.data.batch_size * LENGTH
-  frozen = h * q + 2 * h * kv + q * h + 3 * h * SHAPE["intermediate_size"]  # MACs per token
-  attention = 2 * LENGTH * q  # scores and values, per token (both operands need gradients)
-  adapter = config.adapter
-  n = adapter.num_experts  # the dense dispatch runs every expert
-  lora = sum(n * (h * adapter.rank + adapter.rank * out) for out in (q, kv))
-  router = 2 * ((h + DEMO) * adapter.router_hidden[0] + adapter.router_hidden[0] * n)
-  trained = lora + (router if config.method == "cuma" else 0)
-  per_token = 2 * frozen + 3 * attention + 3 * trained  # fwd + activation grads (+ weight)
-  return 2.0 * tokens * layers * per_token
-
-
 def matmul_rate(repeats: int = 10, n: int = 2048) -> float:
   """This machine's float32 matmul rate (FLOP/s), median of ``repeats``."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
@@ -120,9 +104,8 @@ def matmul_rate(repeats: int = 10, n: int = 2048) -> float:
 
 def build(config, forward_only: bool = False):
   """(one step callable, its arguments) on the config's mesh."""
-  model_config = ModelConfig.from_hf(transformers.Qwen3Config(**SHAPE))
   module = build_decoder(
-    model_config, remat=config.model.remat, adapter=schema.adapter_config(config)
+    MODEL_CONFIG, remat=config.model.remat, adapter=schema.adapter_config(config)
   )
   layout = sharding.Layout.of(config.mesh)
   params = nn.unbox(module.init(jax.random.key(0), **dummy_inputs(module))["params"])
@@ -225,7 +208,7 @@ def main():
     tokens = config.data.batch_size * LENGTH
     rows[name] = {"seconds": seconds, "tokens_per_second": tokens / seconds}
   first_config = next(iter(variants.values()))[0]
-  flops = model_flops(first_config)
+  flops = plan.model_flops(first_config, MODEL_CONFIG)["train step"]
   main_row = next(iter(rows.values()))
   result = {
     "matmul_gflops": rate / 1e9,
