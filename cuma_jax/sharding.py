@@ -61,8 +61,9 @@ _FSDP = (
   (EMBED, "fsdp"),
   (MLP, "fsdp"),
   (ADAPTER_IN, "fsdp"),
+  # LoRA B (experts x rank x output): along its rank, whatever the output's axis.
+  (LORA_RANK, "fsdp"),
   (ROUTER_HIDDEN, None),
-  (LORA_RANK, None),
   (VOCAB, None),
   (HEADS, None),
   (KV_HEADS, None),
