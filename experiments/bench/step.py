@@ -4,11 +4,12 @@
 
 The job's own jitted step (``cuma_jax.training.loop.ShardedStep``) at a small Qwen3 shape:
 hidden 1024, 4 layers, 16 heads / 8 kv heads of 64, MLP 3072, vocabulary 8192, batch 4 x 256
-tokens, CuMA on q_proj and v_proj (8 experts, top-2, rank 64, dense dispatch), float32, no
-remat. Reports the step's median time, tokens/s, its model FLOPs (``cuma_jax.plan.model_flops``,
-counted from the shapes: every matmul's forward, the activation gradients of every matmul,
-the weight gradients of the trainable ones only) and the fraction of this machine's float32 matmul rate, measured in
-the same run on a 2048 x 2048 ``jnp`` matmul.
+tokens, CuMA on q_proj and v_proj (8 experts, top-2, rank 64, router hidden 32, dense
+dispatch), float32, no remat. Reports the step's median time, tokens/s, its model FLOPs
+(``cuma_jax.plan.model_flops``, counted from the shapes: every matmul's forward, the
+activation gradients of every matmul, the weight gradients of the trainable ones only) and
+the fraction of this machine's float32 matmul rate, measured in the same run on a
+2048 x 2048 ``jnp`` matmul.
 
 Where the time goes: the forward pass alone, the step with plain LoRA r=64 in place of
 CuMA (no routers, one expert instead of eight), and the step recomputing each layer's
