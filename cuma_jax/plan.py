@@ -228,7 +228,7 @@ def lower(config, devices) -> dict:
       batch,
       rng,
     )
-  choose, param_sh = sharded_choice(module, layout, list(range(len(prompts.LETTERS))))
+  choose, param_sh = sharded_choice(module, layout, tuple(range(len(prompts.LETTERS))))
   eval_size = config.eval.batch_size
   eval_batch = {
     k: jax.ShapeDtypeStruct(

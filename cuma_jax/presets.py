@@ -102,7 +102,7 @@ def demo() -> ml_collections.ConfigDict:
       "optim.learning_rate": 3e-3,
       "optim.schedule": "cosine",
       "optim.warmup_steps": 10,
-      "train.num_steps": 800,
+      "train.num_steps": 1000,
       "train.checkpoint_every": 200,
       "train.keep_checkpoints": 2,
       "eval.batch_size": 128,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,21 +35,25 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
     shard_count=1,
   )
   table = None if demographics is None else jnp.asarray(demographics.encode(tables.profiles))
-  letter_ids = predict.letter_token_ids(tokenizer, prompts.LETTERS)
+  letter_ids = tuple(predict.letter_token_ids(tokenizer, prompts.LETTERS))
   layout = Layout.of(config.mesh)
   jitted, param_sh = sharded_choice(module, layout, letter_ids)
   params = jax.device_put(params, param_sh)
   options, indices = [], []
+  unread = None  # The previous batch's options, read after the next batch is dispatched.
   for batch in dataset:
-    n = len(batch["input_ids"])
     padded = {
       k: layout.global_batch(_pad_rows(np.asarray(batch[k]), config.eval.batch_size))
       for k in EVAL_KEYS
     }
     with layout.active():
-      chosen = np.asarray(jitted(params, table, padded))
-    options.append(chosen[:n])
+      chosen = jitted(params, table, padded)
+    if unread is not None:
+      options.append(np.asarray(unread[0])[: unread[1]])
+    unread = (chosen, len(batch["input_ids"]))
     indices.append(batch["example_index"])
+  if unread is not None:
+    options.append(np.asarray(unread[0])[: unread[1]])
   return score_predictions(
     source,
     np.concatenate(options),
@@ -57,8 +63,10 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
   )
 
 
-def sharded_choice(module, layout: Layout, letter_ids):
-  """(jitted (params, table, batch) -> [B] chosen option, the parameters' shardings).
+@functools.lru_cache(maxsize=8)
+def sharded_choice(module, layout: Layout, letter_ids: tuple[int, ...]):
+  """(jitted (params, table, batch) -> [B] chosen option, the parameters' shardings);
+  one per model, layout and letters, so evaluating again compiles nothing.
 
   Under the training layout: parameters where training keeps them, the batch split over
   the data axes; only the chosen options come back, to every process.
@@ -97,7 +105,13 @@ def score_predictions(
   sigma-inequity runs over every profile field, or over all but country when
   ``inequity_includes_country`` is False (docs/evaluation.md#inequity).
   """
-  records = [source[int(i)] for i in example_indices]
+  indices = [int(i) for i in example_indices]
+  # Data sources read many records at once faster (plain lists have no __getitems__).
+  records = (
+    source.__getitems__(indices)
+    if hasattr(source, "__getitems__")
+    else [source[i] for i in indices]
+  )
   qids = np.array([as_text(r["question_id"]) for r in records])
   codes = [np.asarray(r["option_codes"]) for r in records]
   true_option = np.array([int(r["answer_option"]) for r in records])
