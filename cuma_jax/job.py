@@ -282,6 +282,15 @@ def check_layout(config, model_config: ModelConfig, devices=None) -> Layout:
     problems.append(f"data.batch_size x processes = {global_batch} over the batch axes ({split})")
   if config.eval.batch_size % split:
     problems.append(f"eval.batch_size = {config.eval.batch_size} over the batch axes ({split})")
+  split_axes = [axis for axis, size in sizes.items() if size > 1]
+  if config.model.scan_layers and len(split_axes) >= 3:
+    # Measured: a scanned layer stack on a data x fsdp x model mesh gives LoRA B gradients
+    # off by up to 40% (the loss is right); unscanned, or on two axes, they match one device.
+    raise ValueError(
+      f"model.scan_layers=True on a mesh split over {len(split_axes)} axes {split_axes} gives "
+      "wrong adapter gradients (a known defect, docs/sharding.md); use a mesh of at most two "
+      "axes of size > 1, or model.scan_layers=False"
+    )
   if problems:
     raise ValueError(
       f"mesh {sizes} with rules_preset={config.mesh.rules_preset!r} does not divide: "

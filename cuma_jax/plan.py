@@ -180,7 +180,12 @@ def _abstract(tree, shardings, dtype=None):
 
 def plan(config, devices) -> list[Program]:
   """The training step and the evaluation step of ``config`` compiled for ``devices``."""
-  return [_program(name, lowered) for name, lowered in lower(config, devices).items()]
+  return compile_programs(lower(config, devices))
+
+
+def compile_programs(lowered: dict) -> list[Program]:
+  """Compiles each lowering of :func:`lower` and reads its memory and collectives."""
+  return [_program(name, lowering) for name, lowering in lowered.items()]
 
 
 def lower(config, devices) -> dict:

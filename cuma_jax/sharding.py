@@ -1,10 +1,10 @@
-"""Logical axis names and the default rules table mapping them to mesh axes.
+"""Logical axis names, the mesh, and the rules presets that map the names onto it.
 
 Every parameter and sharded activation in cuma_jax is annotated with the logical
 names below (``nn.with_logical_partitioning`` / ``nn.with_logical_constraint``);
-a config's ``mesh.rules`` (a sequence of ``(logical, mesh_axis_or_None)``) decides
-where each one lives.  Keeping the names in one place lets a fork add a mesh axis
-without touching the layers.
+a config's ``mesh.rules_preset`` (or, with "custom", its ``mesh.rules``: pairs of
+``(logical, mesh_axis_or_None)``) decides where each one lives (docs/sharding.md).
+Keeping the names in one place lets a fork add a mesh axis without touching the layers.
 """
 
 from __future__ import annotations
@@ -109,7 +109,6 @@ DEFAULT_SHAPES = {
   "fsdp_tp": (("fsdp", -1), ("model", 2)),
   "tp": (("model", -1),),
 }
-DEFAULT_RULES = RULES_PRESETS["dp"]
 
 
 def mesh_sizes(shape, num_devices: int) -> dict[str, int]:

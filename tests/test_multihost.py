@@ -74,7 +74,7 @@ def test_two_processes_train_checkpoint_evaluate_and_export(main_job, tmp_path):
     "--config.mesh.shape=(('model', 8),)",
     "--config.adapter.targets=('q_proj', 'v_proj', 'o_proj')",
     "--config.eval.baselines=()",
-    "--config.eval.untrained=False",
+    "--config.eval.splits=('test',)",
   )
   workdir = tmp_path / "run"
   outputs = _run_two_processes(
@@ -93,5 +93,4 @@ def test_two_processes_train_checkpoint_evaluate_and_export(main_job, tmp_path):
 
   _run_two_processes(workdir, *common, "--config.train.num_steps=4", "--config.mode=eval")
   evaluated = json.loads((workdir / "results.json").read_text())
-  for split in config.eval.splits:
-    assert evaluated["trained"][split]["model"] == trained["trained"][split]["model"]
+  assert evaluated["trained"]["test"]["model"] == trained["trained"]["test"]["model"]
