@@ -31,7 +31,7 @@ from cuma_jax.fields import FREE, STRUCTURAL, field
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.decoder import REMAT_POLICIES
 from cuma_jax.params import TRAINABLE_MODES
-from cuma_jax.sharding import MESH_AXES, RULES_PRESETS
+from cuma_jax.sharding import RULES_PRESETS, check_axis_names
 from cuma_jax.training.checkpointing import CORRUPT_CHECKPOINT_POLICIES
 
 ARCHITECTURES_DIR = os.path.join(os.path.dirname(__file__), "architectures")
@@ -330,11 +330,7 @@ def _check_mesh(mesh: MeshSection) -> None:
       f"config.mesh.rules={mesh.rules!r} with mesh.rules_preset={mesh.rules_preset!r}: "
       "rules are read with rules_preset='custom' only, which needs them"
     )
-  names = [name for name, _ in mesh.shape]
-  if set(names) - set(MESH_AXES) or len(set(names)) != len(names):
-    raise ValueError(
-      f"config.mesh.shape={mesh.shape!r}: axes must be distinct names among {MESH_AXES}"
-    )
+  check_axis_names(mesh.shape)
 
 
 # The encoder keys each kind reads; another kind's key set away from its default is refused.

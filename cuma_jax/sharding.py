@@ -111,8 +111,8 @@ DEFAULT_SHAPES = {
 }
 
 
-def mesh_sizes(shape, num_devices: int) -> dict[str, int]:
-  """{axis: size} over all of MESH_AXES from ``((axis, size), ...)``; one size may be -1."""
+def check_axis_names(shape) -> None:
+  """Refuses a mesh shape whose axes are not distinct names among MESH_AXES."""
   names = [name for name, _ in shape]
   unknown = sorted(set(names) - set(MESH_AXES))
   if unknown or len(set(names)) != len(names):
@@ -120,6 +120,11 @@ def mesh_sizes(shape, num_devices: int) -> dict[str, int]:
       f"mesh.shape {tuple(shape)}: axes must be distinct names among {MESH_AXES}"
       + (f"; {unknown} are not" if unknown else "")
     )
+
+
+def mesh_sizes(shape, num_devices: int) -> dict[str, int]:
+  """{axis: size} over all of MESH_AXES from ``((axis, size), ...)``; one size may be -1."""
+  check_axis_names(shape)
   sizes = {name: 1 for name in MESH_AXES}
   sizes.update({name: int(size) for name, size in shape})
   if list(sizes.values()).count(-1) > 1:
