@@ -50,7 +50,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from cuma_jax.data import prompts  # noqa: E402
+from cuma_jax.data import builders, prompts  # noqa: E402, F401  (builders registers the TFDS datasets)
 from cuma_jax.data.wvb import WvbReader  # noqa: E402
 from cuma_jax.models.pretrained import load_pretrained  # noqa: E402
 from cuma_jax.tiny.tokenizer import build_tiny_tokenizer  # noqa: E402

@@ -126,24 +126,52 @@ def make_dataset(
   and the process count. Returns the dataset (iterate it; its iterator checkpoints with
   get_state/set_state) and the tables its indices refer to.
   """
+  tables = SurveyTables.of(source) if tables is None else tables
+  encode = _EncodeExample(
+    source, tokenizer, tables, max_length, demographic_system_prompt, supervision
+  )
+  dataset = batched(
+    len(source),
+    encode,
+    batch_size=batch_size,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    drop_remainder=drop_remainder,
+  )
+  return dataset, tables
+
+
+def batched(
+  num_examples: int,
+  encode,
+  *,
+  batch_size: int,
+  seed: int = 0,
+  shuffle: bool = True,
+  num_epochs: int | None = 1,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  drop_remainder: bool = True,
+) -> grain.IterDataset:
+  """Source indices 0..num_examples-1 sharded by process, shuffled, repeated, encoded by
+  ``encode(index) -> dict of arrays`` and batched (the order is a function of seed and shard)."""
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} outside 0..{shard_count - 1}")
-  tables = SurveyTables.of(source) if tables is None else tables
-  indices = grain.MapDataset.range(len(source))[shard_index::shard_count]
+  indices = grain.MapDataset.range(num_examples)[shard_index::shard_count]
   if len(indices) == 0:
     raise ValueError(
-      f"shard {shard_index} of {shard_count} of a {len(source)}-example source is empty"
+      f"shard {shard_index} of {shard_count} of a {num_examples}-example source is empty"
     )
   if shuffle:
     indices = indices.shuffle(seed=seed)
-  dataset = (
+  return (
     indices.repeat(num_epochs)
-    .map(
-      _EncodeExample(source, tokenizer, tables, max_length, demographic_system_prompt, supervision)
-    )
+    .map(encode)
     .batch(batch_size, drop_remainder=drop_remainder)
     .to_iter_dataset()
   )
-  return dataset, tables

@@ -71,11 +71,11 @@ class ChatEncoder:
     self.special_ids = _special_ids(tokenizer)
     self._warned_truncation = False
 
-  def __call__(self, messages: Sequence[dict[str, str]], answer: str) -> dict[str, np.ndarray]:
-    """`messages` are the system and user turns; `answer` is the assistant's reply (a letter).
+  def tokens(self, messages: Sequence[dict[str, str]], answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, supervised answer ids) of the conversation ``messages`` + ``answer``.
 
-    Returns input_ids, attention_mask, targets, loss_mask ([max_length] int32) and the int32
-    scalars prompt_length and truncated_tokens.
+    The prompt is the evaluation prompt; the answer ids are the reply and its end-of-turn
+    token (and, with ``RELEASED`` supervision, what the template writes after it).
     """
     tok = self.tokenizer
     prompt_text = render_prompt(tok, messages)
@@ -103,8 +103,15 @@ class ChatEncoder:
         f"no answer followed by an end-of-turn special token after the prompt: "
         f"{tok.convert_ids_to_tokens(completion)}"
       )
-    answer_ids = completion[: end + 1] if self.supervision == END_OF_TURN else completion
+    return prompt_ids, completion[: end + 1] if self.supervision == END_OF_TURN else completion
 
+  def __call__(self, messages: Sequence[dict[str, str]], answer: str) -> dict[str, np.ndarray]:
+    """`messages` are the system and user turns; `answer` is the assistant's reply (a letter).
+
+    Returns input_ids, attention_mask, targets, loss_mask ([max_length] int32) and the int32
+    scalars prompt_length and truncated_tokens.
+    """
+    prompt_ids, answer_ids = self.tokens(messages, answer)
     keep = self.max_length - len(answer_ids)
     if keep < 1:
       raise ValueError(f"max_length={self.max_length} cannot hold the answer and a prompt")
