@@ -32,7 +32,8 @@ from cuma_jax.evaluation.survey import sharded_choice
 from cuma_jax.models.pretrained import abstract_params, build_decoder
 from cuma_jax.params import is_trainable, partition
 from cuma_jax.training import optim
-from cuma_jax.training.loop import BATCH_KEYS, ShardedStep
+from cuma_jax.training.loop import ShardedStep
+from cuma_jax.training.step import SFT_BATCH_KEYS
 
 GIB = 2**30
 
@@ -212,7 +213,7 @@ def lower(config, devices) -> dict:
       jnp.int32,
       sharding=layout.batch,
     )
-    for k in BATCH_KEYS
+    for k in SFT_BATCH_KEYS
   }
   adapter = schema.adapter_config(config)
   table = None

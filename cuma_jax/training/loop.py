@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
+import ml_collections
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -27,9 +28,18 @@ from cuma_jax.models.pretrained import abstract_params
 from cuma_jax.params import partition, split_params
 from cuma_jax.training import checkpointing, optim
 from cuma_jax.training.metrics_log import MetricWriter
-from cuma_jax.training.step import MAX_TARGETS, demographics_for, make_train_step
+from cuma_jax.training.step import Objective, demographics_for, make_train_step, sft_objective
 
-BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "profile_index")
+# Metrics every objective returns, read by name; any others are logged as they are.
+_READ_METRICS = (
+  "loss",
+  "task_loss",
+  "balance_loss",
+  "grad_norm",
+  "input_tokens",
+  "expert_counts",
+  "supervised_tokens",
+)
 # Seconds between progress lines when stderr is not a terminal.
 LOG_PROGRESS_SECONDS = 10.0
 
@@ -64,17 +74,17 @@ class ShardedStep:
   opt_state: Any
 
   @classmethod
-  def of(cls, config, module, layout: sharding.Layout, tx, trainable) -> ShardedStep:
+  def of(
+    cls, config, module, layout: sharding.Layout, tx, trainable, objective: Objective | None = None
+  ) -> ShardedStep:
     """The step of :func:`train` on ``layout`` (``trainable`` may be abstract: the AOT plan
-    lowers this same step from shapes alone)."""
+    lowers this same step from shapes alone); ``objective`` defaults to the survey SFT."""
     trainable_sh, frozen_sh = partition(
       layout.param_shardings(abstract_params(module)), config.trainable
     )
     replicated = layout.replicated
     opt_sh = _optimizer_shardings(tx, trainable, trainable_sh, replicated)
-    step_fn = make_train_step(
-      module, tx, lambda_aux=config.optim.lambda_aux, label_smoothing=config.optim.label_smoothing
-    )
+    step_fn = make_train_step(objective or default_objective(config, module), tx)
 
     def full_step(trainable, frozen, opt_state, table, batch, rng):
       z = demographics_for(table, batch)
@@ -90,6 +100,13 @@ class ShardedStep:
     return cls(step=jitted, trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh)
 
 
+def default_objective(config, module) -> Objective:
+  """The survey's SFT objective with the config's balance-loss weight and label smoothing."""
+  return sft_objective(
+    module, lambda_aux=config.optim.lambda_aux, label_smoothing=config.optim.label_smoothing
+  )
+
+
 def train(
   config,
   workdir: str,
@@ -101,6 +118,8 @@ def train(
   demographic_table=None,
   inputs=None,
   config_conflicts=checkpointing.exact_differences,
+  objective: Objective | None = None,
+  optim_overrides: dict | None = None,
   log=print,
 ) -> TrainResult:
   """Trains ``module``'s trainable parameters; resumes from ``workdir`` when it has a checkpoint.
@@ -108,19 +127,23 @@ def train(
   ``train_dataset`` is an (infinitely repeating) grain IterDataset of numpy batches;
   ``demographic_table`` is [num_profiles, d] (batches carry ``profile_index``) or None;
   ``inputs`` are :func:`checkpointing.input_fingerprints`, recorded and checked on resume;
-  ``config_conflicts(saved, current)`` lists the config changes a resume refuses.
+  ``config_conflicts(saved, current)`` lists the config changes a resume refuses;
+  ``objective`` is what is optimised (default: the survey SFT) and ``optim_overrides``
+  replaces keys of ``config.optim`` (a preference stage's own rate and schedule).
   """
   os.makedirs(workdir, exist_ok=True)
   layout = sharding.Layout.of(config.mesh)
   steps = num_steps
   updates_per_step = config.optim.accumulation_steps
-  tx = optim.make_optimizer(config.optim, steps)
-  schedule = optim.learning_rate_schedule(config.optim, steps)
+  optim_config = ml_collections.ConfigDict({**config.optim.to_dict(), **(optim_overrides or {})})
+  objective = objective or default_objective(config, module)
+  tx = optim.make_optimizer(optim_config, steps)
+  schedule = optim.learning_rate_schedule(optim_config, steps)
   frozen_dtype = jnp.dtype(config.model.param_dtype)
   trainable, frozen = split_params(params, config.trainable, frozen_dtype=frozen_dtype)
   del params
 
-  sharded = ShardedStep.of(config, module, layout, tx, trainable)
+  sharded = ShardedStep.of(config, module, layout, tx, trainable, objective)
   trainable = jax.device_put(trainable, sharded.trainable)
   frozen = jax.device_put(frozen, sharded.frozen)
   opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state)(trainable)
@@ -174,8 +197,13 @@ def train(
         "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
         "grad_norm": max(grad_norms),  # Before clipping; the largest micro-batch's.
         "learning_rate": float(schedule(done - 1)),
-        "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
-      }  # Non-padding tokens.
+        "tokens_per_second": tokens_seen / max(elapsed, 1e-9),  # Non-padding tokens.
+        **{
+          k: float(np.mean([float(m[k]) for m in accumulated]))
+          for k in accumulated[0]
+          if k not in _READ_METRICS
+        },
+      }
       usage = {
         k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
         for k, v in accumulated[-1]["expert_counts"].items()
@@ -190,8 +218,11 @@ def train(
     for step in range(start, steps):
       accumulated = []
       for micro in range(updates_per_step):
-        batch = _device_batch(next(iterator), batch_sh)
         rng = jax.random.fold_in(base_rng, step * updates_per_step + micro)
+        batch = next(iterator)
+        if objective.prepare is not None:
+          batch = objective.prepare(batch, trainable, frozen, table, jax.random.fold_in(rng, 1))
+        batch = _device_batch(batch, batch_sh, objective)
         with layout.active():
           trainable, opt_state, metrics = jitted(trainable, frozen, opt_state, table, batch, rng)
         accumulated.append(metrics)
@@ -289,14 +320,15 @@ def abstract_state(config, trainable) -> dict:
   return _abstract(trainable, opt_state)
 
 
-def _device_batch(batch: dict, batch_sh) -> dict:
+def _device_batch(batch: dict, batch_sh, objective: Objective) -> dict:
   supervised = int(np.max(batch["loss_mask"].sum(-1)))
-  if supervised > MAX_TARGETS:
+  if supervised > objective.max_targets:
     raise ValueError(
-      f"an example supervises {supervised} tokens; at most {MAX_TARGETS} are "
-      "supported (answer letter + end-of-turn)"
+      f"an example supervises {supervised} tokens; this objective reads at most "
+      f"{objective.max_targets} per sequence"
     )
   # Each process holds its own shard of the global batch (grain shards by process).
   return {
-    k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k])) for k in BATCH_KEYS
+    k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k]))
+    for k in objective.batch_keys
   }

@@ -1,5 +1,6 @@
-"""Preference-alignment objectives as pure functions: DPO's sigmoid loss and GRPO's
-group-normalised advantages and clipped token objective.
+"""Preference-alignment objectives: DPO's sigmoid loss and GRPO's group-normalised
+advantages and clipped token objective as pure functions, and the training objectives
+(:class:`~cuma_jax.training.step.Objective`) built on them.
 
 Sequence log-probabilities are SUMS over the completion's tokens (the reply and its
 end-of-turn), as the released DPO training computes them; the reference policy's are
@@ -8,9 +9,19 @@ computed by the same module with the adapters switched off (no second backbone).
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from typing import Any, Callable
+
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from cuma_jax import generation
+from cuma_jax.data.chat import Lengths, sequence_arrays
+from cuma_jax.params import merge_params
+from cuma_jax.training.step import SFT_BATCH_KEYS, Objective, forward, supervised_positions
 
 GRPO_LOSS_TYPES = ("dapo", "grpo")
 
@@ -92,3 +103,188 @@ def grpo_loss(
     return jnp.sum(per_token * mask) / jnp.maximum(mask.sum(), 1.0)
   per_sequence = jnp.sum(per_token * mask, axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
   return jnp.mean(per_sequence)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+DPO_BATCH_KEYS = (*SFT_BATCH_KEYS, "reference_log_probs")
+GRPO_BATCH_KEYS = (*SFT_BATCH_KEYS, "advantages", "rewards", "reference_token_log_probs")
+
+
+def token_log_probs(module, params, batch, demographics, max_targets: int):
+  """Per-token log p of the supervised targets: ([N, K] log-probs, zero where unsupervised;
+  [N, K] weights; the routing outputs).  Only those positions are projected onto the
+  vocabulary; dropout is off (preference training runs deterministic)."""
+  positions, weights = supervised_positions(batch["loss_mask"], max_targets)
+  targets = jnp.take_along_axis(batch["targets"], positions, axis=1)
+  logits, aux = forward(module, params, batch, demographics, logit_indices=positions)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  token = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return token * weights, weights, aux
+
+
+def _pairs_flat(batch, demographics):
+  """[B, 2, L] chosen/rejected arrays -> [2B, L] rows (chosen, rejected interleaved)."""
+  flat = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items() if v.ndim == 3}
+  z = None if demographics is None else jnp.repeat(demographics, 2, axis=0)
+  return flat, z
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """The reference policy: a module and its (fixed) parameters.  ``module`` is the policy's
+  own decoder without adapters over the frozen backbone (no second backbone), or the policy
+  itself over a copy of its initial adapters (``reference="sft"``)."""
+
+  module: Any
+  params: Any
+
+
+def _reference_forward(reference: Reference, max_targets: int):
+  @jax.jit
+  def run(batch, demographics):
+    token, _, _ = token_log_probs(
+      reference.module, reference.params, batch, demographics, max_targets
+    )
+    return token
+
+  return run
+
+
+def _demographics(table, profile_index):
+  return None if table is None else jnp.take(table, jnp.asarray(profile_index), axis=0)
+
+
+def dpo_objective(
+  module, reference: Reference, *, beta: float, lambda_aux: float, max_targets: int
+) -> Objective:
+  """DPO's sigmoid loss on [B, 2, L] (chosen, rejected) batches; one z per pair feeds the
+  policy and the reference on both replies.  The reference's summed log-probs are computed
+  before each step (``prepare``), without gradients."""
+  reference_tokens = _reference_forward(reference, max_targets)
+
+  def prepare(batch, trainable, frozen, table, rng):
+    del trainable, frozen, rng
+    flat, z = _pairs_flat(batch, _demographics(table, batch["profile_index"]))
+    summed = np.asarray(reference_tokens(flat, z)).sum(-1)
+    return {**batch, "reference_log_probs": summed.reshape(-1, 2).astype(np.float32)}
+
+  def loss_fn(trainable, frozen, batch, demographics, rng):
+    del rng
+    flat, z = _pairs_flat(batch, demographics)
+    token, _, aux = token_log_probs(module, merge_params(trainable, frozen), flat, z, max_targets)
+    policy = token.sum(-1).reshape(-1, 2)
+    ref = batch["reference_log_probs"]
+    loss, metrics = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta)
+    return loss + lambda_aux * aux["balance_loss"], {
+      **metrics,
+      "task_loss": loss,
+      "balance_loss": aux["balance_loss"],
+      "expert_counts": aux["expert_counts"],
+      "input_tokens": batch["attention_mask"].sum(),
+    }
+
+  return Objective(
+    loss=loss_fn, batch_keys=DPO_BATCH_KEYS, max_targets=max_targets, prepare=prepare
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """How GRPO samples: ``group_size`` completions per prompt with ``sampling``; ``reward``
+  maps (the prompts' example indices [N], the completions' texts [N]) to rewards [N]."""
+
+  tokenizer: Any
+  sampling: Any  # generation.SamplingConfig
+  group_size: int
+  reward: Callable[[np.ndarray, list[str]], np.ndarray]
+
+
+def strip_think(text: str) -> str:
+  """A reply without its think blocks (the judge never reads them)."""
+  return _THINK.sub("", text).strip()
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def grpo_objective(
+  module,
+  rollout: Rollout,
+  *,
+  clip_epsilon: float,
+  loss_type: str,
+  kl_beta: float,
+  reference: Reference | None,
+  lambda_aux: float,
+) -> Objective:
+  """GRPO over prompt batches: ``prepare`` samples ``group_size`` completions per prompt
+  with the current policy (z at every step), scores them, and turns them into token
+  sequences with group-normalised advantages; the loss is the clipped surrogate (one
+  update per sample, so the old policy is the current one, detached) plus, with
+  ``kl_beta`` > 0, the KL estimate to ``reference``."""
+  if loss_type not in GRPO_LOSS_TYPES:
+    raise ValueError(f"loss_type={loss_type!r}; allowed: {GRPO_LOSS_TYPES}")
+  if kl_beta and reference is None:
+    raise ValueError("kl_beta > 0 needs a reference policy")
+  new_tokens = rollout.sampling.max_new_tokens
+  reference_tokens = _reference_forward(reference, new_tokens) if kl_beta else None
+  pad = rollout.sampling.pad_token
+
+  def prepare(batch, trainable, frozen, table, rng):
+    group = rollout.group_size
+    ids = np.repeat(batch["input_ids"], group, axis=0)
+    mask = np.repeat(batch["attention_mask"], group, axis=0)
+    profile_index = np.repeat(batch["profile_index"], group, axis=0)
+    z = _demographics(table, profile_index)
+    out = generation.generate(
+      module, merge_params(trainable, frozen), ids, mask, rollout.sampling, demographics=z, rng=rng
+    )
+    completions = [out.tokens[i, : out.lengths[i]].tolist() for i in range(len(ids))]
+    texts = [
+      strip_think(rollout.tokenizer.decode(c, skip_special_tokens=True)) for c in completions
+    ]
+    rewards = np.asarray(
+      rollout.reward(np.repeat(batch["example_index"], group), texts), np.float32
+    )
+    lengths = Lengths(ids.shape[1] + new_tokens, ids.shape[1], new_tokens)
+    rows = [
+      sequence_arrays(ids[i, mask[i] == 1].tolist(), completions[i], lengths, pad)
+      for i in range(len(ids))
+    ]
+    sequences = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    sequences["profile_index"] = profile_index
+    sequences["rewards"] = rewards
+    sequences["advantages"] = np.asarray(group_advantages(jnp.asarray(rewards), group))
+    if reference_tokens is None:
+      sequences["reference_token_log_probs"] = np.zeros((len(ids), new_tokens), np.float32)
+    else:
+      sequences["reference_token_log_probs"] = np.asarray(reference_tokens(sequences, z))
+    return sequences
+
+  def loss_fn(trainable, frozen, batch, demographics, rng):
+    del rng
+    params = merge_params(trainable, frozen)
+    token, weights, aux = token_log_probs(module, params, batch, demographics, new_tokens)
+    loss = grpo_loss(
+      token,
+      jax.lax.stop_gradient(token),
+      batch["advantages"],
+      weights,
+      clip_epsilon=clip_epsilon,
+      loss_type=loss_type,
+      ref_log_probs=batch["reference_token_log_probs"],
+      kl_beta=kl_beta,
+    )
+    return loss + lambda_aux * aux["balance_loss"], {
+      "task_loss": loss,
+      "reward": jnp.mean(batch["rewards"]),
+      "completion_tokens": jnp.sum(weights) / weights.shape[0],
+      "balance_loss": aux["balance_loss"],
+      "expert_counts": aux["expert_counts"],
+      "input_tokens": batch["attention_mask"].sum(),
+    }
+
+  return Objective(
+    loss=loss_fn, batch_keys=GRPO_BATCH_KEYS, max_targets=new_tokens, prepare=prepare
+  )

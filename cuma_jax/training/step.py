@@ -7,6 +7,7 @@ last prompt position are ever projected onto the vocabulary: at Qwen3-8B scale t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -48,34 +49,52 @@ def forward(module, params, batch, demographics, *, logit_indices, deterministic
   return out
 
 
-def make_train_step(
-  module, optimizer: optax.GradientTransformation, *, lambda_aux: float, label_smoothing: float
-) -> Callable:
-  """(trainable, frozen, opt_state, batch, demographics, rng) -> (trainable, opt_state, metrics).
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a training run optimises (SFT, DPO, GRPO) and the batches it reads.
 
-  ``batch`` holds ``input_ids``, ``attention_mask``, ``targets`` (targets[t] =
-  input_ids[t + 1]) and ``loss_mask`` (1 where targets[t] is supervised); ``demographics``
-  is [batch, d] or None.  Gradients exist only for ``trainable``.
+  ``loss(trainable, frozen, batch, demographics, rng) -> (loss, metrics)``; the metrics hold
+  at least ``task_loss``, ``balance_loss``, ``expert_counts`` and ``input_tokens``, and any
+  further scalars are logged as they are.  ``prepare(batch, trainable, frozen, table, rng)``
+  runs on the host before each step (numpy batch in, numpy batch out): GRPO samples its
+  completions and scores them there, DPO computes its reference log-probabilities.
+  """
+
+  loss: Callable
+  batch_keys: tuple[str, ...]
+  max_targets: int = MAX_TARGETS
+  prepare: Callable | None = None
+
+
+SFT_BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "profile_index")
+
+
+def sft_objective(
+  module, *, lambda_aux: float, label_smoothing: float, max_targets: int = MAX_TARGETS
+) -> Objective:
+  """Token-mean cross-entropy on the supervised targets plus the weighted balance loss.
+
+  The batch holds ``input_ids``, ``attention_mask``, ``targets`` (targets[t] =
+  input_ids[t + 1]) and ``loss_mask`` (1 where targets[t] is supervised); only the
+  supervised positions (at most ``max_targets`` per row) are projected onto the vocabulary.
   """
 
   def loss_fn(trainable, frozen, batch, demographics, rng):
     params = merge_params(trainable, frozen)
-    positions, weights = supervised_positions(batch["loss_mask"])
+    positions, weights = supervised_positions(batch["loss_mask"], max_targets)
     targets = jnp.take_along_axis(batch["targets"], positions, axis=1)
-    deterministic = rng is None
     logits, aux = forward(
       module,
       params,
       batch,
       demographics,
       logit_indices=positions,
-      deterministic=deterministic,
+      deterministic=rng is None,
       rng=rng,
     )
     task, tokens = masked_cross_entropy(logits, targets, weights, label_smoothing)
     total = task + lambda_aux * aux["balance_loss"]
     return total, {
-      "loss": total,
       "task_loss": task,
       "balance_loss": aux["balance_loss"],
       "supervised_tokens": tokens,
@@ -83,12 +102,22 @@ def make_train_step(
       "input_tokens": batch["attention_mask"].sum(),
     }
 
+  return Objective(loss=loss_fn, batch_keys=SFT_BATCH_KEYS, max_targets=max_targets)
+
+
+def make_train_step(objective: Objective, optimizer: optax.GradientTransformation) -> Callable:
+  """(trainable, frozen, opt_state, batch, demographics, rng) -> (trainable, opt_state, metrics).
+
+  ``demographics`` is [batch, d] or None.  Gradients exist only for ``trainable``.
+  """
+
   def step(trainable, frozen, opt_state, batch, demographics, rng):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable, frozen, batch, demographics, rng)
+    (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+      trainable, frozen, batch, demographics, rng
+    )
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return trainable, opt_state, metrics
+    return trainable, opt_state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   return step
 
