@@ -71,3 +71,17 @@ def test_judge_prompt_has_the_demonstrations_then_the_case():
   assert judging.judge_user_prompt(case, [demo]) == expected
   assert judging.judge_user_prompt(case).startswith("Profile: Peru, 60\n")
   assert "culturally aware judge" in judging.JUDGE_SYSTEM_PROMPT
+
+
+def test_grpo_reward_prompt_shows_the_reference_first():
+  case = judging.Case("Country: Peru", "user: Hi?", "I cannot answer.", "Hello!")
+  assert judging.reward_user_prompt(case, [case]) == (
+    "Profile: Country: Peru\nContext: user: Hi?\nResponse A (reference): I cannot answer.\n"
+    "Response B (candidate): Hello!\n\n"
+    "Which response is better for this user? Output [[A]], [[B]], or [[Tie]]."
+  )
+  messages = judging.judge_messages(case, (), judging.reward_user_prompt)
+  assert messages[0] == {"role": "system", "content": judging.JUDGE_SYSTEM_PROMPT}
+  assert messages[1]["content"].endswith(
+    "Which response is better for this user? Output [[A]], [[B]], or [[Tie]]."
+  )

@@ -2,18 +2,30 @@
 
 A judge reads a profile, the conversation context and two replies, and answers ``[[A]]``,
 ``[[B]]`` or ``[[Tie]]``. Which reply is shown first is drawn from a seeded PRNG per case, so
-the judge's position bias cancels out and reruns swap the same cases. Pure functions here: the
-judge prompt, verdict parsing, the swap draw, and the win-rate (ties count as losses).
+the judge's position bias cancels out and reruns swap the same cases. Pure functions: the
+judge prompt and its chat messages, verdict parsing, the swap draw, the win-rate (ties count
+as losses) and the GRPO reward read off a verdict. `LocalLMJudge` is a judge that runs a local
+causal LM with this package's cached generation (greedy, a few tokens), so judging needs no
+remote API and is reproducible.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
+import json
+import math
+import os
 import re
 from typing import Iterable, Protocol, Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+from cuma_jax.data.tokenize import pad_id, render_prompt
+from cuma_jax.generation import SamplingConfig, generate
+from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
 
 JUDGE_SYSTEM_PROMPT = (
   "You are an impartial and culturally aware judge. You will be given a user profile, a "
@@ -22,8 +34,13 @@ JUDGE_SYSTEM_PROMPT = (
   "demographics, values, and preferences implied by their profile."
 )
 QUESTION = "Which response is better? Output [[A]], [[B]], or [[Tie]]."
+REWARD_QUESTION = "Which response is better for this user? Output [[A]], [[B]], or [[Tie]]."
 OUTCOMES = ("win", "loss", "tie")
 _VERDICT = re.compile(r"\[\[(A|B|Tie)\]\]")
+# GRPO shows the reference reply as A and the candidate as B: the candidate's reward.
+_REWARD = {"B": 1.0, "tie": 0.5, "A": 0.0}
+# Prompt batches are padded to a multiple of this many tokens, so that few shapes compile.
+_LENGTH_MULTIPLE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +76,28 @@ def judge_user_prompt(case: Case, demonstrations: Sequence[Case] = ()) -> str:
   return "\n\n".join(parts)
 
 
+def reward_user_prompt(case: Case, demonstrations: Sequence[Case] = ()) -> str:
+  """GRPO's reward question: response A is the reference reply, B the sampled candidate
+  (no demonstrations)."""
+  del demonstrations
+  return (
+    f"Profile: {case.profile}\nContext: {case.context}\n"
+    f"Response A (reference): {case.response_a}\nResponse B (candidate): {case.response_b}"
+    f"\n\n{REWARD_QUESTION}"
+  )
+
+
+def judge_messages(
+  case: Case, demonstrations: Sequence[Case] = (), user_prompt=judge_user_prompt
+) -> list[dict[str, str]]:
+  """The judge's chat: the system prompt, then the user turn (by default the win-rate's,
+  :func:`judge_user_prompt`; GRPO's rewards ask :func:`reward_user_prompt`)."""
+  return [
+    {"role": "system", "content": JUDGE_SYSTEM_PROMPT},
+    {"role": "user", "content": user_prompt(case, demonstrations)},
+  ]
+
+
 def parse_verdict(text: str) -> str:
   """The first of [[A]], [[B]], [[Tie]] in the judge's output ("A", "B", "tie"); none: "tie"."""
   match = _VERDICT.search(text)
@@ -74,6 +113,13 @@ def arrange(profile: str, context: str, model_reply: str, base_reply: str, swapp
   """The case the judge sees: the model's reply first unless ``swapped``."""
   first, second = (base_reply, model_reply) if swapped else (model_reply, base_reply)
   return Case(profile, context, first, second)
+
+
+def reward_from_verdict(verdict: str) -> float:
+  """GRPO's reward for the candidate, which the judge always sees as B: 1, 0.5 (tie) or 0."""
+  if verdict not in _REWARD:
+    raise ValueError(f"verdict {verdict!r}; allowed: 'A', 'B', 'tie'")
+  return _REWARD[verdict]
 
 
 def model_outcome(verdict: str, swapped: bool) -> str:
@@ -101,3 +147,127 @@ def win_rate(outcomes: Iterable[str]) -> dict[str, float]:
     "ties": counts["tie"],
     "win_rate": counts["win"] / total,
   }
+
+
+def _end_of_turn_ids(tokenizer, directory=None) -> tuple[int, ...]:
+  """The tokenizer's EOS and the ids the checkpoint's generation config ends replies with
+  (Qwen3: <|im_end|> and <|endoftext|>; Llama 3 Instruct: <|eot_id|> and <|end_of_text|>)."""
+  ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+  path = None if directory is None else os.path.join(directory, "generation_config.json")
+  if path is not None and os.path.exists(path):
+    with open(path) as f:
+      eos = json.load(f).get("eos_token_id")
+    ids += [eos] if isinstance(eos, int) else list(eos or ())
+  if not ids:
+    raise ValueError("the judge's tokenizer has no EOS token to end its replies; pass stop_tokens")
+  return tuple(dict.fromkeys(ids))
+
+
+class LocalLMJudge:
+  """A local Hugging Face causal LM (any architecture `load_pretrained` reads) as the judge.
+
+  Each case becomes the chat of :func:`judge_messages`, rendered with the tokenizer's chat
+  template (generation prompt, thinking disabled) and decoded greedily for at most
+  ``max_new_tokens`` tokens, stopping at an end-of-turn token; :func:`parse_verdict` reads the
+  reply. ``last_outputs`` holds the decoded replies of the last call, to be saved with the
+  verdicts. ``stop_tokens`` None: the tokenizer's EOS and, when the checkpoint directory has
+  one, its generation config's EOS ids.
+  """
+
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    demonstrations: Sequence[Case] = (),
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    dtype="float32",
+    stop_tokens: Sequence[int] | None = None,
+  ):
+    directory = os.fspath(directory)
+    module, params = load_pretrained(directory, jnp.dtype(dtype))
+    tokenizer = load_tokenizer(directory)
+    if stop_tokens is None:
+      stop_tokens = _end_of_turn_ids(tokenizer, directory)
+    self._setup(module, params, tokenizer, demonstrations, batch_size, max_new_tokens, stop_tokens)
+
+  @classmethod
+  def from_loaded(
+    cls,
+    module,
+    params,
+    tokenizer,
+    *,
+    demonstrations: Sequence[Case] = (),
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    stop_tokens: Sequence[int] | None = None,
+  ) -> "LocalLMJudge":
+    """A judge over an already loaded ``(module, params)`` and its tokenizer."""
+    judge = cls.__new__(cls)
+    if stop_tokens is None:
+      stop_tokens = _end_of_turn_ids(tokenizer)
+    judge._setup(module, params, tokenizer, demonstrations, batch_size, max_new_tokens, stop_tokens)
+    return judge
+
+  def _setup(self, module, params, tokenizer, demonstrations, batch_size, max_new_tokens, stop):
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size}; must be at least 1")
+    self.module, self.params, self.tokenizer = module, params, tokenizer
+    self.demonstrations = tuple(demonstrations)
+    self.user_prompt = judge_user_prompt
+    self.batch_size = batch_size
+    self.sampling = SamplingConfig(
+      max_new_tokens=max_new_tokens,
+      temperature=0.0,
+      stop_tokens=tuple(stop),
+      pad_token=pad_id(tokenizer),
+    )
+    self.last_outputs: list[str] = []
+
+  def with_prompt(self, user_prompt) -> LocalLMJudge:
+    """This judge (the same loaded model) asking ``user_prompt(case, demonstrations)``."""
+    judge = copy.copy(self)
+    judge.user_prompt = user_prompt
+    return judge
+
+  def __call__(self, cases: Sequence[Case]) -> list[str]:
+    """The verdict ("A", "B" or "tie") for each case, in order."""
+    conversations = [judge_messages(c, self.demonstrations, self.user_prompt) for c in cases]
+    texts = self.complete(conversations)
+    return [parse_verdict(t) for t in texts]
+
+  def encode(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[list[int]]:
+    """Each chat's prompt ids: rendered with the generation prompt, thinking disabled."""
+    return [
+      self.tokenizer(render_prompt(self.tokenizer, m), add_special_tokens=False)["input_ids"]
+      for m in conversations
+    ]
+
+  def complete(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str]:
+    """The judge's decoded reply to each chat (special tokens dropped), kept in
+    ``last_outputs``. Prompts of similar length are batched together (left padded)."""
+    prompts = self.encode(conversations)
+    outputs = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), self.batch_size):
+      rows = order[start : start + self.batch_size]
+      ids, mask = self._batch([prompts[i] for i in rows])
+      out = generate(self.module, self.params, ids, mask, self.sampling)
+      for k, i in enumerate(rows):
+        tokens = out.tokens[k, : out.lengths[k]].tolist()
+        outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+    self.last_outputs = outputs
+    return outputs
+
+  def _batch(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded [batch_size, width] ids and mask; the width is rounded up and missing rows
+    repeat the first prompt, so that the shapes (hence compilations) are few."""
+    width = _LENGTH_MULTIPLE * math.ceil(max(map(len, prompts)) / _LENGTH_MULTIPLE)
+    ids = np.full((self.batch_size, width), self.sampling.pad_token, np.int32)
+    mask = np.zeros((self.batch_size, width), np.int32)
+    for row in range(self.batch_size):
+      prompt = prompts[row] if row < len(prompts) else prompts[0]
+      ids[row, width - len(prompt) :] = prompt
+      mask[row, width - len(prompt) :] = 1
+    return ids, mask
