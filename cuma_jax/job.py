@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cuma_jax import presets, schema
-from cuma_jax.data import builders, synthetic
+from cuma_jax.data import builders, chat, synthetic
 from cuma_jax.data.pipeline import SurveyTables, as_text, make_dataset
 from cuma_jax.encoders import (
   DemographicEncoder,
@@ -116,14 +116,26 @@ def fit_ngram_encoder(config, train_source) -> FittedNgramEncoder:
 
 def _fit_ngram_encoder(config, train_source) -> FittedNgramEncoder:
   records = train_source.__getitems__(range(len(train_source)))
-  questions = {q: i for i, q in enumerate(SurveyTables.of(train_source).question_ids)}
+  if config.task == "preference":  # the synthetic preference rows know their option
+    records = [r for r in records if int(r["chosen_option"]) >= 0]
+    option_key = "chosen_option"
+  else:
+    option_key = "answer_option"
+  questions: dict[str, int] = {}
   return FittedNgramEncoder.fit(
     [as_text(r["profile"]) for r in records],
-    [questions[as_text(r["question_id"])] for r in records],
-    [int(r["answer_option"]) for r in records],
+    [questions.setdefault(as_text(r["question_id"]), len(questions)) for r in records],
+    [int(r[option_key]) for r in records],
     dim=config.adapter.demographic_dim,
     ridge=config.encoder.ridge,
   )
+
+
+def train_profiles(config, train_source) -> tuple[str, ...]:
+  """The training split's sorted distinct profiles."""
+  if config.task == "preference":
+    return chat.profile_table(train_source)
+  return SurveyTables.of(train_source).profiles
 
 
 def make_demographics(
@@ -133,12 +145,12 @@ def make_demographics(
   encoder is loaded onto ``layout`` when given."""
   if not _reads_profiles(config):
     return None
-  train_profiles = SurveyTables.of(train_source).profiles
+  profiles = train_profiles(config, train_source)
   if config.encoder.kind == "fitted_ngrams":
     encoder = fit_ngram_encoder(config, train_source)
     if not config.encoder.standardize:
       return Demographics(encoder)
-    return Demographics.standardized(encoder, train_profiles)
+    return Demographics.standardized(encoder, profiles)
   path = encoder_path(config, backbone_dir)
   adapter = schema.adapter_config(config)
   if config.encoder.precomputed:
@@ -161,7 +173,7 @@ def make_demographics(
     )
   if not config.encoder.standardize:
     return Demographics(encoder)
-  return Demographics.standardized(encoder, train_profiles)
+  return Demographics.standardized(encoder, profiles)
 
 
 @dataclasses.dataclass
@@ -233,7 +245,7 @@ def initialize_distributed(config) -> bool:
   return True
 
 
-def _validate(config) -> None:
+def validate(config) -> None:
   """What can be refused before anything is read: the schema, a missing backbone, and a
   mesh that does not fit the model (the tiny backbone's, once it is built)."""
   schema.validate(config)
@@ -346,8 +358,14 @@ def run(config, workdir: str, log=print) -> dict:
 
   The cheap checks come first and write nothing: the config, the workdir's checkpoints being
   of it, and for mode=eval their existence. The workdir is then locked for the rest of the run.
+  A preference config is run by :func:`cuma_jax.alignment.run`.
   """
-  _validate(config)
+  validate(config)
+  if config.task != "survey":
+    raise ValueError(
+      f"config.task={config.task!r} is run by cuma_jax.alignment.run (python -m cuma_jax.main "
+      "dispatches on the task)"
+    )
   step = checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), config_conflicts=schema.resume_conflicts
   )
@@ -424,7 +442,7 @@ def restore(workdir: str, config: ml_collections.ConfigDict | None = None, log=p
   _require_checkpoint(workdir)
   if config is None:
     config = _saved_config(workdir)
-  _validate(config)
+  validate(config)
   experiment = prepare(config, workdir, log)
   experiment.params = _trained_params(experiment, log)
   return experiment

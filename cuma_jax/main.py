@@ -10,7 +10,7 @@ from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from cuma_jax import job
+from cuma_jax import alignment, job
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -37,7 +37,8 @@ def main(argv):
   config = _CONFIG.value
   job.initialize_distributed(config)
   # Every process runs the job; process 0 alone reports.
-  job.run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
+  run = alignment.run if config.task == "preference" else job.run
+  run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
 
 
 def _silent(*_):

@@ -139,6 +139,138 @@ def tiny() -> ml_collections.ConfigDict:
   )
 
 
+def preference_demo() -> ml_collections.ConfigDict:
+  """The preference task's embedded default: the synthetic preference data and a tiny Qwen3
+  built locally, on a CPU; chat SFT, DPO and a short GRPO, judged by the rule judge.
+
+  The tiny backbone is warmed up under shuffled profiles, so the base model prefers the
+  population's replies whoever asks; the profile reaches CuMA's routers through the n-gram
+  encoder fitted to the training preferences, and the prompt as text (both methods).
+  """
+  return apply_overrides(
+    schema.defaults(),
+    {
+      "task": "preference",
+      "model.architecture": schema.TINY,
+      "model.dtype": "float32",
+      "model.param_dtype": "float32",
+      "model.scan_layers": False,
+      "model.remat": "none",
+      "encoder.kind": "fitted_ngrams",
+      "adapter.targets": TARGET_MODULES,
+      "adapter.num_experts": 4,
+      "adapter.router_hidden": (32,),
+      "adapter.demographic_dim": 16,
+      "tiny_backbone.hidden_size": 64,
+      "tiny_backbone.warmup_steps": 300,
+      "data.dataset": "synthetic_preference",
+      "data.max_length": 128,
+      "data.batch_size": 32,
+      "preference.stages": ("sft", "dpo", "grpo"),
+      "preference.max_prompt_length": 112,
+      "preference.max_completion_length": 16,
+      "optim.learning_rate": 3e-3,
+      "optim.schedule": "cosine",
+      "optim.warmup_steps": 10,
+      "train.num_steps": 300,
+      "train.checkpoint_every": 100,
+      "train.keep_checkpoints": 2,
+      "preference.dpo.num_steps": 100,
+      "preference.dpo.learning_rate": 1e-3,
+      "preference.grpo.num_steps": 20,
+      "preference.grpo.learning_rate": 3e-4,
+      "preference.grpo.prompts_per_step": 16,
+      "preference.grpo.group_size": 4,
+      "preference.grpo.max_new_tokens": 8,
+      "preference.grpo.reference_reply": "population_mode",
+      "preference.eval.judge": "rule",
+      "preference.eval.max_new_tokens": 16,
+      "preference.eval.ca_rows": 0,
+      "eval.batch_size": 64,
+      "eval.baselines": ("lora",),
+    },
+  )
+
+
+def preference_tiny() -> ml_collections.ConfigDict:
+  """The preference demo shrunk to seconds: CI's smoke test of the whole preference job."""
+  return apply_overrides(
+    preference_demo(),
+    {
+      "adapter.demographic_dim": 4,
+      "tiny_backbone.hidden_size": 32,
+      "tiny_backbone.warmup_steps": 4,
+      "tiny_backbone.warmup_batch_size": 8,
+      "data.batch_size": 8,
+      "data.synthetic_preference.num_users": 12,
+      "data.synthetic_preference.num_questions": 4,
+      "train.num_steps": 4,
+      "train.log_every": 1,
+      "train.checkpoint_every": 2,
+      "train.progress_bar": False,
+      "preference.dpo.num_steps": 2,
+      "preference.grpo.num_steps": 2,
+      "preference.grpo.prompts_per_step": 4,
+      "preference.eval.max_new_tokens": 8,
+      "eval.batch_size": 16,
+    },
+  )
+
+
+def _preference_scale(dataset: str, released: bool, stages=("sft", "dpo")) -> Callable:
+  """Chat SFT then DPO (and GRPO) on Community Alignment or PRISM with Qwen3-8B: the
+  released scripts' recipe (``released``), or the paper's (top-k routing with the balance
+  loss on both datasets; the schedule over the run's own length)."""
+  community = dataset == "community_alignment"
+
+  def scale() -> ml_collections.ConfigDict:
+    overrides: Overrides = {
+      "task": "preference",
+      "model.architecture": "qwen3-8b",
+      "data.dataset": dataset,
+      "data.max_length": 2048,
+      "data.batch_size": 16,
+      "adapter.rank": 8,
+      "adapter.alpha": 16.0,
+      "adapter.num_experts": 8,
+      "adapter.top_k": 2,
+      "adapter.router_hidden": (256,),
+      "adapter.dropout": 0.05,
+      "adapter.targets": ("q_proj", "v_proj"),
+      "optim.learning_rate": 2e-5,
+      "optim.weight_decay": 0.01,
+      "optim.schedule": "linear",
+      "optim.warmup_steps": 100,
+      "train.num_epochs": 1,
+      "preference.stages": stages,
+      "preference.max_prompt_length": 1024,
+      "preference.max_completion_length": 1024,
+      "preference.dpo.batch_size": 8 if community else 32,
+      "preference.dpo.weight_decay": 0.01 if community else 0.0,
+      "preference.eval.judge": "local_lm",
+      "mesh.rules_preset": "fsdp",
+    }
+    if released:
+      overrides["optim.horizon_steps"] = 1000
+      if community:  # soft gates over every expert, no balance loss
+        overrides.update({"adapter.gate": "top_probs", "adapter.top_k": 8, "optim.lambda_aux": 0.0})
+      else:
+        overrides["optim.lambda_aux"] = 0.01
+      overrides["data.split_mode"] = "reference"
+    return apply_overrides(schema.defaults(), overrides)
+
+  return scale
+
+
+_PREFERENCE_SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+  f"{short}_qwen3_8b{suffix}{'_grpo' if grpo else ''}": _preference_scale(
+    dataset, released, ("sft", "dpo", "grpo") if grpo else ("sft", "dpo")
+  )
+  for short, dataset in (("ca", "community_alignment"), ("prism", "prism"))
+  for suffix, released in (("", False), ("_released", True))
+  for grpo in (False, True)
+}
+
 _PAPER_SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   "qwen3_8b_r64": _paper_scale("qwen3-8b", 64, 5e-6),
   "qwen3_8b_r8": _paper_scale("qwen3-8b", 8, 2e-5),
@@ -162,6 +294,9 @@ SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
   **{f"{name}_released": _released_layout(scale) for name, scale in _PAPER_SCALES.items()},
   "demo": demo,
   "tiny": tiny,
+  **_PREFERENCE_SCALES,
+  "preference_demo": preference_demo,
+  "preference_tiny": preference_tiny,
 }
 
 # LoRA, prefix tuning and full fine-tuning are pinned to the released scripts' recipes (PEFT
@@ -192,6 +327,8 @@ METHODS: dict[str, Overrides] = {
 SCALE_KEEPS: dict[str, tuple[str, ...]] = {
   "demo": ("optim.learning_rate",),
   "tiny": ("optim.learning_rate",),
+  "preference_demo": ("optim.learning_rate",),
+  "preference_tiny": ("optim.learning_rate",),
 }
 
 _NO_DEMOGRAPHICS = {"adapter.router": "token", "data.demographic_system_prompt": False}
@@ -225,7 +362,9 @@ def experiment_config(
   kept = {key: _get(c, key) for key in SCALE_KEEPS.get(preset, ())}
   apply_overrides(c, METHODS[method])
   apply_overrides(c, kept)
-  apply_overrides(c, ABLATIONS[ablation])
+  # A preference run's system turn is part of its data: the ablations' prompt switch stays off.
+  skipped = schema.SURVEY_ONLY_KEYS if c.task == "preference" else ()
+  apply_overrides(c, {k: v for k, v in ABLATIONS[ablation].items() if k not in skipped})
   c.method, c.ablation = method, ablation
   # The scale's comparison baselines, less the method itself.
   c.eval.baselines = tuple(m for m in c.eval.baselines if m != method)
@@ -244,7 +383,9 @@ def baseline_config(
   apply_overrides(b, {k: v for k, v in METHODS[method].items() if not k.startswith("optim.")})
   b.method, b.ablation = method, "none"
   b.model.checkpoint, b.data.data_dir = backbone, data_dir
-  b.eval.baselines, b.eval.untrained = (), False  # it starts from the run's model
+  b.eval.baselines = ()
+  if b.task == "survey":
+    b.eval.untrained = False  # the run evaluated the model it starts from
   schema.validate(b)
   b.lock()
   return b

@@ -23,8 +23,11 @@ from typing import Any, ClassVar
 import ml_collections
 
 from cuma_jax import fields
+from cuma_jax.data.ca_prompts import CA_MODES
+from cuma_jax.data.preference_sources import SPLIT_MODES
 from cuma_jax.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from cuma_jax.data.synthetic import SyntheticSurveyConfig
+from cuma_jax.data.synthetic_preference import SyntheticPreferenceConfig
 from cuma_jax.data.tokenize import END_OF_TURN, SUPERVISION
 from cuma_jax.encoders import ENCODER_KINDS, POOLING_MODES
 from cuma_jax.fields import FREE, STRUCTURAL, field
@@ -33,11 +36,19 @@ from cuma_jax.models.decoder import REMAT_POLICIES
 from cuma_jax.params import TRAINABLE_MODES
 from cuma_jax.sharding import RULES_PRESETS, check_axis_names
 from cuma_jax.training.checkpointing import CORRUPT_CHECKPOINT_POLICIES
+from cuma_jax.training.preference import GRPO_LOSS_TYPES
 
 ARCHITECTURES_DIR = os.path.join(os.path.dirname(__file__), "architectures")
 METHODS = ("cuma", "lora", "hydralora", "mixlora", "prefix", "full")
 ABLATIONS = ("none", "soft_routing", "no_demographics", "no_balance_loss", "minimal")
 DTYPES = ("float32", "bfloat16")
+# "survey": SFT on a value survey, scored on its answer distributions; "preference": chat
+# SFT then DPO and/or GRPO on preference data, scored by CA accuracy and judged win-rate.
+TASKS = ("survey", "preference")
+SURVEY_DATASETS = ("synthetic", "wvb")
+PREFERENCE_DATASETS = ("synthetic_preference", "community_alignment", "prism")
+STAGES = ("sft", "dpo", "grpo")
+SCHEDULES = ("constant", "linear", "cosine")
 TINY = "tiny"
 # Splits each dataset has (synthetic: those of non-zero size).
 WVB_SPLITS = {"full": ("train", "valid", "test"), "sampled_50k": ("train", "test")}
@@ -102,7 +113,7 @@ class EncoderSection(Section):
 @dataclasses.dataclass(frozen=True)
 class DataSection(Section):
   KEY: ClassVar[str] = "data"
-  dataset: str = field("wvb", choices=("synthetic", "wvb"))
+  dataset: str = field("wvb", choices=SURVEY_DATASETS + PREFERENCE_DATASETS)
   builder_config: str = field("sampled_50k", choices=tuple(WVB_SPLITS))  # wvb only
   manual_dir: str = field("", resume=FREE)  # WorldValuesBench root (docs/data.md)
   data_dir: str = field("", resume=FREE)  # prepared TFDS files ("" = WORKDIR/tfds)
@@ -114,6 +125,12 @@ class DataSection(Section):
   supervision: str = field(END_OF_TURN, choices=SUPERVISION)
   shuffle_seed: int = field(42)
   synthetic: SyntheticSurveyConfig = dataclasses.field(default_factory=SyntheticSurveyConfig)
+  # Preference data: split by conversation, or at row level as the released code (which
+  # lets a conversation's turns fall on both sides).
+  split_mode: str = field("conversation", choices=SPLIT_MODES)
+  synthetic_preference: SyntheticPreferenceConfig = dataclasses.field(
+    default_factory=SyntheticPreferenceConfig
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +160,11 @@ class OptimSection(Section):
   b2: float = field(0.999, low=0, high=1, high_open=True, resume=FREE)
   # Applies to matrices only (not biases, norm scales), as Hugging Face's Trainer.
   weight_decay: float = field(0.01, low=0, resume=FREE)
-  schedule: str = field("constant", choices=("constant", "linear", "cosine"), resume=FREE)
+  schedule: str = field("constant", choices=SCHEDULES, resume=FREE)
   warmup_steps: int = field(0, low=0, resume=FREE)
+  # Steps the schedule decays over (0: the run's steps); the released SFT decays over 1,000
+  # steps whatever the run's length.
+  horizon_steps: int = field(0, low=0, resume=FREE)
   # 0 = no clipping; switching clipping on or off changes the optimiser state's tree.
   grad_clip: float = field(1.0, low=0, resume=STRUCTURAL)
   accumulation_steps: int = field(1, low=1, resume=STRUCTURAL)
@@ -182,6 +202,80 @@ class EvalSection(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class DpoSection(Section):
+  KEY: ClassVar[str] = "preference.dpo"
+  num_steps: int = field(-1, low=-1, resume=FREE)  # -1: one epoch of the DPO pairs
+  batch_size: int = field(0, low=0, resume=FREE)  # pairs per step (0: data.batch_size)
+  # The stage's optimiser settings (the rest — betas, clipping — are config.optim's).
+  learning_rate: float = field(5e-6, low=0, low_open=True, resume=FREE)
+  schedule: str = field("linear", choices=SCHEDULES, resume=FREE)
+  warmup_steps: int = field(0, low=0, resume=FREE)
+  weight_decay: float = field(0.0, low=0, resume=FREE)
+  beta: float = field(0.1, low=0, low_open=True, resume=FREE)
+  # "base": the backbone with the adapters off (no second copy); "sft": the policy's
+  # adapters as the SFT stage left them.
+  reference: str = field("base", choices=("base", "sft"), resume=FREE)
+  lambda_aux: float = field(0.0, low=0, resume=FREE)  # balance loss: off by default
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoSection(Section):
+  KEY: ClassVar[str] = "preference.grpo"
+  num_steps: int = field(100, low=1, resume=FREE)
+  learning_rate: float = field(1e-6, low=0, low_open=True, resume=FREE)
+  schedule: str = field("linear", choices=SCHEDULES, resume=FREE)
+  warmup_steps: int = field(0, low=0, resume=FREE)
+  weight_decay: float = field(0.0, low=0, resume=FREE)
+  # Prompts per step (0: data.batch_size); each is sampled group_size times.
+  prompts_per_step: int = field(0, low=0, resume=FREE)
+  group_size: int = field(8, low=2, resume=FREE)
+  max_new_tokens: int = field(256, low=1, resume=FREE)
+  temperature: float = field(1.0, low=0, low_open=True, resume=FREE)
+  top_p: float = field(1.0, low=0, low_open=True, high=1, resume=FREE)
+  clip_epsilon: float = field(0.2, low=0, low_open=True, resume=FREE)
+  loss_type: str = field("dapo", choices=GRPO_LOSS_TYPES, resume=FREE)
+  kl_beta: float = field(0.0, low=0, resume=FREE)  # > 0: KL to the adapters-off backbone
+  # What the candidate is judged against: the pair's chosen reply, the base model's greedy
+  # reply, or (synthetic data) the population's modal reply.
+  reference_reply: str = field("chosen", choices=("chosen", "base", "population_mode"), resume=FREE)
+  lambda_aux: float = field(0.0, low=0, resume=FREE)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceEvalSection(Section):
+  KEY: ClassVar[str] = "preference.eval"
+  # CA accuracy: the prompt mode, few-shot rows, and rows (0: the whole ca_eval split).
+  ca_mode: str = field("persona", choices=CA_MODES, resume=FREE)
+  ca_shots: int = field(3, low=1, resume=FREE)
+  ca_rows: int = field(1000, low=0, resume=FREE)
+  # Win-rate against the base model on the DPO test split's prompts (0: all of them).
+  win_rate_prompts: int = field(0, low=0, resume=FREE)
+  temperature: float = field(0.7, low=0, resume=FREE)
+  top_p: float = field(0.9, low=0, low_open=True, high=1, resume=FREE)
+  max_new_tokens: int = field(512, low=1, resume=FREE)
+  swap_seed: int = field(0, resume=FREE)
+  # "rule": the synthetic data's rule judge; "local_lm": a local causal LM (judge_checkpoint).
+  judge: str = field("local_lm", choices=("rule", "local_lm"), resume=FREE)
+  judge_checkpoint: str = field("", resume=FREE)
+  judge_demonstrations: int = field(3, low=0, resume=FREE)  # solved DPO-train pairs shown
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSection(Section):
+  """The preference task: chat SFT (``train``/``optim`` settings), then DPO and GRPO."""
+
+  KEY: ClassVar[str] = "preference"
+  # A stage's checkpoint holds only its adapters and optimiser state, so the stage list and
+  # the DPO/GRPO settings may change between runs of one workdir (e.g. adding GRPO later).
+  stages: tuple[str, ...] = field(("sft", "dpo"), choices=STAGES, resume=FREE)
+  max_prompt_length: int = field(1024, low=1)
+  max_completion_length: int = field(512, low=1)
+  dpo: DpoSection = dataclasses.field(default_factory=DpoSection)
+  grpo: GrpoSection = dataclasses.field(default_factory=GrpoSection)
+  eval: PreferenceEvalSection = dataclasses.field(default_factory=PreferenceEvalSection)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshSection(Section):
   KEY: ClassVar[str] = "mesh"
   # Where parameters and activations live (docs/sharding.md): "dp" (replicated weights),
@@ -215,6 +309,7 @@ class Config(Section):
   """The whole experiment."""
 
   KEY: ClassVar[str] = ""
+  task: str = field("survey", choices=TASKS)
   method: str = field("cuma", choices=METHODS)
   ablation: str = field("none", choices=ABLATIONS)
   mode: str = field("train", choices=("train", "eval"), resume=FREE)
@@ -228,6 +323,7 @@ class Config(Section):
   optim: OptimSection = dataclasses.field(default_factory=OptimSection)
   train: TrainSection = dataclasses.field(default_factory=TrainSection)
   eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+  preference: PreferenceSection = dataclasses.field(default_factory=PreferenceSection)
   mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
   distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
@@ -276,6 +372,8 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def eval_splits_available(config: Config) -> tuple[str, ...]:
+  if config.task == "preference":
+    return EvalSection().splits  # not read: the preference splits are fixed
   if config.data.dataset == "wvb":
     return WVB_SPLITS[config.data.builder_config]
   return tuple(config.data.synthetic.split_sizes())
@@ -284,6 +382,7 @@ def eval_splits_available(config: Config) -> tuple[str, ...]:
 def validate(c: ml_collections.ConfigDict) -> Config:
   """Refuses impossible values, naming the key and what is allowed; returns the typed config."""
   config = from_dict(c.to_dict())
+  _check_task(config)
   available = eval_splits_available(config)
   missing = [s for s in config.eval.splits if s not in available]
   if missing or not config.eval.splits:
@@ -322,6 +421,69 @@ def validate(c: ml_collections.ConfigDict) -> Config:
       f"{config.tiny_backbone.hidden_size}"
     )
   return config
+
+
+# Keys a preference run does not read; set away from their defaults they are refused.
+SURVEY_ONLY_KEYS = (
+  "eval.splits",
+  "eval.inequity_includes_country",
+  "eval.untrained",
+  "data.demographic_system_prompt",
+  "data.builder_config",
+)
+
+
+def _check_task(config: Config) -> None:
+  """The dataset fits the task, and no key the task ignores is set."""
+  datasets = PREFERENCE_DATASETS if config.task == "preference" else SURVEY_DATASETS
+  if config.data.dataset not in datasets:
+    raise ValueError(
+      f"config.data.dataset={config.data.dataset!r} with task={config.task!r}; "
+      f"that task reads {datasets}"
+    )
+  if config.task == "survey":
+    if config.preference != PreferenceSection():
+      raise ValueError("config.preference is read with task='preference' only; reset it")
+    return
+  default, current = _flat(as_dict(Config())), _flat(as_dict(config))
+  for key in SURVEY_ONLY_KEYS:
+    if current[key] != default[key]:
+      raise ValueError(
+        f"config.{key}={current[key]!r} is not read by task='preference' (the system turn "
+        "always carries the profile; evaluation is set in config.preference.eval); reset it"
+      )
+  stages = config.preference.stages
+  if (
+    not stages
+    or len(set(stages)) != len(stages)
+    or list(stages) != sorted(stages, key=STAGES.index)
+  ):
+    raise ValueError(f"config.preference.stages={stages}: distinct stages in the order {STAGES}")
+  p = config.preference
+  for key in ("max_prompt_length", "max_completion_length"):
+    if getattr(p, key) >= config.data.max_length:
+      raise ValueError(
+        f"config.preference.{key}={getattr(p, key)} must be below "
+        f"data.max_length={config.data.max_length}, leaving room for a prompt and a completion"
+      )
+  pe = p.eval
+  if pe.judge == "rule" and config.data.dataset != "synthetic_preference":
+    raise ValueError(
+      "config.preference.eval.judge='rule' judges the synthetic preference data only; use "
+      "'local_lm' with preference.eval.judge_checkpoint"
+    )
+  if config.preference.grpo.reference_reply == "population_mode" and (
+    config.data.dataset != "synthetic_preference"
+  ):
+    raise ValueError(
+      "config.preference.grpo.reference_reply='population_mode' exists for the synthetic "
+      "preference data only; use 'chosen' or 'base'"
+    )
+  if config.encoder.kind == "fitted_ngrams" and config.data.dataset != "synthetic_preference":
+    raise ValueError(
+      "config.encoder.kind='fitted_ngrams' fits to answers with known options, which only the "
+      "synthetic preference data has; use encoder.kind='decoder'"
+    )
 
 
 def _check_mesh(mesh: MeshSection) -> None:

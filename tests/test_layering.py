@@ -15,7 +15,7 @@ LAYERS = (
   ("evaluation", "schema", "presets"),
   ("tiny",),
   ("job", "analysis"),
-  ("api",),
+  ("api", "alignment"),
   ("main", "param_count", "plan"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

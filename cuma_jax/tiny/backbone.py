@@ -15,7 +15,7 @@ import jax
 import transformers
 
 from cuma_jax import fingerprint, presets
-from cuma_jax.data import prompts
+from cuma_jax.data import ca_prompts, chat, prompts
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import (
@@ -28,6 +28,7 @@ from cuma_jax.models.pretrained import (
 from cuma_jax.params import merge_params
 from cuma_jax.tiny.tokenizer import build_tiny_tokenizer
 from cuma_jax.training import loop
+from cuma_jax.training.step import sft_objective
 
 # The fixed part of the tiny Qwen3; width and depth come from the ``tiny_backbone`` section.
 TINY_QWEN3 = dict(
@@ -87,7 +88,9 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
   A random tiny Qwen3 and a BPE tokenizer are built from the survey's text, then fully
   fine-tuned for ``tiny_backbone.warmup_steps`` on the survey WITHOUT profiles in the prompt:
   it learns the answer format and the population's answers (mean collapse), which is the
-  "base model" CuMA then specialises per culture.  Cached in ``workdir/tiny_backbone_<key>``,
+  "base model" CuMA then specialises per culture.  For the preference task it is fine-tuned
+  on the chat SFT rows, each shown under ANOTHER user's profile: it learns the chat format
+  and that a profile is there, but not what it implies (the population's preferred replies).  Cached in ``workdir/tiny_backbone_<key>``,
   the key being a digest of the prepared data and the warm-up settings, so changing either
   builds a new backbone instead of reusing one made from other inputs.
   """
@@ -100,27 +103,50 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
     log(f"reusing the warmed-up tiny backbone in {final} (same data and warm-up settings)")
     return final
   random_dir = os.path.join(cache, "random")
+  preference = config.task == "preference"
   if not is_checkpoint(random_dir):
-    train = data.sources["train"]
-    corpus = _survey_corpus(train)
+    corpus = (
+      _preference_corpus(data.sources) if preference else _survey_corpus(data.sources["train"])
+    )
     tokenizer = build_tiny_tokenizer(corpus, random_dir, vocab_size=config.tiny_backbone.vocab_size)
     write_random_qwen3(random_dir, tokenizer, config.tiny_backbone, seed=config.seed)
   warm = presets.warmup_config(config)
   log(
     f"warm-up: full fine-tuning of the tiny backbone for {warm.train.num_steps} steps "
-    "on the survey without profiles"
+    + (
+      "on the chat SFT rows, each under another user's profile"
+      if preference
+      else "on the survey without profiles"
+    )
   )
   module, params = load_pretrained(random_dir)
   tokenizer = load_tokenizer(random_dir)
-  dataset, _ = make_dataset(
-    data.sources["train"],
-    tokenizer,
-    max_length=warm.data.max_length,
-    batch_size=warm.data.batch_size,
-    seed=warm.data.shuffle_seed,
-    num_epochs=None,
-    demographic_system_prompt=False,
-  )
+  objective = None
+  if preference:
+    p = warm.preference
+    dataset = chat.make_chat_dataset(
+      "sft",
+      data.sources["sft_train"],
+      tokenizer,
+      chat.Lengths(warm.data.max_length, p.max_prompt_length, p.max_completion_length),
+      batch_size=warm.data.batch_size,
+      profile_blind=True,
+      seed=warm.data.shuffle_seed,
+      num_epochs=None,
+    )
+    objective = sft_objective(
+      module, lambda_aux=0.0, label_smoothing=0.0, max_targets=p.max_completion_length
+    )
+  else:
+    dataset, _ = make_dataset(
+      data.sources["train"],
+      tokenizer,
+      max_length=warm.data.max_length,
+      batch_size=warm.data.batch_size,
+      seed=warm.data.shuffle_seed,
+      num_epochs=None,
+      demographic_system_prompt=False,
+    )
   result = loop.train(
     warm,
     os.path.join(cache, "warmup"),
@@ -128,6 +154,7 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
     params,
     dataset,
     num_steps=warm.train.num_steps,
+    objective=objective,
     log=log,
   )
   save_pretrained(module, merge_params(result.trainable, result.frozen), final + ".tmp")
@@ -145,7 +172,22 @@ def _warmup_settings(config) -> dict:
     "optim": warm.optim.to_dict(),
     "max_length": warm.data.max_length,
     "shuffle_seed": warm.data.shuffle_seed,
+    "task": warm.task,
+    "preference_lengths": (
+      warm.preference.max_prompt_length,
+      warm.preference.max_completion_length,
+    ),
   }
+
+
+def _preference_corpus(sources):
+  """Every text of the training conversations and the 4-way choice prompts."""
+  train = sources["sft_train"]
+  for record in train.__getitems__(range(len(train))):
+    for message in chat.messages_of(record):
+      yield message["content"]
+  yield ca_prompts.VANILLA_SYSTEM_PROMPT
+  yield ca_prompts.PERSONA_SYSTEM_PROMPT
 
 
 def _survey_corpus(source):

@@ -1,0 +1,573 @@
+"""The preference task end to end: data, backbone, chat SFT, DPO, GRPO, evaluation.
+
+``job.run`` hands a config with ``task="preference"`` here.  Stages run in the order of
+``preference.stages``, each in ``WORKDIR/<stage>`` (resumable like any training run), each
+starting from the adapters the previous one left.  Evaluation (docs/evaluation.md#preference-
+alignment) scores the base model (the backbone with the adapters off), the trained model and
+the ``eval.baselines`` trained the same way: CA 4-way accuracy, win-rate against the base
+model's replies as judged by ``preference.eval.judge``, Distinct-n; on the synthetic data
+also the reference predictors (each culture's optimum, the population's mode).  Predictions
+and verdicts go to ``WORKDIR/predictions/*.jsonl``, metrics to ``WORKDIR/results.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cuma_jax import job, presets, schema
+from cuma_jax.data import chat, preference_builder
+from cuma_jax.data.pipeline import as_text
+from cuma_jax.data.synthetic_preference import PreferenceOracle
+from cuma_jax.data.tokenize import pad_id
+from cuma_jax.evaluation import judging
+from cuma_jax.evaluation import preference as evaluation
+from cuma_jax.generation import SamplingConfig
+from cuma_jax.models.config import ModelConfig
+from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
+from cuma_jax.params import filter_tree, is_adapter_path, merge_params, split_params
+from cuma_jax.tiny import backbone as tiny_backbone
+from cuma_jax.training import checkpointing, loop
+from cuma_jax.training.preference import (
+  Reference,
+  Rollout,
+  dpo_objective,
+  grpo_objective,
+)
+from cuma_jax.training.step import sft_objective
+from cuma_jax.training.workdir import WorkdirLock, write_atomically
+
+
+@dataclasses.dataclass
+class PreferenceData:
+  sources: dict[str, Any]  # split -> tfds data source
+  oracle: PreferenceOracle | None
+  directory: str  # the prepared dataset's files
+
+
+def load_data(config, workdir: str, log=print) -> PreferenceData:
+  """Opens the prepared preference dataset of ``config.data`` (prepared once per inputs)."""
+  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  builder = job.process_zero_first(
+    "prepare the dataset", lambda: preference_builder.prepared_builder(config.data, data_dir, log)
+  )
+  sources = dict(builder.as_data_source())
+  for split in ("sft_train", "dpo_train", "dpo_test"):
+    if len(sources.get(split, ())) == 0:
+      raise ValueError(f"the {config.data.dataset} dataset has no valid rows in split {split!r}")
+  oracle = None
+  if config.data.dataset == "synthetic_preference":
+    oracle = preference_builder.load_oracle(sources["sft_train"])
+  return PreferenceData(sources=sources, oracle=oracle, directory=str(builder.data_dir))
+
+
+@dataclasses.dataclass
+class Aligned:
+  """A preference run's parts: model, tokenizer, data, demographics (see :func:`prepare`)."""
+
+  config: Any
+  workdir: str
+  data: PreferenceData
+  backbone_dir: str
+  module: Any
+  params: dict
+  tokenizer: Any
+  demographics: Any  # encoders.Demographics or None
+  inputs: dict
+
+  def lengths(self, max_completion: int | None = None) -> chat.Lengths:
+    p = self.config.preference
+    return chat.Lengths(
+      self.config.data.max_length,
+      p.max_prompt_length,
+      max_completion or p.max_completion_length,
+    )
+
+  def table(self, source):
+    """[profiles, d] router inputs of a split's sorted distinct profiles (or None)."""
+    if self.demographics is None:
+      return None
+    return self.demographics.encode(chat.profile_table(source))
+
+  def model(self, name: str, params) -> evaluation.Model:
+    encode = None if self.demographics is None else self.demographics.encode
+    return evaluation.Model(name, self.module, params, encode)
+
+  def base(self) -> evaluation.Model:
+    """The backbone with the adapters off (frozen weights, no profile reaches a router)."""
+    backbone = _backbone_params(self.params)
+    return evaluation.Model("base", self.module.clone(adapter=None), backbone)
+
+
+def _backbone_params(params: dict) -> dict:
+  """The backbone's own parameters (adapters and prefixes left out)."""
+  return filter_tree(params, lambda path: not is_adapter_path(path))
+
+
+def prepare(config, workdir: str, log=print) -> Aligned:
+  os.makedirs(workdir, exist_ok=True)
+  data = load_data(config, workdir, log)
+  backbone_dir = config.model.checkpoint or tiny_backbone.build_warmed_up(
+    config, os.path.join(workdir, "assets"), data, log
+  )
+  inputs = checkpointing.input_fingerprints(
+    backbone=backbone_dir,
+    encoder=job.encoder_path(config, backbone_dir),
+    dataset=data.directory,
+  )
+  for stage in config.preference.stages:
+    checkpointing.check_workdir(
+      config, _checkpoint_dir(workdir, stage), inputs, config_conflicts=schema.resume_conflicts
+    )
+  layout = job.check_layout(config, ModelConfig.from_pretrained(backbone_dir))
+  module, params = load_pretrained(
+    backbone_dir,
+    dtype=jnp.dtype(config.model.dtype),
+    param_dtype=jnp.dtype(config.model.param_dtype),
+    scan_layers=config.model.scan_layers,
+    remat=config.model.remat,
+    adapter=schema.adapter_config(config),
+    rng=jax.random.PRNGKey(config.seed),
+    layout=layout,
+  )
+  return Aligned(
+    config=config,
+    workdir=workdir,
+    data=data,
+    backbone_dir=backbone_dir,
+    module=module,
+    params=params,
+    tokenizer=load_tokenizer(backbone_dir),
+    demographics=job.make_demographics(config, backbone_dir, data.sources["sft_train"], layout),
+    inputs=inputs,
+  )
+
+
+def _checkpoint_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "checkpoints")
+
+
+def _steps(num_steps: int, examples: int, batch_size: int) -> int:
+  return num_steps if num_steps > 0 else max(examples // (batch_size * jax.process_count()), 1)
+
+
+def _stage(aligned: Aligned, stage: str, params: dict, log) -> dict:
+  """Trains one stage from ``params``; returns the parameters it ends with."""
+  config, sources = aligned.config, aligned.data.sources
+  p = config.preference
+  batching = dict(seed=config.data.shuffle_seed, num_epochs=None)
+  overrides: dict[str, Any] = {}
+  if stage == "sft":
+    objective = sft_objective(
+      aligned.module,
+      lambda_aux=config.optim.lambda_aux,
+      label_smoothing=config.optim.label_smoothing,
+      max_targets=p.max_completion_length,
+    )
+    source, kind, batch_size = sources["sft_train"], "sft", config.data.batch_size
+    steps = _steps(config.train.num_steps, len(source), batch_size)
+  elif stage == "dpo":
+    reference = _reference(aligned, params, p.dpo.reference)
+    objective = dpo_objective(
+      aligned.module,
+      reference,
+      beta=p.dpo.beta,
+      lambda_aux=p.dpo.lambda_aux,
+      max_targets=p.max_completion_length,
+    )
+    source, kind = sources["dpo_train"], "dpo"
+    batch_size = p.dpo.batch_size or config.data.batch_size
+    steps = _steps(p.dpo.num_steps, len(source), batch_size)
+    overrides = _stage_optim(p.dpo)
+  else:
+    objective = _grpo(aligned, params)
+    source, kind = sources["dpo_train"], "prompt"
+    batch_size = p.grpo.prompts_per_step or config.data.batch_size
+    steps = p.grpo.num_steps
+    overrides = _stage_optim(p.grpo)
+  dataset = chat.make_chat_dataset(
+    kind,
+    source,
+    aligned.tokenizer,
+    aligned.lengths(),
+    batch_size=batch_size,
+    supervision=config.data.supervision,
+    **batching,
+  )
+  log(f"{stage}: {steps} steps of {batch_size} {'prompts' if kind == 'prompt' else 'rows'}")
+  result = loop.train(
+    config,
+    os.path.join(aligned.workdir, stage),
+    aligned.module,
+    params,
+    dataset,
+    num_steps=steps,
+    demographic_table=aligned.table(source),
+    inputs=aligned.inputs,
+    config_conflicts=schema.resume_conflicts,
+    objective=objective,
+    optim_overrides=overrides,
+    log=log,
+  )
+  return merge_params(result.trainable, result.frozen)
+
+
+def _stage_optim(section) -> dict:
+  keys = ("learning_rate", "schedule", "warmup_steps", "weight_decay")
+  return {**{k: getattr(section, k) for k in keys}, "horizon_steps": 0}
+
+
+def _reference(aligned: Aligned, params: dict, kind: str) -> Reference:
+  """The DPO/GRPO reference: the adapters-off backbone, or the policy as the stage starts."""
+  if kind == "sft" or aligned.config.trainable == "all":
+    fixed = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    module = aligned.module if kind == "sft" else aligned.module.clone(adapter=None)
+    return Reference(module, fixed if kind == "sft" else _backbone_params(fixed))
+  return Reference(aligned.module.clone(adapter=None), _backbone_params(params))
+
+
+def _judge(aligned: Aligned):
+  pe = aligned.config.preference.eval
+  if pe.judge == "rule":
+    return evaluation.RuleJudge(aligned.data.oracle)
+  demonstrations = [
+    judging.Case(c["profile"], c["context"], c["chosen"], c["rejected"])
+    for c in _cases(aligned.data.sources["dpo_train"], pe.judge_demonstrations, replies=True)
+  ]
+  return judging.LocalLMJudge(pe.judge_checkpoint, demonstrations=demonstrations)
+
+
+def _grpo(aligned: Aligned, params: dict):
+  config = aligned.config
+  g = config.preference.grpo
+  source = aligned.data.sources["dpo_train"]
+  judge = _judge(aligned)
+  if isinstance(judge, judging.LocalLMJudge):
+    judge = judge.with_prompt(judging.reward_user_prompt)
+  references: dict[int, str] = {}
+  base = aligned.base()
+  tokenizer = aligned.tokenizer
+
+  def reference_replies(indices: np.ndarray) -> list[str]:
+    """Each prompt's reference reply (computed once per prompt)."""
+    missing = sorted({int(i) for i in indices} - set(references))
+    if missing:
+      records = source.__getitems__(missing)
+      if g.reference_reply == "chosen":
+        replies = [as_text(r["chosen"]) for r in records]
+      elif g.reference_reply == "population_mode":
+        oracle = aligned.data.oracle
+        questions = [chat.messages_of(r)[-1]["content"] for r in records]
+        replies = [
+          oracle.replies[oracle.question_index(q)][oracle.population_reply(q)] for q in questions
+        ]
+      else:
+        replies = evaluation.generate_replies(
+          base,
+          tokenizer,
+          [chat.messages_of(r) for r in records],
+          [as_text(r["profile"]) for r in records],
+          SamplingConfig(
+            max_new_tokens=g.max_new_tokens, stop_tokens=_stop_tokens(tokenizer), pad_token=0
+          ),
+          rng=jax.random.key(config.seed),
+          max_prompt_length=config.preference.max_prompt_length,
+        )
+      references.update(zip(missing, replies))
+    return [references[int(i)] for i in indices]
+
+  def reward(indices: np.ndarray, texts: list[str]) -> np.ndarray:
+    records = source.__getitems__([int(i) for i in indices])
+    cases = [
+      judging.Case(as_text(r["profile"]), chat.context_of(chat.messages_of(r)), reference, text)
+      for r, reference, text in zip(records, reference_replies(indices), texts)
+    ]
+    return np.asarray([judging.reward_from_verdict(v) for v in judge(cases)], np.float32)
+
+  sampling = SamplingConfig(
+    max_new_tokens=g.max_new_tokens,
+    temperature=g.temperature,
+    top_p=g.top_p,
+    stop_tokens=_stop_tokens(tokenizer),
+    pad_token=pad_id(tokenizer),
+  )
+  return grpo_objective(
+    aligned.module,
+    Rollout(tokenizer=tokenizer, sampling=sampling, group_size=g.group_size, reward=reward),
+    clip_epsilon=g.clip_epsilon,
+    loss_type=g.loss_type,
+    kl_beta=g.kl_beta,
+    reference=_reference(aligned, params, "base") if g.kl_beta else None,
+    lambda_aux=g.lambda_aux,
+  )
+
+
+def _stop_tokens(tokenizer) -> tuple[int, ...]:
+  """End-of-turn ids: the tokenizer's EOS and the chat template's end-of-turn token."""
+  ids = {tokenizer.eos_token_id}
+  for token in ("<|im_end|>", "<|eot_id|>"):
+    if token in tokenizer.get_vocab():
+      ids.add(tokenizer.convert_tokens_to_ids(token))
+  return tuple(sorted(i for i in ids if i is not None))
+
+
+def _cases(source, count: int, *, replies: bool = False) -> list[dict]:
+  """Distinct prompts (one per conversation turn) of a DPO split, in split order; ``count``
+  0 means all."""
+  records = source.__getitems__(range(len(source)))
+  seen, cases = set(), []
+  for r in records:
+    key = (as_text(r["conversation_id"]), int(r["turn"]))
+    if key in seen:
+      continue
+    seen.add(key)
+    messages = chat.messages_of(r)
+    case = {
+      "id": as_text(r["id"]),
+      "profile": as_text(r["profile"]),
+      "context": chat.context_of(messages),
+      "messages": messages,
+    }
+    if replies:
+      case.update(chosen=as_text(r["chosen"]), rejected=as_text(r["rejected"]))
+    cases.append(case)
+    if count and len(cases) == count:
+      break
+  return cases
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """What every model is scored on: the CA rows, the judged prompts, the base's replies."""
+
+  ca_rows: list[dict]
+  cases: list[dict]
+  base_replies: list[str]
+  judge: Any
+
+
+def _ca_rows(source, count: int) -> list[dict]:
+  if source is None:
+    return []
+  records = source.__getitems__(range(min(len(source), count) if count else len(source)))
+  return [
+    {
+      "id": as_text(r["id"]),
+      "profile": as_text(r["profile"]),
+      "question": as_text(r["question"]),
+      "options": [as_text(o) for o in r["options"]],
+      "answer": int(r["answer"]),
+    }
+    for r in records
+  ]
+
+
+def _sampling(aligned: Aligned) -> SamplingConfig:
+  pe = aligned.config.preference.eval
+  return SamplingConfig(
+    max_new_tokens=pe.max_new_tokens,
+    temperature=pe.temperature,
+    top_p=pe.top_p,
+    stop_tokens=_stop_tokens(aligned.tokenizer),
+    pad_token=pad_id(aligned.tokenizer),
+  )
+
+
+def _replies(aligned: Aligned, model: evaluation.Model, cases: list[dict]) -> list[str]:
+  return evaluation.generate_replies(
+    model,
+    aligned.tokenizer,
+    [c["messages"] for c in cases],
+    [c["profile"] for c in cases],
+    _sampling(aligned),
+    rng=jax.random.key(aligned.config.seed + 1),
+    max_prompt_length=aligned.config.preference.max_prompt_length,
+  )
+
+
+def evaluation_set(aligned: Aligned, log=print) -> Evaluation:
+  pe = aligned.config.preference.eval
+  sources = aligned.data.sources
+  cases = _cases(sources["dpo_test"], pe.win_rate_prompts)
+  log(f"evaluation: {len(cases)} judged prompts; the base model replies")
+  return Evaluation(
+    ca_rows=_ca_rows(sources.get("ca_eval"), pe.ca_rows),
+    cases=cases,
+    base_replies=_replies(aligned, aligned.base(), cases),
+    judge=_judge(aligned),
+  )
+
+
+def score(aligned: Aligned, model: evaluation.Model, ev: Evaluation) -> dict:
+  """CA accuracy, win-rate against the base, Distinct-n; writes the model's JSONL files."""
+  pe = aligned.config.preference.eval
+  results: dict[str, Any] = {}
+  files: dict[str, list[dict]] = {}
+  if ev.ca_rows:
+    results["ca"], files["ca"] = evaluation.ca_accuracy(
+      model,
+      aligned.tokenizer,
+      ev.ca_rows,
+      mode=pe.ca_mode,
+      shots=pe.ca_shots,
+      max_length=aligned.config.data.max_length,
+    )
+  replies = ev.base_replies if model.name == "base" else _replies(aligned, model, ev.cases)
+  if model.name != "base":
+    results["win_rate"], files["win_rate"] = evaluation.win_rate(
+      ev.judge, ev.cases, replies, ev.base_replies, seed=pe.swap_seed
+    )
+  results.update(evaluation.distinct(replies))
+  if jax.process_index() == 0:
+    directory = os.path.join(aligned.workdir, "predictions")
+    os.makedirs(directory, exist_ok=True)
+    for kind, records in files.items():
+      write_atomically(
+        os.path.join(directory, f"{model.name}_{kind}.jsonl"),
+        "".join(json.dumps(r) + "\n" for r in records),
+      )
+  return results
+
+
+def references(aligned: Aligned, ev: Evaluation) -> dict:
+  """The synthetic data's reference predictors: each culture's optimum and the population's
+  mode, as CA answers and as replies judged against the base's."""
+  oracle = aligned.data.oracle
+  out = {}
+  for name in ("optimum", "population_mode"):
+
+    def option(profile: str, question: str) -> int:
+      if name == "optimum":
+        return int(np.argmax(oracle.distribution(profile, question)))
+      return oracle.population_reply(question)
+
+    result = {}
+    if ev.ca_rows:
+      predicted = [option(r["profile"], r["question"]) for r in ev.ca_rows]
+      answers = [r["answer"] for r in ev.ca_rows]
+      result["ca"] = {
+        "accuracy": float(np.mean(np.equal(predicted, answers))),
+        "rows": len(answers),
+      }
+    replies = []
+    for c in ev.cases:
+      question = chat.last_user_turn(c["context"])
+      replies.append(
+        oracle.replies[oracle.question_index(question)][option(c["profile"], question)]
+      )
+    result["win_rate"], _ = evaluation.win_rate(
+      ev.judge, ev.cases, replies, ev.base_replies, seed=aligned.config.preference.eval.swap_seed
+    )
+    out[name] = result
+  return out
+
+
+def run(config, workdir: str, log=print) -> dict:
+  """Trains the stages (``mode='train'``) or restores the last (``'eval'``), evaluates,
+  writes results.json; returns the results."""
+  job.validate(config)
+  pe = config.preference.eval
+  if pe.judge == "local_lm" and not os.path.isdir(pe.judge_checkpoint):
+    raise FileNotFoundError(
+      f"config.preference.eval.judge_checkpoint={pe.judge_checkpoint!r} is not a directory; "
+      "judge='local_lm' needs a local Hugging Face causal LM there"
+    )
+  step = checkpointing.check_workdir(
+    config,
+    _checkpoint_dir(workdir, config.preference.stages[-1]),
+    config_conflicts=schema.resume_conflicts,
+  )
+  if step is None and config.mode == "eval":
+    raise FileNotFoundError(
+      f"mode=eval needs a readable checkpoint of the last stage in "
+      f"{_checkpoint_dir(workdir, config.preference.stages[-1])}"
+    )
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
+    aligned = prepare(config, workdir, log)
+    params = _train_or_restore(aligned, log)
+    ev = evaluation_set(aligned, log)
+    results = {"base": score(aligned, aligned.base(), ev)}
+    report("base", results["base"], log)
+    results["trained"] = score(aligned, aligned.model(config.method, params), ev)
+    report(config.method, results["trained"], log)
+    if aligned.data.oracle is not None:
+      results["references"] = references(aligned, ev)
+      for name, r in results["references"].items():
+        report(name, r, log)
+    for method in config.eval.baselines:
+      results.setdefault("baselines", {})[method] = _baseline(aligned, method, ev, log)
+    if jax.process_index() == 0:
+      write_atomically(
+        os.path.join(workdir, "results.json"),
+        json.dumps({**results, "run": job.provenance(config)}, indent=2),
+      )
+  return results
+
+
+def _train_or_restore(aligned: Aligned, log) -> dict:
+  params = aligned.params
+  if aligned.config.mode == "eval":
+    return _restored(aligned, aligned.config.preference.stages[-1], log)
+  for stage in aligned.config.preference.stages:
+    params = _stage(aligned, stage, params, log)
+  adapter = schema.adapter_config(aligned.config)
+  if adapter is not None:
+    trainable, _ = split_params(params, aligned.config.trainable)
+    exported = dict(schema.as_dict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
+    checkpointing.export_adapters(trainable, exported, os.path.join(aligned.workdir, "adapters"))
+  return params
+
+
+def _restored(aligned: Aligned, stage: str, log) -> dict:
+  config = aligned.config
+  trainable, frozen = split_params(
+    aligned.params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
+  )
+  ckpt = checkpointing.TrainCheckpoints.of(
+    config,
+    _checkpoint_dir(aligned.workdir, stage),
+    inputs=aligned.inputs,
+    config_conflicts=schema.resume_conflicts,
+    log=log,
+  )
+  try:
+    _, state, _ = ckpt.restore_latest(loop.abstract_state(config, trainable))
+  finally:
+    ckpt.close()
+  return merge_params(state["trainable"], frozen)
+
+
+def _baseline(aligned: Aligned, method: str, ev: Evaluation, log) -> dict:
+  """``method`` trained through the same stages on the same data and backbone, scored on
+  the same evaluation set (the base's replies are shared)."""
+  config = aligned.config
+  workdir = os.path.join(aligned.workdir, "baselines", method)
+  data_dir = config.data.data_dir or os.path.join(aligned.workdir, "tfds")
+  baseline = presets.baseline_config(
+    config, method, backbone=aligned.backbone_dir, data_dir=data_dir
+  )
+  log(f"baseline {method}: the same data, backbone and stages, in {workdir}")
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
+    other = prepare(baseline, workdir, log)
+    params = _train_or_restore(other, log)
+    result = score(other, other.model(method, params), ev)
+  report(method, result, log)
+  return result
+
+
+def report(name: str, result: dict, log) -> None:
+  parts = []
+  if "ca" in result:
+    parts.append(f"CA accuracy {result['ca']['accuracy']:.4f}")
+  if "win_rate" in result:
+    w = result["win_rate"]
+    parts.append(f"win-rate vs base {w['win_rate']:.4f} ({w['wins']}W/{w['ties']}T/{w['losses']}L)")
+  if "distinct_1" in result:
+    parts.append(f"distinct-1 {result['distinct_1']:.3f}  distinct-2 {result['distinct_2']:.3f}")
+  log(f"[preference] {name:>16}: " + "  ".join(parts))

@@ -1,0 +1,151 @@
+"""The preference task end to end: `python -m cuma_jax.main` on `preference_tiny` (chat SFT,
+DPO, GRPO, evaluation, the LoRA baseline), resumed in eval mode; and the config checks."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from cuma_jax import alignment, presets, schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = f"--config={ROOT}/configs/cuma.py:preference_tiny"
+
+
+def _main(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "cuma_jax.main", CONFIG, *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=900,
+  )
+
+
+def _jsonl(path):
+  return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def preference_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("preference") / "run"
+  proc = _main(f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, workdir
+
+
+def test_preference_job_runs_every_stage_and_reports(preference_run):
+  proc, workdir = preference_run
+  for name in ("base", "cuma", "optimum", "population_mode", "lora"):
+    assert f"] {name:>16}: CA accuracy" in proc.stdout.replace("[preference] ", "] ")
+  config = presets.experiment_config("cuma", "preference_tiny")
+  for stage, steps in (
+    ("sft", config.train.num_steps),
+    ("dpo", config.preference.dpo.num_steps),
+    ("grpo", config.preference.grpo.num_steps),
+  ):
+    records = _jsonl(workdir / stage / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), stage
+  dpo = _jsonl(workdir / "dpo" / "metrics.jsonl")
+  assert all(0.0 <= r["reward_accuracy"] <= 1.0 for r in dpo)
+  grpo = _jsonl(workdir / "grpo" / "metrics.jsonl")
+  assert all(0.0 <= r["reward"] <= 1.0 and r["completion_tokens"] >= 1 for r in grpo)
+  assert (workdir / "adapters").is_dir()
+
+  results = json.load(open(workdir / "results.json"))
+  assert set(results) == {"base", "trained", "references", "baselines", "run"}
+  assert "win_rate" not in results["base"]  # the base is what the others are judged against
+  predictions = workdir / "predictions"
+  for model, result in (("cuma", results["trained"]), ("lora", results["baselines"]["lora"])):
+    verdicts = _jsonl(predictions / f"{model}_win_rate.jsonl")
+    counts = collections.Counter(v["outcome"] for v in verdicts)
+    tally = result["win_rate"]
+    assert (tally["wins"], tally["ties"], tally["losses"]) == (
+      counts["win"],
+      counts["tie"],
+      counts["loss"],
+    )
+    assert tally["win_rate"] == pytest.approx(counts["win"] / len(verdicts))
+    ca = _jsonl(predictions / f"{model}_ca.jsonl")
+    assert result["ca"]["rows"] == len(ca) > 0
+    hits = sum(r["predicted"] == r["answer"] for r in ca)
+    assert result["ca"]["accuracy"] == pytest.approx(hits / len(ca))
+  # Every judged case shows the same base reply to every model.
+  base_replies = [v["base_reply"] for v in _jsonl(predictions / "cuma_win_rate.jsonl")]
+  assert base_replies == [v["base_reply"] for v in _jsonl(predictions / "lora_win_rate.jsonl")]
+
+
+def test_eval_mode_restores_the_last_stage(preference_run):
+  proc, workdir = preference_run
+  first = json.load(open(workdir / "results.json"))
+  again = _main(f"--workdir={workdir}", "--config.mode=eval", "--config.eval.baselines=()")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "sft:" not in again.stdout  # nothing trained
+  second = json.load(open(workdir / "results.json"))
+  assert second["trained"] == first["trained"]
+  assert second["base"] == first["base"]
+
+
+def _preference(**overrides):
+  c = presets.SCALES["preference_tiny"]()
+  presets.apply_overrides(c, overrides)
+  return c
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    ({"data.dataset": "synthetic"}, "task='preference'; that task reads"),
+    ({"data.dataset": "prism", "encoder.kind": "decoder"}, "judge='rule' judges the synthetic"),
+    (
+      {
+        "data.dataset": "prism",
+        "preference.eval.judge": "local_lm",
+        "preference.eval.judge_checkpoint": "/judge",
+      },
+      "fitted_ngrams' fits to answers",
+    ),
+    ({"preference.stages": ("dpo", "sft")}, "in the order ('sft', 'dpo', 'grpo')"),
+    ({"preference.stages": ("sft", "sft")}, "distinct stages"),
+    ({"eval.splits": ("zero_shot",)}, "config.eval.splits=('zero_shot',) is not read"),
+    ({"data.demographic_system_prompt": False}, "demographic_system_prompt=False is not read"),
+    ({"preference.max_prompt_length": 128}, "max_prompt_length=128 must be below"),
+    ({"preference.grpo.group_size": 1}, "config.preference.grpo.group_size=1; must be >= 2"),
+  ],
+)
+def test_preference_configs_are_refused_naming_the_key(overrides, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    schema.validate(_preference(**overrides))
+
+
+def test_a_local_judge_needs_its_checkpoint_before_anything_runs(tmp_path):
+  c = _preference(
+    **{
+      "preference.eval.judge": "local_lm",
+      "encoder.kind": "decoder",
+      "adapter.demographic_dim": 32,  # the tiny backbone's width: it encodes the profiles
+    }
+  )
+  with pytest.raises(FileNotFoundError, match="judge_checkpoint='' is not a directory"):
+    alignment.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_survey_config_refuses_preference_keys():
+  c = presets.SCALES["tiny"]()
+  c.preference.dpo.beta = 0.5
+  with pytest.raises(ValueError, match="config.preference is read with task='preference' only"):
+    schema.validate(c)
+
+
+def test_every_preference_preset_validates():
+  names = [n for n in presets.SCALES if n.startswith(("ca_", "prism_", "preference_"))]
+  assert len(names) == 10
+  for name in names:
+    for method in ("cuma", "lora"):
+      c = presets.experiment_config(method, name)
+      assert isinstance(c, ml_collections.ConfigDict) and c.task == "preference"
