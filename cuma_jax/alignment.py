@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuma_jax import job, presets, schema
+from cuma_jax import fingerprint, job, presets, schema
 from cuma_jax.data import chat, preference_builder
 from cuma_jax.data.pipeline import as_text
 from cuma_jax.data.synthetic_preference import PreferenceOracle
-from cuma_jax.data.tokenize import pad_id
-from cuma_jax.evaluation import judging
+from cuma_jax.data.tokenize import END_OF_TURN, pad_id
+from cuma_jax.evaluation import judging, metrics
 from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.generation import SamplingConfig
 from cuma_jax.models.config import ModelConfig
@@ -58,9 +58,16 @@ def load_data(config, workdir: str, log=print) -> PreferenceData:
     "prepare the dataset", lambda: preference_builder.prepared_builder(config.data, data_dir, log)
   )
   sources = dict(builder.as_data_source())
-  for split in ("sft_train", "dpo_train", "dpo_test"):
+  needed = ["sft_train", "dpo_train", "dpo_test"]
+  if config.data.dataset != "prism":  # PRISM has no 4-way accuracy set
+    needed.append("ca_eval")
+  for split in needed:
     if len(sources.get(split, ())) == 0:
-      raise ValueError(f"the {config.data.dataset} dataset has no valid rows in split {split!r}")
+      raise ValueError(
+        f"the {config.data.dataset} dataset has no valid rows in split {split!r} (its skip "
+        f"counts: {builder.info.metadata.get('skip_counts')}); check config.data.manual_dir "
+        "or, for the synthetic data, data.synthetic_preference.num_users"
+      )
   oracle = None
   if config.data.dataset == "synthetic_preference":
     oracle = preference_builder.load_oracle(sources["sft_train"])
@@ -80,14 +87,13 @@ class Aligned:
   tokenizer: Any
   demographics: Any  # encoders.Demographics or None
   inputs: dict
+  # The backbone's own weights, kept apart from ``params`` (whose trained leaves each stage
+  # consumes): the frozen arrays themselves, or a copy when every weight is trained.
+  backbone: dict
 
-  def lengths(self, max_completion: int | None = None) -> chat.Lengths:
+  def lengths(self) -> chat.Lengths:
     p = self.config.preference
-    return chat.Lengths(
-      self.config.data.max_length,
-      p.max_prompt_length,
-      max_completion or p.max_completion_length,
-    )
+    return chat.Lengths(self.config.data.max_length, p.max_prompt_length, p.max_completion_length)
 
   def table(self, source):
     """[profiles, d] router inputs of a split's sorted distinct profiles (or None)."""
@@ -101,13 +107,13 @@ class Aligned:
 
   def base(self) -> evaluation.Model:
     """The backbone with the adapters off (frozen weights, no profile reaches a router)."""
-    backbone = _backbone_params(self.params)
-    return evaluation.Model("base", self.module.clone(adapter=None), backbone)
+    return evaluation.Model("base", self.module.clone(adapter=None), self.backbone)
 
 
-def _backbone_params(params: dict) -> dict:
-  """The backbone's own parameters (adapters and prefixes left out)."""
-  return filter_tree(params, lambda path: not is_adapter_path(path))
+def _backbone_params(params: dict, copy: bool) -> dict:
+  """The backbone's own parameters (adapters and prefixes left out), copied if ``copy``."""
+  backbone = filter_tree(params, lambda path: not is_adapter_path(path))
+  return jax.tree.map(jnp.copy, backbone) if copy else backbone
 
 
 def prepare(config, workdir: str, log=print) -> Aligned:
@@ -123,7 +129,7 @@ def prepare(config, workdir: str, log=print) -> Aligned:
   )
   for stage in config.preference.stages:
     checkpointing.check_workdir(
-      config, _checkpoint_dir(workdir, stage), inputs, config_conflicts=schema.resume_conflicts
+      config, _checkpoint_dir(workdir, stage), config_conflicts=_conflicts(stage)
     )
   layout = job.check_layout(config, ModelConfig.from_pretrained(backbone_dir))
   module, params = load_pretrained(
@@ -146,6 +152,7 @@ def prepare(config, workdir: str, log=print) -> Aligned:
     tokenizer=load_tokenizer(backbone_dir),
     demographics=job.make_demographics(config, backbone_dir, data.sources["sft_train"], layout),
     inputs=inputs,
+    backbone=_backbone_params(params, copy=config.trainable == "all"),
   )
 
 
@@ -153,16 +160,40 @@ def _checkpoint_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "checkpoints")
 
 
-def _steps(num_steps: int, examples: int, batch_size: int) -> int:
-  return num_steps if num_steps > 0 else max(examples // (batch_size * jax.process_count()), 1)
+# Each stage's own config keys: a stage's checkpoint ignores changes to the others'.
+_STAGE_KEYS = {"dpo": "preference.dpo.", "grpo": "preference.grpo."}
 
 
-def _stage(aligned: Aligned, stage: str, params: dict, log) -> dict:
-  """Trains one stage from ``params``; returns the parameters it ends with."""
+def _conflicts(stage: str):
+  """The resume check of ``stage``'s checkpoints: the schema's, less the other stages' keys."""
+  others = tuple(prefix for name, prefix in _STAGE_KEYS.items() if name != stage)
+
+  def conflicts(saved: dict, current: dict) -> list[str]:
+    return [c for c in schema.resume_conflicts(saved, current) if not c.startswith(others)]
+
+  return conflicts
+
+
+def _stage_inputs(aligned: Aligned, previous: str | None) -> dict:
+  """The run's inputs plus, after the first stage, the previous stage's last checkpoint: a
+  stage trained on from another start is refused, not silently kept."""
+  if previous is None:
+    return aligned.inputs
+  directory = _checkpoint_dir(aligned.workdir, previous)
+  step = checkpointing.check_workdir(
+    aligned.config, directory, config_conflicts=_conflicts(previous)
+  )
+  last = fingerprint.fingerprint(os.path.join(directory, str(step)))
+  return {**aligned.inputs, "previous_stage": last}
+
+
+def _stage(aligned: Aligned, stage: str, previous: str | None, params: dict, log) -> dict:
+  """Trains one stage from ``params`` (what ``previous`` left); returns its parameters."""
   config, sources = aligned.config, aligned.data.sources
   p = config.preference
   batching = dict(seed=config.data.shuffle_seed, num_epochs=None)
   overrides: dict[str, Any] = {}
+  lengths = aligned.lengths()
   if stage == "sft":
     objective = sft_objective(
       aligned.module,
@@ -171,7 +202,7 @@ def _stage(aligned: Aligned, stage: str, params: dict, log) -> dict:
       max_targets=p.max_completion_length,
     )
     source, kind, batch_size = sources["sft_train"], "sft", config.data.batch_size
-    steps = _steps(config.train.num_steps, len(source), batch_size)
+    steps = loop.total_steps(config, len(source))
   elif stage == "dpo":
     reference = _reference(aligned, params, p.dpo.reference)
     objective = dpo_objective(
@@ -183,7 +214,9 @@ def _stage(aligned: Aligned, stage: str, params: dict, log) -> dict:
     )
     source, kind = sources["dpo_train"], "dpo"
     batch_size = p.dpo.batch_size or config.data.batch_size
-    steps = _steps(p.dpo.num_steps, len(source), batch_size)
+    steps = loop.total_steps(
+      config, len(source), num_steps=p.dpo.num_steps, num_epochs=1, batch_size=batch_size
+    )
     overrides = _stage_optim(p.dpo)
   else:
     objective = _grpo(aligned, params)
@@ -191,13 +224,20 @@ def _stage(aligned: Aligned, stage: str, params: dict, log) -> dict:
     batch_size = p.grpo.prompts_per_step or config.data.batch_size
     steps = p.grpo.num_steps
     overrides = _stage_optim(p.grpo)
+    # Prompts only: sampling appends at most max_new_tokens to each.
+    lengths = chat.Lengths(
+      p.grpo.max_prompt_length + p.grpo.max_new_tokens,
+      p.grpo.max_prompt_length,
+      p.grpo.max_new_tokens,
+    )
   dataset = chat.make_chat_dataset(
     kind,
     source,
     aligned.tokenizer,
-    aligned.lengths(),
+    lengths,
     batch_size=batch_size,
-    supervision=config.data.supervision,
+    # DPO scores the reply and its end-of-turn token, whatever SFT supervises.
+    supervision=config.data.supervision if kind == "sft" else END_OF_TURN,
     **batching,
   )
   log(f"{stage}: {steps} steps of {batch_size} {'prompts' if kind == 'prompt' else 'rows'}")
@@ -209,8 +249,8 @@ def _stage(aligned: Aligned, stage: str, params: dict, log) -> dict:
     dataset,
     num_steps=steps,
     demographic_table=aligned.table(source),
-    inputs=aligned.inputs,
-    config_conflicts=schema.resume_conflicts,
+    inputs=_stage_inputs(aligned, previous),
+    config_conflicts=_conflicts(stage),
     objective=objective,
     optim_overrides=overrides,
     log=log,
@@ -224,12 +264,16 @@ def _stage_optim(section) -> dict:
 
 
 def _reference(aligned: Aligned, params: dict, kind: str) -> Reference:
-  """The DPO/GRPO reference: the adapters-off backbone, or the policy as the stage starts."""
-  if kind == "sft" or aligned.config.trainable == "all":
-    fixed = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
-    module = aligned.module if kind == "sft" else aligned.module.clone(adapter=None)
-    return Reference(module, fixed if kind == "sft" else _backbone_params(fixed))
-  return Reference(aligned.module.clone(adapter=None), _backbone_params(params))
+  """The DPO/GRPO reference: the adapters-off backbone (read inside the step from the
+  frozen weights; with every weight trained, the copy kept at load), or the policy as the
+  stage starts (``"sft"``: a copy of the trained part over the frozen backbone)."""
+  config = aligned.config
+  if kind == "sft":
+    trainable, _ = split_params(params, config.trainable, trainable_dtype=None)
+    return Reference(aligned.module, jax.tree.map(jnp.copy, trainable))
+  if config.trainable == "all":
+    return Reference(aligned.module.clone(adapter=None), aligned.backbone)
+  return Reference(aligned.module.clone(adapter=None))
 
 
 def _judge(aligned: Aligned):
@@ -239,6 +283,7 @@ def _judge(aligned: Aligned):
   demonstrations = [
     judging.Case(c["profile"], c["context"], c["chosen"], c["rejected"])
     for c in _cases(aligned.data.sources["dpo_train"], pe.judge_demonstrations, replies=True)
+    if pe.judge_demonstrations
   ]
   return judging.LocalLMJudge(pe.judge_checkpoint, demonstrations=demonstrations)
 
@@ -274,10 +319,13 @@ def _grpo(aligned: Aligned, params: dict):
           [chat.messages_of(r) for r in records],
           [as_text(r["profile"]) for r in records],
           SamplingConfig(
-            max_new_tokens=g.max_new_tokens, stop_tokens=_stop_tokens(tokenizer), pad_token=0
+            max_new_tokens=g.max_new_tokens,
+            stop_tokens=judging.end_of_turn_ids(tokenizer, aligned.backbone_dir),
+            pad_token=pad_id(tokenizer),
           ),
           rng=jax.random.key(config.seed),
-          max_prompt_length=config.preference.max_prompt_length,
+          max_prompt_length=g.max_prompt_length,
+          batch_size=config.eval.batch_size,
         )
       references.update(zip(missing, replies))
     return [references[int(i)] for i in indices]
@@ -294,7 +342,7 @@ def _grpo(aligned: Aligned, params: dict):
     max_new_tokens=g.max_new_tokens,
     temperature=g.temperature,
     top_p=g.top_p,
-    stop_tokens=_stop_tokens(tokenizer),
+    stop_tokens=judging.end_of_turn_ids(tokenizer, aligned.backbone_dir),
     pad_token=pad_id(tokenizer),
   )
   return grpo_objective(
@@ -303,26 +351,17 @@ def _grpo(aligned: Aligned, params: dict):
     clip_epsilon=g.clip_epsilon,
     loss_type=g.loss_type,
     kl_beta=g.kl_beta,
-    reference=_reference(aligned, params, "base") if g.kl_beta else None,
+    reference=_reference(aligned, params, "base"),
     lambda_aux=g.lambda_aux,
   )
 
 
-def _stop_tokens(tokenizer) -> tuple[int, ...]:
-  """End-of-turn ids: the tokenizer's EOS and the chat template's end-of-turn token."""
-  ids = {tokenizer.eos_token_id}
-  for token in ("<|im_end|>", "<|eot_id|>"):
-    if token in tokenizer.get_vocab():
-      ids.add(tokenizer.convert_tokens_to_ids(token))
-  return tuple(sorted(i for i in ids if i is not None))
-
-
 def _cases(source, count: int, *, replies: bool = False) -> list[dict]:
   """Distinct prompts (one per conversation turn) of a DPO split, in split order; ``count``
-  0 means all."""
-  records = source.__getitems__(range(len(source)))
+  0 means all (records are read until ``count`` are found)."""
   seen, cases = set(), []
-  for r in records:
+  for index in range(len(source)):
+    r = source[index]
     key = (as_text(r["conversation_id"]), int(r["turn"]))
     if key in seen:
       continue
@@ -374,7 +413,7 @@ def _sampling(aligned: Aligned) -> SamplingConfig:
     max_new_tokens=pe.max_new_tokens,
     temperature=pe.temperature,
     top_p=pe.top_p,
-    stop_tokens=_stop_tokens(aligned.tokenizer),
+    stop_tokens=judging.end_of_turn_ids(aligned.tokenizer, aligned.backbone_dir),
     pad_token=pad_id(aligned.tokenizer),
   )
 
@@ -388,24 +427,34 @@ def _replies(aligned: Aligned, model: evaluation.Model, cases: list[dict]) -> li
     _sampling(aligned),
     rng=jax.random.key(aligned.config.seed + 1),
     max_prompt_length=aligned.config.preference.max_prompt_length,
+    batch_size=aligned.config.eval.batch_size,
   )
 
 
 def evaluation_set(aligned: Aligned, log=print) -> Evaluation:
   pe = aligned.config.preference.eval
   sources = aligned.data.sources
+  ca_rows = _ca_rows(sources.get("ca_eval"), pe.ca_rows)
+  if pe.ca_mode == "few_shot" and pe.ca_shots >= len(ca_rows):
+    raise ValueError(
+      f"config.preference.eval.ca_shots={pe.ca_shots} few-shot rows need more than the "
+      f"{len(ca_rows)} accuracy rows (preference.eval.ca_rows={pe.ca_rows})"
+    )
   cases = _cases(sources["dpo_test"], pe.win_rate_prompts)
   log(f"evaluation: {len(cases)} judged prompts; the base model replies")
   return Evaluation(
-    ca_rows=_ca_rows(sources.get("ca_eval"), pe.ca_rows),
+    ca_rows=ca_rows,
     cases=cases,
     base_replies=_replies(aligned, aligned.base(), cases),
     judge=_judge(aligned),
   )
 
 
-def score(aligned: Aligned, model: evaluation.Model, ev: Evaluation) -> dict:
-  """CA accuracy, win-rate against the base, Distinct-n; writes the model's JSONL files."""
+def score(
+  aligned: Aligned, model: evaluation.Model, ev: Evaluation, predictions: str | None = None
+) -> dict:
+  """CA accuracy, win-rate against the base, Distinct-n; writes the model's JSONL files to
+  ``predictions`` (default ``WORKDIR/predictions``)."""
   pe = aligned.config.preference.eval
   results: dict[str, Any] = {}
   files: dict[str, list[dict]] = {}
@@ -417,6 +466,7 @@ def score(aligned: Aligned, model: evaluation.Model, ev: Evaluation) -> dict:
       mode=pe.ca_mode,
       shots=pe.ca_shots,
       max_length=aligned.config.data.max_length,
+      batch_size=aligned.config.eval.batch_size,
     )
   replies = ev.base_replies if model.name == "base" else _replies(aligned, model, ev.cases)
   if model.name != "base":
@@ -425,7 +475,7 @@ def score(aligned: Aligned, model: evaluation.Model, ev: Evaluation) -> dict:
     )
   results.update(evaluation.distinct(replies))
   if jax.process_index() == 0:
-    directory = os.path.join(aligned.workdir, "predictions")
+    directory = predictions or os.path.join(aligned.workdir, "predictions")
     os.makedirs(directory, exist_ok=True)
     for kind, records in files.items():
       write_atomically(
@@ -452,12 +502,13 @@ def references(aligned: Aligned, ev: Evaluation) -> dict:
       predicted = [option(r["profile"], r["question"]) for r in ev.ca_rows]
       answers = [r["answer"] for r in ev.ca_rows]
       result["ca"] = {
-        "accuracy": float(np.mean(np.equal(predicted, answers))),
+        "accuracy": metrics.accuracy(predicted, answers),
+        "macro_f1": metrics.macro_f1(predicted, answers),
         "rows": len(answers),
       }
     replies = []
     for c in ev.cases:
-      question = chat.last_user_turn(c["context"])
+      question = c["messages"][-1]["content"]
       replies.append(
         oracle.replies[oracle.question_index(question)][option(c["profile"], question)]
       )
@@ -473,15 +524,19 @@ def run(config, workdir: str, log=print) -> dict:
   writes results.json; returns the results."""
   job.validate(config)
   pe = config.preference.eval
+  if jax.process_count() > 1 and _host_side_stages(config):
+    raise ValueError(
+      f"{_host_side_stages(config)} run on one process's batch on the host (sampling, or a "
+      "fixed reference); run them single-process (one host, any number of its devices)"
+    )
   if pe.judge == "local_lm" and not os.path.isdir(pe.judge_checkpoint):
     raise FileNotFoundError(
       f"config.preference.eval.judge_checkpoint={pe.judge_checkpoint!r} is not a directory; "
       "judge='local_lm' needs a local Hugging Face causal LM there"
     )
+  last = config.preference.stages[-1]
   step = checkpointing.check_workdir(
-    config,
-    _checkpoint_dir(workdir, config.preference.stages[-1]),
-    config_conflicts=schema.resume_conflicts,
+    config, _checkpoint_dir(workdir, last), config_conflicts=_conflicts(last)
   )
   if step is None and config.mode == "eval":
     raise FileNotFoundError(
@@ -510,12 +565,22 @@ def run(config, workdir: str, log=print) -> dict:
   return results
 
 
+def _host_side_stages(config) -> list[str]:
+  """The stages whose batches are prepared on the host with the model (GRPO's sampling; a
+  DPO reference other than the frozen backbone)."""
+  stages = config.preference.stages
+  dpo_fixed = config.preference.dpo.reference == "sft" or config.trainable == "all"
+  return [s for s in stages if s == "grpo" or (s == "dpo" and dpo_fixed)]
+
+
 def _train_or_restore(aligned: Aligned, log) -> dict:
   params = aligned.params
   if aligned.config.mode == "eval":
     return _restored(aligned, aligned.config.preference.stages[-1], log)
+  previous = None
   for stage in aligned.config.preference.stages:
-    params = _stage(aligned, stage, params, log)
+    params = _stage(aligned, stage, previous, params, log)
+    previous = stage
   adapter = schema.adapter_config(aligned.config)
   if adapter is not None:
     trainable, _ = split_params(params, aligned.config.trainable)
@@ -529,11 +594,13 @@ def _restored(aligned: Aligned, stage: str, log) -> dict:
   trainable, frozen = split_params(
     aligned.params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
   )
+  stages = config.preference.stages
+  previous = stages[stages.index(stage) - 1] if stages.index(stage) else None
   ckpt = checkpointing.TrainCheckpoints.of(
     config,
     _checkpoint_dir(aligned.workdir, stage),
-    inputs=aligned.inputs,
-    config_conflicts=schema.resume_conflicts,
+    inputs=_stage_inputs(aligned, previous),
+    config_conflicts=_conflicts(stage),
     log=log,
   )
   try:
@@ -556,7 +623,10 @@ def _baseline(aligned: Aligned, method: str, ev: Evaluation, log) -> dict:
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     other = prepare(baseline, workdir, log)
     params = _train_or_restore(other, log)
-    result = score(other, other.model(method, params), ev)
+    # Beside the run's own predictions, so that one folder compares every model.
+    result = score(
+      other, other.model(method, params), ev, os.path.join(aligned.workdir, "predictions")
+    )
   report(method, result, log)
   return result
 

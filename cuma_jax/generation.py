@@ -48,6 +48,26 @@ class Generation:
   logits: np.ndarray | None  # [B, max_new_tokens, V] float32, with return_logits
 
 
+# Prompt widths are rounded up to a multiple of this, so that a few shapes (hence
+# compilations) serve every batch of prompts.
+LENGTH_MULTIPLE = 64
+
+
+def pad_prompts(prompts, *, rows: int, pad_token: int, multiple: int = LENGTH_MULTIPLE):
+  """Token-id lists -> right-padded ids and mask [rows, width]; the width is the longest
+  prompt rounded up to ``multiple`` and missing rows repeat the first prompt."""
+  if not 0 < len(prompts) <= rows:
+    raise ValueError(f"{len(prompts)} prompts for a batch of {rows} rows")
+  width = multiple * -(-max(map(len, prompts)) // multiple)
+  ids = np.full((rows, width), pad_token, np.int32)
+  mask = np.zeros((rows, width), np.int32)
+  for row in range(rows):
+    prompt = prompts[row] if row < len(prompts) else prompts[0]
+    ids[row, : len(prompt)] = prompt
+    mask[row, : len(prompt)] = 1
+  return ids, mask
+
+
 def align_right(input_ids: np.ndarray, attention_mask: np.ndarray, pad_token: int):
   """Moves every row's real tokens to the end (left padding), whatever the padding side.
 

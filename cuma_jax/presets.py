@@ -164,27 +164,29 @@ def preference_demo() -> ml_collections.ConfigDict:
       "tiny_backbone.hidden_size": 64,
       "tiny_backbone.warmup_steps": 300,
       "data.dataset": "synthetic_preference",
-      "data.max_length": 128,
+      "data.max_length": 112,  # the longest synthetic example has 109 tokens
       "data.batch_size": 32,
       "preference.stages": ("sft", "dpo", "grpo"),
-      "preference.max_prompt_length": 112,
-      "preference.max_completion_length": 16,
-      "optim.learning_rate": 3e-3,
+      "preference.max_prompt_length": 100,
+      "preference.max_completion_length": 12,
+      "optim.learning_rate": 5e-3,
       "optim.schedule": "cosine",
       "optim.warmup_steps": 10,
-      "train.num_steps": 300,
-      "train.checkpoint_every": 100,
+      "train.num_steps": 400,
+      "train.checkpoint_every": 200,
       "train.keep_checkpoints": 2,
-      "preference.dpo.num_steps": 100,
-      "preference.dpo.learning_rate": 1e-3,
-      "preference.grpo.num_steps": 20,
+      "preference.dpo.num_steps": 60,
+      "preference.dpo.batch_size": 16,
+      "preference.dpo.learning_rate": 5e-4,
+      "preference.grpo.num_steps": 16,
       "preference.grpo.learning_rate": 3e-4,
       "preference.grpo.prompts_per_step": 16,
       "preference.grpo.group_size": 4,
       "preference.grpo.max_new_tokens": 8,
+      "preference.grpo.max_prompt_length": 100,
       "preference.grpo.reference_reply": "population_mode",
       "preference.eval.judge": "rule",
-      "preference.eval.max_new_tokens": 16,
+      "preference.eval.max_new_tokens": 12,
       "preference.eval.ca_rows": 0,
       "eval.batch_size": 64,
       "eval.baselines": ("lora",),
@@ -252,6 +254,7 @@ def _preference_scale(dataset: str, released: bool, stages=("sft", "dpo")) -> Ca
     }
     if released:
       overrides["optim.horizon_steps"] = 1000
+      overrides["data.supervision"] = "released"  # the reply, <|im_end|> and "\n"
       if community:  # soft gates over every expert, no balance loss
         overrides.update({"adapter.gate": "top_probs", "adapter.top_k": 8, "optim.lambda_aux": 0.0})
       else:
@@ -260,6 +263,19 @@ def _preference_scale(dataset: str, released: bool, stages=("sft", "dpo")) -> Ca
     return apply_overrides(schema.defaults(), overrides)
 
   return scale
+
+
+def _preference_lora(dataset: str) -> Overrides:
+  """The released preference scripts' LoRA baseline: q/v, rank 64 (CA) or 8 (PRISM), alpha
+  2r, a constant 2e-5 without warm-up, AdamW's default betas."""
+  rank = 64 if dataset == "community_alignment" else 8
+  return {
+    "adapter.rank": rank,
+    "adapter.alpha": 2.0 * rank,
+    "optim.schedule": "constant",
+    "optim.warmup_steps": 0,
+    "optim.b2": 0.999,
+  }
 
 
 _PREFERENCE_SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
@@ -324,6 +340,11 @@ METHODS: dict[str, Overrides] = {
 }
 # Keys a scale keeps against any method's table: the CPU scales' learning rate suits every
 # method on the tiny backbone (the methods' rates are for 8B backbones).
+# A method's recipe at a scale, applied after its table (the 8B preference presets' LoRA).
+SCALE_METHODS: dict[str, dict[str, Overrides]] = {
+  name: {"lora": _preference_lora("community_alignment" if name.startswith("ca_") else "prism")}
+  for name in _PREFERENCE_SCALES
+}
 SCALE_KEEPS: dict[str, tuple[str, ...]] = {
   "demo": ("optim.learning_rate",),
   "tiny": ("optim.learning_rate",),
@@ -361,6 +382,7 @@ def experiment_config(
   c = SCALES[preset]()
   kept = {key: _get(c, key) for key in SCALE_KEEPS.get(preset, ())}
   apply_overrides(c, METHODS[method])
+  apply_overrides(c, SCALE_METHODS.get(preset, {}).get(method, {}))
   apply_overrides(c, kept)
   # A preference run's system turn is part of its data: the ablations' prompt switch stays off.
   skipped = schema.SURVEY_ONLY_KEYS if c.task == "preference" else ()
@@ -401,6 +423,7 @@ def warmup_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   w.optim.update(
     learning_rate=c.tiny_backbone.warmup_learning_rate,
     schedule="cosine",
+    horizon_steps=0,
     warmup_steps=min(20, c.tiny_backbone.warmup_steps // 10),
     lambda_aux=0.0,
   )

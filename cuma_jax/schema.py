@@ -205,16 +205,16 @@ class EvalSection(Section):
 class DpoSection(Section):
   KEY: ClassVar[str] = "preference.dpo"
   num_steps: int = field(-1, low=-1, resume=FREE)  # -1: one epoch of the DPO pairs
-  batch_size: int = field(0, low=0, resume=FREE)  # pairs per step (0: data.batch_size)
+  batch_size: int = field(0, low=0)  # pairs per step (0: data.batch_size)
   # The stage's optimiser settings (the rest — betas, clipping — are config.optim's).
   learning_rate: float = field(5e-6, low=0, low_open=True, resume=FREE)
   schedule: str = field("linear", choices=SCHEDULES, resume=FREE)
   warmup_steps: int = field(0, low=0, resume=FREE)
   weight_decay: float = field(0.0, low=0, resume=FREE)
-  beta: float = field(0.1, low=0, low_open=True, resume=FREE)
+  beta: float = field(0.1, low=0, low_open=True)
   # "base": the backbone with the adapters off (no second copy); "sft": the policy's
   # adapters as the SFT stage left them.
-  reference: str = field("base", choices=("base", "sft"), resume=FREE)
+  reference: str = field("base", choices=("base", "sft"))
   lambda_aux: float = field(0.0, low=0, resume=FREE)  # balance loss: off by default
 
 
@@ -227,17 +227,19 @@ class GrpoSection(Section):
   warmup_steps: int = field(0, low=0, resume=FREE)
   weight_decay: float = field(0.0, low=0, resume=FREE)
   # Prompts per step (0: data.batch_size); each is sampled group_size times.
-  prompts_per_step: int = field(0, low=0, resume=FREE)
-  group_size: int = field(8, low=2, resume=FREE)
-  max_new_tokens: int = field(256, low=1, resume=FREE)
-  temperature: float = field(1.0, low=0, low_open=True, resume=FREE)
-  top_p: float = field(1.0, low=0, low_open=True, high=1, resume=FREE)
+  prompts_per_step: int = field(0, low=0)
+  group_size: int = field(8, low=2)
+  # Prompt tokens kept for sampling (their last ones), as TRL's GRPO keeps 512.
+  max_prompt_length: int = field(512, low=1)
+  max_new_tokens: int = field(256, low=1)
+  temperature: float = field(1.0, low=0, low_open=True)
+  top_p: float = field(1.0, low=0, low_open=True, high=1)
   clip_epsilon: float = field(0.2, low=0, low_open=True, resume=FREE)
-  loss_type: str = field("dapo", choices=GRPO_LOSS_TYPES, resume=FREE)
-  kl_beta: float = field(0.0, low=0, resume=FREE)  # > 0: KL to the adapters-off backbone
+  loss_type: str = field("dapo", choices=GRPO_LOSS_TYPES)
+  kl_beta: float = field(0.0, low=0)  # > 0: KL to the adapters-off backbone
   # What the candidate is judged against: the pair's chosen reply, the base model's greedy
   # reply, or (synthetic data) the population's modal reply.
-  reference_reply: str = field("chosen", choices=("chosen", "base", "population_mode"), resume=FREE)
+  reference_reply: str = field("chosen", choices=("chosen", "base", "population_mode"))
   lambda_aux: float = field(0.0, low=0, resume=FREE)
 
 
@@ -265,8 +267,9 @@ class PreferenceSection(Section):
   """The preference task: chat SFT (``train``/``optim`` settings), then DPO and GRPO."""
 
   KEY: ClassVar[str] = "preference"
-  # A stage's checkpoint holds only its adapters and optimiser state, so the stage list and
-  # the DPO/GRPO settings may change between runs of one workdir (e.g. adding GRPO later).
+  # Stages may be added to a finished run (e.g. GRPO after SFT and DPO); a stage's
+  # checkpoints are compared with its own keys (the DPO and GRPO keys of the other stages
+  # are not theirs).
   stages: tuple[str, ...] = field(("sft", "dpo"), choices=STAGES, resume=FREE)
   max_prompt_length: int = field(1024, low=1)
   max_completion_length: int = field(512, low=1)
@@ -430,7 +433,10 @@ SURVEY_ONLY_KEYS = (
   "eval.untrained",
   "data.demographic_system_prompt",
   "data.builder_config",
+  "data.synthetic.",
 )
+# And the keys a survey run does not read.
+PREFERENCE_ONLY_KEYS = ("data.split_mode", "data.synthetic_preference.", "preference.")
 
 
 def _check_task(config: Config) -> None:
@@ -441,17 +447,21 @@ def _check_task(config: Config) -> None:
       f"config.data.dataset={config.data.dataset!r} with task={config.task!r}; "
       f"that task reads {datasets}"
     )
-  if config.task == "survey":
-    if config.preference != PreferenceSection():
-      raise ValueError("config.preference is read with task='preference' only; reset it")
-    return
   default, current = _flat(as_dict(Config())), _flat(as_dict(config))
-  for key in SURVEY_ONLY_KEYS:
-    if current[key] != default[key]:
+  ignored = SURVEY_ONLY_KEYS if config.task == "preference" else PREFERENCE_ONLY_KEYS
+  for key in sorted(current):
+    if key.startswith(ignored) and current[key] != default[key]:
       raise ValueError(
-        f"config.{key}={current[key]!r} is not read by task='preference' (the system turn "
-        "always carries the profile; evaluation is set in config.preference.eval); reset it"
+        f"config.{key}={current[key]!r} is not read by task={config.task!r}; reset it"
+        + (
+          " (a preference run's system turn always carries the profile; its evaluation is "
+          "set in config.preference.eval)"
+          if config.task == "preference"
+          else ""
+        )
       )
+  if config.task == "survey":
+    return
   stages = config.preference.stages
   if (
     not stages
@@ -478,6 +488,11 @@ def _check_task(config: Config) -> None:
     raise ValueError(
       "config.preference.grpo.reference_reply='population_mode' exists for the synthetic "
       "preference data only; use 'chosen' or 'base'"
+    )
+  if config.data.split_mode == "reference" and config.data.dataset == "synthetic_preference":
+    raise ValueError(
+      "config.data.split_mode='reference' reproduces the released Community Alignment and "
+      "PRISM splits; the synthetic preference data is split by conversation"
     )
   if config.encoder.kind == "fitted_ngrams" and config.data.dataset != "synthetic_preference":
     raise ValueError(

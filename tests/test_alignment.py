@@ -4,6 +4,7 @@ DPO, GRPO, evaluation, the LoRA baseline), resumed in eval mode; and the config 
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,8 +105,17 @@ def _preference(**overrides):
     (
       {
         "data.dataset": "prism",
+        "encoder.kind": "decoder",
+        "preference.eval.judge": "local_lm",
+      },
+      "reference_reply='population_mode' exists for the synthetic",
+    ),
+    (
+      {
+        "data.dataset": "prism",
         "preference.eval.judge": "local_lm",
         "preference.eval.judge_checkpoint": "/judge",
+        "preference.grpo.reference_reply": "chosen",
       },
       "fitted_ngrams' fits to answers",
     ),
@@ -135,10 +145,24 @@ def test_a_local_judge_needs_its_checkpoint_before_anything_runs(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_a_survey_config_refuses_preference_keys():
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("preference.dpo.beta", 0.5),
+    ("data.split_mode", "reference"),
+    ("data.synthetic_preference.num_users", 30),
+  ],
+)
+def test_a_survey_config_refuses_preference_keys(key, value):
   c = presets.SCALES["tiny"]()
-  c.preference.dpo.beta = 0.5
-  with pytest.raises(ValueError, match="config.preference is read with task='preference' only"):
+  presets.apply_overrides(c, {key: value})
+  with pytest.raises(ValueError, match=f"config.{key}={value!r} is not read by task='survey'"):
+    schema.validate(c)
+
+
+def test_a_preference_config_refuses_survey_data_keys():
+  c = _preference(**{"data.synthetic.num_questions": 3})
+  with pytest.raises(ValueError, match="data.synthetic.num_questions=3 is not read by task="):
     schema.validate(c)
 
 
@@ -149,3 +173,17 @@ def test_every_preference_preset_validates():
     for method in ("cuma", "lora"):
       c = presets.experiment_config(method, name)
       assert isinstance(c, ml_collections.ConfigDict) and c.task == "preference"
+
+
+def test_a_stage_retrained_under_a_finished_later_stage_is_refused(preference_run, tmp_path):
+  _, workdir = preference_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  config = presets.experiment_config("cuma", "preference_tiny")
+  more = _main(
+    f"--workdir={copy}",
+    f"--config.train.num_steps={config.train.num_steps + 1}",
+    "--config.eval.baselines=()",
+  )
+  assert more.returncode != 0
+  assert "previous_stage" in more.stderr and "dpo" in more.stderr

@@ -14,18 +14,6 @@ def _log_sigmoid(x):
   return -np.log1p(np.exp(-x))
 
 
-def test_completion_log_probs_sum_the_masked_tokens():
-  logits = RNG.normal(size=(2, 4, 5))
-  targets = RNG.integers(0, 5, (2, 4))
-  mask = np.array([[0, 1, 1, 0], [1, 1, 1, 1]])
-  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  expected = [sum(log_p[b, t, targets[b, t]] for t in range(4) if mask[b, t]) for b in range(2)]
-  got = preference.completion_log_probs(
-    jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask)
-  )
-  np.testing.assert_allclose(got, expected, rtol=1e-5)
-
-
 def test_dpo_loss_and_gradients_equal_numpy():
   beta = 0.1
   pc, pr, rc, rr = (RNG.normal(size=6) * 5 for _ in range(4))

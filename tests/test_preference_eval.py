@@ -81,7 +81,12 @@ def test_ca_accuracy_reads_each_row_s_last_prompt_token(ca_model):
   assert [r["id"] for r in records] == [r["id"] for r in CA_ROWS]
   assert {(r["model"], r["mode"]) for r in records} == {("m", "persona")}
   # Rows 0, 2 and 4 are right. Per-letter F1: A 1, B 2*2/(2*2+1) = 0.8, C 0, D 0.
-  assert scores == {"accuracy": pytest.approx(3 / 5), "macro_f1": pytest.approx(0.45), "rows": 5}
+  assert scores == {
+    "accuracy": pytest.approx(3 / 5),
+    "macro_f1": pytest.approx(0.45),
+    "rows": 5,
+    "truncated_prompts": 0,
+  }
 
 
 # ----------------------------------------------------------------------------- rule judge

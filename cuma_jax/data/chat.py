@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,9 +46,12 @@ def context_of(messages: Sequence[dict[str, str]]) -> str:
   return "\n".join(f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system")
 
 
-def last_user_turn(context: str) -> str:
-  """The final user turn of a :func:`context_of` text."""
-  return context.rsplit("user: ", 1)[-1].split("\nassistant: ", 1)[0]
+def strip_think(text: str) -> str:
+  """A reply without its think and tool-call blocks (a judge never reads them)."""
+  return _HIDDEN_BLOCKS.sub("", text).strip()
+
+
+_HIDDEN_BLOCKS = re.compile(r"<think>.*?</think>|<tool_call>.*?</tool_call>", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,7 +79,8 @@ class SyntheticPreferenceConfig:
   """Sizes and sharpness of the synthetic preference data (``data.synthetic_preference``)."""
 
   seed: int = field(0)
-  num_cultures: int = field(4, low=2, high=len(CULTURE_COUNTRIES))
+  # At most four: each culture has its own modal reply among the four.
+  num_cultures: int = field(4, low=2, high=4)
   num_questions: int = field(16, low=1, high=len(QUESTIONS))
   countries_per_culture: int = field(2, low=1, high=len(CULTURE_COUNTRIES[0]))
   num_users: int = field(200, low=2)
@@ -162,8 +163,7 @@ def generate(config: SyntheticPreferenceConfig) -> tuple[dict[str, list[dict]], 
   k, q = config.num_cultures, config.num_questions
   weights = np.arange(k, 0, -1, dtype=np.float64)
   weights /= weights.sum()
-  # Distinct modal replies across cultures on every question (cycled when K > 4).
-  modes = np.stack([rng.permutation(np.resize(rng.permutation(4), k)) for _ in range(q)], 1)
+  modes = np.stack([rng.permutation(4)[:k] for _ in range(q)], 1)  # distinct per question
   rest = (1.0 - config.mode_probability) / 3
   preference = np.full((k, q, 4), rest)
   np.put_along_axis(preference, modes[..., None], config.mode_probability, axis=-1)

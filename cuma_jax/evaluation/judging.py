@@ -15,7 +15,6 @@ import collections
 import copy
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Iterable, Protocol, Sequence
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cuma_jax.data.tokenize import pad_id, render_prompt
-from cuma_jax.generation import SamplingConfig, generate
+from cuma_jax.generation import SamplingConfig, generate, pad_prompts
 from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
 
 JUDGE_SYSTEM_PROMPT = (
@@ -40,7 +39,6 @@ _VERDICT = re.compile(r"\[\[(A|B|Tie)\]\]")
 # GRPO shows the reference reply as A and the candidate as B: the candidate's reward.
 _REWARD = {"B": 1.0, "tie": 0.5, "A": 0.0}
 # Prompt batches are padded to a multiple of this many tokens, so that few shapes compile.
-_LENGTH_MULTIPLE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +147,7 @@ def win_rate(outcomes: Iterable[str]) -> dict[str, float]:
   }
 
 
-def _end_of_turn_ids(tokenizer, directory=None) -> tuple[int, ...]:
+def end_of_turn_ids(tokenizer, directory=None) -> tuple[int, ...]:
   """The tokenizer's EOS and the ids the checkpoint's generation config ends replies with
   (Qwen3: <|im_end|> and <|endoftext|>; Llama 3 Instruct: <|eot_id|> and <|end_of_text|>)."""
   ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -188,7 +186,7 @@ class LocalLMJudge:
     module, params = load_pretrained(directory, jnp.dtype(dtype))
     tokenizer = load_tokenizer(directory)
     if stop_tokens is None:
-      stop_tokens = _end_of_turn_ids(tokenizer, directory)
+      stop_tokens = end_of_turn_ids(tokenizer, directory)
     self._setup(module, params, tokenizer, demonstrations, batch_size, max_new_tokens, stop_tokens)
 
   @classmethod
@@ -206,7 +204,7 @@ class LocalLMJudge:
     """A judge over an already loaded ``(module, params)`` and its tokenizer."""
     judge = cls.__new__(cls)
     if stop_tokens is None:
-      stop_tokens = _end_of_turn_ids(tokenizer)
+      stop_tokens = end_of_turn_ids(tokenizer)
     judge._setup(module, params, tokenizer, demonstrations, batch_size, max_new_tokens, stop_tokens)
     return judge
 
@@ -252,22 +250,12 @@ class LocalLMJudge:
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in range(0, len(order), self.batch_size):
       rows = order[start : start + self.batch_size]
-      ids, mask = self._batch([prompts[i] for i in rows])
+      ids, mask = pad_prompts(
+        [prompts[i] for i in rows], rows=self.batch_size, pad_token=self.sampling.pad_token
+      )
       out = generate(self.module, self.params, ids, mask, self.sampling)
       for k, i in enumerate(rows):
         tokens = out.tokens[k, : out.lengths[k]].tolist()
         outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True)
     self.last_outputs = outputs
     return outputs
-
-  def _batch(self, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded [batch_size, width] ids and mask; the width is rounded up and missing rows
-    repeat the first prompt, so that the shapes (hence compilations) are few."""
-    width = _LENGTH_MULTIPLE * math.ceil(max(map(len, prompts)) / _LENGTH_MULTIPLE)
-    ids = np.full((self.batch_size, width), self.sampling.pad_token, np.int32)
-    mask = np.zeros((self.batch_size, width), np.int32)
-    for row in range(self.batch_size):
-      prompt = prompts[row] if row < len(prompts) else prompts[0]
-      ids[row, width - len(prompt) :] = prompt
-      mask[row, width - len(prompt) :] = 1
-    return ids, mask

@@ -21,23 +21,29 @@ import numpy as np
 
 from cuma_jax import generation
 from cuma_jax.data.ca_prompts import ca_messages, few_shot_rows, letter_token_ids
-from cuma_jax.data.chat import last_user_turn
+from cuma_jax.data.chat import strip_think
 from cuma_jax.data.synthetic_preference import PreferenceOracle
 from cuma_jax.data.tokenize import pad_id, render_prompt
 from cuma_jax.evaluation import judging, metrics
-from cuma_jax.training.preference import strip_think
 
 
 class RuleJudge:
   """Judges a synthetic case by the user's culture: each reply scores p_c(its option) (a
-  reply naming no option scores 0); the higher score wins by more than ``margin``, else tie."""
+  reply naming no option scores 0); the higher score wins by more than ``margin``, else tie.
+  The question is the oracle's question the context ends with."""
 
   def __init__(self, oracle: PreferenceOracle, margin: float = 0.05):
     self.oracle, self.margin = oracle, margin
     self.last_outputs: list[str] = []
 
+  def question(self, context: str) -> str:
+    matches = [q for q in self.oracle.questions if context.rstrip().endswith(q)]
+    if not matches:
+      raise ValueError(f"the context {context[-80:]!r} ends with no synthetic question")
+    return max(matches, key=len)
+
   def score(self, profile: str, context: str, reply: str) -> float:
-    question = last_user_turn(context)
+    question = self.question(context)
     option = self.oracle.reply_option(question, reply)
     return 0.0 if option is None else float(self.oracle.distribution(profile, question)[option])
 
@@ -51,16 +57,10 @@ class RuleJudge:
     return verdicts
 
 
-def _right_padded(tokenizer, texts: Sequence[str], max_length: int):
-  """Token ids [N, T] (T = the longest, at most max_length; a longer prompt keeps its end)
-  and their mask, right padded."""
-  encoded = [tokenizer.encode(t, add_special_tokens=False)[-max_length:] for t in texts]
-  width = max(len(e) for e in encoded)
-  ids = np.full((len(encoded), width), pad_id(tokenizer), np.int32)
-  mask = np.zeros((len(encoded), width), np.int32)
-  for i, e in enumerate(encoded):
-    ids[i, : len(e)], mask[i, : len(e)] = e, 1
-  return ids, mask
+def _encoded(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+  """Each text's ids, a longer one keeping its last ``max_length``; and how many were cut."""
+  encoded = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+  return [e[-max_length:] for e in encoded], sum(len(e) > max_length for e in encoded)
 
 
 def _batches(n: int, size: int):
@@ -123,11 +123,13 @@ def ca_accuracy(
     for i, row in enumerate(rows)
   ]
   scorer = _letter_scorer(model.module)
+  encoded, truncated = _encoded(tokenizer, prompts, max_length)
   predictions = []
   for batch in _batches(len(rows), batch_size):
-    ids, mask = _right_padded(tokenizer, prompts[batch], max_length)
-    z = model.z([r["profile"] for r in rows[batch]])
-    scores = np.asarray(scorer(model.params, ids, mask, z, letters))
+    ids, mask = generation.pad_prompts(encoded[batch], rows=batch_size, pad_token=pad_id(tokenizer))
+    profiles = [r["profile"] for r in rows[batch]]
+    z = model.z(profiles + profiles[:1] * (batch_size - len(profiles)))
+    scores = np.asarray(scorer(model.params, ids, mask, z, letters))[: len(profiles)]
     predictions.extend(scores.argmax(-1).tolist())
   answers = [int(r["answer"]) for r in rows]
   records = [
@@ -138,6 +140,7 @@ def ca_accuracy(
     "accuracy": metrics.accuracy(predictions, answers),
     "macro_f1": metrics.macro_f1(predictions, answers),
     "rows": len(rows),
+    "truncated_prompts": truncated,
   }, records
 
 
@@ -152,21 +155,27 @@ def generate_replies(
   max_prompt_length: int,
   batch_size: int = 16,
 ) -> list[str]:
-  """One reply per chat prompt (think blocks stripped), the profile's z at every step."""
-  texts = [render_prompt(tokenizer, p) for p in prompts]
+  """One reply per chat prompt (think and tool blocks stripped), the profile's z at every
+  step; a prompt longer than ``max_prompt_length`` keeps its end."""
+  encoded, _ = _encoded(
+    tokenizer, [render_prompt(tokenizer, p) for p in prompts], max_prompt_length
+  )
   replies = []
-  for i, batch in enumerate(_batches(len(texts), batch_size)):
-    ids, mask = _right_padded(tokenizer, texts[batch], max_prompt_length)
+  for i, batch in enumerate(_batches(len(encoded), batch_size)):
+    ids, mask = generation.pad_prompts(
+      encoded[batch], rows=batch_size, pad_token=sampling.pad_token
+    )
+    rows = list(profiles[batch])
     out = generation.generate(
       model.module,
       model.params,
       ids,
       mask,
       sampling,
-      demographics=model.z(profiles[batch]),
+      demographics=model.z(rows + rows[:1] * (batch_size - len(rows))),
       rng=jax.random.fold_in(rng, i),
     )
-    for tokens, length in zip(out.tokens, out.lengths):
+    for tokens, length in zip(out.tokens[: len(rows)], out.lengths[: len(rows)]):
       replies.append(strip_think(tokenizer.decode(tokens[:length], skip_special_tokens=True)))
   return replies
 

@@ -33,6 +33,8 @@ INPUT_SOURCES = {
   "backbone": "model.checkpoint",
   "encoder": "encoder.checkpoint / encoder.precomputed",
   "dataset": "the prepared dataset",
+  # A preference stage starts from the previous stage's last checkpoint.
+  "previous_stage": "the previous preference stage's last checkpoint",
 }
 
 

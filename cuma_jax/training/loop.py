@@ -56,12 +56,24 @@ class TrainResult:
   losses: list[float]
 
 
-def total_steps(config, examples_per_epoch: int) -> int:
-  """Optimiser updates: ``train.num_steps`` if set, else epochs over the data."""
-  if config.train.num_steps > 0:
-    return config.train.num_steps
-  batches = examples_per_epoch // (config.data.batch_size * jax.process_count())
-  return max(config.train.num_epochs * batches // config.optim.accumulation_steps, 1)
+def total_steps(
+  config,
+  examples_per_epoch: int,
+  *,
+  num_steps: int | None = None,
+  num_epochs: int | None = None,
+  batch_size: int | None = None,
+) -> int:
+  """Optimiser updates: ``num_steps`` if positive, else ``num_epochs`` over the data in
+  batches of ``batch_size`` per process (defaults: ``train.num_steps``, ``train.num_epochs``,
+  ``data.batch_size``), after gradient accumulation."""
+  num_steps = config.train.num_steps if num_steps is None else num_steps
+  if num_steps > 0:
+    return num_steps
+  num_epochs = config.train.num_epochs if num_epochs is None else num_epochs
+  batch_size = batch_size or config.data.batch_size
+  batches = examples_per_epoch // (batch_size * jax.process_count())
+  return max(num_epochs * batches // config.optim.accumulation_steps, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,10 +185,11 @@ def train(
   bar = progress_bar(steps, start, enabled=config.train.progress_bar and jax.process_index() == 0)
   losses = []
   tokens_seen, t0 = 0, time.perf_counter()
+  truncated = 0  # tokens the data pipeline cut to fit (logged when a batch counts them)
 
   def record(done: int, accumulated: list[dict]) -> None:
     """Reads step ``done``'s metrics (waiting for it), refuses a non-finite loss, logs."""
-    nonlocal tokens_seen, t0
+    nonlocal tokens_seen, t0, truncated
     loss = float(np.mean([float(m["loss"]) for m in accumulated]))
     grad_norms = [float(m["grad_norm"]) for m in accumulated]
     if not math.isfinite(loss) or not all(map(math.isfinite, grad_norms)):
@@ -208,8 +221,10 @@ def train(
         k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
         for k, v in accumulated[-1]["expert_counts"].items()
       }
+      if truncated:
+        scalars["truncated_tokens"] = truncated  # since the last log line
       writer.write(done, scalars, usage)
-      tokens_seen, t0 = 0, time.perf_counter()
+      tokens_seen, t0, truncated = 0, time.perf_counter(), 0
 
   # The host reads a step's metrics only after dispatching the next one, so it prepares the
   # next batch while the device computes; a step is checked before its state is saved.
@@ -220,6 +235,7 @@ def train(
       for micro in range(updates_per_step):
         rng = jax.random.fold_in(base_rng, step * updates_per_step + micro)
         batch = next(iterator)
+        truncated += int(np.sum(batch.get("truncated_tokens", 0)))
         if objective.prepare is not None:
           batch = objective.prepare(batch, trainable, frozen, table, jax.random.fold_in(rng, 1))
         batch = _device_batch(batch, batch_sh, objective)

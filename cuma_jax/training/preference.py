@@ -10,7 +10,6 @@ computed by the same module with the adapters switched off (no second backbone).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import chex
@@ -19,20 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cuma_jax import generation
-from cuma_jax.data.chat import Lengths, sequence_arrays
+from cuma_jax.data.chat import Lengths, sequence_arrays, strip_think
 from cuma_jax.params import merge_params
 from cuma_jax.training.step import SFT_BATCH_KEYS, Objective, forward, supervised_positions
 
 GRPO_LOSS_TYPES = ("dapo", "grpo")
-
-
-def completion_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-  """[B, T, V] logits, [B, T] next-token targets and completion mask -> [B] summed log p."""
-  chex.assert_rank(logits, 3)
-  chex.assert_equal_shape([targets, mask])
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(token * mask.astype(jnp.float32), axis=-1)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
@@ -111,14 +101,15 @@ DPO_BATCH_KEYS = (*SFT_BATCH_KEYS, "reference_log_probs")
 GRPO_BATCH_KEYS = (*SFT_BATCH_KEYS, "advantages", "rewards", "reference_token_log_probs")
 
 
-def token_log_probs(module, params, batch, demographics, max_targets: int):
+def token_log_probs(module, params, batch, demographics, max_targets: int, temperature=1.0):
   """Per-token log p of the supervised targets: ([N, K] log-probs, zero where unsupervised;
   [N, K] weights; the routing outputs).  Only those positions are projected onto the
-  vocabulary; dropout is off (preference training runs deterministic)."""
+  vocabulary; dropout is off (preference training runs deterministic).  ``temperature``
+  divides the logits first (GRPO scores its samples at the temperature they were drawn at)."""
   positions, weights = supervised_positions(batch["loss_mask"], max_targets)
   targets = jnp.take_along_axis(batch["targets"], positions, axis=1)
   logits, aux = forward(module, params, batch, demographics, logit_indices=positions)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   token = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   return token * weights, weights, aux
 
@@ -132,23 +123,38 @@ def _pairs_flat(batch, demographics):
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-  """The reference policy: a module and its (fixed) parameters.  ``module`` is the policy's
-  own decoder without adapters over the frozen backbone (no second backbone), or the policy
-  itself over a copy of its initial adapters (``reference="sft"``)."""
+  """The reference policy: ``module`` over the step's frozen parameters merged with
+  ``params``.  The default — the policy's decoder with the adapters off, ``params`` None —
+  reads the frozen backbone inside the step (no copy, sharded like it).  Fixed ``params``
+  (a copy of the adapters as a stage starts; for full fine-tuning, of the whole model) are
+  scored on the host before each step instead."""
 
   module: Any
-  params: Any
+  params: Any = None
+
+  @property
+  def in_step(self) -> bool:
+    return self.params is None
 
 
-def _reference_forward(reference: Reference, max_targets: int):
+def _fixed_reference(reference: Reference, max_targets: int, temperature: float = 1.0):
+  """(frozen, batch, z) -> the fixed reference's per-token log-probs (jitted, parameters
+  passed as arguments, never captured as constants)."""
+
   @jax.jit
-  def run(batch, demographics):
-    token, _, _ = token_log_probs(
-      reference.module, reference.params, batch, demographics, max_targets
-    )
-    return token
+  def run(params, frozen, batch, demographics):
+    merged = merge_params(params, frozen)
+    return token_log_probs(reference.module, merged, batch, demographics, max_targets, temperature)[
+      0
+    ]
 
-  return run
+  return lambda frozen, batch, z: run(reference.params, frozen, batch, z)
+
+
+def _reference_tokens(reference: Reference, frozen, batch, z, max_targets, temperature=1.0):
+  """The in-step reference's per-token log-probs, without gradients."""
+  token = token_log_probs(reference.module, frozen, batch, z, max_targets, temperature)[0]
+  return jax.lax.stop_gradient(token)
 
 
 def _demographics(table, profile_index):
@@ -159,14 +165,15 @@ def dpo_objective(
   module, reference: Reference, *, beta: float, lambda_aux: float, max_targets: int
 ) -> Objective:
   """DPO's sigmoid loss on [B, 2, L] (chosen, rejected) batches; one z per pair feeds the
-  policy and the reference on both replies.  The reference's summed log-probs are computed
-  before each step (``prepare``), without gradients."""
-  reference_tokens = _reference_forward(reference, max_targets)
+  policy and the reference on both replies.  The reference's summed log-probs carry no
+  gradient: computed inside the step from the frozen backbone, or before it (``prepare``)
+  for a fixed reference."""
+  fixed = None if reference.in_step else _fixed_reference(reference, max_targets)
 
   def prepare(batch, trainable, frozen, table, rng):
-    del trainable, frozen, rng
+    del trainable, rng
     flat, z = _pairs_flat(batch, _demographics(table, batch["profile_index"]))
-    summed = np.asarray(reference_tokens(flat, z)).sum(-1)
+    summed = np.asarray(fixed(frozen, flat, z)).sum(-1)
     return {**batch, "reference_log_probs": summed.reshape(-1, 2).astype(np.float32)}
 
   def loss_fn(trainable, frozen, batch, demographics, rng):
@@ -174,7 +181,10 @@ def dpo_objective(
     flat, z = _pairs_flat(batch, demographics)
     token, _, aux = token_log_probs(module, merge_params(trainable, frozen), flat, z, max_targets)
     policy = token.sum(-1).reshape(-1, 2)
-    ref = batch["reference_log_probs"]
+    if reference.in_step:
+      ref = _reference_tokens(reference, frozen, flat, z, max_targets).sum(-1).reshape(-1, 2)
+    else:
+      ref = batch["reference_log_probs"]
     loss, metrics = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta)
     return loss + lambda_aux * aux["balance_loss"], {
       **metrics,
@@ -185,7 +195,10 @@ def dpo_objective(
     }
 
   return Objective(
-    loss=loss_fn, batch_keys=DPO_BATCH_KEYS, max_targets=max_targets, prepare=prepare
+    loss=loss_fn,
+    batch_keys=SFT_BATCH_KEYS if reference.in_step else DPO_BATCH_KEYS,
+    max_targets=max_targets,
+    prepare=None if reference.in_step else prepare,
   )
 
 
@@ -198,14 +211,6 @@ class Rollout:
   sampling: Any  # generation.SamplingConfig
   group_size: int
   reward: Callable[[np.ndarray, list[str]], np.ndarray]
-
-
-def strip_think(text: str) -> str:
-  """A reply without its think blocks (the judge never reads them)."""
-  return _THINK.sub("", text).strip()
-
-
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
 def grpo_objective(
@@ -228,7 +233,10 @@ def grpo_objective(
   if kl_beta and reference is None:
     raise ValueError("kl_beta > 0 needs a reference policy")
   new_tokens = rollout.sampling.max_new_tokens
-  reference_tokens = _reference_forward(reference, new_tokens) if kl_beta else None
+  temperature = rollout.sampling.temperature or 1.0
+  fixed = None
+  if kl_beta and not reference.in_step:
+    fixed = _fixed_reference(reference, new_tokens, temperature)
   pad = rollout.sampling.pad_token
 
   def prepare(batch, trainable, frozen, table, rng):
@@ -256,16 +264,23 @@ def grpo_objective(
     sequences["profile_index"] = profile_index
     sequences["rewards"] = rewards
     sequences["advantages"] = np.asarray(group_advantages(jnp.asarray(rewards), group))
-    if reference_tokens is None:
+    if fixed is None:
       sequences["reference_token_log_probs"] = np.zeros((len(ids), new_tokens), np.float32)
     else:
-      sequences["reference_token_log_probs"] = np.asarray(reference_tokens(sequences, z))
+      sequences["reference_token_log_probs"] = np.asarray(fixed(frozen, sequences, z))
     return sequences
 
   def loss_fn(trainable, frozen, batch, demographics, rng):
     del rng
     params = merge_params(trainable, frozen)
-    token, weights, aux = token_log_probs(module, params, batch, demographics, new_tokens)
+    token, weights, aux = token_log_probs(
+      module, params, batch, demographics, new_tokens, temperature
+    )
+    reference_tokens = batch["reference_token_log_probs"]
+    if kl_beta and reference.in_step:
+      reference_tokens = _reference_tokens(
+        reference, frozen, batch, demographics, new_tokens, temperature
+      )
     loss = grpo_loss(
       token,
       jax.lax.stop_gradient(token),
@@ -273,7 +288,7 @@ def grpo_objective(
       weights,
       clip_epsilon=clip_epsilon,
       loss_type=loss_type,
-      ref_log_probs=batch["reference_token_log_probs"],
+      ref_log_probs=reference_tokens,
       kl_beta=kl_beta,
     )
     return loss + lambda_aux * aux["balance_loss"], {
