@@ -30,7 +30,7 @@ from cuma_jax.evaluation import judging, metrics
 from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.generation import SamplingConfig
 from cuma_jax.models.config import ModelConfig
-from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
+from cuma_jax.models.pretrained import load_tokenizer
 from cuma_jax.params import filter_tree, is_adapter_path, merge_params, split_params
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
@@ -132,16 +132,7 @@ def prepare(config, workdir: str, log=print) -> Aligned:
       config, _checkpoint_dir(workdir, stage), config_conflicts=_conflicts(stage)
     )
   layout = job.check_layout(config, ModelConfig.from_pretrained(backbone_dir))
-  module, params = load_pretrained(
-    backbone_dir,
-    dtype=jnp.dtype(config.model.dtype),
-    param_dtype=jnp.dtype(config.model.param_dtype),
-    scan_layers=config.model.scan_layers,
-    remat=config.model.remat,
-    adapter=schema.adapter_config(config),
-    rng=jax.random.PRNGKey(config.seed),
-    layout=layout,
-  )
+  module, params = job.load_model(config, backbone_dir, layout)
   return Aligned(
     config=config,
     workdir=workdir,

@@ -8,13 +8,15 @@ look at its routing, without the command line::
     import cuma_jax
 
     config = cuma_jax.experiment_config("cuma", "demo")
-    cuma_jax.run(config, "runs/demo")
+    cuma_jax.run(config, "runs/demo")                   # or a preference config
     experiment = cuma_jax.restore("runs/demo")          # model, params, tokenizer, data
     usage = cuma_jax.routing_usage(experiment, "test")   # per-profile expert usage
     by_culture = cuma_jax.usage_by_group(usage, cuma_jax.latent_culture(experiment.data.oracle))
 """
 
 from __future__ import annotations
+
+from cuma_jax import alignment, job
 
 # Re-exports (``name as name``): this module's namespace is the API.
 from cuma_jax.analysis import latent_culture as latent_culture
@@ -23,9 +25,14 @@ from cuma_jax.analysis import usage_by_group as usage_by_group
 from cuma_jax.job import Experiment as Experiment
 from cuma_jax.job import prepare as prepare
 from cuma_jax.job import restore as restore
-from cuma_jax.job import run as run
 from cuma_jax.models.pretrained import build_decoder as build_decoder
 from cuma_jax.models.pretrained import load_pretrained as load_pretrained
 from cuma_jax.models.pretrained import load_tokenizer as load_tokenizer
 from cuma_jax.models.pretrained import save_pretrained as save_pretrained
 from cuma_jax.presets import experiment_config as experiment_config
+
+
+def run(config, workdir: str, log=print) -> dict:
+  """Trains and evaluates what ``config`` describes: a survey experiment
+  (:func:`cuma_jax.job.run`) or a preference one (:func:`cuma_jax.alignment.run`)."""
+  return (alignment.run if config.task == "preference" else job.run)(config, workdir, log)

@@ -313,6 +313,21 @@ def check_layout(config, model_config: ModelConfig, devices=None) -> Layout:
   return layout
 
 
+def load_model(config, backbone_dir: str, layout: Layout):
+  """The backbone with the config's adapter (initialised from ``config.seed``), loaded
+  sharded onto ``layout`` in the config's dtypes."""
+  return load_pretrained(
+    backbone_dir,
+    dtype=jnp.dtype(config.model.dtype),
+    param_dtype=jnp.dtype(config.model.param_dtype),
+    scan_layers=config.model.scan_layers,
+    remat=config.model.remat,
+    adapter=schema.adapter_config(config),
+    rng=jax.random.PRNGKey(config.seed),
+    layout=layout,
+  )
+
+
 def prepare(config, workdir: str, log=print) -> Experiment:
   """Prepares data, backbone, model, tokenizer and demographics of a validated config, after
   refusing a workdir whose checkpoints came from other inputs (before any model loads)."""
@@ -328,16 +343,7 @@ def prepare(config, workdir: str, log=print) -> Experiment:
     config, _checkpoint_dir(workdir), inputs, config_conflicts=schema.resume_conflicts
   )
   layout = check_layout(config, ModelConfig.from_pretrained(backbone_dir))
-  module, params = load_pretrained(
-    backbone_dir,
-    dtype=jnp.dtype(config.model.dtype),
-    param_dtype=jnp.dtype(config.model.param_dtype),
-    scan_layers=config.model.scan_layers,
-    remat=config.model.remat,
-    adapter=schema.adapter_config(config),
-    rng=jax.random.PRNGKey(config.seed),
-    layout=layout,
-  )
+  module, params = load_model(config, backbone_dir, layout)
   train_tables = SurveyTables.of(data.sources["train"])
   return Experiment(
     config=config,

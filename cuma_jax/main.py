@@ -1,6 +1,7 @@
 """Runs one experiment: ``python -m cuma_jax.main --config=configs/cuma.py:demo --workdir=DIR``.
 
-Thin on purpose: the work is in :mod:`cuma_jax.job`, importable from notebooks.
+Thin on purpose: the work is in :mod:`cuma_jax.job` (a survey) and :mod:`cuma_jax.alignment`
+(a preference task), importable from notebooks.
 """
 
 import logging
@@ -10,7 +11,7 @@ from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from cuma_jax import alignment, job
+from cuma_jax import api, job
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -37,8 +38,7 @@ def main(argv):
   config = _CONFIG.value
   job.initialize_distributed(config)
   # Every process runs the job; process 0 alone reports.
-  run = alignment.run if config.task == "preference" else job.run
-  run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
+  api.run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
 
 
 def _silent(*_):

@@ -67,6 +67,23 @@ def _paper_scale(architecture: str, rank: int, learning_rate: float, **extra) ->
   return scale
 
 
+# The embedded defaults' model: the tiny Qwen3 in float32 on a CPU, CuMA with 4 experts on
+# every projection, z from the n-gram encoder fitted to the training answers (the tiny
+# backbone's pooled states carry too little of a profile).
+_TINY_CUMA: Overrides = {
+  "model.architecture": schema.TINY,
+  "model.dtype": "float32",
+  "model.param_dtype": "float32",
+  "model.scan_layers": False,
+  "model.remat": "none",
+  "encoder.kind": "fitted_ngrams",
+  "adapter.targets": TARGET_MODULES,
+  "adapter.num_experts": 4,
+  "adapter.router_hidden": (32,),
+  "tiny_backbone.hidden_size": 64,
+}
+
+
 def demo() -> ml_collections.ConfigDict:
   """The embedded default: the synthetic survey and a tiny Qwen3 built locally, on a CPU.
 
@@ -77,19 +94,8 @@ def demo() -> ml_collections.ConfigDict:
   return apply_overrides(
     schema.defaults(),
     {
-      "model.architecture": schema.TINY,
-      "model.dtype": "float32",
-      "model.param_dtype": "float32",
-      "model.scan_layers": False,
-      "model.remat": "none",
-      # The profile reaches the routers as text through an n-gram encoder fitted to the
-      # training answers: the tiny backbone's pooled states carry too little of it.
-      "encoder.kind": "fitted_ngrams",
-      "adapter.targets": TARGET_MODULES,
-      "adapter.num_experts": 4,
-      "adapter.router_hidden": (32,),
+      **_TINY_CUMA,
       "adapter.demographic_dim": 64,
-      "tiny_backbone.hidden_size": 64,
       "data.dataset": "synthetic",
       "data.max_length": 112,  # the survey's longest example has 108 tokens
       "data.batch_size": 32,
@@ -151,17 +157,8 @@ def preference_demo() -> ml_collections.ConfigDict:
     schema.defaults(),
     {
       "task": "preference",
-      "model.architecture": schema.TINY,
-      "model.dtype": "float32",
-      "model.param_dtype": "float32",
-      "model.scan_layers": False,
-      "model.remat": "none",
-      "encoder.kind": "fitted_ngrams",
-      "adapter.targets": TARGET_MODULES,
-      "adapter.num_experts": 4,
-      "adapter.router_hidden": (32,),
+      **_TINY_CUMA,
       "adapter.demographic_dim": 16,
-      "tiny_backbone.hidden_size": 64,
       "tiny_backbone.warmup_steps": 300,
       "data.dataset": "synthetic_preference",
       "data.max_length": 112,  # the longest synthetic example has 109 tokens

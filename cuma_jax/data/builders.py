@@ -52,11 +52,13 @@ FEATURES = tfds.features.FeaturesDict(
 )
 
 
-class _SurveyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared features, file format and metadata of the survey datasets."""
+class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """The array_record file format (no TensorFlow), records in key order, the survey's
+  features (``RECORD_FEATURES``: another dataset names its own) and metadata."""
 
   VERSION = tfds.core.Version("1.0.0")
   DESCRIPTION = ""
+  RECORD_FEATURES = FEATURES
 
   def __init__(self, *, file_format: str = "array_record", **kwargs: Any):
     super().__init__(file_format=file_format, **kwargs)
@@ -79,7 +81,7 @@ class _SurveyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return tfds.core.DatasetInfo(
       builder=self,
       description=self.DESCRIPTION,
-      features=FEATURES,
+      features=self.RECORD_FEATURES,
       metadata=tfds.core.MetadataDict(),
       disable_shuffling=self._keep_generation_order(),
     )
@@ -122,7 +124,7 @@ class WvbConfig(tfds.core.BuilderConfig):
   incomplete_profiles: str = wvb.DROP
 
 
-class CumaWorldValuesBench(_SurveyBuilder):
+class CumaWorldValuesBench(ArrayRecordBuilder):
   """WorldValuesBench from a manual directory (WVS needs registration, so no download)."""
 
   name = "cuma_world_values_bench"
@@ -188,7 +190,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   survey: synthetic.SyntheticSurveyConfig = synthetic.SyntheticSurveyConfig()
 
 
-class CumaSyntheticSurvey(_SurveyBuilder):
+class CumaSyntheticSurvey(ArrayRecordBuilder):
   """The synthetic survey of `synthetic.py`, generated locally, read with the WVB reader."""
 
   name = "cuma_synthetic_survey"
@@ -226,12 +228,7 @@ def prepared_builder(data_config, data_dir: str, log=print) -> tfds.core.Dataset
     )
     download_config = None
   else:
-    manual_dir = data_config.manual_dir
-    if not manual_dir or not os.path.isdir(manual_dir):
-      raise FileNotFoundError(
-        f"config.data.manual_dir={manual_dir!r} is not a directory; point it at the "
-        f"WorldValuesBench root ({wvb.DOCS} describes what it holds)"
-      )
+    manual_dir = manual_directory(data_config, f"the WorldValuesBench root ({wvb.DOCS})")
     files = {
       name: digest
       for path in wvb.input_files(manual_dir)
@@ -242,6 +239,21 @@ def prepared_builder(data_config, data_dir: str, log=print) -> tfds.core.Dataset
     name = f"{base.name}_{fingerprint.digest(files)[:12]}"
     builder = CumaWorldValuesBench(data_dir=data_dir, config=dataclasses.replace(base, name=name))
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  return prepare_once(builder, download_config, log)
+
+
+def manual_directory(data_config, holding: str) -> str:
+  """``config.data.manual_dir``, refused unless it is a directory (holding ``holding``)."""
+  manual_dir = data_config.manual_dir
+  if not manual_dir or not os.path.isdir(manual_dir):
+    raise FileNotFoundError(
+      f"config.data.manual_dir={manual_dir!r} is not a directory; point it at {holding}"
+    )
+  return manual_dir
+
+
+def prepare_once(builder, download_config, log) -> tfds.core.DatasetBuilder:
+  """Prepares ``builder`` unless a builder of the same name (a digest of its inputs) is."""
   if builder.is_prepared():
     log(f"reusing the dataset prepared in {builder.data_dir} (its inputs are unchanged)")
   else:

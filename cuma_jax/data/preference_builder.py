@@ -20,8 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from cuma_jax import fingerprint
-from cuma_jax.data import preference_sources, synthetic_preference
-from cuma_jax.data.builders import _SurveyBuilder
+from cuma_jax.data import builders, preference_sources, synthetic_preference
 
 SOURCES = ("synthetic_preference", "community_alignment", "prism")
 SPLITS = ("sft_train", "sft_test", "dpo_train", "dpo_test", "ca_eval")
@@ -57,7 +56,7 @@ class PreferenceConfig(tfds.core.BuilderConfig):
   )
 
 
-class CumaPreference(_SurveyBuilder):
+class CumaPreference(builders.ArrayRecordBuilder):
   """Chat SFT rows, DPO pairs and the 4-way accuracy set of one preference source."""
 
   name = "cuma_preference"
@@ -67,15 +66,7 @@ class CumaPreference(_SurveyBuilder):
     "as docs/preference.md#data describes."
   )
   BUILDER_CONFIGS = [PreferenceConfig(name="synthetic_preference")]
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=self.DESCRIPTION,
-      features=FEATURES,
-      metadata=tfds.core.MetadataDict(),
-      disable_shuffling=True,
-    )
+  RECORD_FEATURES = FEATURES
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     config = self.builder_config
@@ -111,12 +102,9 @@ def prepared_builder(data_config, data_dir: str, log=print) -> tfds.core.Dataset
     inputs: Any = dataclasses.asdict(synthetic)
     download_config = None
   else:
-    manual_dir = data_config.manual_dir
-    if not manual_dir or not os.path.isdir(manual_dir):
-      raise FileNotFoundError(
-        f"config.data.manual_dir={manual_dir!r} is not a directory; point it at the folder "
-        f"holding the {source} files (docs/preference.md#data)"
-      )
+    manual_dir = builders.manual_directory(
+      data_config, f"the folder holding the {source} files (docs/preference.md#data)"
+    )
     # Keyed by the path under manual_dir: saved-layout files of several tables share names.
     inputs = {
       os.path.relpath(path, manual_dir): fingerprint.fingerprint(path)
@@ -133,11 +121,7 @@ def prepared_builder(data_config, data_dir: str, log=print) -> tfds.core.Dataset
       synthetic=synthetic,
     ),
   )
-  if builder.is_prepared():
-    log(f"reusing the dataset prepared in {builder.data_dir} (its inputs are unchanged)")
-  else:
-    builder.download_and_prepare(download_config=download_config)
-  return builder
+  return builders.prepare_once(builder, download_config, log)
 
 
 def load_oracle(source) -> synthetic_preference.PreferenceOracle:
