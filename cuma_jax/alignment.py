@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuma_jax import fingerprint, job, presets, schema
+from cuma_jax import fingerprint, job, presets, schema, sharding
 from cuma_jax.data import chat, preference_builder
 from cuma_jax.data.pipeline import as_text
 from cuma_jax.data.synthetic_preference import PreferenceOracle
@@ -338,7 +338,13 @@ def _grpo(aligned: Aligned, params: dict):
   )
   return grpo_objective(
     aligned.module,
-    Rollout(tokenizer=tokenizer, sampling=sampling, group_size=g.group_size, reward=reward),
+    Rollout(
+      tokenizer=tokenizer,
+      sampling=sampling,
+      group_size=g.group_size,
+      reward=reward,
+      layout=sharding.Layout.of(config.mesh),
+    ),
     clip_epsilon=g.clip_epsilon,
     loss_type=g.loss_type,
     kl_beta=g.kl_beta,
@@ -419,6 +425,7 @@ def _replies(aligned: Aligned, model: evaluation.Model, cases: list[dict]) -> li
     rng=jax.random.key(aligned.config.seed + 1),
     max_prompt_length=aligned.config.preference.max_prompt_length,
     batch_size=aligned.config.eval.batch_size,
+    layout=sharding.Layout.of(aligned.config.mesh),
   )
 
 

@@ -10,6 +10,7 @@ Face's ``generate`` does with left padding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -20,6 +21,7 @@ import numpy as np
 from cuma_jax import fields
 from cuma_jax.fields import field
 from cuma_jax.models.decoder import init_cache
+from cuma_jax.sharding import Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +194,13 @@ def generate(
   demographics=None,
   rng=None,
   return_logits: bool = False,
+  layout: Layout | None = None,
 ) -> Generation:
   """Continues each prompt of the batch; ``demographics`` [B, d] when the routers read them.
 
-  ``rng`` (a PRNG key) is required when sampling (temperature > 0).
+  ``rng`` (a PRNG key) is required when sampling (temperature > 0).  With ``layout`` (the
+  training's mesh and rules; ``params`` placed by it), the batch, the key/value cache and
+  the activations are split by the same logical rules as training.
   """
   if sampling.temperature > 0 and rng is None:
     raise ValueError("sampling with temperature > 0 needs an explicit rng key")
@@ -203,12 +208,16 @@ def generate(
   ids, mask = align_right(input_ids, attention_mask, sampling.pad_token)
   total = ids.shape[1] + sampling.max_new_tokens
   z = None if demographics is None else jnp.asarray(demographics, jnp.float32)
-  logits, cache, full_mask, last_position = _prefill(
-    module, params, jnp.asarray(ids), jnp.asarray(mask), z, module.dtype, total
-  )
-  tokens, lengths, all_logits = _decode(
-    module, sampling, params, logits, cache, full_mask, last_position, z, return_logits, rng
-  )
+  ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  with layout.active() if layout is not None else contextlib.nullcontext():
+    if layout is not None:
+      ids, mask, z = (x if x is None else jax.device_put(x, layout.batch) for x in (ids, mask, z))
+    logits, cache, full_mask, last_position = _prefill(
+      module, params, ids, mask, z, module.dtype, total
+    )
+    tokens, lengths, all_logits = _decode(
+      module, sampling, params, logits, cache, full_mask, last_position, z, return_logits, rng
+    )
   return Generation(
     tokens=np.asarray(tokens),
     lengths=np.asarray(lengths),

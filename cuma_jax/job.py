@@ -294,6 +294,13 @@ def check_layout(config, model_config: ModelConfig, devices=None) -> Layout:
     problems.append(f"data.batch_size x processes = {global_batch} over the batch axes ({split})")
   if config.eval.batch_size % split:
     problems.append(f"eval.batch_size = {config.eval.batch_size} over the batch axes ({split})")
+  if config.task == "preference":
+    p = config.preference
+    pairs = (p.dpo.batch_size or config.data.batch_size) * jax.process_count()
+    samples = (p.grpo.prompts_per_step or config.data.batch_size) * p.grpo.group_size
+    for name, rows in (("DPO pairs per step", pairs), ("GRPO samples per step", samples)):
+      if rows % split:
+        problems.append(f"{name} = {rows} over the batch axes ({split})")
   split_axes = [axis for axis, size in sizes.items() if size > 1]
   if config.model.scan_layers and len(split_axes) >= 3:
     # Measured: a scanned layer stack on a data x fsdp x model mesh gives LoRA B gradients

@@ -2,12 +2,14 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 
-from cuma_jax import generation
+from cuma_jax import generation, sharding
 from cuma_jax.layers.adapter_config import AdapterConfig
+from cuma_jax.models.decoder import init_cache
 from cuma_jax.models.pretrained import load_pretrained
 
 D_DEMO = 6
@@ -161,3 +163,35 @@ def test_sampling_filters_match_numpy():
 def test_align_right_refuses_holes():
   with pytest.raises(ValueError, match="contiguous"):
     generation.align_right(np.ones((1, 4)), np.array([[1, 0, 1, 1]]), 0)
+
+
+def test_sharded_generation_equals_one_device_and_splits_the_cache(tiny_checkpoint):
+  """On a data 2 x fsdp 4 mesh (fsdp rules: weights and batch split), decoding gives one
+  device's tokens and logits, and the key/value cache is split over the batch axes."""
+  directory, torch_model = tiny_checkpoint("qwen3")
+  mesh = ml_collections.ConfigDict(
+    {"rules_preset": "fsdp", "shape": (("data", 2), ("fsdp", 4)), "rules": ()}
+  )
+  layout = sharding.Layout.of(mesh)
+  adapter = AdapterConfig(
+    targets=("q_proj", "v_proj"), rank=4, num_experts=4, top_k=2, demographic_dim=D_DEMO
+  )
+  module, params = load_pretrained(directory, adapter=adapter, rng=jax.random.key(1))
+  params = _randomize(params, 2)
+  _, placed = load_pretrained(directory, adapter=adapter, rng=jax.random.key(1), layout=layout)
+  placed = jax.tree.map(lambda p, v: jax.device_put(v, p.sharding), placed, params)
+  rng = np.random.default_rng(5)
+  ids = rng.integers(1, torch_model.config.vocab_size, (8, 6))
+  mask = np.ones_like(ids)
+  mask[::2, :2] = 0  # left padding on half the rows
+  z = rng.normal(size=(8, D_DEMO)).astype(np.float32)
+  sampling = generation.SamplingConfig(max_new_tokens=5)
+  one = generation.generate(module, params, ids, mask, sampling, demographics=z, return_logits=True)
+  split = generation.generate(
+    module, placed, ids, mask, sampling, demographics=z, return_logits=True, layout=layout
+  )
+  np.testing.assert_array_equal(split.tokens, one.tokens)
+  np.testing.assert_allclose(split.logits, one.logits, atol=1e-5, rtol=1e-5)
+  with layout.active():
+    cache = jax.jit(lambda: init_cache(module.config, 8, 16))()
+  assert cache["key"].sharding.spec[1] == ("data", "fsdp")

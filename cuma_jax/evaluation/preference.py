@@ -154,6 +154,7 @@ def generate_replies(
   rng,
   max_prompt_length: int,
   batch_size: int = 16,
+  layout=None,
 ) -> list[str]:
   """One reply per chat prompt (think and tool blocks stripped), the profile's z at every
   step; a prompt longer than ``max_prompt_length`` keeps its end."""
@@ -174,6 +175,7 @@ def generate_replies(
       sampling,
       demographics=model.z(rows + rows[:1] * (batch_size - len(rows))),
       rng=jax.random.fold_in(rng, i),
+      layout=layout,
     )
     for tokens, length in zip(out.tokens[: len(rows)], out.lengths[: len(rows)]):
       replies.append(strip_think(tokenizer.decode(tokens[:length], skip_special_tokens=True)))

@@ -463,8 +463,15 @@ class Decoder(nn.Module):
     return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else {}
 
 
+CACHE_AXES = (ax.LAYERS, ax.BATCH, ax.LENGTH, ax.KV_HEADS, ax.HEAD_DIM)
+
+
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
   """An empty key/value cache for ``length`` positions: {"key", "value"} of shape
-  [layers, batch, length, kv_heads, head_dim]."""
+  [layers, batch, length, kv_heads, head_dim], on the logical axes ``CACHE_AXES`` (under
+  an active layout, split like the attention it serves)."""
   shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-  return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+  return {
+    name: nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES)
+    for name in ("key", "value")
+  }

@@ -211,6 +211,7 @@ class Rollout:
   sampling: Any  # generation.SamplingConfig
   group_size: int
   reward: Callable[[np.ndarray, list[str]], np.ndarray]
+  layout: Any = None  # sharding.Layout: sample split like training
 
 
 def grpo_objective(
@@ -246,7 +247,14 @@ def grpo_objective(
     profile_index = np.repeat(batch["profile_index"], group, axis=0)
     z = _demographics(table, profile_index)
     out = generation.generate(
-      module, merge_params(trainable, frozen), ids, mask, rollout.sampling, demographics=z, rng=rng
+      module,
+      merge_params(trainable, frozen),
+      ids,
+      mask,
+      rollout.sampling,
+      demographics=z,
+      rng=rng,
+      layout=rollout.layout,
     )
     completions = [out.tokens[i, : out.lengths[i]].tolist() for i in range(len(ids))]
     texts = [
