@@ -244,6 +244,8 @@ def _preference_scale(dataset: str, released: bool, stages=("sft", "dpo")) -> Ca
       "preference.stages": stages,
       "preference.max_prompt_length": 1024,
       "preference.max_completion_length": 1024,
+      # Pairs per step and process: the released CA script takes one pair per GPU (8 on a
+      # node of 8), PRISM 32.
       "preference.dpo.batch_size": 8 if community else 32,
       "preference.dpo.weight_decay": 0.01 if community else 0.0,
       "preference.eval.judge": "local_lm",
