@@ -12,6 +12,7 @@ import ml_collections
 import pytest
 
 from cuma_jax import alignment, presets, schema
+from cuma_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = f"--config={ROOT}/configs/cuma.py:preference_tiny"
@@ -187,3 +188,12 @@ def test_a_stage_retrained_under_a_finished_later_stage_is_refused(preference_ru
   )
   assert more.returncode != 0
   assert "previous_stage" in more.stderr and "dpo" in more.stderr
+
+
+def test_stage_lengths_follow_epochs_batches_and_accumulation():
+  c = _preference(**{"optim.accumulation_steps": 2, "train.num_steps": -1, "train.num_epochs": 3})
+  # SFT: 3 epochs of 1,000 rows in batches of 8, two batches per update.
+  assert loop.total_steps(c, 1000) == 3 * (1000 // 8) // 2
+  # DPO with num_steps=-1: one epoch of the pairs in its own batch size.
+  assert loop.total_steps(c, 1000, num_steps=-1, num_epochs=1, batch_size=10) == 100 // 2
+  assert loop.total_steps(c, 1000, num_steps=7, num_epochs=1, batch_size=10) == 7
