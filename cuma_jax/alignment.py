@@ -1,6 +1,7 @@
 """The preference task end to end: data, backbone, chat SFT, DPO, GRPO, evaluation.
 
-``job.run`` hands a config with ``task="preference"`` here.  Stages run in the order of
+``cuma_jax.run`` (and so ``python -m cuma_jax.main``) hands a ``task="preference"`` config
+here.  Stages run in the order of
 ``preference.stages``, each in ``WORKDIR/<stage>`` (resumable like any training run), each
 starting from the adapters the previous one left.  Evaluation (docs/evaluation.md#preference-
 alignment) scores the base model (the backbone with the adapters off), the trained model and
@@ -13,6 +14,7 @@ and verdicts go to ``WORKDIR/predictions/*.jsonl``, metrics to ``WORKDIR/results
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -108,6 +110,30 @@ class Aligned:
   def base(self) -> evaluation.Model:
     """The backbone with the adapters off (frozen weights, no profile reaches a router)."""
     return evaluation.Model("base", self.module.clone(adapter=None), self.backbone)
+
+  @functools.cached_property
+  def judge(self):
+    """``preference.eval.judge``, loaded once for GRPO's rewards and the win-rate."""
+    pe = self.config.preference.eval
+    if pe.judge == "rule":
+      return evaluation.RuleJudge(self.data.oracle)
+    demonstrations = []
+    if pe.judge_demonstrations:
+      cases = _cases(self.data.sources["dpo_train"], pe.judge_demonstrations, replies=True)
+      demonstrations = [
+        judging.Case(c["profile"], c["context"], c["chosen"], c["rejected"]) for c in cases
+      ]
+    return judging.LocalLMJudge(pe.judge_checkpoint, demonstrations=demonstrations)
+
+  def sampling(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
+    """How this backbone's replies are decoded: stopped at its end-of-turn tokens."""
+    return SamplingConfig(
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+      stop_tokens=judging.end_of_turn_ids(self.tokenizer, self.backbone_dir),
+      pad_token=pad_id(self.tokenizer),
+    )
 
 
 def _backbone_params(params: dict, copy: bool) -> dict:
@@ -267,23 +293,11 @@ def _reference(aligned: Aligned, params: dict, kind: str) -> Reference:
   return Reference(aligned.module.clone(adapter=None))
 
 
-def _judge(aligned: Aligned):
-  pe = aligned.config.preference.eval
-  if pe.judge == "rule":
-    return evaluation.RuleJudge(aligned.data.oracle)
-  demonstrations = [
-    judging.Case(c["profile"], c["context"], c["chosen"], c["rejected"])
-    for c in _cases(aligned.data.sources["dpo_train"], pe.judge_demonstrations, replies=True)
-    if pe.judge_demonstrations
-  ]
-  return judging.LocalLMJudge(pe.judge_checkpoint, demonstrations=demonstrations)
-
-
 def _grpo(aligned: Aligned, params: dict):
   config = aligned.config
   g = config.preference.grpo
   source = aligned.data.sources["dpo_train"]
-  judge = _judge(aligned)
+  judge = aligned.judge
   if isinstance(judge, judging.LocalLMJudge):
     judge = judge.with_prompt(judging.reward_user_prompt)
   references: dict[int, str] = {}
@@ -300,20 +314,14 @@ def _grpo(aligned: Aligned, params: dict):
       elif g.reference_reply == "population_mode":
         oracle = aligned.data.oracle
         questions = [chat.messages_of(r)[-1]["content"] for r in records]
-        replies = [
-          oracle.replies[oracle.question_index(q)][oracle.population_reply(q)] for q in questions
-        ]
+        replies = [oracle.reply(q, oracle.population_reply(q)) for q in questions]
       else:
         replies = evaluation.generate_replies(
           base,
           tokenizer,
           [chat.messages_of(r) for r in records],
           [as_text(r["profile"]) for r in records],
-          SamplingConfig(
-            max_new_tokens=g.max_new_tokens,
-            stop_tokens=judging.end_of_turn_ids(tokenizer, aligned.backbone_dir),
-            pad_token=pad_id(tokenizer),
-          ),
+          aligned.sampling(g.max_new_tokens),
           rng=jax.random.key(config.seed),
           max_prompt_length=g.max_prompt_length,
           batch_size=config.eval.batch_size,
@@ -329,13 +337,7 @@ def _grpo(aligned: Aligned, params: dict):
     ]
     return np.asarray([judging.reward_from_verdict(v) for v in judge(cases)], np.float32)
 
-  sampling = SamplingConfig(
-    max_new_tokens=g.max_new_tokens,
-    temperature=g.temperature,
-    top_p=g.top_p,
-    stop_tokens=judging.end_of_turn_ids(tokenizer, aligned.backbone_dir),
-    pad_token=pad_id(tokenizer),
-  )
+  sampling = aligned.sampling(g.max_new_tokens, g.temperature, g.top_p)
   return grpo_objective(
     aligned.module,
     Rollout(
@@ -404,24 +406,14 @@ def _ca_rows(source, count: int) -> list[dict]:
   ]
 
 
-def _sampling(aligned: Aligned) -> SamplingConfig:
-  pe = aligned.config.preference.eval
-  return SamplingConfig(
-    max_new_tokens=pe.max_new_tokens,
-    temperature=pe.temperature,
-    top_p=pe.top_p,
-    stop_tokens=judging.end_of_turn_ids(aligned.tokenizer, aligned.backbone_dir),
-    pad_token=pad_id(aligned.tokenizer),
-  )
-
-
 def _replies(aligned: Aligned, model: evaluation.Model, cases: list[dict]) -> list[str]:
+  pe = aligned.config.preference.eval
   return evaluation.generate_replies(
     model,
     aligned.tokenizer,
     [c["messages"] for c in cases],
     [c["profile"] for c in cases],
-    _sampling(aligned),
+    aligned.sampling(pe.max_new_tokens, pe.temperature, pe.top_p),
     rng=jax.random.key(aligned.config.seed + 1),
     max_prompt_length=aligned.config.preference.max_prompt_length,
     batch_size=aligned.config.eval.batch_size,
@@ -444,7 +436,7 @@ def evaluation_set(aligned: Aligned, log=print) -> Evaluation:
     ca_rows=ca_rows,
     cases=cases,
     base_replies=_replies(aligned, aligned.base(), cases),
-    judge=_judge(aligned),
+    judge=aligned.judge,
   )
 
 
@@ -504,12 +496,8 @@ def references(aligned: Aligned, ev: Evaluation) -> dict:
         "macro_f1": metrics.macro_f1(predicted, answers),
         "rows": len(answers),
       }
-    replies = []
-    for c in ev.cases:
-      question = c["messages"][-1]["content"]
-      replies.append(
-        oracle.replies[oracle.question_index(question)][option(c["profile"], question)]
-      )
+    questions = [c["messages"][-1]["content"] for c in ev.cases]
+    replies = [oracle.reply(q, option(c["profile"], q)) for c, q in zip(ev.cases, questions)]
     result["win_rate"], _ = evaluation.win_rate(
       ev.judge, ev.cases, replies, ev.base_replies, seed=aligned.config.preference.eval.swap_seed
     )
@@ -522,9 +510,10 @@ def run(config, workdir: str, log=print) -> dict:
   writes results.json; returns the results."""
   job.validate(config)
   pe = config.preference.eval
-  if jax.process_count() > 1 and _host_side_stages(config):
+  host_side = _host_side_stages(config)
+  if jax.process_count() > 1 and host_side:
     raise ValueError(
-      f"{_host_side_stages(config)} run on one process's batch on the host (sampling, or a "
+      f"{host_side} run on one process's batch on the host (sampling, or a "
       "fixed reference); run them single-process (one host, any number of its devices)"
     )
   if pe.judge == "local_lm" and not os.path.isdir(pe.judge_checkpoint):
@@ -538,8 +527,7 @@ def run(config, workdir: str, log=print) -> dict:
   )
   if step is None and config.mode == "eval":
     raise FileNotFoundError(
-      f"mode=eval needs a readable checkpoint of the last stage in "
-      f"{_checkpoint_dir(workdir, config.preference.stages[-1])}"
+      f"mode=eval needs a readable checkpoint of the last stage in {_checkpoint_dir(workdir, last)}"
     )
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     aligned = prepare(config, workdir, log)
@@ -620,6 +608,7 @@ def _baseline(aligned: Aligned, method: str, ev: Evaluation, log) -> dict:
   log(f"baseline {method}: the same data, backbone and stages, in {workdir}")
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     other = prepare(baseline, workdir, log)
+    other.judge = aligned.judge  # one judge for every model of the run
     params = _train_or_restore(other, log)
     # Beside the run's own predictions, so that one folder compares every model.
     result = score(

@@ -116,6 +116,10 @@ class PreferenceOracle:
     """[4] p_c(q) of the profile's culture."""
     return self.preference[self.culture_of_profile[profile], self.question_index(question)]
 
+  def reply(self, question: str, option: int) -> str:
+    """The text of the question's reply ``option``."""
+    return self.replies[self.question_index(question)][option]
+
   def population_reply(self, question: str) -> int:
     """The reply a profile-blind model prefers: the population's mode."""
     return int(np.argmax(self.culture_weights @ self.preference[:, self.question_index(question)]))

@@ -144,9 +144,10 @@ def _fixed_reference(reference: Reference, max_targets: int, temperature: float 
   @jax.jit
   def run(params, frozen, batch, demographics):
     merged = merge_params(params, frozen)
-    return token_log_probs(reference.module, merged, batch, demographics, max_targets, temperature)[
-      0
-    ]
+    token, _, _ = token_log_probs(
+      reference.module, merged, batch, demographics, max_targets, temperature
+    )
+    return token
 
   return lambda frozen, batch, z: run(reference.params, frozen, batch, z)
 
