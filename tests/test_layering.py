@@ -14,7 +14,7 @@ LAYERS = (
   ("training", "encoders", "generation"),
   ("evaluation", "schema", "presets"),
   ("tiny",),
-  ("job", "analysis"),
+  ("job", "analysis", "figures"),
   ("api", "alignment"),
   ("main", "param_count", "plan"),
 )

@@ -48,7 +48,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cuma_jax import analysis, job, presets, schema  # noqa: E402
+from cuma_jax import analysis, figures, job, presets, schema  # noqa: E402
 from cuma_jax.data.pipeline import SurveyTables  # noqa: E402
 from cuma_jax.param_count import count_parameters  # noqa: E402
 from cuma_jax.tiny import backbone as tiny_backbone  # noqa: E402
@@ -253,60 +253,21 @@ def _fmt(mean, std, digits: int) -> str:
 
 
 def plot_topology(experiment, oracle, out: str) -> None:
+  """CuMA's expert usage per latent culture and layer, and per-profile routing in 2-D."""
   usage = analysis.routing_usage(experiment, "test")
-  groups = analysis.usage_by_group(usage, analysis.latent_culture(oracle))
-  routers = sorted(usage.usage)
-  fig, axes = plt.subplots(
-    1, len(routers), figsize=(2.2 * len(routers), 2.8), squeeze=False, constrained_layout=True
+  culture = analysis.latent_culture(oracle)
+  figure = figures.cultural_topology(
+    analysis.usage_by_group(usage, culture),
+    "CuMA expert usage per latent culture and layer (test profiles)",
   )
-  names = sorted(groups)
-  top = max(float(groups[g][r].max()) for g in names for r in routers)
-  for ax, router in zip(axes[0], routers):
-    # Rows: (culture, layer); columns: experts; one colour scale for every router.
-    matrix = np.concatenate([groups[g][router] for g in names])
-    layers = groups[names[0]][router].shape[0]
-    image = ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0.0, vmax=top)
-    ax.set_title(router, fontsize=8)
-    ax.set_xlabel("expert", fontsize=7)
-    ax.set_yticks(range(len(matrix)))
-    ax.set_yticklabels([f"{g[-1]}/L{layer}" for g in names for layer in range(layers)], fontsize=6)
-    ax.tick_params(labelsize=6)
-  axes[0][0].set_ylabel("culture / layer", fontsize=7)
-  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean gate weight per token")
-  fig.suptitle("CuMA expert usage per latent culture and layer (test profiles)", fontsize=9)
-  fig.savefig(os.path.join(out, "figures", "cultural_topology.png"), dpi=120)
-  plt.close(fig)
-  # Per-profile routing: every router's usage, flattened, projected on its 2 leading PCs.
-  flat = np.concatenate([usage.usage[r].reshape(len(usage.profiles), -1) for r in routers], 1)
-  centred = flat - flat.mean(0)
-  _, _, vt = np.linalg.svd(centred, full_matrices=False)
-  xy = centred @ vt[:2].T
-  culture = np.array([np.argmax(oracle.culture_posterior[p]) for p in usage.profiles])
-  fig, ax = plt.subplots(figsize=(4.2, 3.6), constrained_layout=True)
-  for k in np.unique(culture):
-    ax.scatter(*xy[culture == k].T, s=8, label=f"culture {k}")
-  ax.set_xlabel("PC 1")
-  ax.set_ylabel("PC 2")
-  ax.legend(fontsize=7)
-  ax.set_title("CuMA routing per test profile (PCA)", fontsize=9)
-  fig.savefig(os.path.join(out, "figures", "routing_by_profile.png"), dpi=120)
-  plt.close(fig)
+  _save(figure, out, "cultural_topology.png")
+  figure = figures.routing_projection(usage, culture, "CuMA routing per test profile (PCA)")
+  _save(figure, out, "routing_by_profile.png")
 
 
-def plot_emd_curves(curves: dict[str, list[float]], out: str) -> None:
-  thresholds = np.linspace(0.0, 0.6, 61)
-  fig, ax = plt.subplots(figsize=(5.2, 3.6), constrained_layout=True)
-  colours = plt.get_cmap("tab20").colors  # one colour per curve (the default cycle has 10)
-  for (label, emds), colour in zip(curves.items(), colours):
-    emds = np.asarray(emds)
-    style = "--" if label in dict(REFERENCES) else "-"
-    fraction = [(emds <= t).mean() for t in thresholds]
-    ax.plot(thresholds, fraction, style, label=label, lw=1.2, color=colour)
-  ax.set_xlabel("EMD threshold")
-  ax.set_ylabel("fraction of test questions (all seeds)")
-  ax.legend(fontsize=6, ncol=2)
-  fig.savefig(os.path.join(out, "figures", "emd_curves.png"), dpi=120)
-  plt.close(fig)
+def _save(figure, out: str, name: str) -> None:
+  figure.savefig(os.path.join(out, "figures", name), dpi=120)
+  plt.close(figure)
 
 
 def main(argv=None) -> int:
@@ -391,7 +352,7 @@ def main(argv=None) -> int:
     curves[run.label] = [
       e for r in results[run.label] for e in r["test"]["model"]["emd_by_question"].values()
     ]
-  plot_emd_curves(curves, args.out)
+  _save(figures.emd_curves(curves, dashed=dict(REFERENCES)), args.out, "emd_curves.png")
   topology = next(run for run in RUNS if run.label == TOPOLOGY_RUN)
   experiment = job.restore(_run_dir(workdir, topology, seeds[0]), log=lambda *_: None)
   plot_topology(experiment, data.oracle, args.out)
