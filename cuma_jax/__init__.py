@@ -14,6 +14,7 @@ __all__ = [
   "load_pretrained",
   "load_tokenizer",
   "prepare",
+  "profile_field",
   "restore",
   "routing_usage",
   "run",

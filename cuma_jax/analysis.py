@@ -4,7 +4,8 @@
 the decoder's ``capture_routing`` output and averages, for every profile, each router's
 gate mass per expert and layer over the profile's real (non-padding) tokens.
 :func:`usage_by_group` then averages profiles by any label — the synthetic survey's latent
-culture, a country, an age group — which is the paper's "cultural topology".
+culture (:func:`latent_culture`), a country or an age group (:func:`profile_field`) — which
+is the paper's "cultural topology".
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cuma_jax.data.pipeline import as_text
+from cuma_jax.data.prompts import PROFILE_FIELDS
 from cuma_jax.training.step import demographics_for
 
 
@@ -105,6 +108,19 @@ def usage_by_group(
     weights = usage.tokens[rows] / usage.tokens[rows].sum()
     groups[group] = {r: np.einsum("p,pln->ln", weights, u[rows]) for r, u in usage.usage.items()}
   return groups
+
+
+def profile_field(source, field: str) -> Callable[[str], str]:
+  """A survey profile's value of demographic ``field`` (``country``, ``age_group``, ...;
+  :data:`cuma_jax.data.prompts.PROFILE_FIELDS`), as the records of ``source`` give it: the
+  labels by which real survey data (which has no latent culture) groups its profiles."""
+  if field not in PROFILE_FIELDS:
+    raise ValueError(f"field {field!r}; allowed: {PROFILE_FIELDS}")
+  values = {}
+  for index in range(len(source)):
+    record = source[index]
+    values[as_text(record["profile"])] = as_text(record["demographics"][field])
+  return values.__getitem__
 
 
 def latent_culture(oracle) -> Callable[[str], str]:

@@ -20,6 +20,7 @@ from cuma_jax import alignment, job
 
 # Re-exports (``name as name``): this module's namespace is the API.
 from cuma_jax.analysis import latent_culture as latent_culture
+from cuma_jax.analysis import profile_field as profile_field
 from cuma_jax.analysis import routing_usage as routing_usage
 from cuma_jax.analysis import usage_by_group as usage_by_group
 from cuma_jax.job import Experiment as Experiment

@@ -366,9 +366,16 @@ ABLATIONS: dict[str, Overrides] = {
 
 
 def experiment_config(
-  method: str, preset: str = DEFAULT_PRESET, ablation: str = "none"
+  method: str,
+  preset: str = DEFAULT_PRESET,
+  ablation: str = "none",
+  overrides: Overrides | None = None,
 ) -> ml_collections.ConfigDict:
-  """The locked, validated config of ``method`` (and ``ablation``) at scale ``preset``."""
+  """The locked, validated config of ``method`` (and ``ablation``) at scale ``preset``.
+
+  ``overrides`` sets dotted keys last, as ``--config.<key>=...`` does on the command line
+  (``{"train.num_steps": 100}``); a key the config lacks is refused.
+  """
   for name, value, allowed in (
     ("preset", preset, SCALES),
     ("method", method, METHODS),
@@ -387,6 +394,7 @@ def experiment_config(
   skipped = schema.SURVEY_ONLY_KEYS if c.task == "preference" else ()
   apply_overrides(c, {k: v for k, v in ABLATIONS[ablation].items() if k not in skipped})
   c.method, c.ablation = method, ablation
+  apply_overrides(c, overrides or {})
   # The scale's comparison baselines, less the method itself.
   c.eval.baselines = tuple(m for m in c.eval.baselines if m != method)
   schema.validate(c)

@@ -109,3 +109,60 @@ def test_usage_by_latent_culture(trained):
       np.testing.assert_allclose(u, expected / usage.tokens[rows].sum(), rtol=1e-6)
   with pytest.raises(ValueError, match="labels for"):
     cuma_jax.usage_by_group(usage, ["one"])
+
+
+def test_profile_field_reads_each_profiles_demographics(wvb_root, tmp_path):
+  # The WorldValuesBench fixture through TFDS: the country each profile sentence names.
+  import re
+
+  import tensorflow_datasets as tfds
+
+  source = tfds.data_source(
+    "cuma_world_values_bench/sampled_50k",
+    data_dir=str(tmp_path),
+    download_and_prepare_kwargs={
+      "download_config": tfds.download.DownloadConfig(manual_dir=str(wvb_root))
+    },
+  )["test"]
+  country = cuma_jax.profile_field(source, "country")
+  profiles = {
+    r["profile"].decode() if isinstance(r["profile"], bytes) else r["profile"]
+    for r in (source[i] for i in range(len(source)))
+  }
+  assert len(profiles) > 1
+  for profile in profiles:
+    assert country(profile) == re.match(r"You are a person from (.+?), age group", profile)[1]
+  with pytest.raises(ValueError, match="allowed"):
+    cuma_jax.profile_field(source, "nationality")
+
+
+def test_figures_draw_the_numbers_they_are_given(trained):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from cuma_jax import figures
+
+  workdir, experiment = trained
+  usage = cuma_jax.routing_usage(experiment, "test")
+  label = cuma_jax.latent_culture(experiment.data.oracle)
+  groups = cuma_jax.usage_by_group(usage, label)
+  figure = figures.cultural_topology(groups)
+  names = sorted(groups)
+  for ax in figure.axes[: len(usage.usage)]:
+    router = ax.get_title()
+    expected = np.concatenate([groups[g][router] for g in names])
+    np.testing.assert_array_equal(ax.images[0].get_array(), expected)
+  # The projection: 2 principal components of the flattened per-profile usage (numpy's SVD
+  # on the covariance's eigenvectors, up to sign).
+  figure = figures.routing_projection(usage, label)
+  points = np.concatenate([c.get_offsets() for c in figure.axes[0].collections])
+  flat = np.concatenate(
+    [usage.usage[r].reshape(len(usage.profiles), -1) for r in sorted(usage.usage)], 1
+  )
+  centred = flat - flat.mean(0)
+  eigenvalues = np.linalg.eigvalsh(centred.T @ centred)[::-1][:2]
+  np.testing.assert_allclose(np.var(points, 0) * len(points), eigenvalues, rtol=1e-4, atol=1e-9)
+  records = figures.read_metrics(os.path.join(workdir, "train", "metrics.jsonl"))
+  figure = figures.training_curves({"CuMA": records}, keys=("loss",))
+  (line,) = figure.axes[0].lines
+  np.testing.assert_array_equal(line.get_ydata(), [r["loss"] for r in records])

@@ -124,3 +124,12 @@ def test_a_baseline_is_trained_the_way_of_its_run():
   assert baseline.optim == run.optim and baseline.train == run.train  # ...trained as the run
   assert baseline.data.synthetic == run.data.synthetic and baseline.seed == run.seed
   assert (baseline.model.checkpoint, baseline.data.data_dir) == ("/backbone", "/tfds")
+
+
+def test_overrides_are_set_last_validated_and_refused_when_unknown():
+  config = presets.experiment_config("cuma", "tiny", overrides={"train.num_steps": 7})
+  assert config.train.num_steps == 7 and config.adapter.num_experts == 4
+  with pytest.raises(KeyError, match="train.steps"):
+    presets.experiment_config("cuma", "tiny", overrides={"train.steps": 7})
+  with pytest.raises(ValueError, match="top_k"):
+    presets.experiment_config("cuma", "tiny", overrides={"adapter.top_k": 9})
