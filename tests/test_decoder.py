@@ -235,6 +235,18 @@ def test_parameter_count_matches_hugging_face(filename, output, expected, scan_l
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
 
 
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"])
+def test_bundled_qwen3_sizes_count_as_hugging_face_builds_them(name):
+  # The sizes the TPU notebook plans over: Hugging Face's own model, built on the meta
+  # device from the same file, is the count (a tied head is one tensor in both).
+  path = os.path.join(CONFIGS, f"{name}.json")
+  with torch.device("meta"):
+    reference = transformers.Qwen3ForCausalLM(transformers.Qwen3Config.from_json_file(path))
+  shapes = nn.unbox(abstract_params(build_decoder(ModelConfig.from_pretrained(path))))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert ours == sum(p.numel() for p in reference.parameters())
+
+
 def test_every_parameter_has_logical_axes():
   config = ModelConfig.from_pretrained(os.path.join(CONFIGS, "qwen3-8b.json"))
   boxed = abstract_params(build_decoder(config, scan_layers=True))
