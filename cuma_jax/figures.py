@@ -1,13 +1,14 @@
 """Matplotlib figures of a run: training curves, metrics against the references, routing.
 
-Each function returns a :class:`matplotlib.figure.Figure` (shown inline by a notebook, saved
-by a script); none calls ``pyplot.show``. The mean-collapse study
+Each drawing function returns a :class:`matplotlib.figure.Figure` (shown inline by a
+notebook, written by :func:`save`); none calls ``pyplot.show``. The mean-collapse study
 (``experiments/mean_collapse``) and the notebooks in ``colab/`` draw with these.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -21,6 +22,14 @@ def read_metrics(path: str) -> list[dict]:
   a survey run, ``WORKDIR/<stage>/metrics.jsonl`` for a preference stage)."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def save(figure, directory: str, name: str) -> None:
+  """Writes ``figure`` to ``directory/name`` (PNG, 120 dpi), creating the directory; an empty
+  ``directory`` saves nothing (a notebook that only shows its figures)."""
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+    figure.savefig(os.path.join(directory, name), dpi=120)
 
 
 def training_curves(

@@ -266,7 +266,7 @@ def plot_topology(experiment, oracle, out: str) -> None:
 
 
 def _save(figure, out: str, name: str) -> None:
-  figure.savefig(os.path.join(out, "figures", name), dpi=120)
+  figures.save(figure, os.path.join(out, "figures"), name)
   plt.close(figure)
 
 
