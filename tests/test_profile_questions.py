@@ -45,13 +45,13 @@ def questions(train):
 def test_each_question_is_answered_by_its_profile_sentence(questions):
   letters = collections.Counter()
   for i in range(len(questions)):
-    system, user, letter = questions[i]
+    system, user, letter, num_choices = questions[i]
     truth = SENTENCE.match(system).groupdict()
     field = prompts.PROFILE_FIELDS[i % len(prompts.PROFILE_FIELDS)]
     assert user.startswith(profile_questions.FIELD_QUESTIONS[field] + "? A. ")
     options = options_of(user)
     assert list(options) == list(prompts.LETTERS[: len(options)])
-    assert 2 <= len(options) <= profile_questions.NUM_CHOICES
+    assert 2 <= len(options) == num_choices <= profile_questions.NUM_CHOICES
     assert len(set(options.values())) == len(options)  # no value offered twice
     assert options[letter] == truth[field]  # the letter names what the sentence states
     letters[letter] += 1

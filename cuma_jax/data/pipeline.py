@@ -126,8 +126,10 @@ class _WithProfileQuestions:
     if index < self.num_survey:
       example = self.survey(index)
       return {k: example[k] for k in self.KEYS}
-    system, user, letter = self.questions[int(index) - self.num_survey]
-    encoded = self.survey.encoder(prompts.chat_messages(system, user), letter)
+    question = self.questions[int(index) - self.num_survey]
+    encoded = self.survey.encoder(
+      prompts.chat_messages(question.system, question.user), question.answer
+    )
     return {**encoded, "profile_index": np.int32(0)}
 
 

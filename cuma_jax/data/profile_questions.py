@@ -10,6 +10,7 @@ the survey (docs/data.md#profile-reading-warm-up).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,8 +40,15 @@ def profile_fields(records: Sequence[Mapping]) -> dict[str, dict[str, str]]:
   }
 
 
+class ProfileQuestion(NamedTuple):
+  system: str  # the profile sentence
+  user: str  # the question, its lettered choices and the instruction
+  answer: str  # the letter of the profile's own value
+  num_choices: int
+
+
 class ProfileQuestions:
-  """Index -> (system, user, answer letter) of one question about one profile's field.
+  """Index -> the :class:`ProfileQuestion` about one field of one profile.
 
   Index ``i`` asks about field ``i % 8`` of profile ``i // 8`` (profiles sorted). The wrong
   choices are other values of that field among the profiles, drawn with a generator seeded
@@ -61,7 +69,7 @@ class ProfileQuestions:
   def __len__(self) -> int:
     return len(self.profiles) * len(prompts.PROFILE_FIELDS)
 
-  def __getitem__(self, index: int) -> tuple[str, str, str]:
+  def __getitem__(self, index: int) -> ProfileQuestion:
     if not 0 <= index < len(self):
       raise IndexError(f"profile question {index} outside 0..{len(self) - 1}")
     profile = self.profiles[index // len(prompts.PROFILE_FIELDS)]
@@ -74,4 +82,5 @@ class ProfileQuestions:
     order = rng.permutation(len(choices))
     choices = [choices[i] for i in order]
     letter = prompts.LETTERS[int(np.argmax(order == 0))]
-    return profile, prompts.user_prompt(FIELD_QUESTIONS[name], choices), letter
+    user = prompts.user_prompt(FIELD_QUESTIONS[name], choices)
+    return ProfileQuestion(profile, user, letter, len(choices))
