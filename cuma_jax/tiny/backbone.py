@@ -151,7 +151,7 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
       seed=warm.data.shuffle_seed,
       num_epochs=None,
       demographic_system_prompt=False,
-      profile_questions=_profile_questions(data.sources["train"], warm.seed) if reading else None,
+      profile_questions=_profile_questions(data.sources["train"]) if reading else None,
     )
   result = loop.train(
     warm,
@@ -169,10 +169,10 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
   return final
 
 
-def _profile_questions(train_source, seed: int) -> profile_questions.ProfileQuestions:
+def _profile_questions(train_source) -> profile_questions.ProfileQuestions:
   """Questions about the training profiles' own fields."""
   records = train_source.__getitems__(range(len(train_source)))
-  return profile_questions.ProfileQuestions(profile_questions.profile_fields(records), seed)
+  return profile_questions.ProfileQuestions(profile_questions.profile_fields(records))
 
 
 def _warmup_settings(config) -> dict:
