@@ -199,6 +199,11 @@ def _warmup_settings(config) -> dict:
       warm.preference.max_prompt_length,
       warm.preference.max_completion_length,
     ),
+    **(
+      {"profile_questions": profile_questions.FORMAT}
+      if warm.tiny_backbone.warmup == "profile_reading"
+      else {}
+    ),
   }
 
 
