@@ -104,7 +104,7 @@ def demo() -> ml_collections.ConfigDict:
       "tiny_backbone.warmup": "profile_reading",
       # Half of the warm-up's examples are profile questions: 300 steps of them alone brought
       # held-out profile questions from chance (0.18) to 0.30 only (docs/data.md).
-      "tiny_backbone.warmup_steps": 600,
+      "tiny_backbone.warmup_steps": 400,
       "data.dataset": "synthetic",
       "data.max_length": 176,  # the survey's longest example with its profile has 172 tokens
       "data.batch_size": 32,
@@ -116,8 +116,8 @@ def demo() -> ml_collections.ConfigDict:
       "optim.learning_rate": 3e-3,
       "optim.schedule": "cosine",
       "optim.warmup_steps": 10,
-      "train.num_steps": 600,
-      "train.checkpoint_every": 300,
+      "train.num_steps": 500,
+      "train.checkpoint_every": 250,
       "train.keep_checkpoints": 2,
       "eval.batch_size": 128,
       "eval.splits": ("test", "zero_shot"),
