@@ -47,10 +47,12 @@ def test_results_record_what_reproduces_the_run(trained):
   workdir, _ = trained
   with open(os.path.join(workdir, "results.json")) as f:
     run = json.load(f)["run"]
-  # The recorded config rebuilds exactly the config that ran (the main job's 3 steps).
+  # The recorded config rebuilds exactly the config that ran (the main job's 3 steps, with
+  # the LoRA baseline).
   config = presets.experiment_config("cuma", "tiny")
   config.unlock()
   config.train.num_steps = 3
+  config.eval.baselines = ("lora",)
   assert schema.from_dict(run["config"]) == schema.validate(config)
   assert run["seed"] == config.seed
   modules = (jax, jaxlib, flax, optax, orbax.checkpoint, transformers, numpy)
