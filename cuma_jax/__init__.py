@@ -10,6 +10,7 @@ __all__ = [
   "Experiment",
   "build_decoder",
   "experiment_config",
+  "export_adapters",
   "latent_culture",
   "load_pretrained",
   "load_tokenizer",

@@ -412,6 +412,7 @@ def baseline_config(
   apply_overrides(b, {k: v for k, v in METHODS[method].items() if not k.startswith("optim.")})
   b.method, b.ablation = method, "none"
   b.model.checkpoint, b.data.data_dir = backbone, data_dir
+  b.adapter.init_from = ""  # the run's imported adapters are not the baseline's
   b.eval.baselines = ()
   if b.task == "survey":
     b.eval.untrained = False  # the run evaluated the model it starts from
