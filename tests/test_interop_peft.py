@@ -3,6 +3,7 @@
 import json
 import os
 
+from helpers import padded_batch
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,6 @@ from cuma_jax.checkpoints import adapter_formats, adapter_import
 from cuma_jax.checkpoints import peft as peft_format
 from cuma_jax.layers.adapter_config import TARGET_MODULES, AdapterConfig
 from cuma_jax.params import filter_tree, is_adapter_path, merge_trees, split_params
-from tests.helpers import padded_batch
 
 LORA = AdapterConfig(
   targets=TARGET_MODULES,

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 
+from helpers import padded_batch, randomise
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +25,6 @@ from torch import nn
 from cuma_jax.checkpoints import adapter_formats, adapter_import, cuma_release
 from cuma_jax.layers.adapter_config import TARGET_MODULES, AdapterConfig
 from cuma_jax.params import filter_tree, is_adapter_path, merge_trees
-from tests.helpers import padded_batch, randomise
 
 D_ENCODER = 6
 ATTENTION = ("q_proj", "k_proj", "v_proj")
