@@ -5,6 +5,8 @@ Formats (docs/interop.md): ``peft`` (a PEFT LoRA adapter of a plain-LoRA run, e.
 ``native`` (cuma_jax's own); each export carries a README.md model card.
 """
 
+import sys
+
 from absl import app, flags
 
 from cuma_jax import interop
@@ -18,7 +20,10 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out = interop.export_adapters(_WORKDIR.value, _OUT.value, _FORMAT.value)
+  try:
+    out = interop.export_adapters(_WORKDIR.value, _OUT.value, _FORMAT.value)
+  except (ValueError, FileNotFoundError) as e:  # a refusal: its one line, no traceback
+    sys.exit(f"cuma_jax.export: {e}")
   print(f"wrote {_FORMAT.value} adapters to {out}")
 
 
