@@ -150,6 +150,13 @@ def _metric_rows(results: dict) -> list[tuple[str, str, str, float]]:
   return rows
 
 
+def _model_name(base: str) -> str:
+  path = os.path.normpath(base)
+  if base == schema.TINY or os.path.basename(os.path.dirname(path)).startswith("tiny_backbone_"):
+    return "the tiny Qwen3 backbone"
+  return os.path.basename(path)
+
+
 def model_card(config, results: dict, *, format: str, base: str, command: str) -> str:
   """The export's README.md: model, method, data, metrics by split, and provenance."""
   a = config.adapter
@@ -166,7 +173,7 @@ def model_card(config, results: dict, *, format: str, base: str, command: str) -
     config.train.num_steps if config.train.num_steps > 0 else f"{config.train.num_epochs} epochs"
   )
   lines = [
-    f"# {config.method} adapters on {os.path.basename(os.path.normpath(base))}",
+    f"# {config.method} adapters on {_model_name(base)}",
     "",
     f"Trained with cuma_jax and exported as {FORMAT_TITLES[format]}.",
     "",
