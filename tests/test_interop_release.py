@@ -27,6 +27,7 @@ from cuma_jax.layers.adapter_config import TARGET_MODULES, AdapterConfig
 from cuma_jax.params import filter_tree, is_adapter_path, merge_trees
 
 D_ENCODER = 6
+RNG = jax.random.PRNGKey(2)  # one key: every test of a case reuses the loaded model
 ATTENTION = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
 
@@ -207,12 +208,10 @@ def _inputs(vocab):
 
 
 def _ours(module, params, ids, mask, z):
-  logits, aux = module.apply(
-    {"params": params},
-    jnp.asarray(ids),
-    attention_mask=jnp.asarray(mask),
-    demographics=jnp.asarray(z),
+  apply = jax.jit(
+    lambda p, i, m, d: module.apply({"params": p}, i, attention_mask=m, demographics=d)
   )
+  logits, aux = apply(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(z))
   return np.asarray(logits), float(aux["balance_loss"])
 
 
@@ -268,7 +267,7 @@ def test_export_loads_into_the_pytorch_release_with_equal_logits_and_loss(
 ):
   case = CASES[case]
   adapter = adapter_of(case)
-  module, params = pretrained(case.model, adapter=adapter, rng=jax.random.PRNGKey(2))
+  module, params = pretrained(case.model, adapter=adapter, rng=RNG)
   params = _trained_like(params, seed=3)
   cfg = _export(params, adapter, tmp_path)
   reference = _reference(tiny_checkpoint, case.model, cfg)
@@ -341,7 +340,7 @@ def test_a_state_dict_made_in_torch_imports_with_equal_logits(
   reference = _torch_made(tiny_checkpoint, case, tmp_path / "release")
   adapter = adapter_of(case, init_from=str(tmp_path / "release"))
   assert adapter_import.check_config(adapter) == "cuma_release"
-  module, params = pretrained(case.model, adapter=adapter_of(case))
+  module, params = pretrained(case.model, adapter=adapter_of(case), rng=RNG)
   params = adapter_import.initialise(params, adapter, False)
   ids, mask, z = _inputs(module.config.vocab_size)
   theirs, their_loss = reference(ids, mask, z)
@@ -450,6 +449,6 @@ def test_a_bad_release_directory_is_refused_naming_what(
   directory = _edited(release_dir, tmp_path, **edits)
   case = CASES["perexpert-own-1layer-soft-proj1"]
   adapter = adapter_of(case, init_from=directory)
-  _, params = pretrained(case.model, adapter=adapter_of(case))
+  _, params = pretrained(case.model, adapter=adapter_of(case), rng=RNG)
   with pytest.raises(adapter_formats.FormatError, match=named):
     adapter_import.initialise(params, adapter, False)
