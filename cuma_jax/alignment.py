@@ -152,6 +152,7 @@ def prepare(config, workdir: str, log=print) -> Aligned:
     backbone=backbone_dir,
     encoder=job.encoder_path(config, backbone_dir),
     dataset=data.directory,
+    adapter_init=config.adapter.init_from,
   )
   for stage in config.preference.stages:
     checkpointing.check_workdir(

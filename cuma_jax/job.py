@@ -12,6 +12,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
+import sys
 from typing import Any
 
 import jax
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cuma_jax import presets, schema
+from cuma_jax.checkpoints import adapter_import
 from cuma_jax.data import builders, chat, synthetic
 from cuma_jax.data.pipeline import SurveyTables, as_text, make_dataset
 from cuma_jax.encoders import (
@@ -249,6 +252,7 @@ def validate(config) -> None:
   """What can be refused before anything is read: the schema, a missing backbone, and a
   mesh that does not fit the model (the tiny backbone's, once it is built)."""
   schema.validate(config)
+  _check_init_from(config)
   if config.model.architecture != schema.TINY and not config.model.checkpoint:
     raise ValueError(
       f"config.model.checkpoint is empty: running architecture "
@@ -262,6 +266,15 @@ def validate(config) -> None:
       "the tiny backbone is built by single-process runs: run this config once in one "
       "process, then set config.model.checkpoint to its WORKDIR/assets/tiny_backbone_*/warmed_up"
     )
+
+
+def _check_init_from(config) -> None:
+  """An ``adapter.init_from`` directory matches the config's adapter (docs/interop.md)."""
+  if config.method == "full" and config.adapter.init_from:
+    raise ValueError("config.adapter.init_from is set, but method='full' trains no adapters")
+  adapter = schema.adapter_config(config)
+  if adapter is not None:
+    adapter_import.check_config(adapter)
 
 
 def architecture(config) -> ModelConfig:
@@ -321,9 +334,10 @@ def check_layout(config, model_config: ModelConfig, devices=None) -> Layout:
 
 
 def load_model(config, backbone_dir: str, layout: Layout):
-  """The backbone with the config's adapter (initialised from ``config.seed``), loaded
-  sharded onto ``layout`` in the config's dtypes."""
-  return load_pretrained(
+  """The backbone with the config's adapter (initialised from ``config.seed``, or read from
+  ``adapter.init_from``), loaded sharded onto ``layout`` in the config's dtypes."""
+  adapter = schema.adapter_config(config)
+  module, params = load_pretrained(
     backbone_dir,
     dtype=jnp.dtype(config.model.dtype),
     param_dtype=jnp.dtype(config.model.param_dtype),
@@ -333,6 +347,9 @@ def load_model(config, backbone_dir: str, layout: Layout):
     rng=jax.random.PRNGKey(config.seed),
     layout=layout,
   )
+  if adapter is not None and adapter.init_from:
+    params = adapter_import.initialise(params, adapter, config.model.scan_layers)
+  return module, params
 
 
 def prepare(config, workdir: str, log=print) -> Experiment:
@@ -344,7 +361,10 @@ def prepare(config, workdir: str, log=print) -> Experiment:
     config, os.path.join(workdir, "assets"), data, log
   )
   inputs = checkpointing.input_fingerprints(
-    backbone=backbone_dir, encoder=encoder_path(config, backbone_dir), dataset=data.directory
+    backbone=backbone_dir,
+    encoder=encoder_path(config, backbone_dir),
+    dataset=data.directory,
+    adapter_init=config.adapter.init_from,
   )
   checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), inputs, config_conflicts=schema.resume_conflicts
@@ -382,9 +402,10 @@ def run(config, workdir: str, log=print) -> dict:
   step = checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), config_conflicts=schema.resume_conflicts
   )
-  if step is None and config.mode == "eval":
+  if step is None and config.mode == "eval" and not config.adapter.init_from:
     raise FileNotFoundError(
-      f"mode=eval needs a readable training checkpoint in {_checkpoint_dir(workdir)}"
+      f"mode=eval needs a readable training checkpoint in {_checkpoint_dir(workdir)} (or "
+      "adapters to evaluate: config.adapter.init_from)"
     )
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     return _run(config, workdir, log)
@@ -436,10 +457,19 @@ RECORDED_PACKAGES = (
 )
 
 
+def command_line() -> str:
+  """This process's command line, as ``python -m module ...`` when it was run so."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+  return shlex.join([*head, *sys.argv[1:]])
+
+
 def provenance(config) -> dict:
-  """What reproduces a run: its exact config and seed, library versions, devices."""
+  """What reproduces a run: its exact config and seed, the command line, library versions,
+  devices."""
   return {
     "config": checkpointing.config_to_json(config),
+    "command": command_line(),
     "seed": config.seed,
     "versions": {
       "python": platform.python_version(),
@@ -451,8 +481,10 @@ def provenance(config) -> dict:
 
 def restore(workdir: str, config: ml_collections.ConfigDict | None = None, log=print):
   """The trained experiment of ``workdir``: its config (the latest checkpoint's, unless
-  given), model, trained parameters, tokenizer, data and demographics."""
-  _require_checkpoint(workdir)
+  given), model, trained parameters, tokenizer, data and demographics.  With a ``config``
+  whose ``adapter.init_from`` is set, a workdir without checkpoints gives those adapters."""
+  if config is None or not config.adapter.init_from:
+    _require_checkpoint(workdir)
   if config is None:
     config = _saved_config(workdir)
   validate(config)
@@ -507,11 +539,15 @@ def _checkpoint_dir(workdir: str) -> str:
   return os.path.join(_train_dir(workdir), "checkpoints")
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  directory = _checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def _require_checkpoint(workdir: str) -> None:
   """Refuses a workdir without training checkpoints, creating nothing."""
-  directory = _checkpoint_dir(workdir)
-  if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
-    raise FileNotFoundError(f"{workdir} has no training checkpoint in {directory}")
+  if not _has_checkpoint(workdir):
+    raise FileNotFoundError(f"{workdir} has no training checkpoint in {_checkpoint_dir(workdir)}")
 
 
 def _saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -528,8 +564,11 @@ def _saved_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _trained_params(experiment: Experiment, log=print) -> dict:
-  """The newest readable checkpoint's trainable parameters over the loaded backbone."""
+  """The newest readable checkpoint's trainable parameters over the loaded backbone (or,
+  without checkpoints, the adapters ``adapter.init_from`` gave the model)."""
   config = experiment.config
+  if config.adapter.init_from and not _has_checkpoint(experiment.workdir):
+    return experiment.params
   trainable, frozen = split_params(
     experiment.params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
   )

@@ -433,6 +433,7 @@ def baseline_config(
   b.optim.learning_rate = dict(c.eval.baseline_learning_rates).get(method, c.optim.learning_rate)
   b.method, b.ablation = method, "none"
   b.model.checkpoint, b.data.data_dir = backbone, data_dir
+  b.adapter.init_from = ""  # the run's imported adapters are not the baseline's
   b.eval.update(baselines=(), lora_baseline_rank=0, baseline_learning_rates=())
   if b.task == "survey":
     b.eval.untrained = False  # the run evaluated the model it starts from

@@ -35,6 +35,7 @@ INPUT_SOURCES = {
   "dataset": "the prepared dataset",
   # A preference stage starts from the previous stage's last checkpoint.
   "previous_stage": "the previous preference stage's last checkpoint",
+  "adapter_init": "adapter.init_from",
 }
 
 
@@ -72,13 +73,18 @@ def config_to_json(config) -> dict:
   return json.loads(config.to_json())
 
 
-def input_fingerprints(*, backbone: str, encoder: str | None, dataset: str) -> dict:
+def input_fingerprints(
+  *, backbone: str, encoder: str | None, dataset: str, adapter_init: str = ""
+) -> dict:
   """Fingerprints (:mod:`cuma_jax.fingerprint`) of what a trained state depends on."""
-  return {
+  inputs = {
     "backbone": fingerprint.fingerprint(backbone),
     "encoder": None if encoder is None else fingerprint.fingerprint(encoder),
     "dataset": fingerprint.fingerprint(dataset),
   }
+  if adapter_init:  # absent otherwise, as in checkpoints written before the key existed
+    inputs["adapter_init"] = fingerprint.fingerprint(adapter_init)
+  return inputs
 
 
 def input_differences(saved: dict, current: dict) -> list[str]:
