@@ -335,7 +335,7 @@ def _grpo(aligned: Aligned, params: dict):
       judging.Case(as_text(r["profile"]), chat.context_of(chat.messages_of(r)), reference, text)
       for r, reference, text in zip(records, reference_replies(indices), texts)
     ]
-    return np.asarray([judging.reward_from_verdict(v) for v in judge(cases)], np.float32)
+    return np.asarray(judging.rewards(judge, cases), np.float32)
 
   sampling = aligned.sampling(g.max_new_tokens, g.temperature, g.top_p)
   return grpo_objective(

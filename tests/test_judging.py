@@ -85,3 +85,40 @@ def test_grpo_reward_prompt_shows_the_reference_first():
   assert messages[1]["content"].endswith(
     "Which response is better for this user? Output [[A]], [[B]], or [[Tie]]."
   )
+
+
+@pytest.mark.parametrize(
+  "text, reward",
+  [
+    ("[[B]]", 1.0),
+    ("[[A]] ... no, [[B]]", 1.0),  # [[B]] is looked for first, anywhere
+    ("[[Tie]] or [[B]]", 1.0),
+    ("[[Tie]]", 0.5),
+    ("[[A]]", 0.0),
+    ("Response B is better.", 0.0),  # unparsable: 0 (the win-rate calls it a tie)
+    ("", 0.0),
+  ],
+)
+def test_grpo_reward_reads_the_output_as_the_release_does(text, reward):
+  assert judging.reward_from_output(text) == reward
+
+
+class _Writer:
+  """A judge that writes the given outputs (as a local LM judge does)."""
+
+  def __init__(self, texts):
+    self.texts = texts
+
+  def outputs(self, cases):
+    return self.texts[: len(cases)]
+
+  def __call__(self, cases):
+    return [judging.parse_verdict(t) for t in self.outputs(cases)]
+
+
+def test_grpo_rewards_of_a_writing_judge_come_from_its_outputs():
+  case = judging.Case("p", "c", "reference", "candidate")
+  texts = ["no verdict", "[[A]] then [[B]]", "[[Tie]]", "[[A]]"]
+  assert judging.rewards(_Writer(texts), [case] * 4) == [0.0, 1.0, 0.5, 0.0]
+  # A judge without outputs (the rule judge) is read by its verdicts.
+  assert judging.rewards(lambda cases: ["B", "tie", "A"], [case] * 3) == [1.0, 0.5, 0.0]
