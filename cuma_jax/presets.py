@@ -337,13 +337,18 @@ METHODS: dict[str, Overrides] = {
   "prefix": {"adapter.targets": (), "adapter.prefix_length": 32, "optim.learning_rate": 2e-5},
   "full": {"trainable": "all", "optim.learning_rate": 2e-5, "optim.b2": 0.95},
 }
+
+
+def scale_method(c: ml_collections.ConfigDict, method: str) -> Overrides:
+  """``method``'s recipe at the scale of ``c``, applied after its table: at the 8B preference
+  presets, LoRA takes the released preference scripts' rank and rate."""
+  if c.task == "preference" and c.model.architecture != schema.TINY and method == "lora":
+    return _preference_lora(c.data.dataset)
+  return {}
+
+
 # Keys a scale keeps against any method's table: the CPU scales' learning rate suits every
 # method on the tiny backbone (the methods' rates are for 8B backbones).
-# A method's recipe at a scale, applied after its table (the 8B preference presets' LoRA).
-SCALE_METHODS: dict[str, dict[str, Overrides]] = {
-  name: {"lora": _preference_lora("community_alignment" if name.startswith("ca_") else "prism")}
-  for name in _PREFERENCE_SCALES
-}
 SCALE_KEEPS: dict[str, tuple[str, ...]] = {
   "demo": ("optim.learning_rate",),
   "tiny": ("optim.learning_rate",),
@@ -388,7 +393,7 @@ def experiment_config(
   c = SCALES[preset]()
   kept = {key: _get(c, key) for key in SCALE_KEEPS.get(preset, ())}
   apply_overrides(c, METHODS[method])
-  apply_overrides(c, SCALE_METHODS.get(preset, {}).get(method, {}))
+  apply_overrides(c, scale_method(c, method))
   apply_overrides(c, kept)
   # A preference run's system turn is part of its data: the ablations' prompt switch stays off.
   skipped = schema.SURVEY_ONLY_KEYS if c.task == "preference" else ()
@@ -405,11 +410,14 @@ def experiment_config(
 def baseline_config(
   c: ml_collections.ConfigDict, method: str, *, backbone: str, data_dir: str
 ) -> ml_collections.ConfigDict:
-  """``method`` trained the same way as run ``c`` (``eval.baselines``): its data, backbone,
-  steps and optimiser, with the method's adapter; the method table's optimiser is not
-  applied (it is the recipe for an 8B backbone)."""
+  """``method`` trained beside run ``c`` (``eval.baselines``): its data, backbone and steps,
+  with the method's adapter. On the tiny CPU backbone it keeps the run's optimiser too (the
+  method table's is the recipe for an 8B backbone); at an 8B scale it takes the method's
+  whole recipe, as ``experiment_config(method, preset)`` does (LoRA: its rank and rate)."""
   b = ml_collections.ConfigDict(c.to_dict())
-  apply_overrides(b, {k: v for k, v in METHODS[method].items() if not k.startswith("optim.")})
+  cpu_scale = c.model.architecture == schema.TINY
+  table = {**METHODS[method], **({} if cpu_scale else scale_method(c, method))}
+  apply_overrides(b, {k: v for k, v in table.items() if not (cpu_scale and k.startswith("optim."))})
   b.method, b.ablation = method, "none"
   b.model.checkpoint, b.data.data_dir = backbone, data_dir
   b.eval.baselines = ()
