@@ -18,6 +18,7 @@ import functools
 import json
 import os
 from typing import Any
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -406,6 +407,15 @@ def _ca_rows(source, count: int) -> list[dict]:
   ]
 
 
+def reply_key(seed: int, name: str):
+  """The sampling key of model ``name``'s replies: the base's is ``key(seed + 1)``, every
+  other model folds its name into it. Sampled with the base's own key, a model close to the
+  base would repeat its replies token for token, a tie (so a loss) that says nothing; the
+  released evaluation samples each model independently."""
+  key = jax.random.key(seed + 1)
+  return key if name == "base" else jax.random.fold_in(key, zlib.crc32(name.encode()) % 2**31)
+
+
 def _replies(aligned: Aligned, model: evaluation.Model, cases: list[dict]) -> list[str]:
   pe = aligned.config.preference.eval
   return evaluation.generate_replies(
@@ -414,7 +424,7 @@ def _replies(aligned: Aligned, model: evaluation.Model, cases: list[dict]) -> li
     [c["messages"] for c in cases],
     [c["profile"] for c in cases],
     aligned.sampling(pe.max_new_tokens, pe.temperature, pe.top_p),
-    rng=jax.random.key(aligned.config.seed + 1),
+    rng=reply_key(aligned.config.seed, model.name),
     max_prompt_length=aligned.config.preference.max_prompt_length,
     batch_size=aligned.config.eval.batch_size,
     layout=sharding.Layout.of(aligned.config.mesh),

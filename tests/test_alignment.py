@@ -12,6 +12,7 @@ import ml_collections
 import pytest
 
 from cuma_jax import alignment, presets, schema
+from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,21 @@ def test_eval_mode_restores_the_last_stage(preference_run):
   second = json.load(open(workdir / "results.json"))
   assert second["trained"] == first["trained"]
   assert second["base"] == first["base"]
+
+
+def test_each_model_samples_its_replies_with_its_own_key(preference_run):
+  _, workdir = preference_run
+  config = presets.experiment_config("cuma", "preference_tiny")
+  aligned = alignment.prepare(config, str(workdir), log=lambda *_: None)
+  ev = alignment.evaluation_set(aligned, log=lambda *_: None)
+  base = aligned.base()
+  # The base's own weights under another name: sampled with the base's key, it would repeat
+  # every base reply token for token (all ties, so a win-rate of 0 that measures nothing).
+  twin = evaluation.Model("twin", base.module, base.params)
+  replies = alignment._replies(aligned, twin, ev.cases)
+  assert replies != ev.base_replies
+  assert replies == alignment._replies(aligned, twin, ev.cases)  # seeded
+  assert alignment._replies(aligned, base, ev.cases) == ev.base_replies  # sampled once
 
 
 def _preference(**overrides):
