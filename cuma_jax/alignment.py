@@ -28,7 +28,7 @@ from cuma_jax import fingerprint, job, presets, schema, sharding
 from cuma_jax.data import chat, preference_builder
 from cuma_jax.data.pipeline import as_text
 from cuma_jax.data.synthetic_preference import PreferenceOracle
-from cuma_jax.data.tokenize import END_OF_TURN, pad_id
+from cuma_jax.data.tokenize import END_OF_TURN, pad_id, render_prompt
 from cuma_jax.evaluation import judging, metrics
 from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.generation import SamplingConfig
@@ -104,6 +104,14 @@ class Aligned:
       return None
     return self.demographics.encode(chat.profile_table(source))
 
+  def context(self, messages) -> str:
+    """What the judge reads as a case's conversation: its turns after the system turn, or
+    with ``preference.eval.judge_prompt="released"`` the templated prompt, as the released
+    evaluation reads its DPO ``prompt`` column."""
+    if self.config.preference.eval.judge_prompt == "released":
+      return render_prompt(self.tokenizer, messages)
+    return chat.context_of(messages)
+
   def model(self, name: str, params) -> evaluation.Model:
     encode = None if self.demographics is None else self.demographics.encode
     return evaluation.Model(name, self.module, params, encode)
@@ -120,11 +128,14 @@ class Aligned:
       return evaluation.RuleJudge(self.data.oracle)
     demonstrations = []
     if pe.judge_demonstrations:
-      cases = _cases(self.data.sources["dpo_train"], pe.judge_demonstrations, replies=True)
+      cases = _cases(
+        self.data.sources["dpo_train"], pe.judge_demonstrations, self.context, replies=True
+      )
       demonstrations = [
         judging.Case(c["profile"], c["context"], c["chosen"], c["rejected"]) for c in cases
       ]
-    return judging.LocalLMJudge(pe.judge_checkpoint, demonstrations=demonstrations)
+    judge = judging.LocalLMJudge(pe.judge_checkpoint, demonstrations=demonstrations)
+    return judge.with_prompt(judging.USER_PROMPTS[pe.judge_prompt])
 
   def sampling(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
     """How this backbone's replies are decoded: stopped at its end-of-turn tokens."""
@@ -256,6 +267,7 @@ def _stage(aligned: Aligned, stage: str, previous: str | None, params: dict, log
     batch_size=batch_size,
     # DPO scores the reply and its end-of-turn token, whatever SFT supervises.
     supervision=config.data.supervision if kind == "sft" else END_OF_TURN,
+    truncation=p.sft_truncation if kind == "sft" else "prompt_start",
     **batching,
   )
   log(f"{stage}: {steps} steps of {batch_size} {'prompts' if kind == 'prompt' else 'rows'}")
@@ -333,7 +345,7 @@ def _grpo(aligned: Aligned, params: dict):
   def reward(indices: np.ndarray, texts: list[str]) -> np.ndarray:
     records = source.__getitems__([int(i) for i in indices])
     cases = [
-      judging.Case(as_text(r["profile"]), chat.context_of(chat.messages_of(r)), reference, text)
+      judging.Case(as_text(r["profile"]), aligned.context(chat.messages_of(r)), reference, text)
       for r, reference, text in zip(records, reference_replies(indices), texts)
     ]
     return np.asarray(judging.rewards(judge, cases), np.float32)
@@ -356,9 +368,10 @@ def _grpo(aligned: Aligned, params: dict):
   )
 
 
-def _cases(source, count: int, *, replies: bool = False) -> list[dict]:
-  """Distinct prompts (one per conversation turn) of a DPO split, in split order; ``count``
-  0 means all (records are read until ``count`` are found)."""
+def _cases(source, count: int, context, *, replies: bool = False) -> list[dict]:
+  """Distinct prompts (one per conversation turn) of a DPO split, in split order, each with
+  its ``context(messages)``; ``count`` 0 means all (records are read until ``count`` are
+  found)."""
   seen, cases = set(), []
   for index in range(len(source)):
     r = source[index]
@@ -370,7 +383,7 @@ def _cases(source, count: int, *, replies: bool = False) -> list[dict]:
     case = {
       "id": as_text(r["id"]),
       "profile": as_text(r["profile"]),
-      "context": chat.context_of(messages),
+      "context": context(messages),
       "messages": messages,
     }
     if replies:
@@ -440,7 +453,7 @@ def evaluation_set(aligned: Aligned, log=print) -> Evaluation:
       f"config.preference.eval.ca_shots={pe.ca_shots} few-shot rows need more than the "
       f"{len(ca_rows)} accuracy rows (preference.eval.ca_rows={pe.ca_rows})"
     )
-  cases = _cases(sources["dpo_test"], pe.win_rate_prompts)
+  cases = _cases(sources["dpo_test"], pe.win_rate_prompts, aligned.context)
   log(f"evaluation: {len(cases)} judged prompts; the base model replies")
   return Evaluation(
     ca_rows=ca_rows,

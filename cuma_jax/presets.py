@@ -254,6 +254,10 @@ def _preference_scale(dataset: str, released: bool, stages=("sft", "dpo")) -> Ca
     if released:
       overrides["optim.horizon_steps"] = 1000
       overrides["data.supervision"] = "released"  # the reply, <|im_end|> and "\n"
+      # The released chat SFT right-truncates the whole thread at 2048 tokens; its judge
+      # prompt has a header line and reads the templated prompt as the context.
+      overrides["preference.sft_truncation"] = "thread_end"
+      overrides["preference.eval.judge_prompt"] = "released"
       if community:  # soft gates over every expert, no balance loss
         overrides.update({"adapter.gate": "top_probs", "adapter.top_k": 8, "optim.lambda_aux": 0.0})
       else:

@@ -146,3 +146,14 @@ def test_overrides_are_set_last_validated_and_refused_when_unknown():
     presets.experiment_config("cuma", "tiny", overrides={"train.steps": 7})
   with pytest.raises(ValueError, match="top_k"):
     presets.experiment_config("cuma", "tiny", overrides={"adapter.top_k": 9})
+
+
+@pytest.mark.parametrize("dataset", ["ca", "prism"])
+def test_released_preference_presets_truncate_and_judge_as_the_release(dataset):
+  released = presets.experiment_config("cuma", f"{dataset}_qwen3_8b_released")
+  assert released.preference.sft_truncation == "thread_end"  # the thread cut at 2048
+  assert released.data.max_length == 2048
+  assert released.preference.eval.judge_prompt == "released"
+  paper = presets.experiment_config("cuma", f"{dataset}_qwen3_8b")
+  assert paper.preference.sft_truncation == "prompt_start"
+  assert paper.preference.eval.judge_prompt == "project"

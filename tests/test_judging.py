@@ -73,6 +73,24 @@ def test_judge_prompt_has_the_demonstrations_then_the_case():
   assert "culturally aware judge" in judging.JUDGE_SYSTEM_PROMPT
 
 
+def test_released_judge_prompt_is_the_release_s_text():
+  # The released evaluate_dpo.py's format_judge_prompt, written out: a header line, each
+  # demonstration closed by a blank line, then "---" and the case.
+  demo = judging.Case("Egypt, 30", "<|im_start|>user\nHi<|im_end|>\n", "chosen", "rejected")
+  case = judging.Case("Peru, 60", "<|im_start|>user\nHello<|im_end|>\n", "one", "two")
+  expected = (
+    "Here are some examples of preferences for different users:\n\n"
+    "Example 1:\nProfile: Egypt, 30\nContext: <|im_start|>user\nHi<|im_end|>\n\n"
+    "Response A: chosen\nResponse B: rejected\nVerdict: [[A]]\n\n"
+    "---\n\nNow, please evaluate the following case:\n"
+    "Profile: Peru, 60\nContext: <|im_start|>user\nHello<|im_end|>\n\n"
+    "Response A: one\nResponse B: two\n\n"
+    "Which response is better? Output [[A]], [[B]], or [[Tie]]."
+  )
+  assert judging.released_judge_user_prompt(case, [demo]) == expected
+  assert judging.USER_PROMPTS["released"] is judging.released_judge_user_prompt
+
+
 def test_grpo_reward_prompt_shows_the_reference_first():
   case = judging.Case("Country: Peru", "user: Hi?", "I cannot answer.", "Hello!")
   assert judging.reward_user_prompt(case, [case]) == (

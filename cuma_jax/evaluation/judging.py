@@ -73,6 +73,28 @@ def judge_user_prompt(case: Case, demonstrations: Sequence[Case] = ()) -> str:
   return "\n\n".join(parts)
 
 
+def released_judge_user_prompt(case: Case, demonstrations: Sequence[Case] = ()) -> str:
+  """The released evaluation's user turn, character for character: its header line, the
+  demonstrations, and the case (whose context, there, is the templated prompt)."""
+  parts = ["Here are some examples of preferences for different users:\n\n"]
+  parts += [
+    f"Example {i}:\nProfile: {d.profile}\nContext: {d.context}\n"
+    f"Response A: {d.response_a}\nResponse B: {d.response_b}\nVerdict: [[A]]\n\n"
+    for i, d in enumerate(demonstrations, start=1)
+  ]
+  parts.append(
+    "---\n\nNow, please evaluate the following case:\n"
+    f"Profile: {case.profile}\nContext: {case.context}\nResponse A: {case.response_a}\n"
+    f"Response B: {case.response_b}\n\n{QUESTION}"
+  )
+  return "".join(parts)
+
+
+# preference.eval.judge_prompt: the win-rate judge's user turn.
+JUDGE_PROMPTS = ("project", "released")
+USER_PROMPTS = {"project": judge_user_prompt, "released": released_judge_user_prompt}
+
+
 def reward_user_prompt(case: Case, demonstrations: Sequence[Case] = ()) -> str:
   """GRPO's reward question: response A is the reference reply, B the sampled candidate
   (no demonstrations)."""
