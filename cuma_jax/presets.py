@@ -152,6 +152,8 @@ def preference_demo() -> ml_collections.ConfigDict:
   The tiny backbone is warmed up under shuffled profiles, so the base model prefers the
   population's replies whoever asks; the profile reaches CuMA's routers through the n-gram
   encoder fitted to the training preferences, and the prompt as text (both methods).
+  GRPO is rewarded by the rule judge that also scores the win-rate, so the headline is CA
+  accuracy (docs/preference.md#synthetic-preferences).
   """
   return apply_overrides(
     schema.defaults(),
