@@ -24,12 +24,14 @@ import ml_collections
 
 from cuma_jax import fields
 from cuma_jax.data.ca_prompts import CA_MODES
+from cuma_jax.data.chat import SFT_TRUNCATIONS
 from cuma_jax.data.preference_sources import SPLIT_MODES
 from cuma_jax.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from cuma_jax.data.synthetic import SyntheticSurveyConfig
 from cuma_jax.data.synthetic_preference import SyntheticPreferenceConfig
 from cuma_jax.data.tokenize import END_OF_TURN, SUPERVISION
 from cuma_jax.encoders import ENCODER_KINDS, POOLING_MODES
+from cuma_jax.evaluation.judging import JUDGE_PROMPTS
 from cuma_jax.fields import FREE, STRUCTURAL, field
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.decoder import REMAT_POLICIES
@@ -272,6 +274,9 @@ class PreferenceEvalSection(Section):
   judge: str = field("local_lm", choices=("rule", "local_lm"), resume=FREE)
   judge_checkpoint: str = field("", resume=FREE)
   judge_demonstrations: int = field(3, low=0, resume=FREE)  # solved DPO-train pairs shown
+  # The judge's user turn: this project's, or the released evaluation's (its header line,
+  # and the templated prompt as the context); docs/evaluation.md#preference-alignment.
+  judge_prompt: str = field("project", choices=JUDGE_PROMPTS, resume=FREE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +290,8 @@ class PreferenceSection(Section):
   stages: tuple[str, ...] = field(("sft", "dpo"), choices=STAGES, resume=FREE)
   max_prompt_length: int = field(1024, low=1)
   max_completion_length: int = field(512, low=1)
+  # How a chat SFT row longer than data.max_length is cut (docs/preference.md#batches).
+  sft_truncation: str = field("prompt_start", choices=SFT_TRUNCATIONS)
   dpo: DpoSection = dataclasses.field(default_factory=DpoSection)
   grpo: GrpoSection = dataclasses.field(default_factory=GrpoSection)
   eval: PreferenceEvalSection = dataclasses.field(default_factory=PreferenceEvalSection)
@@ -496,6 +503,11 @@ def _check_task(config: Config) -> None:
     raise ValueError(
       "config.preference.eval.judge='rule' judges the synthetic preference data only; use "
       "'local_lm' with preference.eval.judge_checkpoint"
+    )
+  if pe.judge == "rule" and pe.judge_prompt != "project":
+    raise ValueError(
+      f"config.preference.eval.judge_prompt={pe.judge_prompt!r} is a local LM judge's prompt; "
+      "the rule judge reads the conversation itself (judge_prompt='project')"
     )
   if config.preference.grpo.reference_reply == "population_mode" and (
     config.data.dataset != "synthetic_preference"

@@ -468,7 +468,14 @@ def test_reference_split_prism():
   assert ids(got["dpo_train"]) == [
     dpo[i]["id"] for i in dpo_train_idx if dpo[i]["conversation_id"] in kept
   ]
-  assert ids(got["dpo_test"]) == [dpo[i]["id"] for i in dpo_test_idx]
+  test_conversations = {sft[i]["conversation_id"] for i in sft_test_idx}
+  assert ids(got["dpo_test"]) == [
+    dpo[i]["id"] for i in dpo_test_idx if dpo[i]["conversation_id"] in test_conversations
+  ]
+  # The released processing filters PRISM's DPO-test to the SFT-test conversations too:
+  # without it, pairs of training conversations leak into the test split.
+  assert {r["conversation_id"] for r in got["dpo_test"]} <= test_conversations
+  assert len(got["dpo_test"]) < len(dpo_test_idx)
 
 
 def test_reference_split_on_the_fixture(fixture_records):

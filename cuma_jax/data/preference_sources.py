@@ -50,10 +50,10 @@ Splits (`split_records`), seeded, in one of `SPLIT_MODES`:
   independently, as `datasets`' `train_test_split(test_size=0.1, seed=seed)` does (so a
   conversation may sit on both sides). CA: `random.seed(seed)` samples 10,000 of the sorted
   SFT-train conversation ids (the release samples from a set, whose order depends on string
-  hashing), keeping their SFT-train and DPO-train rows; DPO-test keeps the rows whose
-  conversation is in SFT-test. PRISM: SFT-train shuffled (`Dataset.shuffle(seed)`), its first
-  2,000 rows, and the DPO-train rows of those conversations; DPO-test is kept whole. Fewer
-  train conversations than the sample size are all kept (the release would fail).
+  hashing), keeping their SFT-train and DPO-train rows. PRISM: SFT-train shuffled (`Dataset.shuffle(seed)`), its first
+  2,000 rows, and the DPO-train rows of those conversations. Both: DPO-test keeps the rows
+  whose conversation is in SFT-test. Fewer train conversations than the sample size are all
+  kept (the release would fail).
   `ca_eval` = rows 10,000..10,999 of the shuffled accuracy rows (the release shuffles the raw
   split; the two agree when no CA row was skipped for its first turn). A smaller set yields
   what exists of that range, and an empty range is an error.
@@ -82,6 +82,9 @@ PRISM = "prism"
 SYNTHETIC = "synthetic"
 SOURCES = (CA, PRISM, SYNTHETIC)
 SPLIT_MODES = ("conversation", "reference")
+# Raised whenever a split's rows change, so that datasets prepared before are prepared anew
+# (2: PRISM's reference DPO-test filtered to the SFT-test conversations).
+SPLITS_REVISION = 2
 # Every record has exactly these keys, in this order.
 RECORD_KEYS = (
   "id",
@@ -591,7 +594,8 @@ def _reference_splits(
     count = len(train_ids) if train_conversations is None else train_conversations
     kept = set(random.Random(seed).sample(train_ids, min(count, len(train_ids))))
     sft_train = _of(sft_train, kept)
-    dpo_test = _of(dpo_test, _ids(sft_test))
+  # Pairs of the SFT-test conversations only (the release filters both sources so).
+  dpo_test = _of(dpo_test, _ids(sft_test))
   splits = {
     "sft_train": sft_train,
     "sft_test": sft_test,
