@@ -37,6 +37,7 @@ def _torch_logits(model, ids, mask):
 # ----------------------------------------------------------------------------- parity
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("name", ["qwen3", "qwen3_tied", "llama3", "llama_tied_bias"])
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_logits_match_pytorch(tiny_checkpoint, pretrained, name, scan_layers):
@@ -62,6 +63,7 @@ def test_remat_and_scan_give_identical_logits(tiny_checkpoint, pretrained):
   np.testing.assert_allclose(outs[2], outs[0], atol=1e-6, rtol=0)
 
 
+@pytest.mark.device
 def test_bf16_compute_close_to_float32_pytorch(tiny_checkpoint, pretrained):
   """bf16 weights and activations (fp32 norms/softmax): tolerance 5e-2 on logits of O(1)."""
   _, torch_model = tiny_checkpoint("llama3")
