@@ -58,12 +58,19 @@ def _timed(fn):
 
 
 def measure(
-  model: dict, batch: int, repeats: int, *, new: int = NEW, torch_device: str = "cpu"
+  model: dict,
+  batch: int,
+  repeats: int,
+  *,
+  new: int = NEW,
+  torch_device: str = "cpu",
+  scan_layers: bool = False,
 ) -> dict:
   """Prefill and decode times of ours (plain and CuMA) and of Hugging Face's ``generate``
   for a random Qwen3 of ``model``'s shape, and the fraction of tokens both generate alike
   (``tokens_equal``). Hugging Face runs on ``torch_device``, ours on JAX's default backend;
-  in float32 at full matmul precision on both."""
+  in float32 at full matmul precision on both. ``scan_layers``: ours with its layers scanned
+  (one compiled layer, for deep models)."""
   torch.manual_seed(0)
   with torch.device(torch_device):
     hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**model)).eval()
@@ -73,8 +80,8 @@ def measure(
   z = rng.normal(size=(batch, CUMA.demographic_dim)).astype(np.float32)
   with tempfile.TemporaryDirectory() as directory:
     hf.save_pretrained(directory)
-    plain = load_pretrained(directory)
-    cuma = load_pretrained(directory, adapter=CUMA, rng=jax.random.key(0))
+    plain = load_pretrained(directory, scan_layers=scan_layers)
+    cuma = load_pretrained(directory, scan_layers=scan_layers, adapter=CUMA, rng=jax.random.key(0))
 
   def ours(model, demographics, new_tokens):
     module, params = model

@@ -230,7 +230,7 @@ def step(smoke: bool):
   }
   model_config = job.architecture(configs["CuMA dense"])
   runs = {name: bench_step.build(c, model_config=model_config)[0] for name, c in configs.items()}
-  seconds = bench_step.medians(bench_step.time_rounds(runs, 3 if smoke else 10))
+  seconds = bench_step.medians(bench_step.time_rounds(runs, 3 if smoke else 10)[0])
   peak, source = bf16_peak()
   measured = matmul_rate(256 if smoke else 8192, jnp.bfloat16)
   rows_result, rows = _mfu_rows(configs, model_config, seconds, peak, measured)
@@ -308,7 +308,7 @@ def dispatch_sweep(smoke: bool):
     for n in experts
     for s in ("dense", "ragged")
   }
-  seconds = bench_step.medians(bench_step.time_rounds(runs, 3 if smoke else 10))
+  seconds = bench_step.medians(bench_step.time_rounds(runs, 3 if smoke else 10)[0])
   backend = jax.default_backend()
   result, rows = {"tokens": rows_count * length, "rank": rank, "by_experts": {}}, []
   for n in experts:
@@ -379,7 +379,9 @@ def decode(smoke: bool):
     model = {**bench_generate.MODEL, **_qwen3_0_6b()}
     batch, new, repeats = 8, 64, 3
   torch_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-  result = bench_generate.measure(model, batch, repeats, new=new, torch_device=torch_device)
+  result = bench_generate.measure(
+    model, batch, repeats, new=new, torch_device=torch_device, scan_layers=True
+  )
   result["torch_device"] = torch_device
   rows = [
     (name, f"{result[name]['prefill_s'] * 1e3:.1f}", f"{result[name]['decode_tokens_per_s']:.0f}")
