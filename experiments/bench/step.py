@@ -8,11 +8,13 @@ tokens, CuMA on q_proj and v_proj (8 experts, top-2, rank 64, dense dispatch), f
 remat. ``--layout`` picks the adapter layout: ``bench`` (the default: per-expert A, a router
 per target with hidden 32, demographic width 64) or ``released`` (the released training
 scripts': one A shared by a projection's experts, one router per layer shared by q and v,
-router hidden 256, demographic width 1024). Reports the step's median time, tokens/s, its model FLOPs
-(``cuma_jax.plan.model_flops``, counted from the shapes: every matmul's forward, the
-activation gradients of every matmul, the weight gradients of the trainable ones only) and
-the fraction of this machine's float32 matmul rate, measured in the same run on a
-2048 x 2048 ``jnp`` matmul.
+router hidden 256, demographic width 1024). Reports the step's median time, tokens/s, its
+model FLOPs (``cuma_jax.plan.model_flops``, counted from the shapes: every matmul's
+forward, the activation gradients of every matmul, the weight gradients of the trainable
+ones only) and the fraction of this machine's float32 matmul rate, measured in the same
+run on a 2048 x 2048 ``jnp`` matmul timed in every round: the median over rounds of each
+round's ratio, by wall-clock time and by this process's CPU time (the work done, whatever
+other jobs hold the cores). experiments/bench/step_profile.py says where the time goes.
 
 Where the time goes: the forward pass alone, the step with plain LoRA r=64 in place of
 CuMA (no routers, one expert instead of eight), and the step recomputing each layer's

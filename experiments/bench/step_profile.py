@@ -7,8 +7,9 @@ matmuls) with ``jax.profiler``, takes each op's time from the trace, and its FLO
 line (``op_name``) from the compiled program, which XLA dumps as text. Prints the op time
 per step summed over the thread pool's threads, by part: the frozen backbone's
 projections, attention's other work, the LoRA experts, the routers, the rest; each with
-its GFLOP and its GFLOP per thread-second beside the matmul's. Thread time counts work,
-not waits for a core, so the table holds on a shared machine.
+its GFLOP and its GFLOP per second of op time beside the matmul's. An op's time is how long
+it ran on its thread, waits for a core included: on a shared machine compare the shares
+of one run, not rates across runs.
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def main():
     by_part[part][1] += flops / args.steps
   total = sum(ns for ns, _ in by_part.values())
   print(f"{args.method} step, layout {args.layout}: {total / 1e6:.0f} ms of op time per step")
-  print(f"2048^3 matmul: {product_flops * args.steps / matmul_ns:.1f} GFLOP per thread-second")
-  print("| part | op time (ms) | share | GFLOP | GFLOP per thread-second |")
+  print(f"2048^3 matmul: {product_flops * args.steps / matmul_ns:.1f} GFLOP per second of op time")
+  print("| part | op time (ms) | share | GFLOP | GFLOP per second of op time |")
   print("|---|---|---|---|---|")
   for part, (ns, flops) in sorted(by_part.items(), key=lambda kv: -kv[1][0]):
     rate = f"{flops / ns:.1f}" if flops else ""

@@ -352,7 +352,10 @@ def memory(smoke: bool):
     "peak_bytes_before_step": before.get("peak_bytes_in_use"),
     "measured_over_predicted": peak / program.total if peak else None,
   }
-  gib = lambda b: "n/a (no memory_stats on this backend)" if b is None else f"{b / 2**30:.3f}"  # noqa: E731
+
+  def gib(size):
+    return "n/a (no memory_stats on this backend)" if size is None else f"{size / 2**30:.3f}"
+
   rows = [
     ("plan: arguments", gib(program.arguments)),
     ("plan: outputs (not donated)", gib(program.outputs - program.aliased)),
@@ -377,7 +380,7 @@ def decode(smoke: bool):
   else:
     # Qwen3-0.6B's shape (random weights), float32 at full matmul precision on both sides.
     model = {**bench_generate.MODEL, **_qwen3_0_6b()}
-    batch, new, repeats = 8, 64, 3
+    batch, new, repeats = 8, 64, 2
   torch_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
   result = bench_generate.measure(
     model, batch, repeats, new=new, torch_device=torch_device, scan_layers=True

@@ -41,9 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 # Seconds each part may take on one H100 (7.75 minutes in all, the most each part is
 # expected to need), and with --cpu-smoke.
 BUDGETS = {
-  "environment": (30, 120),
+  "environment": (45, 120),
   "tests": (120, 120),
-  "step": (150, 120),
+  "step": (135, 120),
   "dispatch_sweep": (45, 120),
   "memory": (60, 120),
   "decode": (60, 120),
