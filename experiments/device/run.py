@@ -54,18 +54,21 @@ PARTS = tuple(BUDGETS)
 PART_ENV = {name: {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} for name in ("tests", "decode")}
 
 
-def install(wheels: str, site: str) -> list[str]:
-  """Installs every wheel in ``wheels`` and the project (no dependencies, no index) into
-  ``site``; returns the commands run."""
+def install(wheels: str, site: str) -> list[dict]:
+  """Installs every wheel in ``wheels``, then the project, into ``site`` (no dependencies, no
+  index); returns each command with its outcome. A failure is recorded, not raised: the
+  parts then run with what there is (the project from this checkout) and say what broke."""
   found = sorted(glob.glob(os.path.join(wheels, "*.whl")))
   if not found:
     raise SystemExit(f"--wheels {wheels}: no .whl files there (experiments/device/wheels.sh)")
   pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
   pip += ["--no-cache-dir", "--upgrade", "--target", site]
-  commands = [[*pip, *found], [*pip, "--no-build-isolation", ROOT]]
-  for command in commands:
-    subprocess.run(command, check=True)
-  return [" ".join(c) for c in commands]
+  outcomes = []
+  for command in ([*pip, *found], [*pip, "--no-build-isolation", ROOT]):
+    done = subprocess.run(command, capture_output=True, text=True)
+    outcome = "ok" if done.returncode == 0 else done.stderr.strip().splitlines()[-1:]
+    outcomes.append({"command": " ".join(command), "outcome": outcome})
+  return outcomes
 
 
 def run_part(name: str, out: str, smoke: bool, env: dict, isolate: bool) -> dict:
@@ -212,7 +215,10 @@ def main(argv=None) -> int:
   if args.wheels:
     site = os.path.join(out, ".site")
     setup["install"] = install(args.wheels, site)
-    env["PYTHONPATH"] = os.pathsep.join([site, env.get("PYTHONPATH", "")])
+    # The project from this checkout too, should its install have failed.
+    env["PYTHONPATH"] = os.pathsep.join([site, ROOT, env.get("PYTHONPATH", "")])
+    for step in setup["install"]:
+      print(f"install: {step['outcome']}: {step['command'][:200]}", flush=True)
   isolate = not args.cpu_smoke if args.isolate is None else args.isolate
   if not isolate:
     os.environ.update(env)
