@@ -46,6 +46,7 @@ PARITY_ATOL = 1e-4  # float32 logits against PyTorch's
 BF16_SPREAD_FRACTION = 0.1
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("name", ["qwen3", "qwen3_tied", "llama3", "llama_tied_bias"])
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_logits_match_pytorch(tiny_checkpoint, pretrained, name, scan_layers):
@@ -94,6 +95,7 @@ def _zero_one_mlp(params):
   return traverse_util.unflatten_dict(flat)
 
 
+@pytest.mark.device
 def test_bf16_compute_close_to_float32(tiny_checkpoint, pretrained):
   """bf16 weights and activations (fp32 norms/softmax) against the float32 decoder (itself
   checked against PyTorch above), at a tolerance that scales with the logits' spread: tight
