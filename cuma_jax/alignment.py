@@ -43,7 +43,7 @@ from cuma_jax.training.preference import (
   grpo_objective,
 )
 from cuma_jax.training.step import sft_objective
-from cuma_jax.training.workdir import WorkdirLock, write_atomically
+from cuma_jax.training.workdir import WorkdirLock, check_workdir_path, write_atomically
 
 
 @dataclasses.dataclass
@@ -521,6 +521,7 @@ def run(config, workdir: str, log=print) -> dict:
       f"config.preference.eval.judge_checkpoint={pe.judge_checkpoint!r} is not a directory; "
       "judge='local_lm' needs a local Hugging Face causal LM there"
     )
+  check_workdir_path(workdir)
   last = config.preference.stages[-1]
   step = checkpointing.check_workdir(
     config, _checkpoint_dir(workdir, last), config_conflicts=_conflicts(last)

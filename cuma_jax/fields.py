@@ -37,14 +37,14 @@ class Spec:
     return tuple(self.choices() if callable(self.choices) else self.choices)
 
   def describe(self) -> str:
-    parts = []
+    parts = ["finite"] if self.low is not None or self.high is not None else []
     if self.low is not None:
       parts.append(f"{'>' if self.low_open else '>='} {self.low}")
     if self.high is not None:
       parts.append(f"{'<' if self.high_open else '<='} {self.high}")
     if self.choices is not None:
       parts.append(f"one of {self.allowed()}")
-    return " and ".join(parts) or "any value"
+    return " and ".join(parts) or "any finite value"
 
   def accepts(self, value: Any) -> bool:
     if isinstance(value, (tuple, list)):
@@ -52,9 +52,11 @@ class Spec:
     allowed = self.allowed()
     if allowed is not None and value not in allowed:
       return False
+    if isinstance(value, float) and not math.isfinite(value):
+      return False  # inf or nan would train to a non-finite state (every float is finite)
     if self.low is None and self.high is None:
       return True
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
       return False
     if self.low is not None and (value <= self.low if self.low_open else value < self.low):
       return False

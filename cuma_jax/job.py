@@ -40,7 +40,7 @@ from cuma_jax.params import merge_params, split_params
 from cuma_jax.sharding import Layout, indivisible
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
-from cuma_jax.training.workdir import WorkdirLock, write_atomically
+from cuma_jax.training.workdir import WorkdirLock, check_workdir_path, write_atomically
 
 
 @dataclasses.dataclass
@@ -202,6 +202,7 @@ class Experiment:
       self.data.sources[split],
       self.demographics,
       self.data.oracle,
+      split=split,
     )
 
   def dataset(self, split: str, batch_size: int | None = None):
@@ -379,6 +380,7 @@ def run(config, workdir: str, log=print) -> dict:
       f"config.task={config.task!r} is run by cuma_jax.alignment.run (python -m cuma_jax.main "
       "dispatches on the task)"
     )
+  check_workdir_path(workdir)
   step = checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), config_conflicts=schema.resume_conflicts
   )

@@ -1,5 +1,7 @@
 """One writer per workdir, files never seen half-written, content fingerprints."""
 
+import errno
+import fcntl
 import os
 import re
 import socket
@@ -10,7 +12,12 @@ import ml_collections
 import pytest
 
 from cuma_jax import fingerprint, job, presets
-from cuma_jax.training.workdir import WorkdirBusy, WorkdirLock, write_atomically
+from cuma_jax.training.workdir import (
+  WorkdirBusy,
+  WorkdirLock,
+  WorkdirUnusable,
+  write_atomically,
+)
 
 # Another process that takes a workdir's lock and holds it until killed.
 _HOLDER = """
@@ -53,6 +60,31 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_recovered(tmp_path, mo
   with WorkdirLock(str(workdir), log=logs.append):
     pass
   assert len(logs) == 1  # A clean exit leaves nothing to recover.
+
+
+def test_unusable_workdir_or_lock_is_named_in_one_line(tmp_path, monkeypatch):
+  monkeypatch.setattr(job, "load_data", _must_not_run)
+  config = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
+  # A workdir that is a regular file (was FileExistsError), or lies under one.
+  afile = tmp_path / "results"
+  afile.write_text("kept")
+  for workdir in (afile, afile / "run"):
+    with pytest.raises(WorkdirUnusable, match=rf"{afile} is a file, not a directory"):
+      job.run(config, str(workdir))
+  assert afile.read_text() == "kept"
+  # A LOCK that is a directory (was IsADirectoryError).
+  (tmp_path / "run" / "LOCK").mkdir(parents=True)
+  with pytest.raises(WorkdirUnusable, match=r"LOCK is a directory; .*rmdir"):
+    job.run(config, str(tmp_path / "run"))
+  assert os.listdir(tmp_path / "run") == ["LOCK"]
+
+  # A filesystem without flock (was a raw OSError).
+  def no_flock(*_):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  with pytest.raises(WorkdirUnusable, match=r"does not support flock \(No locks available\)"):
+    job.run(config, str(tmp_path / "other"))
 
 
 def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):

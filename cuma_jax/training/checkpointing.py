@@ -20,6 +20,7 @@ from typing import Any, Callable
 from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -48,6 +49,11 @@ class CheckpointInputsMismatch(CheckpointConfigMismatch):
 
 class UnreadableCheckpoint(RuntimeError):
   pass
+
+
+class NonFiniteCheckpoint(ValueError):
+  """A step whose parameters or optimiser state hold inf or NaN: unusable like an unreadable
+  one (moved aside or stopped at by ``train.on_corrupt_checkpoint``)."""
 
 
 def _flatten(d, prefix=""):
@@ -207,6 +213,8 @@ class TrainCheckpoints:
     )
 
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, Any]:
+    """The state and data iterator state of ``step``; refuses a state holding inf or NaN
+    (written before training checked each step's state), which must never be scored."""
     self.check(step)
     restored = self.manager.restore(
       step,
@@ -214,6 +222,10 @@ class TrainCheckpoints:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
       ),
     )
+    leaves = [x for x in jax.tree.leaves(restored["state"]) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    bad = sum(not bool(jnp.isfinite(x).all()) for x in leaves)
+    if bad:
+      raise NonFiniteCheckpoint(f"{bad} of its {len(leaves)} float arrays hold inf or NaN")
     return restored["state"], restored["data"]
 
   def restore_latest(self, abstract_state: dict) -> tuple[int, dict, Any] | None:
