@@ -4,6 +4,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -120,4 +121,44 @@ def test_fingerprint_follows_contents_not_location(tmp_path, monkeypatch):
     "config.json changed",
     "sub/weights.bin changed",
     "tokenizer.json is new",
+  ]
+
+
+def test_a_change_between_the_samples_of_a_large_file_is_seen(tmp_path, monkeypatch):
+  monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 1024)
+  monkeypatch.setattr(fingerprint, "HEAD_BYTES", 256)
+  monkeypatch.setattr(fingerprint, "SAMPLE_BYTES", 16)
+  weights = tmp_path / "a" / "weights.bin"
+  weights.parent.mkdir()
+  weights.write_bytes(bytes(range(256)) * 16)
+  os.utime(weights, ns=(10**18, 10**18))  # written long ago
+  saved = fingerprint.fingerprint(weights.parent)
+
+  # A byte between the samples rewritten in place: same size, same samples (was accepted).
+  def overwrite(path):
+    with open(path, "r+b") as f:
+      f.seek(300)
+      f.write(b"\xff")
+
+  overwrite(weights)
+  assert fingerprint.differences(saved, fingerprint.fingerprint(weights.parent)) == [
+    "weights.bin changed (same size and sampled bytes, another modification time: set "
+    "CUMA_FULL_DIGESTS=1 to compare whole contents)"
+  ]
+  # A copy that keeps the times (cp -p, a move) is the same; one that does not is not, unless
+  # whole digests are compared.
+  weights.write_bytes(bytes(range(256)) * 16)
+  os.utime(weights, ns=(10**18, 10**18))
+  shutil.copytree(weights.parent, tmp_path / "kept")
+  (tmp_path / "fresh").mkdir()
+  shutil.copyfile(weights, tmp_path / "fresh" / "weights.bin")
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "kept")) == []
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "fresh")) != []
+  monkeypatch.setenv("CUMA_FULL_DIGESTS", "1")
+  saved = fingerprint.fingerprint(weights.parent)
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "fresh")) == []
+  overwrite(tmp_path / "fresh" / "weights.bin")
+  os.utime(tmp_path / "fresh" / "weights.bin", ns=(10**18, 10**18))  # even with the old time
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "fresh")) == [
+    "weights.bin changed"
   ]
