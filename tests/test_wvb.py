@@ -73,6 +73,7 @@ def test_examples_and_skip_counts(wvb_root):
     "participants_nan_profile": 0,
     "examples_nan_profile": 0,
     "malformed_rows": 0,
+    "duplicate_rows": 0,
     "skipped_questions": ["Q999"],
   }
   assert counts.skipped_examples == 6
