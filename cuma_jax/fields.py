@@ -36,15 +36,16 @@ class Spec:
       return None
     return tuple(self.choices() if callable(self.choices) else self.choices)
 
-  def describe(self) -> str:
-    parts = ["finite"] if self.low is not None or self.high is not None else []
+  def describe(self, finite: bool = False) -> str:
+    """The allowed values in words (``finite``: say that they are, for a float field)."""
+    parts = ["finite"] if finite else []
     if self.low is not None:
       parts.append(f"{'>' if self.low_open else '>='} {self.low}")
     if self.high is not None:
       parts.append(f"{'<' if self.high_open else '<='} {self.high}")
     if self.choices is not None:
       parts.append(f"one of {self.allowed()}")
-    return " and ".join(parts) or "any finite value"
+    return " and ".join(parts) or "any value"
 
   def accepts(self, value: Any) -> bool:
     if isinstance(value, (tuple, list)):
@@ -84,4 +85,6 @@ def check(obj: Any, prefix: str) -> None:
     value = getattr(obj, f.name)
     if not spec.accepts(value):
       key = f"{prefix}.{f.name}" if prefix else f.name
-      raise ValueError(f"config.{key}={value!r}; must be {spec.describe()}")
+      floats = value if isinstance(value, (tuple, list)) else (value,)
+      finite = any(isinstance(v, float) for v in floats)
+      raise ValueError(f"config.{key}={value!r}; must be {spec.describe(finite)}")
