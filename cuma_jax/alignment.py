@@ -44,7 +44,7 @@ from cuma_jax.training.preference import (
   grpo_objective,
 )
 from cuma_jax.training.step import sft_objective
-from cuma_jax.training.workdir import WorkdirLock, write_atomically
+from cuma_jax.training.workdir import WorkdirLock, check_workdir_path, write_atomically
 
 
 @dataclasses.dataclass
@@ -545,6 +545,7 @@ def run(config, workdir: str, log=print) -> dict:
       f"config.preference.eval.judge_checkpoint={pe.judge_checkpoint!r} is not a directory; "
       "judge='local_lm' needs a local Hugging Face causal LM there"
     )
+  check_workdir_path(workdir)
   last = config.preference.stages[-1]
   step = checkpointing.check_workdir(
     config, _checkpoint_dir(workdir, last), config_conflicts=_conflicts(last)
@@ -555,7 +556,7 @@ def run(config, workdir: str, log=print) -> dict:
     )
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     aligned = prepare(config, workdir, log)
-    params = _train_or_restore(aligned, log)
+    params, exports = _train_or_restore(aligned, log)
     ev = evaluation_set(aligned, log)
     results = {"base": score(aligned, aligned.base(), ev)}
     report("base", results["base"], log)
@@ -567,11 +568,7 @@ def run(config, workdir: str, log=print) -> dict:
         report(name, r, log)
     for method in config.eval.baselines:
       results.setdefault("baselines", {})[method] = _baseline(aligned, method, ev, log)
-    if jax.process_index() == 0:
-      write_atomically(
-        os.path.join(workdir, "results.json"),
-        json.dumps({**results, "run": job.provenance(config)}, indent=2),
-      )
+    job.write_results(config, workdir, results, exports, log)
   return results
 
 
@@ -583,20 +580,17 @@ def _host_side_stages(config) -> list[str]:
   return [s for s in stages if s == "grpo" or (s == "dpo" and dpo_fixed)]
 
 
-def _train_or_restore(aligned: Aligned, log) -> dict:
+def _train_or_restore(aligned: Aligned, log) -> tuple[dict, dict]:
+  """The last stage's parameters, and the digests of their export (written or verified)."""
   params = aligned.params
   if aligned.config.mode == "eval":
-    return _restored(aligned, aligned.config.preference.stages[-1], log)
-  previous = None
-  for stage in aligned.config.preference.stages:
-    params = _stage(aligned, stage, previous, params, log)
-    previous = stage
-  adapter = schema.adapter_config(aligned.config)
-  if adapter is not None:
-    trainable, _ = split_params(params, aligned.config.trainable)
-    exported = dict(schema.as_dict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
-    checkpointing.export_adapters(trainable, exported, os.path.join(aligned.workdir, "adapters"))
-  return params
+    params = _restored(aligned, aligned.config.preference.stages[-1], log)
+  else:
+    previous = None
+    for stage in aligned.config.preference.stages:
+      params = _stage(aligned, stage, previous, params, log)
+      previous = stage
+  return params, job.export(aligned.config, aligned.workdir, params, log)
 
 
 def _restored(aligned: Aligned, stage: str, log) -> dict:
@@ -614,10 +608,12 @@ def _restored(aligned: Aligned, stage: str, log) -> dict:
     log=log,
   )
   try:
-    _, state, _ = ckpt.restore_latest(loop.abstract_state(config, trainable))
+    restored = ckpt.restore_latest(loop.abstract_state(config, trainable))
   finally:
     ckpt.close()
-  return merge_params(state["trainable"], frozen)
+  if restored is None:
+    raise FileNotFoundError(f"{ckpt.directory} has no checkpoint of stage {stage} to evaluate")
+  return merge_params(restored[1]["trainable"], frozen)
 
 
 def _baseline(aligned: Aligned, method: str, ev: Evaluation, log) -> dict:
@@ -633,7 +629,8 @@ def _baseline(aligned: Aligned, method: str, ev: Evaluation, log) -> dict:
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     other = prepare(baseline, workdir, log)
     other.judge = aligned.judge  # one judge for every model of the run
-    params = _train_or_restore(other, log)
+    params, exports = _train_or_restore(other, log)
+    job.write_results(baseline, workdir, {}, exports, log)
     # Beside the run's own predictions, so that one folder compares every model.
     result = score(
       other, other.model(method, params), ev, os.path.join(aligned.workdir, "predictions")

@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from typing import Any
 
 import jax
@@ -43,7 +44,7 @@ from cuma_jax.params import merge_params, split_params
 from cuma_jax.sharding import Layout, indivisible
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
-from cuma_jax.training.workdir import WorkdirLock, write_atomically
+from cuma_jax.training.workdir import WorkdirLock, check_workdir_path, write_atomically
 
 
 @dataclasses.dataclass
@@ -205,6 +206,7 @@ class Experiment:
       self.data.sources[split],
       self.demographics,
       self.data.oracle,
+      split=split,
     )
 
   def dataset(self, split: str, batch_size: int | None = None):
@@ -399,6 +401,7 @@ def run(config, workdir: str, log=print) -> dict:
       f"config.task={config.task!r} is run by cuma_jax.alignment.run (python -m cuma_jax.main "
       "dispatches on the task)"
     )
+  check_workdir_path(workdir)
   step = checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), config_conflicts=schema.resume_conflicts
   )
@@ -421,16 +424,53 @@ def _run(config, workdir: str, log, *, baseline: bool = False) -> dict:
     experiment.params = _train(experiment, log)
   else:
     experiment.params = _trained_params(experiment, log)
+  exports = export(config, workdir, experiment.params, log)
   results["trained"] = _evaluate_all(experiment)
   _report(config.method if baseline else "trained", results["trained"], log, models_only=baseline)
   for method in config.eval.baselines:
     results.setdefault("baselines", {})[method] = _run_baseline(experiment, method, log)
-  if jax.process_index() == 0:
-    write_atomically(
-      os.path.join(workdir, "results.json"),
-      json.dumps({**results, "run": provenance(config)}, indent=2),
-    )
+  write_results(config, workdir, results, exports, log)
   return results
+
+
+def export(config, workdir: str, params: dict, log=print) -> dict[str, str]:
+  """Exports (or verifies, rewriting what differs) the trained adapters in WORKDIR/adapters;
+  returns {path in the workdir: SHA-256} (none for full fine-tuning)."""
+  adapter = schema.adapter_config(config)
+  if adapter is None:
+    return {}
+  trainable, _ = split_params(params, config.trainable)
+  exported = dict(schema.as_dict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
+  digests = checkpointing.export_adapters(
+    trainable, exported, os.path.join(workdir, "adapters"), log
+  )
+  return {f"adapters/{name}": digest for name, digest in digests.items()}
+
+
+def write_results(config, workdir: str, results: dict, exports: dict, log=print) -> None:
+  """Writes WORKDIR/results.json with the exports' digests and what reproduces the run.
+
+  An evaluation (mode=eval) updates what it evaluated and keeps the rest (the untrained
+  model, other baselines, the training run's record, under "run"; its own is "eval_run").
+  """
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "results.json")
+  merged = {}
+  if config.mode == "eval" and os.path.exists(path):
+    try:
+      with open(path) as f:
+        merged = json.load(f)
+    except ValueError as e:
+      aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+      os.replace(path, aside)
+      log(f"{path} is not JSON ({e}); moved it to {aside} and wrote a new one")
+  baselines = {**merged.get("baselines", {}), **results.get("baselines", {})}
+  merged.update(results, exports=exports)
+  if baselines:
+    merged["baselines"] = baselines
+  merged["eval_run" if "run" in merged else "run"] = provenance(config)
+  write_atomically(path, json.dumps(merged, indent=2))
 
 
 def _run_baseline(experiment: Experiment, method: str, log) -> dict:
@@ -518,12 +558,6 @@ def _train(experiment: Experiment, log) -> dict:
     config_conflicts=schema.resume_conflicts,
     log=log,
   )
-  adapter = schema.adapter_config(config)
-  if adapter is not None:
-    exported = dict(schema.as_dict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
-    checkpointing.export_adapters(
-      result.trainable, exported, os.path.join(experiment.workdir, "adapters")
-    )
   return merge_params(result.trainable, result.frozen)
 
 
@@ -580,10 +614,12 @@ def _trained_params(experiment: Experiment, log=print) -> dict:
     log=log,
   )
   try:
-    _, state, _ = ckpt.restore_latest(loop.abstract_state(config, trainable))
+    restored = ckpt.restore_latest(loop.abstract_state(config, trainable))
   finally:
     ckpt.close()
-  return merge_params(state["trainable"], frozen)
+  if restored is None:
+    raise FileNotFoundError(f"{ckpt.directory} has no training checkpoint to evaluate")
+  return merge_params(restored[1]["trainable"], frozen)
 
 
 def _report(name, results, log, models_only=False):

@@ -16,6 +16,7 @@ the field's default, so new fields whose default keeps the old behaviour resume.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
 from typing import Any, ClassVar
@@ -386,6 +387,19 @@ def from_dict(values: dict, cls=Config, prefix: str = ""):
     for k, v in values.items()
   }
   return cls(**kwargs)
+
+
+def unknown_key(key: str) -> str | None:
+  """Why dotted ``key`` (e.g. from ``--config.KEY=VALUE``) is not a config key, naming the
+  closest ones; None when it is one."""
+  keys = _flat(as_dict(Config()))
+  if key in keys:
+    return None
+  close = (
+    difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    or sorted(k for k in keys if k.startswith(key.split(".")[0] + "."))[:3]
+  )
+  return f"config.{key} is not a config key" + (f"; the closest are {close}" if close else "")
 
 
 def defaults() -> ml_collections.ConfigDict:

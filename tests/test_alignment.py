@@ -62,7 +62,7 @@ def test_preference_job_runs_every_stage_and_reports(preference_run):
   assert (workdir / "adapters").is_dir()
 
   results = json.load(open(workdir / "results.json"))
-  assert set(results) == {"base", "trained", "references", "baselines", "run"}
+  assert set(results) == {"base", "trained", "references", "baselines", "exports", "run"}
   assert "win_rate" not in results["base"]  # the base is what the others are judged against
   predictions = workdir / "predictions"
   for model, result in (("cuma", results["trained"]), ("lora", results["baselines"]["lora"])):

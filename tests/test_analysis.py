@@ -4,11 +4,14 @@ per latent culture, on the session's run of the main job (`tiny` preset)."""
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import cuma_jax
 from cuma_jax import job, presets, schema
+from cuma_jax.evaluation.predict import NonFiniteLogits
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,19 @@ def test_restore_reproduces_the_jobs_printed_metrics(trained):
     "tfds",
     "train",
   ]
+
+
+def test_evaluation_refuses_non_finite_logits_naming_the_split(trained):
+  # Before, mode=eval on a workdir whose parameters held NaN scored an argmax over NaN.
+  _, experiment = trained
+  params = experiment.params
+  try:
+    experiment.params = jax.tree.map(lambda x: x * jnp.nan, params)
+    rows = len(experiment.data.sources["test"])
+    with pytest.raises(NonFiniteLogits, match=rf"{rows} of {rows} examples of split 'test'"):
+      experiment.evaluate("test")
+  finally:
+    experiment.params = params
 
 
 def test_results_record_what_reproduces_the_run(trained):
