@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "bench"))
 from step import matmul_rate  # noqa: E402
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-METHODS = ("cuma", "lora")
+METHODS = ("lora", "cuma")  # the baseline first: its rate matters most to fairness
 
 
 @dataclasses.dataclass(frozen=True)
