@@ -107,7 +107,9 @@ def profile_reading_accuracy(backbone: str, source, config, batch: int = 128):
     inputs["prompt_length"] = np.array([e["prompt_length"] for e in encoded])
     inputs["profile_index"] = np.zeros(batch, np.int32)
     inputs["option_count"] = np.array([q.num_choices for q in rows])
-    chosen = np.asarray(choose(params, None, inputs))
+    chosen, nonfinite = (np.asarray(x) for x in choose(params, None, inputs))
+    if nonfinite.any():
+      raise ValueError(f"the backbone {backbone} gives non-finite logits to profile questions")
     truth = np.array([prompts.LETTERS.index(q.answer) for q in rows])
     correct += list(chosen == truth)[: len(questions) - start]
   chance = np.mean([1 / questions[i].num_choices for i in range(len(questions))])
