@@ -43,33 +43,38 @@ def _reads(config: dict) -> str:
   return " and ".join(w for w, on in (("as text", text), ("as z", routed)) if on) or "no"
 
 
-def table(workdir: str) -> list[str]:
-  """The headline table's rows of the run in ``workdir``."""
-  with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
-  models = {results["run"]["config"]["method"]: (results["trained"], workdir)}
-  for method, metrics in results.get("baselines", {}).items():
-    models[method] = (metrics, os.path.join(workdir, "baselines", method))
-  rows = [HEADER, "|---|---|---|---|---|---|---|"]
-  for method, (metrics, run_dir) in models.items():
+def table(run_dirs: list[str]) -> list[str]:
+  """The headline table: each finished run's test and zero-shot metrics (its own
+  ``results.json``), then the survey's reference predictors (the first run's)."""
+  rows, references = [HEADER, "|---|---|---|---|---|---|---|"], None
+  for run_dir in run_dirs:
     with open(os.path.join(run_dir, "results.json")) as f:
-      config = json.load(f)["run"]["config"]
+      results = json.load(f)
+    config = results["run"]["config"]
     count = count_parameters(ml_collections.ConfigDict(config))["trainable"]
-    label = LABELS.get(method, method)
-    if config["adapter"]["targets"] and method != "full":
+    label = LABELS.get(config["method"], config["method"])
+    if config["adapter"]["targets"] and config["method"] != "full":
       label += f" r={config['adapter']['rank']}"
     cells = [label, _reads(config), f"{count:,}"]
     for split in ("test", "zero_shot"):
-      m = metrics[split]["model"]
+      m = results["trained"][split]["model"]
       cells += [f"{m['accuracy']:.4f}", f"{m['emd_mean']:.4f}"]
     rows.append("| " + " | ".join(cells) + " |")
+    references = references or results["trained"]
   for key, label in REFERENCES:
     cells = [label, "—", "—"]
     for split in ("test", "zero_shot"):
-      m = results["trained"][split][key]
+      m = references[split][key]
       cells += [f"{m['accuracy']:.4f}", f"{m['emd_mean']:.4f}"]
     rows.append("| " + " | ".join(cells) + " |")
   return rows
+
+
+def demo_runs(workdir: str) -> list[str]:
+  """A demo workdir's run, then each of its baselines' workdirs."""
+  baselines = os.path.join(workdir, "baselines")
+  names = sorted(os.listdir(baselines)) if os.path.isdir(baselines) else []
+  return [workdir, *(os.path.join(baselines, name) for name in names)]
 
 
 def main(argv=None) -> int:
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
     "Test and zero-shot splits, read once, with the settings chosen on the validation split "
     "([sweep.md](sweep.md)).",
     "",
-    *table(args.workdir),
+    *table(demo_runs(args.workdir)),
     "",
   ]
   with open(args.out, "w") as f:

@@ -27,9 +27,10 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
-from cuma_jax import job, presets
+from cuma_jax import job, presets, schema
 from cuma_jax.data import profile_questions, prompts
 from cuma_jax.data.tokenize import ChatEncoder
 from cuma_jax.evaluation import predict
@@ -41,6 +42,9 @@ from cuma_jax.tiny import backbone as tiny_backbone
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "bench"))
 from step import matmul_rate  # noqa: E402
+
+sys.path.insert(0, HERE)
+import report  # noqa: E402
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 METHODS = ("lora", "cuma")  # the baseline first: its rate matters most to fairness
@@ -168,13 +172,56 @@ def write_report(rows, chosen, reading, out: str, seconds, rate: float, steps: i
     )
 
 
+def read_test(chosen: list[Candidate], workdir: str, backbone: str, data_dir: str, rate, log):
+  """Evaluates the chosen candidates' runs on test and zero-shot, once, and writes
+  ``results.md``: these runs are the demo preset's training, as its command trains it."""
+  run_dirs = []
+  for candidate in chosen:
+    c = ml_collections.ConfigDict(candidate_config(candidate, backbone, data_dir, None).to_dict())
+    c.mode, c.eval.splits = "eval", ("test", "zero_shot")
+    schema.validate(c)
+    c.lock()
+    run_dirs.append(os.path.join(workdir, candidate.name))
+    job.run(c, run_dirs[-1], log=lambda *_: None)
+  lines = [
+    "# The demo (`configs/cuma.py:demo`)",
+    "",
+    f"{datetime.date.today()}, on a 2-core CPU whose 2048x2048 fp32 matmul ran at "
+    f"{rate / 1e9:.0f} GFLOP/s (median of 10). The runs of the settings chosen on the "
+    "validation split ([sweep.md](sweep.md)), evaluated once on the test and zero-shot splits "
+    "(`python experiments/demo/sweep.py --read_test`). They are the `demo` preset's training "
+    "(same backbone, data, seed and settings) that "
+    "`python -m cuma_jax.main --config=configs/cuma.py:demo --workdir=runs/demo` runs.",
+    "",
+    *report.table(run_dirs),
+    "",
+  ]
+  with open(os.path.join(HERE, "results.md"), "w") as f:
+    f.write("\n".join(lines))
+  log("\n".join(lines))
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=HERE)
   parser.add_argument("--workdir", default=None, help="run workdirs (default OUT/runs)")
   parser.add_argument("--steps", type=int, default=None, help="training steps (preset's)")
   parser.add_argument("--learning_rates", type=float, nargs="+", default=LEARNING_RATES)
+  parser.add_argument(
+    "--warmups",
+    nargs="+",
+    choices=("profile_reading", "profile_blind"),
+    default=("profile_reading", "profile_blind"),
+    help="the backbones, in this order (profile_blind reuses profile_reading's chosen rates)",
+  )
+  parser.add_argument(
+    "--read_test",
+    action="store_true",
+    help="then evaluate the chosen profile-reading runs on test once and write results.md",
+  )
   args = parser.parse_args(argv)
+  if args.warmups[0] != "profile_reading":
+    parser.error("--warmups starts with profile_reading: profile_blind takes its chosen rates")
   workdir = args.workdir or os.path.join(args.out, "runs")
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   rate = matmul_rate()
@@ -195,7 +242,7 @@ def main(argv=None) -> int:
   steps = args.steps or presets.experiment_config("cuma", "demo").train.num_steps
   # The demo's profile-reading backbone: every rate of every method; then the profile-blind
   # backbone, each method at the rate it was chosen at.
-  for warmup in ("profile_reading", "profile_blind"):
+  for warmup in args.warmups:
     config, data, backbone = shared_inputs(workdir, warmup, log)
     data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
     reading[warmup] = profile_reading_accuracy(backbone, data.sources["valid"], config)
@@ -210,6 +257,14 @@ def main(argv=None) -> int:
       # Rewritten after each candidate: an interrupted sweep still shows what it measured.
       write_report(rows, choose(rows), reading, args.out, time.time() - start, rate, steps)
   log(f"wrote {args.out}/sweep.md and sweep.json")
+  if args.read_test:
+    config, _, backbone = shared_inputs(workdir, "profile_reading", log)
+    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+    chosen = [
+      Candidate(method, choose(rows)[(method, "profile_reading")]["learning_rate"], warmup)
+      for method, warmup in (("cuma", "profile_reading"), ("lora", "profile_reading"))
+    ]
+    read_test(chosen, workdir, backbone, data_dir, rate, log)
   return 0
 
 
