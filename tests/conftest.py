@@ -242,7 +242,10 @@ _MAIN_JOB_ENV = "CUMA_TESTS_MAIN_JOB_DIR"
 
 
 def _selects_main_job_tests(config) -> bool:
-  """Whether the paths on the command line include a file that reads the main job."""
+  """Whether the paths on the command line include a file that reads the main job (whose
+  tests are all marked slow, so ``-m "not slow"`` never starts it)."""
+  if "not slow" in (config.getoption("markexpr") or ""):
+    return False
   paths = [arg.split("::")[0] for arg in config.args] or ["."]
   for path in paths:
     path = os.path.abspath(path)

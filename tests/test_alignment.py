@@ -17,6 +17,8 @@ from cuma_jax.data.tokenize import render_prompt
 from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.training import loop
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = f"--config={ROOT}/configs/cuma.py:preference_tiny"
 

@@ -13,6 +13,8 @@ import cuma_jax
 from cuma_jax import job, presets, schema
 from cuma_jax.evaluation.predict import NonFiniteLogits
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(main_job):

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(RUN))
 
 import run as device_run  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

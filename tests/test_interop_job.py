@@ -25,6 +25,8 @@ from cuma_jax.models.pretrained import load_pretrained
 from cuma_jax.params import filter_tree, is_adapter_path, merge_trees
 from cuma_jax.training.checkpointing import CheckpointInputsMismatch
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

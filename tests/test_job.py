@@ -13,6 +13,8 @@ import pytest
 from cuma_jax import job
 from cuma_jax.training import checkpointing
 
+pytestmark = pytest.mark.slow
+
 
 def test_missing_manual_directory_is_named(tmp_path):
   config = tiny_config(**{"data.dataset": "wvb", "data.manual_dir": str(tmp_path / "nope")})

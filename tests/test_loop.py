@@ -17,6 +17,8 @@ from cuma_jax import fingerprint, job
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
 
+pytestmark = pytest.mark.slow
+
 
 def _config(**overrides):
   """The `tiny` config with adapters on q_proj and v_proj only (half the tracing and

@@ -13,6 +13,8 @@ import pytest
 
 from cuma_jax.training import checkpointing
 
+pytestmark = pytest.mark.slow
+
 
 def test_main_job_runs_end_to_end_on_tiny(main_job):
   proc, workdir = main_job

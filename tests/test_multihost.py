@@ -10,10 +10,13 @@ import sys
 
 from conftest import FAST_COMPILE, ROOT
 from helpers import divisible_qwen3, tiny_config
+import pytest
 from safetensors.numpy import load_file
 
 from cuma_jax import job
 from cuma_jax.tiny import backbone as tiny_backbone
+
+pytestmark = pytest.mark.slow
 
 PROCESSES, DEVICES_EACH = 2, 4
 

@@ -16,6 +16,8 @@ import pytest
 from cuma_jax import presets
 from cuma_jax.tiny.backbone import write_random_qwen3
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(ROOT, "colab")
 NOTEBOOKS = ("quickstart", "tpu_qwen3", "fork_the_router", "preference")

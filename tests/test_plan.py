@@ -6,10 +6,13 @@ import re
 from helpers import tiny_config
 import jax
 import numpy as np
+import pytest
 import transformers
 
 from cuma_jax import plan
 from cuma_jax.models.config import ModelConfig
+
+pytestmark = pytest.mark.slow
 
 
 def _nbytes(tree) -> int:

@@ -22,6 +22,8 @@ from cuma_jax.registry import Registry
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import loop
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -17,6 +17,8 @@ from cuma_jax.params import split_params
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
 
+pytestmark = pytest.mark.slow
+
 # A tiny Qwen3 whose heads (8), kv heads (4), MLP (48), hidden size (32) and padded
 # vocabulary divide every mesh below.
 HEADS, KV_HEADS, MLP = 8, 4, 48
