@@ -85,6 +85,11 @@ def check(obj: Any, prefix: str) -> None:
     value = getattr(obj, f.name)
     if not spec.accepts(value):
       key = f"{prefix}.{f.name}" if prefix else f.name
-      floats = value if isinstance(value, (tuple, list)) else (value,)
-      finite = any(isinstance(v, float) for v in floats)
-      raise ValueError(f"config.{key}={value!r}; must be {spec.describe(finite)}")
+      raise ValueError(f"config.{key}={value!r}; must be {spec.describe(_has_float(value))}")
+
+
+def _has_float(value: Any) -> bool:
+  """Whether ``value`` is, or holds at any depth, a float."""
+  if isinstance(value, (tuple, list)):
+    return any(_has_float(v) for v in value)
+  return isinstance(value, float)

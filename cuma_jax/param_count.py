@@ -18,10 +18,6 @@ from cuma_jax.job import architecture
 from cuma_jax.models.pretrained import abstract_params, build_decoder
 from cuma_jax.params import is_adapter_path, is_trainable
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment config file:preset.", lock_config=True
-)
-
 
 def count_parameters(config) -> dict[str, float]:
   module = build_decoder(architecture(config), adapter=schema.adapter_config(config))
@@ -55,4 +51,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: count_parameters is imported beside cuma_jax.main, which
+  # defines its own --config.
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file:preset.", lock_config=True
+  )
   app.run(main)

@@ -153,7 +153,9 @@ def test_the_demos_baselines_get_cumas_parameter_budget_and_their_own_rate():
     presets.experiment_config(
       "cuma", "demo", overrides={"eval.baseline_learning_rates": (("prefix", 0.1),)}
     )
-  with pytest.raises(ValueError, match=r"baseline_learning_rates entry \('lora', inf\)"):
+  with pytest.raises(
+    ValueError, match=r"baseline_learning_rates=\(\('lora', inf\),\); must be finite"
+  ):
     presets.experiment_config(
       "cuma", "demo", overrides={"eval.baseline_learning_rates": (("lora", float("inf")),)}
     )

@@ -81,7 +81,7 @@ def test_eval_repairs_the_exports_and_merges_into_the_results(main_job, tmp_path
   (workdir / "results.json").write_text(json.dumps(before))
 
   logs = []
-  config = tiny_config(mode="eval", **{"train.num_steps": 3})
+  config = tiny_config(mode="eval", **{"train.num_steps": 3, "eval.baselines": ("lora",)})
   job.run(config, str(workdir), log=logs.append)
   for name, path in exports.items():
     assert path.read_bytes() == originals[name]  # rewritten from the checkpoint, exactly
