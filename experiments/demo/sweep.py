@@ -139,7 +139,8 @@ def write_report(rows, chosen, reading, out: str, seconds, rate: float, steps: i
     "",
     f"`python experiments/demo/sweep.py`, {datetime.date.today()}, on a 2-core CPU whose "
     f"2048x2048 fp32 matmul ran at {rate / 1e9:.0f} GFLOP/s (median of 10); "
-    f"{seconds / 60:.1f} min wall time. Preset `demo` ({steps} steps, seed 0), each candidate "
+    f"{seconds / 60:.1f} min wall time (of this invocation: a candidate trained by an earlier "
+    "one is evaluated, not retrained). Preset `demo` ({steps} steps, seed 0), each candidate "
     "trained on `train` and scored on `valid` (250 participants disjoint from train and test). "
     "Test was not read.",
     "",
