@@ -94,7 +94,8 @@ def demo() -> ml_collections.ConfigDict:
   cuma_jax.param_count); each method's learning rate, the encoder width and the steps were
   chosen on the validation split (experiments/demo/results.md).
 
-  Expected (test split, experiments/demo/results.md): CuMA accuracy EXPECTED_CUMA.
+  Expected (test split, experiments/demo/results.md): CuMA accuracy 0.3503 and EMD 0.1405,
+  the LoRA baseline 0.2128 and 0.2285.
   """
   return apply_overrides(
     schema.defaults(),
