@@ -50,8 +50,9 @@ PREFERENCE_DATASETS = ("synthetic_preference", "community_alignment", "prism")
 STAGES = ("sft", "dpo", "grpo")
 SCHEDULES = ("constant", "linear", "cosine")
 TINY = "tiny"
+WARMUPS = ("profile_blind", "profile_reading")
 # Splits each dataset has (synthetic: those of non-zero size).
-WVB_SPLITS = {"full": ("train", "valid", "test"), "sampled_50k": ("train", "test")}
+WVB_SPLITS = {"full": ("train", "valid", "test"), "sampled_50k": ("train", "valid", "test")}
 
 
 def available_architectures() -> tuple[str, ...]:
@@ -148,6 +149,11 @@ class TinyBackboneSection(Section):
   # tensor parallelism on CPU devices.
   vocab_multiple: int = field(1, low=1)
   warmup_steps: int = field(300, low=0)
+  # "profile_blind": the survey without profiles (the base is mean-collapsed and has never
+  # read a profile); "profile_reading": the same, mixed with questions about each training
+  # profile's own fields asked under that profile (docs/data.md#profile-reading-warm-up), so
+  # text-only methods start from a backbone that reads the system prompt. Survey task only.
+  warmup: str = field("profile_blind", choices=WARMUPS)
   warmup_learning_rate: float = field(3e-3, low=0, low_open=True)
   warmup_batch_size: int = field(32, low=1)
 
@@ -199,6 +205,12 @@ class EvalSection(Section):
   # Methods trained beside this run on its data, backbone, steps and optimiser, each in
   # WORKDIR/baselines/<method>, and reported in the same table.
   baselines: tuple[str, ...] = field((), choices=METHODS, resume=FREE)
+  # The LoRA baseline's rank (0: the run's adapter.rank), alpha scaled with it; the demo sets
+  # the rank whose trainable parameters match CuMA's (cuma_jax.param_count).
+  lora_baseline_rank: int = field(0, low=0, resume=FREE)
+  # ((method, learning rate), ...): a baseline's own rate (others take the run's), each
+  # chosen on the validation split (experiments/demo/results.md).
+  baseline_learning_rates: tuple[tuple[str, float], ...] = field((), resume=FREE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,6 +415,7 @@ def validate(c: ml_collections.ConfigDict) -> Config:
       f"config.eval.baselines={config.eval.baselines} holds the run's own method "
       f"{config.method!r}; list other methods"
     )
+  _check_baseline_rates(config.eval)
   if config.method == "full" and config.trainable != "all":
     raise ValueError("config.method='full' needs config.trainable='all'")
   _check_encoder_keys(config.encoder)
@@ -434,6 +447,7 @@ SURVEY_ONLY_KEYS = (
   "data.demographic_system_prompt",
   "data.builder_config",
   "data.synthetic.",
+  "tiny_backbone.warmup",
 )
 # And the keys a survey run does not read.
 PREFERENCE_ONLY_KEYS = ("data.split_mode", "data.synthetic_preference.", "preference.")
@@ -450,7 +464,8 @@ def _check_task(config: Config) -> None:
   default, current = _flat(as_dict(Config())), _flat(as_dict(config))
   ignored = SURVEY_ONLY_KEYS if config.task == "preference" else PREFERENCE_ONLY_KEYS
   for key in sorted(current):
-    if key.startswith(ignored) and current[key] != default[key]:
+    read = not any(key == k or (k.endswith(".") and key.startswith(k)) for k in ignored)
+    if not read and current[key] != default[key]:
       raise ValueError(
         f"config.{key}={current[key]!r} is not read by task={config.task!r}; reset it"
         + (
@@ -499,6 +514,26 @@ def _check_task(config: Config) -> None:
       "config.encoder.kind='fitted_ngrams' fits to answers with known options, which only the "
       "synthetic preference data has; use encoder.kind='decoder'"
     )
+
+
+def _check_baseline_rates(e: EvalSection) -> None:
+  """Each (method, rate) names a baseline of the run once, with a finite positive rate."""
+  methods = [
+    pair[0] if isinstance(pair, tuple) and len(pair) == 2 else None
+    for pair in e.baseline_learning_rates
+  ]
+  for pair, method in zip(e.baseline_learning_rates, methods):
+    rate = pair[1] if method is not None else None
+    if (
+      method not in e.baselines
+      or methods.count(method) > 1
+      or not isinstance(rate, (int, float))
+      or not 0 < rate < float("inf")
+    ):
+      raise ValueError(
+        f"config.eval.baseline_learning_rates entry {pair!r}: each entry is (method, rate) "
+        f"with a method of config.eval.baselines {e.baselines}, once, and a finite rate > 0"
+      )
 
 
 def _check_mesh(mesh: MeshSection) -> None:

@@ -215,7 +215,11 @@ def synthetic_sources(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the main job
 
-MAIN_JOB_ARGS = (f"--config={ROOT}/configs/cuma.py:tiny", "--config.train.num_steps=3")
+MAIN_JOB_ARGS = (
+  f"--config={ROOT}/configs/cuma.py:tiny",
+  "--config.train.num_steps=3",
+  "--config.eval.baselines=('lora',)",
+)
 
 
 # The test files whose tests read the main job's run (`main_job`).

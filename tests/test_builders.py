@@ -168,20 +168,32 @@ def test_sampled_50k_selects_the_released_rows(wvb_root, tmp_path):
   configs = {c.name: c for c in builders.CumaWorldValuesBench.BUILDER_CONFIGS}
   assert configs["sampled_50k"].incomplete_profiles == "nan"
   assert configs["full"].incomplete_profiles == "drop"
+  assert (configs["sampled_50k"].valid_size, configs["sampled_50k"].sample_seed) == (5000, 42)
   config = builders.WvbConfig(
-    name="sampled_7", train_size=7, test_size=4, sample_seed=42, incomplete_profiles="nan"
+    name="sampled_7",
+    train_size=7,
+    test_size=4,
+    valid_size=2,
+    sample_seed=42,
+    incomplete_profiles="nan",
   )
   builder = builders.CumaWorldValuesBench(data_dir=tmp_path, config=config)
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=str(wvb_root))
   )
   sources = builder.as_data_source()
-  for split, size in (("train", 7), ("test", 4)):
+  participants = {}
+  for split, size in (("train", 7), ("valid", 2), ("test", 4)):
     got = [
       (int(r["participant_id"]), r["question_id"].decode(), r["profile"].decode())
       for r in sources[split]
     ]
     assert got == _released_sample(wvb_root, split, size)
+    participants[split] = {pid for pid, *_ in got}
+  # The valid sample comes from WVB's valid split: no participant of train or test.
+  assert participants["valid"] and not participants["valid"] & (
+    participants["train"] | participants["test"]
+  )
   # The participant with an empty ethnicity is in the permuted rows (10 of them, not 8).
   assert len(_released_sample(wvb_root, "train", 100)) == 10
 

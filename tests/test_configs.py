@@ -7,6 +7,7 @@ import os
 import pytest
 
 from cuma_jax import presets, schema
+from cuma_jax.param_count import count_parameters
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
@@ -79,7 +80,7 @@ _MINIMAL = {"ablation": "minimal", "adapter.router": "token", "optim.lambda_aux"
   "preset, expected",
   [
     ("qwen3_8b_r64", {**_MINIMAL, "data.demographic_system_prompt": False}),
-    ("demo", _MINIMAL),  # the CPU presets have no profile in the prompt to remove
+    ("demo", {**_MINIMAL, "data.demographic_system_prompt": False}),
   ],
 )
 def test_minimal_ablation_is_the_released_scripts(preset, expected):
@@ -116,14 +117,46 @@ def test_cpu_scales_keep_their_learning_rate(method):
 
 
 def test_a_baseline_is_trained_the_way_of_its_run():
-  run = presets.experiment_config("cuma", "demo")
+  run = presets.experiment_config(
+    "cuma", "tiny", overrides={"eval.baselines": ("lora", "full"), "data.batch_size": 4}
+  )
   baseline = presets.baseline_config(run, "lora", backbone="/backbone", data_dir="/tfds")
-  lora = presets.experiment_config("lora", "demo")
+  lora = presets.experiment_config("lora", "tiny")
   assert (baseline.method, baseline.ablation, baseline.eval.baselines) == ("lora", "none", ())
   assert baseline.adapter == lora.adapter  # the method's adapter...
   assert baseline.optim == run.optim and baseline.train == run.train  # ...trained as the run
-  assert baseline.data.synthetic == run.data.synthetic and baseline.seed == run.seed
+  same_data = lambda c: {**c.data.to_dict(), "data_dir": ""}  # noqa: E731
+  assert same_data(baseline) == same_data(run) and baseline.seed == run.seed  # profile in prompt
   assert (baseline.model.checkpoint, baseline.data.data_dir) == ("/backbone", "/tfds")
+
+
+def test_the_demos_baselines_get_cumas_parameter_budget_and_their_own_rate():
+  run = presets.experiment_config("cuma", "demo")
+  lora = presets.baseline_config(run, "lora", backbone="/backbone", data_dir="/tfds")
+  assert run.data.demographic_system_prompt and lora.data.demographic_system_prompt
+  assert (lora.adapter.rank, lora.adapter.alpha / lora.adapter.rank) == (
+    run.eval.lora_baseline_rank,
+    run.adapter.alpha / run.adapter.rank,
+  )
+  assert lora.optim.learning_rate == dict(run.eval.baseline_learning_rates)["lora"]
+  # Matched: within 2% of CuMA's trainable parameters, and no rank step closer.
+  cuma_count = count_parameters(run)["trainable"]
+  gap = lambda rank: abs(  # noqa: E731
+    count_parameters(presets.experiment_config("lora", "demo", overrides={"adapter.rank": rank}))[
+      "trainable"
+    ]
+    - cuma_count
+  )
+  assert gap(lora.adapter.rank) <= 0.02 * cuma_count
+  assert gap(lora.adapter.rank) <= min(gap(lora.adapter.rank - 4), gap(lora.adapter.rank + 4))
+  with pytest.raises(ValueError, match=r"baseline_learning_rates entry \('prefix', 0.1\)"):
+    presets.experiment_config(
+      "cuma", "demo", overrides={"eval.baseline_learning_rates": (("prefix", 0.1),)}
+    )
+  with pytest.raises(ValueError, match=r"baseline_learning_rates entry \('lora', inf\)"):
+    presets.experiment_config(
+      "cuma", "demo", overrides={"eval.baseline_learning_rates": (("lora", float("inf")),)}
+    )
 
 
 def test_overrides_are_set_last_validated_and_refused_when_unknown():

@@ -90,11 +90,13 @@ def test_eval_splits_must_exist_in_the_dataset():
   c.eval.splits = ("tset",)
   with pytest.raises(ValueError, match=r"eval\.splits.*tset"):
     schema.validate(c)
-  c.eval.splits = ("valid",)  # the tiny survey has no valid participants
+  c.data.synthetic.num_valid = 0  # a survey without valid participants has no valid split
+  c.eval.splits = ("valid",)
   with pytest.raises(ValueError, match=r"eval\.splits.*'valid'.*\('train', 'test', 'zero_shot'\)"):
     schema.validate(c)
   c.data.dataset, c.data.builder_config = "wvb", "sampled_50k"
-  with pytest.raises(ValueError, match=r"eval\.splits.*\('train', 'test'\)"):
+  c.eval.splits = ("zero_shot",)
+  with pytest.raises(ValueError, match=r"eval\.splits.*\('train', 'valid', 'test'\)"):
     schema.validate(c)
   c.eval.splits = ()
   with pytest.raises(ValueError, match=r"eval\.splits.*empty"):

@@ -120,6 +120,7 @@ class WvbConfig(tfds.core.BuilderConfig):
 
   train_size: int | None = None
   test_size: int | None = None
+  valid_size: int | None = None  # sampled configs: drawn from WVB's valid split
   sample_seed: int = 42
   incomplete_profiles: str = wvb.DROP
 
@@ -128,9 +129,10 @@ class CumaWorldValuesBench(ArrayRecordBuilder):
   """WorldValuesBench from a manual directory (WVS needs registration, so no download)."""
 
   name = "cuma_world_values_bench"
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.1.0": "sampled_50k keeps participants with an empty profile field (it reads 'nan').",
+    "1.2.0": "sampled_50k has a valid split: 5k examples of WVB's valid split, seed 42.",
   }
   DESCRIPTION = "WorldValuesBench: one example per (participant, value question) answer."
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -146,10 +148,12 @@ class CumaWorldValuesBench(ArrayRecordBuilder):
       name="sampled_50k",
       train_size=50_000,
       test_size=5_000,
+      valid_size=5_000,
       sample_seed=42,
       incomplete_profiles=wvb.AS_NAN,
       description="The paper's sample: 50k train and 5k test examples, seed 42, drawn from the "
-      "released preprocessing's rows (an empty profile field reads 'nan').",
+      "released preprocessing's rows (an empty profile field reads 'nan'); and 5k valid "
+      "examples drawn the same way from WVB's valid split, for choosing settings.",
     ),
   ]
 
@@ -167,9 +171,11 @@ class CumaWorldValuesBench(ArrayRecordBuilder):
         split: self._split(reader, split, config.incomplete_profiles)
         for split in ("train", "valid", "test")
       }
+    sizes = {"train": config.train_size, "valid": config.valid_size, "test": config.test_size}
     return {
       split: self._sampled(reader, split, size, config.sample_seed, config.incomplete_profiles)
-      for split, size in (("train", config.train_size), ("test", config.test_size))
+      for split, size in sizes.items()
+      if size is not None
     }
 
   def _sampled(

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from cuma_jax.data import prompts
+from cuma_jax.data.profile_questions import ProfileQuestions
 from cuma_jax.data.tokenize import END_OF_TURN, ChatEncoder
 
 
@@ -104,6 +105,34 @@ class _EncodeExample:
     }
 
 
+class _WithProfileQuestions:
+  """Indices below the survey's length -> its examples (training keys only); the rest ->
+  questions about a profile's own fields, asked under that profile's system prompt."""
+
+  KEYS = (
+    "input_ids",
+    "attention_mask",
+    "targets",
+    "loss_mask",
+    "prompt_length",
+    "truncated_tokens",
+    "profile_index",
+  )
+
+  def __init__(self, survey: _EncodeExample, num_survey: int, questions: ProfileQuestions):
+    self.survey, self.num_survey, self.questions = survey, num_survey, questions
+
+  def __call__(self, index: int) -> dict[str, np.ndarray]:
+    if index < self.num_survey:
+      example = self.survey(index)
+      return {k: example[k] for k in self.KEYS}
+    question = self.questions[int(index) - self.num_survey]
+    encoded = self.survey.encoder(
+      prompts.chat_messages(question.system, question.user), question.answer
+    )
+    return {**encoded, "profile_index": np.int32(0)}
+
+
 def make_dataset(
   source: Sequence[dict[str, Any]],
   tokenizer,
@@ -119,19 +148,25 @@ def make_dataset(
   shard_count: int | None = None,
   drop_remainder: bool = True,
   tables: SurveyTables | None = None,
+  profile_questions: ProfileQuestions | None = None,
 ) -> tuple[grain.IterDataset, SurveyTables]:
   """Builds the batched dataset over `source` (a TFDS data source or a list of example dicts).
 
   num_epochs=None repeats forever. shard_index/shard_count default to this JAX process's index
-  and the process count. Returns the dataset (iterate it; its iterator checkpoints with
-  get_state/set_state) and the tables its indices refer to.
+  and the process count. ``profile_questions`` are mixed in after the survey's examples (a
+  warm-up's; the batches then hold the training keys only). Returns the dataset (iterate it;
+  its iterator checkpoints with get_state/set_state) and the tables its indices refer to.
   """
   tables = SurveyTables.of(source) if tables is None else tables
   encode = _EncodeExample(
     source, tokenizer, tables, max_length, demographic_system_prompt, supervision
   )
+  num_examples = len(source)
+  if profile_questions is not None:
+    encode = _WithProfileQuestions(encode, num_examples, profile_questions)
+    num_examples += len(profile_questions)
   dataset = batched(
-    len(source),
+    num_examples,
     encode,
     batch_size=batch_size,
     seed=seed,

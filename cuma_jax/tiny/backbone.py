@@ -15,7 +15,7 @@ import jax
 import transformers
 
 from cuma_jax import fingerprint, presets
-from cuma_jax.data import ca_prompts, chat, prompts
+from cuma_jax.data import ca_prompts, chat, profile_questions, prompts
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import (
@@ -88,7 +88,10 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
   A random tiny Qwen3 and a BPE tokenizer are built from the survey's text, then fully
   fine-tuned for ``tiny_backbone.warmup_steps`` on the survey WITHOUT profiles in the prompt:
   it learns the answer format and the population's answers (mean collapse), which is the
-  "base model" CuMA then specialises per culture.  For the preference task it is fine-tuned
+  "base model" CuMA then specialises per culture.  With ``tiny_backbone.warmup=
+  "profile_reading"`` questions about each training profile's own fields, asked under that
+  profile, are mixed in: the base also learns to read a profile, never what it implies for
+  the survey.  For the preference task it is fine-tuned
   on the chat SFT rows, each shown under ANOTHER user's profile: it learns the chat format
   and that a profile is there, but not what it implies (the population's preferred replies).  Cached in ``workdir/tiny_backbone_<key>``,
   the key being a digest of the prepared data and the warm-up settings, so changing either
@@ -111,12 +114,14 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
     tokenizer = build_tiny_tokenizer(corpus, random_dir, vocab_size=config.tiny_backbone.vocab_size)
     write_random_qwen3(random_dir, tokenizer, config.tiny_backbone, seed=config.seed)
   warm = presets.warmup_config(config)
+  reading = warm.tiny_backbone.warmup == "profile_reading"
   log(
     f"warm-up: full fine-tuning of the tiny backbone for {warm.train.num_steps} steps "
     + (
       "on the chat SFT rows, each under another user's profile"
       if preference
       else "on the survey without profiles"
+      + (", mixed with questions about each profile's own fields" if reading else "")
     )
   )
   module, params = load_pretrained(random_dir)
@@ -146,6 +151,7 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
       seed=warm.data.shuffle_seed,
       num_epochs=None,
       demographic_system_prompt=False,
+      profile_questions=_profile_questions(data.sources["train"], warm.seed) if reading else None,
     )
   result = loop.train(
     warm,
@@ -161,6 +167,12 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
   tokenizer.save_pretrained(final + ".tmp")
   os.replace(final + ".tmp", final)
   return final
+
+
+def _profile_questions(train_source, seed: int) -> profile_questions.ProfileQuestions:
+  """Questions about the training profiles' own fields."""
+  records = train_source.__getitems__(range(len(train_source)))
+  return profile_questions.ProfileQuestions(profile_questions.profile_fields(records), seed)
 
 
 def _warmup_settings(config) -> dict:
