@@ -7,8 +7,8 @@ Each ``-p NAME=EXPRESSION`` is Python source. Like papermill, the values go into
 placed after the notebook's cell tagged ``parameters``, so the notebook runs with them; a
 name that cell does not assign is refused (it would be silently ignored). The kernel is this
 interpreter's own (``python3`` from ipykernel). CI runs every notebook this way with tiny
-settings (``tests/test_notebooks.py``); the README's quickstart figures come from a run of
-this command with the notebook's defaults.
+settings (``tests/test_notebooks.py``); the figures and tables of ``colab/results.md`` come
+from runs of this command with the notebooks' defaults.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ use of one of its names, e.g. ``cuma_jax.run`` or ``cuma_jax.restore``.
 
 import importlib
 
+# The one definition of the version: setup.cfg reads it (version = attr: cuma_jax.__version__).
+__version__ = "0.1.0"
+
 __all__ = [
   "Experiment",
   "build_decoder",

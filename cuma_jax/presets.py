@@ -57,8 +57,9 @@ def _paper_scale(architecture: str, rank: int, learning_rate: float, **extra) ->
         "adapter.rank": rank,
         "adapter.alpha": 2.0 * rank,
         "optim.learning_rate": learning_rate,
-        # The plan (python -m cuma_jax.plan, README "Sharded jobs"): on 8 chips of 16 GiB,
-        # FSDP needs 7 GiB per chip, tensor parallelism 14 and replicated weights do not fit.
+        # The plan (python -m cuma_jax.plan, docs/sharding.md): on v5e-8 (8 chips of 16 GiB)
+        # the train step needs 5.01 GiB per chip under FSDP, 5.60 under tensor parallelism,
+        # and with replicated weights it does not fit; FSDP's weight traffic overlaps compute.
         "mesh.rules_preset": "fsdp",
         **extra,
       },
@@ -325,7 +326,7 @@ SCALES: dict[str, Callable[[], ml_collections.ConfigDict]] = {
 
 # LoRA, prefix tuning and full fine-tuning are pinned to the released scripts' recipes (PEFT
 # defaults included: LoRA's kaiming-uniform A; prefix init normal(0, 1), the field's
-# default); HydraLoRA and MixLoRA take the scale's CuMA recipe (README, configs).
+# default); HydraLoRA and MixLoRA take the scale's CuMA recipe (docs/configs.md).
 METHODS: dict[str, Overrides] = {
   "cuma": {},
   "hydralora": {"adapter.shared_a": True, "adapter.router": "token"},

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-import numpy as np
-
 from cuma_jax.data import prompts
 
+# What the questions look like; recorded in the digest of a backbone warmed up on them, so a
+# backbone warmed up on another form of them is not reused.
+FORMAT = "sorted_choices_v1"
 # The question asked of each profile field, in the order of prompts.PROFILE_FIELDS.
 FIELD_QUESTIONS = {
   "country": "Which country is this person from",
@@ -27,7 +28,6 @@ FIELD_QUESTIONS = {
   "ethnicity": "What is this person's ethnicity",
   "employment": "What is this person's employment",
 }
-NUM_CHOICES = 4
 
 
 def profile_fields(records: Sequence[Mapping]) -> dict[str, dict[str, str]]:
@@ -50,37 +50,35 @@ class ProfileQuestion(NamedTuple):
 class ProfileQuestions:
   """Index -> the :class:`ProfileQuestion` about one field of one profile.
 
-  Index ``i`` asks about field ``i % 8`` of profile ``i // 8`` (profiles sorted). The wrong
-  choices are other values of that field among the profiles, drawn with a generator seeded
-  by ``(seed, i)``, and the choices' order is shuffled the same way, so the letter carries no
-  information.
+  A field's choices are all its values among the profiles, in sorted order, so answering is
+  a lookup of the profile's own value, as answering a survey question from the profile is
+  (a shuffled subset would make it a string match that a tiny backbone learns far slower).
+  Fields with more values than letters (e.g. ethnicity, which names its country) are not
+  asked. Index ``i`` asks the ``i % F``-th asked field of profile ``i // F`` (sorted).
   """
 
-  def __init__(self, fields_by_profile: Mapping[str, Mapping[str, str]], seed: int = 0):
+  def __init__(self, fields_by_profile: Mapping[str, Mapping[str, str]]):
     if not fields_by_profile:
       raise ValueError("profile questions need at least one profile")
     self.profiles = sorted(fields_by_profile)
     self.fields_by_profile = fields_by_profile
-    self.values = {
-      f: sorted({v[f] for v in fields_by_profile.values()}) for f in prompts.PROFILE_FIELDS
+    values = {f: sorted({v[f] for v in fields_by_profile.values()}) for f in prompts.PROFILE_FIELDS}
+    self.values = {f: v for f, v in values.items() if 2 <= len(v) <= prompts.MAX_OPTIONS}
+    if not self.values:
+      raise ValueError("no profile field has between 2 and 26 values to ask about")
+    self.fields = tuple(self.values)
+    self.users = {
+      f: prompts.user_prompt(FIELD_QUESTIONS[f], choices) for f, choices in self.values.items()
     }
-    self.seed = seed
 
   def __len__(self) -> int:
-    return len(self.profiles) * len(prompts.PROFILE_FIELDS)
+    return len(self.profiles) * len(self.fields)
 
   def __getitem__(self, index: int) -> ProfileQuestion:
     if not 0 <= index < len(self):
       raise IndexError(f"profile question {index} outside 0..{len(self) - 1}")
-    profile = self.profiles[index // len(prompts.PROFILE_FIELDS)]
-    name = prompts.PROFILE_FIELDS[index % len(prompts.PROFILE_FIELDS)]
-    truth = self.fields_by_profile[profile][name]
-    rng = np.random.default_rng((self.seed, index))
-    others = [v for v in self.values[name] if v != truth]
-    wrong = rng.choice(len(others), min(NUM_CHOICES - 1, len(others)), replace=False)
-    choices = [truth, *(others[i] for i in wrong)]
-    order = rng.permutation(len(choices))
-    choices = [choices[i] for i in order]
-    letter = prompts.LETTERS[int(np.argmax(order == 0))]
-    user = prompts.user_prompt(FIELD_QUESTIONS[name], choices)
-    return ProfileQuestion(profile, user, letter, len(choices))
+    profile = self.profiles[index // len(self.fields)]
+    name = self.fields[index % len(self.fields)]
+    choices = self.values[name]
+    letter = prompts.LETTERS[choices.index(self.fields_by_profile[profile][name])]
+    return ProfileQuestion(profile, self.users[name], letter, len(choices))

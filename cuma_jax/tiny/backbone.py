@@ -17,6 +17,7 @@ import transformers
 from cuma_jax import fingerprint, presets
 from cuma_jax.data import ca_prompts, chat, profile_questions, prompts
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
+from cuma_jax.data.tokenize import ChatEncoder
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import (
   build_decoder,
@@ -143,15 +144,17 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
       module, lambda_aux=0.0, label_smoothing=0.0, max_targets=p.max_completion_length
     )
   else:
+    questions = _profile_questions(data.sources["train"]) if reading else None
     dataset, _ = make_dataset(
       data.sources["train"],
       tokenizer,
-      max_length=warm.data.max_length,
+      # Never cut a profile question's prompt: its first tokens are the profile it asks about.
+      max_length=max(warm.data.max_length, _longest(questions, tokenizer) if reading else 0),
       batch_size=warm.data.batch_size,
       seed=warm.data.shuffle_seed,
       num_epochs=None,
       demographic_system_prompt=False,
-      profile_questions=_profile_questions(data.sources["train"], warm.seed) if reading else None,
+      profile_questions=questions,
     )
   result = loop.train(
     warm,
@@ -169,10 +172,17 @@ def build_warmed_up(config, workdir: str, data, log=print) -> str:
   return final
 
 
-def _profile_questions(train_source, seed: int) -> profile_questions.ProfileQuestions:
+def _profile_questions(train_source) -> profile_questions.ProfileQuestions:
   """Questions about the training profiles' own fields."""
   records = train_source.__getitems__(range(len(train_source)))
-  return profile_questions.ProfileQuestions(profile_questions.profile_fields(records), seed)
+  return profile_questions.ProfileQuestions(profile_questions.profile_fields(records))
+
+
+def _longest(questions: profile_questions.ProfileQuestions, tokenizer) -> int:
+  """Tokens of the longest profile question with its answer."""
+  encoder = ChatEncoder(tokenizer, max_length=1)
+  lengths = (encoder.tokens(prompts.chat_messages(q.system, q.user), q.answer) for q in questions)
+  return max(len(prompt) + len(answer) for prompt, answer in lengths)
 
 
 def _warmup_settings(config) -> dict:
@@ -188,6 +198,11 @@ def _warmup_settings(config) -> dict:
     "preference_lengths": (
       warm.preference.max_prompt_length,
       warm.preference.max_completion_length,
+    ),
+    **(
+      {"profile_questions": profile_questions.FORMAT}
+      if warm.tiny_backbone.warmup == "profile_reading"
+      else {}
     ),
   }
 
