@@ -101,4 +101,6 @@ def test_a_warm_up_dataset_mixes_the_survey_without_profiles_and_the_questions(
         field = next(f for f, q in profile_questions.FIELD_QUESTIONS.items() if q in user)
         assert options_of(user)[answer.removesuffix("<|im_end|>")] == SENTENCE.match(system)[field]
         asked += 1
-  assert (survey, asked) == (len(train), len(questions))
+  # Each question repeated until they are about as many as the survey's examples.
+  repeats = max(1, round(len(train) / len(questions)))
+  assert (survey, asked) == (len(train), repeats * len(questions))

@@ -107,7 +107,8 @@ class _EncodeExample:
 
 class _WithProfileQuestions:
   """Indices below the survey's length -> its examples (training keys only); the rest ->
-  questions about a profile's own fields, asked under that profile's system prompt."""
+  questions about a profile's own fields, asked under that profile's system prompt, each
+  repeated until they are about as many as the survey's examples (half of every epoch)."""
 
   KEYS = (
     "input_ids",
@@ -121,12 +122,13 @@ class _WithProfileQuestions:
 
   def __init__(self, survey: _EncodeExample, num_survey: int, questions: ProfileQuestions):
     self.survey, self.num_survey, self.questions = survey, num_survey, questions
+    self.num_questions = len(questions) * max(1, round(num_survey / len(questions)))
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     if index < self.num_survey:
       example = self.survey(index)
       return {k: example[k] for k in self.KEYS}
-    question = self.questions[int(index) - self.num_survey]
+    question = self.questions[(int(index) - self.num_survey) % len(self.questions)]
     encoded = self.survey.encoder(
       prompts.chat_messages(question.system, question.user), question.answer
     )
@@ -153,8 +155,8 @@ def make_dataset(
   """Builds the batched dataset over `source` (a TFDS data source or a list of example dicts).
 
   num_epochs=None repeats forever. shard_index/shard_count default to this JAX process's index
-  and the process count. ``profile_questions`` are mixed in after the survey's examples (a
-  warm-up's; the batches then hold the training keys only). Returns the dataset (iterate it;
+  and the process count. ``profile_questions`` are mixed in, repeated to about as many as the
+  survey's examples (a warm-up's; the batches then hold the training keys only). Returns the dataset (iterate it;
   its iterator checkpoints with get_state/set_state) and the tables its indices refer to.
   """
   tables = SurveyTables.of(source) if tables is None else tables
@@ -164,7 +166,7 @@ def make_dataset(
   num_examples = len(source)
   if profile_questions is not None:
     encode = _WithProfileQuestions(encode, num_examples, profile_questions)
-    num_examples += len(profile_questions)
+    num_examples += encode.num_questions
   dataset = batched(
     num_examples,
     encode,

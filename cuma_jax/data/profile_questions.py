@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 from cuma_jax.data import prompts
 
-# What the questions look like; recorded in the digest of a backbone warmed up on them, so a
+# What the questions look like and how many a warm-up mixes in; recorded in the digest of a backbone warmed up on them, so a
 # backbone warmed up on another form of them is not reused.
-FORMAT = "sorted_choices_v1"
+FORMAT = "sorted_choices_half_v1"
 # The question asked of each profile field, in the order of prompts.PROFILE_FIELDS.
 FIELD_QUESTIONS = {
   "country": "Which country is this person from",
