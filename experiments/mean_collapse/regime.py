@@ -4,9 +4,10 @@
         [--warmup profile_reading] [--out DIR] [--workdir DIR] [--select] [--report_only]
 
 The synthetic survey is drawn at several degrees of conflict between its latent cultures:
-``data.synthetic.num_cultures`` of 2, 4, 8 and 16, and at 4 cultures a higher consensus
-fraction (questions every culture answers alike) and wider answers (cultures that overlap).
-Each condition has its own prepared survey and warmed-up tiny backbone. On each, four methods
+``data.synthetic.num_cultures`` of 2, 4, 8 and 16, and at 4 cultures a consensus fraction
+(questions every culture answers alike) of 0.5 instead of 0.15 and an answer width of 1.0
+instead of 0.3 (cultures whose answers overlap). Each condition has its own prepared survey
+and tiny backbone, warmed up as ``--warmup`` says (``tiny_backbone.warmup``). On each, four methods
 train with the same data, steps and optimiser, every one given the profile as text in the
 system prompt (``data.demographic_system_prompt``, at a length that cuts no prompt token):
 
@@ -27,7 +28,8 @@ standard deviation over seeds. Writes to ``--out``: ``regime.md``, ``regime.csv`
 split only; it writes ``regime_selection.json`` and the sweep's page shows its table.
 ``--quick`` runs the `tiny` preset (a few steps, one seed, 2 and 4 cultures) as a smoke test
 (CI runs it). Runs resume: a finished run's results are read back, not retrained.
-``--report_only`` rewrites the page and figure from ``OUT/regime.json``.
+``--report_only`` rewrites the page and figure from ``OUT/regime.json`` (written after every
+run, so also while a sweep runs or after it was stopped).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -50,7 +53,7 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cuma_jax import figures, job, presets  # noqa: E402
+from cuma_jax import figures, job, presets, schema  # noqa: E402
 from cuma_jax.param_count import count_parameters  # noqa: E402
 from cuma_jax.training import checkpointing  # noqa: E402
 
@@ -59,7 +62,6 @@ from step import matmul_rate  # noqa: E402
 
 # The longest synthetic example with its profile has ~172 tokens.
 MAX_LENGTH = 176
-WARMUPS = ("profile_blind", "profile_reading")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +85,13 @@ class Condition:
 
 BASE = Condition(4)
 CULTURE_COUNTS = (2, 4, 8, 16)
-CONDITIONS = (
-  *[dataclasses.replace(BASE, num_cultures=k) for k in CULTURE_COUNTS],
-  *[dataclasses.replace(BASE, consensus_fraction=f) for f in (0.5, 0.85)],
-  *[dataclasses.replace(BASE, answer_width=w) for w in (0.6, 1.2)],
+# Run group by group, seed by seed: the number of cultures first (the figure), then the other
+# two axes, so that an interrupted sweep has covered the figure's conditions first.
+CONDITION_GROUPS = (
+  tuple(dataclasses.replace(BASE, num_cultures=k) for k in CULTURE_COUNTS),
+  (dataclasses.replace(BASE, consensus_fraction=0.5), dataclasses.replace(BASE, answer_width=1.0)),
 )
-QUICK_CONDITIONS = (Condition(2), Condition(4))
+QUICK_GROUPS = ((Condition(2), Condition(4)),)
 
 LORA, FULL, SOFT, TOP_K = (
   "LoRA + profile",
@@ -116,8 +119,8 @@ class Scale:
 
   preset: str
   steps: int
-  sizes: dict
-  warmup_steps: int | None = None  # of the tiny backbone; None: the preset's
+  sizes: dict  # data.synthetic.<key>: value
+  backbone: dict  # tiny_backbone.<key>: value
 
   def data_overrides(self, condition: Condition, warmup: str) -> presets.Overrides:
     """The survey of ``condition``, with the profile as text, and the backbone's warm-up."""
@@ -127,8 +130,12 @@ class Scale:
       "data.demographic_system_prompt": True,
       "data.max_length": MAX_LENGTH,
       "eval.splits": ("valid", "test"),
-      **({} if warmup == "profile_blind" else {"tiny_backbone.warmup": warmup}),  # TODO
-      **({} if self.warmup_steps is None else {"tiny_backbone.warmup_steps": self.warmup_steps}),
+      # The preset's own comparison baselines are off: the sweep trains each method itself.
+      "eval.baselines": (),
+      "eval.baseline_learning_rates": (),
+      "eval.lora_baseline_rank": 0,
+      "tiny_backbone.warmup": warmup,
+      **{f"tiny_backbone.{key}": value for key, value in self.backbone.items()},
     }
 
 
@@ -136,9 +143,11 @@ FULL_SCALE = Scale(
   "demo",
   100,
   {"num_train": 1000, "num_valid": 100, "num_test": 100, "num_zero_shot": 0},
-  warmup_steps=150,
+  {"warmup_steps": 150},
 )
-QUICK_SCALE = Scale("tiny", 4, {"num_valid": 10})
+# One vocabulary width for both surveys' tokenizers, so that the second reuses the first's
+# compiled programs.
+QUICK_SCALE = Scale("tiny", 4, {}, {"vocab_multiple": 64})
 
 
 def method_overrides(method: str, preset: str, base: presets.Overrides) -> tuple[str, dict]:
@@ -257,13 +266,12 @@ def select(scale: Scale, seed: int, warmup: str, workdir: str, log) -> dict:
   }
 
 
-def sweep(scale: Scale, conditions, seeds, warmup: str, workdir: str, log, save) -> dict:
+def sweep(scale: Scale, groups, seeds, warmup: str, workdir: str, log, save) -> dict:
   """Per condition: the methods' parameter counts and rates, and each seed's test metrics.
-  Seed by seed, so that an interrupted sweep has covered every condition; ``save(result)``
-  after each run."""
+  Group by group, seed by seed (``save(result)`` after each run)."""
   result, inputs = {}, {}
-  for seed in seeds:
-    for condition in conditions:
+  for group, seed in itertools.product(groups, seeds):
+    for condition in group:
       if condition.name not in inputs:
         inputs[condition.name] = condition_inputs(condition, scale, warmup, workdir, log)
       base, condition_dir, shared = inputs[condition.name]
@@ -313,9 +321,11 @@ def plot(result: dict, out: str) -> None:
     ("accuracy_gap", "optimum's accuracy − method's (test)"),
     ("emd_gap", "method's EMD − optimum's (test)"),
   ):
-    panels[title] = {
-      method: [(k, *gaps(entry, method)[key]) for k, entry in by_cultures] for method in METHODS
+    lines = {
+      method: [(k, *gaps(e, method)[key]) for k, e in by_cultures if method in e["methods"]]
+      for method in METHODS
     }
+    panels[title] = {method: points for method, points in lines.items() if points}
   figure = figures.lines_with_errors(panels, xlabel="number of latent cultures", log_x=True)
   figures.save(figure, os.path.join(out, "figures"), "regime_map.png")
   plt.close(figure)
@@ -360,14 +370,16 @@ def write_report(saved: dict, out: str) -> None:
 
 
 def _page(saved: dict, rows: list[dict]) -> str:
-  sizes = ", ".join(f"{key} {value}" for key, value in saved["sizes"].items())
+  survey = saved["survey"]
+  sizes = ", ".join(f"{survey[f'num_{split}']} {split}" for split in ("train", "valid", "test"))
   truncated = sum(row["truncated_tokens"] for row in rows)
-  warmup_steps = saved["backbone_warmup_steps"] or "the preset's"
+  warmup_steps = saved["backbone"].get("warmup_steps", "the preset's")
   lines = [
     "# Where sparsity matters: the gap to the Bayes optimum as the cultures conflict",
     "",
-    f"`{saved['command']}`: preset `{saved['preset']}` ({sizes} participants of 24 "
-    f"questions each), {saved['steps']} training steps per run, seeds {saved['seeds']}, "
+    f"`{saved['command']}`: preset `{saved['preset']}` ({sizes} participants of "
+    f"{survey['num_questions']} questions each), {saved['steps']} training steps per run "
+    f"(batch {survey['batch_size']}), seeds {saved['seeds']}, "
     f"tiny backbone warmed up `{saved['warmup']}` for "
     f"{warmup_steps} steps; "
     f"{saved['seconds'] / 60:.1f} min wall time from {saved['date']}, on a machine whose "
@@ -479,6 +491,12 @@ def _axis_table(rows: list[dict], axis: str) -> list[str]:
   return lines
 
 
+def _survey(scale: Scale, warmup: str) -> dict:
+  """The base condition's survey sizes and batch size, for the page."""
+  c = presets.experiment_config("cuma", scale.preset, overrides=scale.data_overrides(BASE, warmup))
+  return {**c.data.synthetic.to_dict(), "batch_size": c.data.batch_size}
+
+
 def _read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
@@ -491,7 +509,7 @@ def main(argv=None) -> int:
   parser.add_argument("--quick", action="store_true", help="tiny preset, 2 culture counts")
   parser.add_argument("--seeds", type=int, nargs="+", default=None)
   parser.add_argument("--steps", type=int, default=None, help="training steps per run")
-  parser.add_argument("--warmup", choices=WARMUPS, default="profile_reading")
+  parser.add_argument("--warmup", choices=schema.WARMUPS, default="profile_reading")
   parser.add_argument("--out", default=study.HERE, help="where results and the figure go")
   parser.add_argument("--workdir", default=None, help="run workdirs (default OUT/runs/regime)")
   parser.add_argument("--select", action="store_true", help="the learning-rate check on valid")
@@ -533,8 +551,8 @@ def main(argv=None) -> int:
       "command": command,
       "preset": scale.preset,
       "steps": scale.steps,
-      "sizes": scale.sizes,
-      "backbone_warmup_steps": scale.warmup_steps,
+      "survey": _survey(scale, args.warmup),
+      "backbone": scale.backbone,
       "seeds": seeds,
       "warmup": args.warmup,
       "matmul_gflops": rate,
@@ -548,8 +566,8 @@ def main(argv=None) -> int:
       with open(saved_path, "w") as f:
         json.dump(saved, f, indent=1)
 
-    conditions = QUICK_CONDITIONS if args.quick else CONDITIONS
-    result = sweep(scale, conditions, seeds, args.warmup, workdir, log, save)
+    groups = QUICK_GROUPS if args.quick else CONDITION_GROUPS
+    result = sweep(scale, groups, seeds, args.warmup, workdir, log, save)
     saved["complete"] = True
     save(result)
   write_report(saved, args.out)
