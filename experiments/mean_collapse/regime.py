@@ -7,9 +7,10 @@ The synthetic survey is drawn at several degrees of conflict between its latent 
 ``data.synthetic.num_cultures`` of 2, 4, 8 and 16, and at 4 cultures a consensus fraction
 (questions every culture answers alike) of 0.5 instead of 0.15 and an answer width of 1.0
 instead of 0.3 (cultures whose answers overlap). Each condition has its own prepared survey
-and tiny backbone, warmed up as ``--warmup`` says (``tiny_backbone.warmup``). On each, four methods
-train with the same data, steps and optimiser, every one given the profile as text in the
-system prompt (``data.demographic_system_prompt``, at a length that cuts no prompt token):
+and tiny backbone, warmed up as ``--warmup`` says (``tiny_backbone.warmup``). On each, four
+methods train with the same data, steps and optimiser, every one given the profile as text
+in the system prompt (``data.demographic_system_prompt``, at a length that cuts no prompt
+token):
 
 - LoRA + profile, its rank matched to CuMA's trainable-parameter count (alpha = 2 x rank);
 - full fine-tuning + profile;
@@ -101,7 +102,7 @@ LORA, FULL, SOFT, TOP_K = (
 )
 METHODS = (LORA, FULL, SOFT, TOP_K)
 # Chosen by --select on the valid split at 4 cultures (regime_selection.json; regime.md).
-LEARNING_RATES = {LORA: 3e-3, FULL: 3e-4, SOFT: 3e-3, TOP_K: 3e-3}
+LEARNING_RATES = {LORA: 3e-3, FULL: 3e-3, SOFT: 1e-2, TOP_K: 1e-2}
 SELECTION_GRID = {
   LORA: (1e-3, 3e-3, 1e-2),
   FULL: (3e-4, 1e-3, 3e-3),
@@ -115,18 +116,18 @@ METRICS = (("accuracy", "accuracy"), ("emd", "emd_mean"), ("diversity", "profile
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-  """The sweep's sizes: the preset, steps, and the synthetic survey's splits."""
+  """The sweep's size: the preset, the steps, and the keys it sets on the preset (the
+  synthetic survey's splits, the batch, the tiny backbone's warm-up)."""
 
   preset: str
   steps: int
-  sizes: dict  # data.synthetic.<key>: value
-  backbone: dict  # tiny_backbone.<key>: value
+  overrides: dict
 
   def data_overrides(self, condition: Condition, warmup: str) -> presets.Overrides:
     """The survey of ``condition``, with the profile as text, and the backbone's warm-up."""
     return {
       **condition.overrides(),
-      **{f"data.synthetic.{key}": value for key, value in self.sizes.items()},
+      **self.overrides,
       "data.demographic_system_prompt": True,
       "data.max_length": MAX_LENGTH,
       "eval.splits": ("valid", "test"),
@@ -135,19 +136,27 @@ class Scale:
       "eval.baseline_learning_rates": (),
       "eval.lora_baseline_rank": 0,
       "tiny_backbone.warmup": warmup,
-      **{f"tiny_backbone.{key}": value for key, value in self.backbone.items()},
     }
 
 
+# Sized for this 2-core machine (regime.md): the warm-up's loss levels off by step ~80; a
+# batch of 16 gives twice the updates of the demo's 32 for the same compute.
 FULL_SCALE = Scale(
   "demo",
-  100,
-  {"num_train": 1000, "num_valid": 100, "num_test": 100, "num_zero_shot": 0},
-  {"warmup_steps": 150},
+  300,
+  {
+    "data.batch_size": 16,
+    "data.synthetic.num_train": 1000,
+    "data.synthetic.num_valid": 100,
+    "data.synthetic.num_test": 100,
+    "data.synthetic.num_zero_shot": 0,
+    "tiny_backbone.warmup_steps": 150,
+    # One vocabulary width for every survey's tokenizer, so that the conditions share
+    # compiled programs.
+    "tiny_backbone.vocab_multiple": 64,
+  },
 )
-# One vocabulary width for both surveys' tokenizers, so that the second reuses the first's
-# compiled programs.
-QUICK_SCALE = Scale("tiny", 4, {}, {"vocab_multiple": 64})
+QUICK_SCALE = Scale("tiny", 4, {"tiny_backbone.vocab_multiple": 64})
 
 
 def method_overrides(method: str, preset: str, base: presets.Overrides) -> tuple[str, dict]:
@@ -261,6 +270,7 @@ def select(scale: Scale, seed: int, warmup: str, workdir: str, log) -> dict:
     "condition": BASE.name,
     "seed": seed,
     "steps": scale.steps,
+    "batch_size": inputs[0].data.batch_size,
     "valid": table,
     "chosen": chosen,
   }
@@ -373,7 +383,6 @@ def _page(saved: dict, rows: list[dict]) -> str:
   survey = saved["survey"]
   sizes = ", ".join(f"{survey[f'num_{split}']} {split}" for split in ("train", "valid", "test"))
   truncated = sum(row["truncated_tokens"] for row in rows)
-  warmup_steps = saved["backbone"].get("warmup_steps", "the preset's")
   lines = [
     "# Where sparsity matters: the gap to the Bayes optimum as the cultures conflict",
     "",
@@ -381,7 +390,7 @@ def _page(saved: dict, rows: list[dict]) -> str:
     f"{survey['num_questions']} questions each), {saved['steps']} training steps per run "
     f"(batch {survey['batch_size']}), seeds {saved['seeds']}, "
     f"tiny backbone warmed up `{saved['warmup']}` for "
-    f"{warmup_steps} steps; "
+    f"{survey['warmup_steps']} steps; "
     f"{saved['seconds'] / 60:.1f} min wall time from {saved['date']}, on a machine whose "
     f"2048x2048 float32 `jnp` matmul ran at {saved['matmul_gflops']:.0f} GFLOP/s (median "
     "of 10, at the start).",
@@ -428,8 +437,9 @@ def _selection_table(selection: dict) -> list[str]:
   """The learning-rate check on valid, each method's chosen rate in bold."""
   lines = [
     f"Learning rates, chosen on the `valid` split (never test) by `{selection['command']}`: "
-    f"at 4 cultures, seed {selection['seed']}, {selection['steps']} steps, backbone warmed up "
-    f"`{selection['warmup']}`; each method takes the rate of its best valid accuracy.",
+    f"at 4 cultures, seed {selection['seed']}, {selection['steps']} steps of batch "
+    f"{selection['batch_size']}, backbone warmed up `{selection['warmup']}`; each method takes "
+    "the rate of its best valid accuracy (in bold).",
     "",
     "| method | learning rate | valid accuracy | valid EMD |",
     "|---|---|---|---|",
@@ -492,9 +502,13 @@ def _axis_table(rows: list[dict], axis: str) -> list[str]:
 
 
 def _survey(scale: Scale, warmup: str) -> dict:
-  """The base condition's survey sizes and batch size, for the page."""
+  """The base condition's survey sizes, batch and backbone warm-up steps, for the page."""
   c = presets.experiment_config("cuma", scale.preset, overrides=scale.data_overrides(BASE, warmup))
-  return {**c.data.synthetic.to_dict(), "batch_size": c.data.batch_size}
+  return {
+    **c.data.synthetic.to_dict(),
+    "batch_size": c.data.batch_size,
+    "warmup_steps": c.tiny_backbone.warmup_steps,
+  }
 
 
 def _read_json(path: str) -> dict | None:
@@ -552,7 +566,6 @@ def main(argv=None) -> int:
       "preset": scale.preset,
       "steps": scale.steps,
       "survey": _survey(scale, args.warmup),
-      "backbone": scale.backbone,
       "seeds": seeds,
       "warmup": args.warmup,
       "matmul_gflops": rate,
