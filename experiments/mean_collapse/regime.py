@@ -414,13 +414,12 @@ def _page(saved: dict, rows: list[dict]) -> str:
     "|---|---|---|---|",
     *[
       f"| {row['method']} | {row['trainable']:,} | {row['rank']} | {row['learning_rate']:g} |"
-      for row in rows
-      if all(row[f.name] == getattr(BASE, f.name) for f in dataclasses.fields(Condition))
+      for row in {row["method"]: row for row in rows}.values()  # the same in every condition
     ],
     "",
   ]
   if saved.get("selection"):
-    lines += [*_selection_table(saved["selection"]), ""]
+    lines += [*_selection_table(saved["selection"], saved), ""]
   lines += ["## What it shows", "", *_findings(rows), ""]
   for axis, title in (
     ("num_cultures", "Number of latent cultures"),
@@ -433,13 +432,21 @@ def _page(saved: dict, rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def _selection_table(selection: dict) -> list[str]:
+def _selection_table(selection: dict, saved: dict) -> list[str]:
   """The learning-rate check on valid, each method's chosen rate in bold."""
+  check = (selection["steps"], selection["batch_size"])
+  sweep = (saved["steps"], saved["survey"]["batch_size"])
   lines = [
     f"Learning rates, chosen on the `valid` split (never test) by `{selection['command']}`: "
     f"at 4 cultures, seed {selection['seed']}, {selection['steps']} steps of batch "
     f"{selection['batch_size']}, backbone warmed up `{selection['warmup']}`; each method takes "
-    "the rate of its best valid accuracy (in bold).",
+    "the rate of its best valid accuracy (in bold)."
+    + (
+      f" The sweep runs {sweep[0]} steps of batch {sweep[1]} ({sweep[0] * sweep[1]:,} "
+      f"examples per run, against the check's {check[0] * check[1]:,})."
+      if check != sweep
+      else ""
+    ),
     "",
     "| method | learning rate | valid accuracy | valid EMD |",
     "|---|---|---|---|",
