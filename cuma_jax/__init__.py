@@ -13,6 +13,7 @@ __all__ = [
   "Experiment",
   "build_decoder",
   "experiment_config",
+  "export_adapters",
   "latent_culture",
   "load_pretrained",
   "load_tokenizer",

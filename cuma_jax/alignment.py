@@ -18,6 +18,7 @@ import functools
 import json
 import os
 from typing import Any
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from cuma_jax import fingerprint, job, presets, schema, sharding
 from cuma_jax.data import chat, preference_builder
 from cuma_jax.data.pipeline import as_text
 from cuma_jax.data.synthetic_preference import PreferenceOracle
-from cuma_jax.data.tokenize import END_OF_TURN, pad_id
+from cuma_jax.data.tokenize import END_OF_TURN, pad_id, render_prompt
 from cuma_jax.evaluation import judging, metrics
 from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.generation import SamplingConfig
@@ -43,7 +44,7 @@ from cuma_jax.training.preference import (
   grpo_objective,
 )
 from cuma_jax.training.step import sft_objective
-from cuma_jax.training.workdir import WorkdirLock, write_atomically
+from cuma_jax.training.workdir import WorkdirLock, check_workdir_path, write_atomically
 
 
 @dataclasses.dataclass
@@ -103,6 +104,14 @@ class Aligned:
       return None
     return self.demographics.encode(chat.profile_table(source))
 
+  def context(self, messages) -> str:
+    """What the judge reads as a case's conversation: its turns after the system turn, or
+    with ``preference.eval.judge_prompt="released"`` the templated prompt, as the released
+    evaluation reads its DPO ``prompt`` column."""
+    if self.config.preference.eval.judge_prompt == "released":
+      return render_prompt(self.tokenizer, messages)
+    return chat.context_of(messages)
+
   def model(self, name: str, params) -> evaluation.Model:
     encode = None if self.demographics is None else self.demographics.encode
     return evaluation.Model(name, self.module, params, encode)
@@ -119,11 +128,14 @@ class Aligned:
       return evaluation.RuleJudge(self.data.oracle)
     demonstrations = []
     if pe.judge_demonstrations:
-      cases = _cases(self.data.sources["dpo_train"], pe.judge_demonstrations, replies=True)
+      cases = _cases(
+        self.data.sources["dpo_train"], pe.judge_demonstrations, self.context, replies=True
+      )
       demonstrations = [
         judging.Case(c["profile"], c["context"], c["chosen"], c["rejected"]) for c in cases
       ]
-    return judging.LocalLMJudge(pe.judge_checkpoint, demonstrations=demonstrations)
+    judge = judging.LocalLMJudge(pe.judge_checkpoint, demonstrations=demonstrations)
+    return judge.with_prompt(judging.USER_PROMPTS[pe.judge_prompt])
 
   def sampling(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0):
     """How this backbone's replies are decoded: stopped at its end-of-turn tokens."""
@@ -152,6 +164,7 @@ def prepare(config, workdir: str, log=print) -> Aligned:
     backbone=backbone_dir,
     encoder=job.encoder_path(config, backbone_dir),
     dataset=data.directory,
+    adapter_init=config.adapter.init_from,
   )
   for stage in config.preference.stages:
     checkpointing.check_workdir(
@@ -255,6 +268,7 @@ def _stage(aligned: Aligned, stage: str, previous: str | None, params: dict, log
     batch_size=batch_size,
     # DPO scores the reply and its end-of-turn token, whatever SFT supervises.
     supervision=config.data.supervision if kind == "sft" else END_OF_TURN,
+    truncation=p.sft_truncation if kind == "sft" else "prompt_start",
     **batching,
   )
   log(f"{stage}: {steps} steps of {batch_size} {'prompts' if kind == 'prompt' else 'rows'}")
@@ -332,10 +346,10 @@ def _grpo(aligned: Aligned, params: dict):
   def reward(indices: np.ndarray, texts: list[str]) -> np.ndarray:
     records = source.__getitems__([int(i) for i in indices])
     cases = [
-      judging.Case(as_text(r["profile"]), chat.context_of(chat.messages_of(r)), reference, text)
+      judging.Case(as_text(r["profile"]), aligned.context(chat.messages_of(r)), reference, text)
       for r, reference, text in zip(records, reference_replies(indices), texts)
     ]
-    return np.asarray([judging.reward_from_verdict(v) for v in judge(cases)], np.float32)
+    return np.asarray(judging.rewards(judge, cases), np.float32)
 
   sampling = aligned.sampling(g.max_new_tokens, g.temperature, g.top_p)
   return grpo_objective(
@@ -355,9 +369,10 @@ def _grpo(aligned: Aligned, params: dict):
   )
 
 
-def _cases(source, count: int, *, replies: bool = False) -> list[dict]:
-  """Distinct prompts (one per conversation turn) of a DPO split, in split order; ``count``
-  0 means all (records are read until ``count`` are found)."""
+def _cases(source, count: int, context, *, replies: bool = False) -> list[dict]:
+  """Distinct prompts (one per conversation turn) of a DPO split, in split order, each with
+  its ``context(messages)``; ``count`` 0 means all (records are read until ``count`` are
+  found)."""
   seen, cases = set(), []
   for index in range(len(source)):
     r = source[index]
@@ -369,7 +384,7 @@ def _cases(source, count: int, *, replies: bool = False) -> list[dict]:
     case = {
       "id": as_text(r["id"]),
       "profile": as_text(r["profile"]),
-      "context": chat.context_of(messages),
+      "context": context(messages),
       "messages": messages,
     }
     if replies:
@@ -406,6 +421,15 @@ def _ca_rows(source, count: int) -> list[dict]:
   ]
 
 
+def reply_key(seed: int, name: str):
+  """The sampling key of model ``name``'s replies: the base's is ``key(seed + 1)``, every
+  other model folds its name into it. Sampled with the base's own key, a model close to the
+  base would repeat its replies token for token, a tie (so a loss) that says nothing; the
+  released evaluation samples each model independently."""
+  key = jax.random.key(seed + 1)
+  return key if name == "base" else jax.random.fold_in(key, zlib.crc32(name.encode()) % 2**31)
+
+
 def _replies(aligned: Aligned, model: evaluation.Model, cases: list[dict]) -> list[str]:
   pe = aligned.config.preference.eval
   return evaluation.generate_replies(
@@ -414,7 +438,7 @@ def _replies(aligned: Aligned, model: evaluation.Model, cases: list[dict]) -> li
     [c["messages"] for c in cases],
     [c["profile"] for c in cases],
     aligned.sampling(pe.max_new_tokens, pe.temperature, pe.top_p),
-    rng=jax.random.key(aligned.config.seed + 1),
+    rng=reply_key(aligned.config.seed, model.name),
     max_prompt_length=aligned.config.preference.max_prompt_length,
     batch_size=aligned.config.eval.batch_size,
     layout=sharding.Layout.of(aligned.config.mesh),
@@ -430,7 +454,7 @@ def evaluation_set(aligned: Aligned, log=print) -> Evaluation:
       f"config.preference.eval.ca_shots={pe.ca_shots} few-shot rows need more than the "
       f"{len(ca_rows)} accuracy rows (preference.eval.ca_rows={pe.ca_rows})"
     )
-  cases = _cases(sources["dpo_test"], pe.win_rate_prompts)
+  cases = _cases(sources["dpo_test"], pe.win_rate_prompts, aligned.context)
   log(f"evaluation: {len(cases)} judged prompts; the base model replies")
   return Evaluation(
     ca_rows=ca_rows,
@@ -521,6 +545,7 @@ def run(config, workdir: str, log=print) -> dict:
       f"config.preference.eval.judge_checkpoint={pe.judge_checkpoint!r} is not a directory; "
       "judge='local_lm' needs a local Hugging Face causal LM there"
     )
+  check_workdir_path(workdir)
   last = config.preference.stages[-1]
   step = checkpointing.check_workdir(
     config, _checkpoint_dir(workdir, last), config_conflicts=_conflicts(last)
@@ -531,7 +556,7 @@ def run(config, workdir: str, log=print) -> dict:
     )
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     aligned = prepare(config, workdir, log)
-    params = _train_or_restore(aligned, log)
+    params, exports = _train_or_restore(aligned, log)
     ev = evaluation_set(aligned, log)
     results = {"base": score(aligned, aligned.base(), ev)}
     report("base", results["base"], log)
@@ -543,11 +568,7 @@ def run(config, workdir: str, log=print) -> dict:
         report(name, r, log)
     for method in config.eval.baselines:
       results.setdefault("baselines", {})[method] = _baseline(aligned, method, ev, log)
-    if jax.process_index() == 0:
-      write_atomically(
-        os.path.join(workdir, "results.json"),
-        json.dumps({**results, "run": job.provenance(config)}, indent=2),
-      )
+    job.write_results(config, workdir, results, exports, log)
   return results
 
 
@@ -559,20 +580,17 @@ def _host_side_stages(config) -> list[str]:
   return [s for s in stages if s == "grpo" or (s == "dpo" and dpo_fixed)]
 
 
-def _train_or_restore(aligned: Aligned, log) -> dict:
+def _train_or_restore(aligned: Aligned, log) -> tuple[dict, dict]:
+  """The last stage's parameters, and the digests of their export (written or verified)."""
   params = aligned.params
   if aligned.config.mode == "eval":
-    return _restored(aligned, aligned.config.preference.stages[-1], log)
-  previous = None
-  for stage in aligned.config.preference.stages:
-    params = _stage(aligned, stage, previous, params, log)
-    previous = stage
-  adapter = schema.adapter_config(aligned.config)
-  if adapter is not None:
-    trainable, _ = split_params(params, aligned.config.trainable)
-    exported = dict(schema.as_dict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
-    checkpointing.export_adapters(trainable, exported, os.path.join(aligned.workdir, "adapters"))
-  return params
+    params = _restored(aligned, aligned.config.preference.stages[-1], log)
+  else:
+    previous = None
+    for stage in aligned.config.preference.stages:
+      params = _stage(aligned, stage, previous, params, log)
+      previous = stage
+  return params, job.export(aligned.config, aligned.workdir, params, log)
 
 
 def _restored(aligned: Aligned, stage: str, log) -> dict:
@@ -590,10 +608,12 @@ def _restored(aligned: Aligned, stage: str, log) -> dict:
     log=log,
   )
   try:
-    _, state, _ = ckpt.restore_latest(loop.abstract_state(config, trainable))
+    restored = ckpt.restore_latest(loop.abstract_state(config, trainable))
   finally:
     ckpt.close()
-  return merge_params(state["trainable"], frozen)
+  if restored is None:
+    raise FileNotFoundError(f"{ckpt.directory} has no checkpoint of stage {stage} to evaluate")
+  return merge_params(restored[1]["trainable"], frozen)
 
 
 def _baseline(aligned: Aligned, method: str, ev: Evaluation, log) -> dict:
@@ -609,7 +629,8 @@ def _baseline(aligned: Aligned, method: str, ev: Evaluation, log) -> dict:
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     other = prepare(baseline, workdir, log)
     other.judge = aligned.judge  # one judge for every model of the run
-    params = _train_or_restore(other, log)
+    params, exports = _train_or_restore(other, log)
+    job.write_results(baseline, workdir, {}, exports, log)
     # Beside the run's own predictions, so that one folder compares every model.
     result = score(
       other, other.model(method, params), ev, os.path.join(aligned.workdir, "predictions")

@@ -11,6 +11,7 @@ look at its routing, without the command line::
     cuma_jax.run(config, "runs/demo")                   # or a preference config
     experiment = cuma_jax.restore("runs/demo")          # model, params, tokenizer, data
     usage = cuma_jax.routing_usage(experiment, "test")   # per-profile expert usage
+    cuma_jax.export_adapters("runs/demo", "out/demo", "cuma_release")  # for PyTorch
     by_culture = cuma_jax.usage_by_group(usage, cuma_jax.latent_culture(experiment.data.oracle))
 """
 
@@ -23,6 +24,7 @@ from cuma_jax.analysis import latent_culture as latent_culture
 from cuma_jax.analysis import profile_field as profile_field
 from cuma_jax.analysis import routing_usage as routing_usage
 from cuma_jax.analysis import usage_by_group as usage_by_group
+from cuma_jax.interop import export_adapters as export_adapters
 from cuma_jax.job import Experiment as Experiment
 from cuma_jax.job import prepare as prepare
 from cuma_jax.job import restore as restore

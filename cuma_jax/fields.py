@@ -36,8 +36,9 @@ class Spec:
       return None
     return tuple(self.choices() if callable(self.choices) else self.choices)
 
-  def describe(self) -> str:
-    parts = []
+  def describe(self, finite: bool = False) -> str:
+    """The allowed values in words (``finite``: say that they are, for a float field)."""
+    parts = ["finite"] if finite else []
     if self.low is not None:
       parts.append(f"{'>' if self.low_open else '>='} {self.low}")
     if self.high is not None:
@@ -52,9 +53,11 @@ class Spec:
     allowed = self.allowed()
     if allowed is not None and value not in allowed:
       return False
+    if isinstance(value, float) and not math.isfinite(value):
+      return False  # inf or nan would train to a non-finite state (every float is finite)
     if self.low is None and self.high is None:
       return True
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
       return False
     if self.low is not None and (value <= self.low if self.low_open else value < self.low):
       return False
@@ -82,4 +85,6 @@ def check(obj: Any, prefix: str) -> None:
     value = getattr(obj, f.name)
     if not spec.accepts(value):
       key = f"{prefix}.{f.name}" if prefix else f.name
-      raise ValueError(f"config.{key}={value!r}; must be {spec.describe()}")
+      floats = value if isinstance(value, (tuple, list)) else (value,)
+      finite = any(isinstance(v, float) for v in floats)
+      raise ValueError(f"config.{key}={value!r}; must be {spec.describe(finite)}")

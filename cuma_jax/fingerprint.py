@@ -1,12 +1,16 @@
 """Content fingerprints of the files a run depends on, independent of where they live.
 
-A fingerprint maps each file's path, relative to the fingerprinted directory, to its size and
-a SHA-256 of its contents: all of them for files up to ``FULL_HASH_BYTES`` (configs,
-tokenizers, survey TSVs, prepared data shards) and, for larger files (model weights), the
-first MiB (a safetensors file's tensor index) plus evenly spaced samples. A few MiB per file
-keep fingerprinting a 16 GB checkpoint instant, while two checkpoints of one shape still differ
-in their sampled weights. A directory moved or copied elsewhere keeps its fingerprint; hidden
-files (caches, locks) are left out.
+A fingerprint maps each file's path, relative to the fingerprinted directory, to a string:
+``size:sha256`` of its whole contents for files up to ``FULL_HASH_BYTES`` (configs,
+tokenizers, survey TSVs, prepared data shards). A larger file (model weights) is read in part,
+which keeps fingerprinting a 16 GB checkpoint instant: ``size:sampled:mtime`` holds a SHA-256
+of its first MiB (a safetensors file's tensor index) and evenly spaced samples, and its
+modification time, so that a change between the samples (which rewrites the file) is still
+seen. A copy with a new modification time is then refused as changed, unless whole digests
+are on: with ``CUMA_FULL_DIGESTS=1`` in the environment a large file's entry also holds the
+SHA-256 of all of it (``size:sampled:mtime:full``), and two entries that both have one are
+compared by it alone. A directory moved (or copied keeping times, ``cp -p``) keeps its
+fingerprint; hidden files (caches, locks) are left out.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ FULL_HASH_BYTES = 64 << 20
 HEAD_BYTES = 1 << 20
 SAMPLES = 16
 SAMPLE_BYTES = 64 << 10
+# Set to "1": large files' entries also hold the digest of their whole contents.
+FULL_DIGESTS_ENV = "CUMA_FULL_DIGESTS"
 
 
 def fingerprint(path: str | os.PathLike) -> dict[str, str]:
@@ -42,26 +48,64 @@ def digest(value) -> str:
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def same_file(saved: str, current: str) -> bool:
+  """Whether two entries of a file are of the same contents (see the module's rule)."""
+  a, b = saved.split(":"), current.split(":")
+  if a[:2] != b[:2]:  # size and (whole or sampled) digest
+    return False
+  if len(a) < 3 or len(b) < 3:  # small files; large ones recorded before times were
+    return True
+  if len(a) == len(b) == 4:
+    return a[3] == b[3]
+  return a[2] == b[2]
+
+
+def _only_times_differ(saved: str, current: str) -> bool:
+  a, b = saved.split(":"), current.split(":")
+  return a[:2] == b[:2] and not len(a) == len(b) == 4
+
+
 def differences(saved: dict[str, str], current: dict[str, str]) -> list[str]:
   """What changed between two fingerprints, one phrase per file."""
   both = sorted(saved.keys() & current.keys())
-  changed = [f"{name} changed" for name in both if saved[name] != current[name]]
+  changed = [
+    f"{name} changed"
+    + (
+      " (same size and sampled bytes, another modification time: set CUMA_FULL_DIGESTS=1 "
+      "to compare whole contents)"
+      if _only_times_differ(saved[name], current[name])
+      else ""
+    )
+    for name in both
+    if not same_file(saved[name], current[name])
+  ]
   removed = [f"{name} is gone" for name in sorted(saved.keys() - current.keys())]
   added = [f"{name} is new" for name in sorted(current.keys() - saved.keys())]
   return changed + removed + added
 
 
 def _file_digest(path: Path) -> str:
-  size = path.stat().st_size
+  stat = path.stat()
+  size = stat.st_size
+  if size <= FULL_HASH_BYTES:
+    return f"{size}:{full_digest(path)}"
   h = hashlib.sha256()
   with open(path, "rb") as f:
-    if size <= FULL_HASH_BYTES:
-      for chunk in iter(lambda: f.read(1 << 20), b""):
-        h.update(chunk)
-    else:
-      h.update(f.read(HEAD_BYTES))
-      span = size - HEAD_BYTES - SAMPLE_BYTES
-      for i in range(SAMPLES):
-        f.seek(HEAD_BYTES + i * span // (SAMPLES - 1))
-        h.update(f.read(SAMPLE_BYTES))
-  return f"{size}:{h.hexdigest()}"
+    h.update(f.read(HEAD_BYTES))
+    span = size - HEAD_BYTES - SAMPLE_BYTES
+    for i in range(SAMPLES):
+      f.seek(HEAD_BYTES + i * span // (SAMPLES - 1))
+      h.update(f.read(SAMPLE_BYTES))
+  entry = f"{size}:{h.hexdigest()}:{stat.st_mtime_ns}"
+  if os.environ.get(FULL_DIGESTS_ENV) == "1":
+    entry += f":{full_digest(path)}"
+  return entry
+
+
+def full_digest(path: str | os.PathLike) -> str:
+  """SHA-256 of a whole file."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()

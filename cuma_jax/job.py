@@ -12,6 +12,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
+import sys
+import time
 from typing import Any
 
 import jax
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cuma_jax import presets, schema
+from cuma_jax.checkpoints import adapter_import
 from cuma_jax.data import builders, chat, synthetic
 from cuma_jax.data.pipeline import SurveyTables, as_text, make_dataset
 from cuma_jax.encoders import (
@@ -40,7 +44,7 @@ from cuma_jax.params import merge_params, split_params
 from cuma_jax.sharding import Layout, indivisible
 from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
-from cuma_jax.training.workdir import WorkdirLock, write_atomically
+from cuma_jax.training.workdir import WorkdirLock, check_workdir_path, write_atomically
 
 
 @dataclasses.dataclass
@@ -202,6 +206,7 @@ class Experiment:
       self.data.sources[split],
       self.demographics,
       self.data.oracle,
+      split=split,
     )
 
   def dataset(self, split: str, batch_size: int | None = None):
@@ -249,6 +254,7 @@ def validate(config) -> None:
   """What can be refused before anything is read: the schema, a missing backbone, and a
   mesh that does not fit the model (the tiny backbone's, once it is built)."""
   schema.validate(config)
+  _check_init_from(config)
   if config.model.architecture != schema.TINY and not config.model.checkpoint:
     raise ValueError(
       f"config.model.checkpoint is empty: running architecture "
@@ -262,6 +268,15 @@ def validate(config) -> None:
       "the tiny backbone is built by single-process runs: run this config once in one "
       "process, then set config.model.checkpoint to its WORKDIR/assets/tiny_backbone_*/warmed_up"
     )
+
+
+def _check_init_from(config) -> None:
+  """An ``adapter.init_from`` directory matches the config's adapter (docs/interop.md)."""
+  if config.method == "full" and config.adapter.init_from:
+    raise ValueError("config.adapter.init_from is set, but method='full' trains no adapters")
+  adapter = schema.adapter_config(config)
+  if adapter is not None:
+    adapter_import.check_config(adapter)
 
 
 def architecture(config) -> ModelConfig:
@@ -321,9 +336,10 @@ def check_layout(config, model_config: ModelConfig, devices=None) -> Layout:
 
 
 def load_model(config, backbone_dir: str, layout: Layout):
-  """The backbone with the config's adapter (initialised from ``config.seed``), loaded
-  sharded onto ``layout`` in the config's dtypes."""
-  return load_pretrained(
+  """The backbone with the config's adapter (initialised from ``config.seed``, or read from
+  ``adapter.init_from``), loaded sharded onto ``layout`` in the config's dtypes."""
+  adapter = schema.adapter_config(config)
+  module, params = load_pretrained(
     backbone_dir,
     dtype=jnp.dtype(config.model.dtype),
     param_dtype=jnp.dtype(config.model.param_dtype),
@@ -333,6 +349,9 @@ def load_model(config, backbone_dir: str, layout: Layout):
     rng=jax.random.PRNGKey(config.seed),
     layout=layout,
   )
+  if adapter is not None and adapter.init_from:
+    params = adapter_import.initialise(params, adapter, config.model.scan_layers)
+  return module, params
 
 
 def prepare(config, workdir: str, log=print) -> Experiment:
@@ -344,7 +363,10 @@ def prepare(config, workdir: str, log=print) -> Experiment:
     config, os.path.join(workdir, "assets"), data, log
   )
   inputs = checkpointing.input_fingerprints(
-    backbone=backbone_dir, encoder=encoder_path(config, backbone_dir), dataset=data.directory
+    backbone=backbone_dir,
+    encoder=encoder_path(config, backbone_dir),
+    dataset=data.directory,
+    adapter_init=config.adapter.init_from,
   )
   checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), inputs, config_conflicts=schema.resume_conflicts
@@ -379,12 +401,14 @@ def run(config, workdir: str, log=print) -> dict:
       f"config.task={config.task!r} is run by cuma_jax.alignment.run (python -m cuma_jax.main "
       "dispatches on the task)"
     )
+  check_workdir_path(workdir)
   step = checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), config_conflicts=schema.resume_conflicts
   )
-  if step is None and config.mode == "eval":
+  if step is None and config.mode == "eval" and not config.adapter.init_from:
     raise FileNotFoundError(
-      f"mode=eval needs a readable training checkpoint in {_checkpoint_dir(workdir)}"
+      f"mode=eval needs a readable training checkpoint in {_checkpoint_dir(workdir)} (or "
+      "adapters to evaluate: config.adapter.init_from)"
     )
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
     return _run(config, workdir, log)
@@ -400,16 +424,53 @@ def _run(config, workdir: str, log, *, baseline: bool = False) -> dict:
     experiment.params = _train(experiment, log)
   else:
     experiment.params = _trained_params(experiment, log)
+  exports = export(config, workdir, experiment.params, log)
   results["trained"] = _evaluate_all(experiment)
   _report(config.method if baseline else "trained", results["trained"], log, models_only=baseline)
   for method in config.eval.baselines:
     results.setdefault("baselines", {})[method] = _run_baseline(experiment, method, log)
-  if jax.process_index() == 0:
-    write_atomically(
-      os.path.join(workdir, "results.json"),
-      json.dumps({**results, "run": provenance(config)}, indent=2),
-    )
+  write_results(config, workdir, results, exports, log)
   return results
+
+
+def export(config, workdir: str, params: dict, log=print) -> dict[str, str]:
+  """Exports (or verifies, rewriting what differs) the trained adapters in WORKDIR/adapters;
+  returns {path in the workdir: SHA-256} (none for full fine-tuning)."""
+  adapter = schema.adapter_config(config)
+  if adapter is None:
+    return {}
+  trainable, _ = split_params(params, config.trainable)
+  exported = dict(schema.as_dict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
+  digests = checkpointing.export_adapters(
+    trainable, exported, os.path.join(workdir, "adapters"), log
+  )
+  return {f"adapters/{name}": digest for name, digest in digests.items()}
+
+
+def write_results(config, workdir: str, results: dict, exports: dict, log=print) -> None:
+  """Writes WORKDIR/results.json with the exports' digests and what reproduces the run.
+
+  An evaluation (mode=eval) updates what it evaluated and keeps the rest (the untrained
+  model, other baselines, the training run's record, under "run"; its own is "eval_run").
+  """
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "results.json")
+  merged = {}
+  if config.mode == "eval" and os.path.exists(path):
+    try:
+      with open(path) as f:
+        merged = json.load(f)
+    except ValueError as e:
+      aside = f"{path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+      os.replace(path, aside)
+      log(f"{path} is not JSON ({e}); moved it to {aside} and wrote a new one")
+  baselines = {**merged.get("baselines", {}), **results.get("baselines", {})}
+  merged.update(results, exports=exports)
+  if baselines:
+    merged["baselines"] = baselines
+  merged["eval_run" if "run" in merged else "run"] = provenance(config)
+  write_atomically(path, json.dumps(merged, indent=2))
 
 
 def _run_baseline(experiment: Experiment, method: str, log) -> dict:
@@ -436,10 +497,19 @@ RECORDED_PACKAGES = (
 )
 
 
+def command_line() -> str:
+  """This process's command line, as ``python -m module ...`` when it was run so."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+  return shlex.join([*head, *sys.argv[1:]])
+
+
 def provenance(config) -> dict:
-  """What reproduces a run: its exact config and seed, library versions, devices."""
+  """What reproduces a run: its exact config and seed, the command line, library versions,
+  devices."""
   return {
     "config": checkpointing.config_to_json(config),
+    "command": command_line(),
     "seed": config.seed,
     "versions": {
       "python": platform.python_version(),
@@ -451,8 +521,10 @@ def provenance(config) -> dict:
 
 def restore(workdir: str, config: ml_collections.ConfigDict | None = None, log=print):
   """The trained experiment of ``workdir``: its config (the latest checkpoint's, unless
-  given), model, trained parameters, tokenizer, data and demographics."""
-  _require_checkpoint(workdir)
+  given), model, trained parameters, tokenizer, data and demographics.  With a ``config``
+  whose ``adapter.init_from`` is set, a workdir without checkpoints gives those adapters."""
+  if config is None or not config.adapter.init_from:
+    _require_checkpoint(workdir)
   if config is None:
     config = _saved_config(workdir)
   validate(config)
@@ -486,12 +558,6 @@ def _train(experiment: Experiment, log) -> dict:
     config_conflicts=schema.resume_conflicts,
     log=log,
   )
-  adapter = schema.adapter_config(config)
-  if adapter is not None:
-    exported = dict(schema.as_dict(adapter), param_dtype=jnp.dtype(adapter.param_dtype).name)
-    checkpointing.export_adapters(
-      result.trainable, exported, os.path.join(experiment.workdir, "adapters")
-    )
   return merge_params(result.trainable, result.frozen)
 
 
@@ -507,11 +573,15 @@ def _checkpoint_dir(workdir: str) -> str:
   return os.path.join(_train_dir(workdir), "checkpoints")
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  directory = _checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def _require_checkpoint(workdir: str) -> None:
   """Refuses a workdir without training checkpoints, creating nothing."""
-  directory = _checkpoint_dir(workdir)
-  if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
-    raise FileNotFoundError(f"{workdir} has no training checkpoint in {directory}")
+  if not _has_checkpoint(workdir):
+    raise FileNotFoundError(f"{workdir} has no training checkpoint in {_checkpoint_dir(workdir)}")
 
 
 def _saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -528,8 +598,11 @@ def _saved_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _trained_params(experiment: Experiment, log=print) -> dict:
-  """The newest readable checkpoint's trainable parameters over the loaded backbone."""
+  """The newest readable checkpoint's trainable parameters over the loaded backbone (or,
+  without checkpoints, the adapters ``adapter.init_from`` gave the model)."""
   config = experiment.config
+  if config.adapter.init_from and not _has_checkpoint(experiment.workdir):
+    return experiment.params
   trainable, frozen = split_params(
     experiment.params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
   )
@@ -541,10 +614,12 @@ def _trained_params(experiment: Experiment, log=print) -> dict:
     log=log,
   )
   try:
-    _, state, _ = ckpt.restore_latest(loop.abstract_state(config, trainable))
+    restored = ckpt.restore_latest(loop.abstract_state(config, trainable))
   finally:
     ckpt.close()
-  return merge_params(state["trainable"], frozen)
+  if restored is None:
+    raise FileNotFoundError(f"{ckpt.directory} has no training checkpoint to evaluate")
+  return merge_params(restored[1]["trainable"], frozen)
 
 
 def _report(name, results, log, models_only=False):

@@ -5,13 +5,14 @@ Thin on purpose: the work is in :mod:`cuma_jax.job` (a survey) and :mod:`cuma_ja
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from cuma_jax import api, job
+from cuma_jax import api, job, schema
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -45,5 +46,17 @@ def _silent(*_):
   pass
 
 
+def parse_flags(argv):
+  """absl's parser, after refusing an unknown ``--config.KEY`` in one line (ml_collections
+  raises a bare ``AttributeError`` naming only its last part)."""
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      problem = schema.unknown_key(arg[len("--config.") :].split("=")[0])
+      if problem:
+        sys.stderr.write(f"FATAL Flags parsing error: {arg}: {problem}\n")
+        sys.exit(1)
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

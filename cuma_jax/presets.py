@@ -104,7 +104,7 @@ def demo() -> ml_collections.ConfigDict:
       "tiny_backbone.warmup": "profile_reading",
       # Half of the warm-up's examples are profile questions: 300 steps of them alone brought
       # held-out profile questions from chance (0.18) to 0.30 only (docs/data.md).
-      "tiny_backbone.warmup_steps": 600,
+      "tiny_backbone.warmup_steps": 400,
       "data.dataset": "synthetic",
       "data.max_length": 176,  # the survey's longest example with its profile has 172 tokens
       "data.batch_size": 32,
@@ -116,8 +116,8 @@ def demo() -> ml_collections.ConfigDict:
       "optim.learning_rate": 3e-3,
       "optim.schedule": "cosine",
       "optim.warmup_steps": 10,
-      "train.num_steps": 600,
-      "train.checkpoint_every": 300,
+      "train.num_steps": 500,
+      "train.checkpoint_every": 250,
       "train.keep_checkpoints": 2,
       "eval.batch_size": 128,
       "eval.splits": ("test", "zero_shot"),
@@ -165,6 +165,8 @@ def preference_demo() -> ml_collections.ConfigDict:
   The tiny backbone is warmed up under shuffled profiles, so the base model prefers the
   population's replies whoever asks; the profile reaches CuMA's routers through the n-gram
   encoder fitted to the training preferences, and the prompt as text (both methods).
+  GRPO is rewarded by the rule judge that also scores the win-rate, so the headline is CA
+  accuracy (docs/preference.md#synthetic-preferences).
   """
   return apply_overrides(
     schema.defaults(),
@@ -267,6 +269,10 @@ def _preference_scale(dataset: str, released: bool, stages=("sft", "dpo")) -> Ca
     if released:
       overrides["optim.horizon_steps"] = 1000
       overrides["data.supervision"] = "released"  # the reply, <|im_end|> and "\n"
+      # The released chat SFT right-truncates the whole thread at 2048 tokens; its judge
+      # prompt has a header line and reads the templated prompt as the context.
+      overrides["preference.sft_truncation"] = "thread_end"
+      overrides["preference.eval.judge_prompt"] = "released"
       if community:  # soft gates over every expert, no balance loss
         overrides.update({"adapter.gate": "top_probs", "adapter.top_k": 8, "optim.lambda_aux": 0.0})
       else:
@@ -350,13 +356,18 @@ METHODS: dict[str, Overrides] = {
   "prefix": {"adapter.targets": (), "adapter.prefix_length": 32, "optim.learning_rate": 2e-5},
   "full": {"trainable": "all", "optim.learning_rate": 2e-5, "optim.b2": 0.95},
 }
+
+
+def scale_method(c: ml_collections.ConfigDict, method: str) -> Overrides:
+  """``method``'s recipe at the scale of ``c``, applied after its table: at the 8B preference
+  presets, LoRA takes the released preference scripts' rank and rate."""
+  if c.task == "preference" and c.model.architecture != schema.TINY and method == "lora":
+    return _preference_lora(c.data.dataset)
+  return {}
+
+
 # Keys a scale keeps against any method's table: the CPU scales' learning rate suits every
 # method on the tiny backbone (the methods' rates are for 8B backbones).
-# A method's recipe at a scale, applied after its table (the 8B preference presets' LoRA).
-SCALE_METHODS: dict[str, dict[str, Overrides]] = {
-  name: {"lora": _preference_lora("community_alignment" if name.startswith("ca_") else "prism")}
-  for name in _PREFERENCE_SCALES
-}
 SCALE_KEEPS: dict[str, tuple[str, ...]] = {
   "demo": ("optim.learning_rate",),
   "tiny": ("optim.learning_rate",),
@@ -401,7 +412,7 @@ def experiment_config(
   c = SCALES[preset]()
   kept = {key: _get(c, key) for key in SCALE_KEEPS.get(preset, ())}
   apply_overrides(c, METHODS[method])
-  apply_overrides(c, SCALE_METHODS.get(preset, {}).get(method, {}))
+  apply_overrides(c, scale_method(c, method))
   apply_overrides(c, kept)
   # A preference run's system turn is part of its data: the ablations' prompt switch stays off.
   skipped = schema.SURVEY_ONLY_KEYS if c.task == "preference" else ()
@@ -421,18 +432,23 @@ def experiment_config(
 def baseline_config(
   c: ml_collections.ConfigDict, method: str, *, backbone: str, data_dir: str
 ) -> ml_collections.ConfigDict:
-  """``method`` trained the same way as run ``c`` (``eval.baselines``): its data, backbone,
-  steps and optimiser, with the method's adapter; the method table's optimiser is not
-  applied (it is the recipe for an 8B backbone). ``eval.lora_baseline_rank`` and
-  ``eval.baseline_learning_rates`` give a baseline its own rank and rate."""
+  """``method`` trained beside run ``c`` (``eval.baselines``): its data, backbone and steps,
+  with the method's adapter. On the tiny CPU backbone it keeps the run's optimiser too (the
+  method table's is the recipe for an 8B backbone); at an 8B scale it takes the method's
+  whole recipe, as ``experiment_config(method, preset)`` does (LoRA: its rank and rate).
+  ``eval.lora_baseline_rank`` and ``eval.baseline_learning_rates`` give a baseline its own
+  rank and rate over either."""
   b = ml_collections.ConfigDict(c.to_dict())
-  apply_overrides(b, {k: v for k, v in METHODS[method].items() if not k.startswith("optim.")})
+  cpu_scale = c.model.architecture == schema.TINY
+  table = {**METHODS[method], **({} if cpu_scale else scale_method(c, method))}
+  apply_overrides(b, {k: v for k, v in table.items() if not (cpu_scale and k.startswith("optim."))})
   if method == "lora" and c.eval.lora_baseline_rank:
     rank = c.eval.lora_baseline_rank
-    b.adapter.alpha, b.adapter.rank = c.adapter.alpha * rank / c.adapter.rank, rank
-  b.optim.learning_rate = dict(c.eval.baseline_learning_rates).get(method, c.optim.learning_rate)
+    b.adapter.alpha, b.adapter.rank = b.adapter.alpha * rank / b.adapter.rank, rank
+  b.optim.learning_rate = dict(c.eval.baseline_learning_rates).get(method, b.optim.learning_rate)
   b.method, b.ablation = method, "none"
   b.model.checkpoint, b.data.data_dir = backbone, data_dir
+  b.adapter.init_from = ""  # the run's imported adapters are not the baseline's
   b.eval.update(baselines=(), lora_baseline_rank=0, baseline_learning_rates=())
   if b.task == "survey":
     b.eval.untrained = False  # the run evaluated the model it starts from

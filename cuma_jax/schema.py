@@ -16,6 +16,7 @@ the field's default, so new fields whose default keeps the old behaviour resume.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
 from typing import Any, ClassVar
@@ -24,12 +25,14 @@ import ml_collections
 
 from cuma_jax import fields
 from cuma_jax.data.ca_prompts import CA_MODES
+from cuma_jax.data.chat import SFT_TRUNCATIONS
 from cuma_jax.data.preference_sources import SPLIT_MODES
 from cuma_jax.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from cuma_jax.data.synthetic import SyntheticSurveyConfig
 from cuma_jax.data.synthetic_preference import SyntheticPreferenceConfig
 from cuma_jax.data.tokenize import END_OF_TURN, SUPERVISION
 from cuma_jax.encoders import ENCODER_KINDS, POOLING_MODES
+from cuma_jax.evaluation.judging import JUDGE_PROMPTS
 from cuma_jax.fields import FREE, STRUCTURAL, field
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.decoder import REMAT_POLICIES
@@ -272,6 +275,9 @@ class PreferenceEvalSection(Section):
   judge: str = field("local_lm", choices=("rule", "local_lm"), resume=FREE)
   judge_checkpoint: str = field("", resume=FREE)
   judge_demonstrations: int = field(3, low=0, resume=FREE)  # solved DPO-train pairs shown
+  # The judge's user turn: this project's, or the released evaluation's (its header line,
+  # and the templated prompt as the context); docs/evaluation.md#preference-alignment.
+  judge_prompt: str = field("project", choices=JUDGE_PROMPTS, resume=FREE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +291,8 @@ class PreferenceSection(Section):
   stages: tuple[str, ...] = field(("sft", "dpo"), choices=STAGES, resume=FREE)
   max_prompt_length: int = field(1024, low=1)
   max_completion_length: int = field(512, low=1)
+  # How a chat SFT row longer than data.max_length is cut (docs/preference.md#batches).
+  sft_truncation: str = field("prompt_start", choices=SFT_TRUNCATIONS)
   dpo: DpoSection = dataclasses.field(default_factory=DpoSection)
   grpo: GrpoSection = dataclasses.field(default_factory=GrpoSection)
   eval: PreferenceEvalSection = dataclasses.field(default_factory=PreferenceEvalSection)
@@ -379,6 +387,19 @@ def from_dict(values: dict, cls=Config, prefix: str = ""):
     for k, v in values.items()
   }
   return cls(**kwargs)
+
+
+def unknown_key(key: str) -> str | None:
+  """Why dotted ``key`` (e.g. from ``--config.KEY=VALUE``) is not a config key, naming the
+  closest ones; None when it is one."""
+  keys = _flat(as_dict(Config()))
+  if key in keys:
+    return None
+  close = (
+    difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    or sorted(k for k in keys if k.startswith(key.split(".")[0] + "."))[:3]
+  )
+  return f"config.{key} is not a config key" + (f"; the closest are {close}" if close else "")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -496,6 +517,11 @@ def _check_task(config: Config) -> None:
     raise ValueError(
       "config.preference.eval.judge='rule' judges the synthetic preference data only; use "
       "'local_lm' with preference.eval.judge_checkpoint"
+    )
+  if pe.judge == "rule" and pe.judge_prompt != "project":
+    raise ValueError(
+      f"config.preference.eval.judge_prompt={pe.judge_prompt!r} is a local LM judge's prompt; "
+      "the rule judge reads the conversation itself (judge_prompt='project')"
     )
   if config.preference.grpo.reference_reply == "population_mode" and (
     config.data.dataset != "synthetic_preference"

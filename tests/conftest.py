@@ -97,6 +97,10 @@ TINY_MODELS = {
     transformers.LlamaForCausalLM,
     dict(
       tie_word_embeddings=False,
+      # Weights 5x Hugging Face's default std: positions then matter (a decoder without RoPE
+      # is off by over 100x the parity tolerance) and so does every MLP (zeroing one moves
+      # the logits by more than their spread); test_decoder asserts both margins.
+      initializer_range=0.1,
       rope_theta=500000.0,
       rope_scaling={
         "rope_type": "llama3",
@@ -231,6 +235,7 @@ MAIN_JOB_FILES = (
   "test_registry.py",
   "test_sharding.py",
   "test_multihost.py",
+  "test_interop_job.py",
 )
 # Where the controlling process tells the test processes (xdist workers) about the run.
 _MAIN_JOB_ENV = "CUMA_TESTS_MAIN_JOB_DIR"

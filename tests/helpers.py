@@ -135,9 +135,12 @@ def divisible_qwen3(directory, tokenizer_dir, *, heads, kv_heads, hidden=32, mlp
   return str(directory)
 
 
-def train_on_survey(config, workdir, data, backbone, *, wrap=None, inputs=None, log=None):
+def train_on_survey(
+  config, workdir, data, backbone, *, wrap=None, inputs=None, log=None, edit=None
+):
   """``loop.train`` of ``config`` on the survey's training split from ``backbone``, as the
-  job trains (resuming a workdir's checkpoints the way it does); ``wrap`` wraps the dataset."""
+  job trains (resuming a workdir's checkpoints the way it does); ``wrap`` wraps the dataset,
+  ``edit`` maps the loaded parameters to those training starts from."""
   from cuma_jax import job, schema
   from cuma_jax.data.pipeline import make_dataset
   from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
@@ -149,7 +152,8 @@ def train_on_survey(config, workdir, data, backbone, *, wrap=None, inputs=None, 
     adapter=schema.adapter_config(config),
     rng=jax.random.PRNGKey(config.seed),
   )
-  params = jax.tree.map(np.asarray, params)  # A host copy: the step donates its inputs.
+  params = jax.tree.map(np.asarray, edit(params) if edit else params)  # A host copy: the
+  # step donates its inputs.
   dataset, tables = make_dataset(
     data.sources["train"],
     load_tokenizer(backbone),

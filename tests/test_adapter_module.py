@@ -239,6 +239,7 @@ def _group_oracle(params, x, z, adapter, outputs, router_of):
   return deltas
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("strategy", ["dense", "ragged"])
 @pytest.mark.parametrize("shared_a,share_router", [(True, True), (False, False), (False, True)])
 def test_adapter_group_matches_oracle(strategy, shared_a, share_router):

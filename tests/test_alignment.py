@@ -7,11 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import ml_collections
 import pytest
 
 from cuma_jax import alignment, presets, schema
+from cuma_jax.data.tokenize import render_prompt
+from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.training import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +62,7 @@ def test_preference_job_runs_every_stage_and_reports(preference_run):
   assert (workdir / "adapters").is_dir()
 
   results = json.load(open(workdir / "results.json"))
-  assert set(results) == {"base", "trained", "references", "baselines", "run"}
+  assert set(results) == {"base", "trained", "references", "baselines", "exports", "run"}
   assert "win_rate" not in results["base"]  # the base is what the others are judged against
   predictions = workdir / "predictions"
   for model, result in (("cuma", results["trained"]), ("lora", results["baselines"]["lora"])):
@@ -92,6 +95,38 @@ def test_eval_mode_restores_the_last_stage(preference_run):
   assert second["base"] == first["base"]
 
 
+def test_each_model_samples_its_replies_with_its_own_key(preference_run):
+  _, workdir = preference_run
+  config = presets.experiment_config("cuma", "preference_tiny")
+  aligned = alignment.prepare(config, str(workdir), log=lambda *_: None)
+  ev = alignment.evaluation_set(aligned, log=lambda *_: None)
+  base = aligned.base()
+  # The base's own weights under another name: sampled with the base's key, it would repeat
+  # every base reply token for token (all ties, so a win-rate of 0 that measures nothing).
+  twin = evaluation.Model("twin", base.module, base.params)
+  replies = alignment._replies(aligned, twin, ev.cases)
+  assert replies != ev.base_replies
+  assert replies == alignment._replies(aligned, twin, ev.cases)  # seeded
+  assert alignment._replies(aligned, base, ev.cases) == ev.base_replies  # sampled once
+
+
+@pytest.mark.parametrize("judge_prompt", ["project", "released"])
+def test_the_judge_reads_the_context_its_prompt_asks_for(chat_tokenizer, judge_prompt):
+  tokenizer = chat_tokenizer("qwen3")
+  config = _preference(**{"preference.eval.judge_prompt": judge_prompt})
+  aligned = types.SimpleNamespace(config=config, tokenizer=tokenizer)
+  messages = [
+    {"role": "system", "content": "User Profile: Country: Peru"},
+    {"role": "user", "content": "Hi?"},
+  ]
+  context = alignment.Aligned.context(aligned, messages)
+  if judge_prompt == "released":  # the templated prompt, as the released DPO prompt column
+    assert context == render_prompt(tokenizer, messages)
+    assert context.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+  else:
+    assert context == "user: Hi?"
+
+
 def _preference(**overrides):
   c = presets.SCALES["preference_tiny"]()
   presets.apply_overrides(c, overrides)
@@ -120,6 +155,7 @@ def _preference(**overrides):
       },
       "fitted_ngrams' fits to answers",
     ),
+    ({"preference.eval.judge_prompt": "released"}, "judge_prompt='released' is a local LM"),
     ({"preference.stages": ("dpo", "sft")}, "in the order ('sft', 'dpo', 'grpo')"),
     ({"preference.stages": ("sft", "sft")}, "distinct stages"),
     ({"eval.splits": ("zero_shot",)}, "config.eval.splits=('zero_shot',) is not read"),

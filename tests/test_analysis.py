@@ -4,11 +4,14 @@ per latent culture, on the session's run of the main job (`tiny` preset)."""
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import cuma_jax
 from cuma_jax import job, presets, schema
+from cuma_jax.evaluation.predict import NonFiniteLogits
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,19 @@ def test_restore_reproduces_the_jobs_printed_metrics(trained):
   ]
 
 
+def test_evaluation_refuses_non_finite_logits_naming_the_split(trained):
+  # Before, mode=eval on a workdir whose parameters held NaN scored an argmax over NaN.
+  _, experiment = trained
+  params = experiment.params
+  try:
+    experiment.params = jax.tree.map(lambda x: x * jnp.nan, params)
+    rows = len(experiment.data.sources["test"])
+    with pytest.raises(NonFiniteLogits, match=rf"{rows} of {rows} examples of split 'test'"):
+      experiment.evaluate("test")
+  finally:
+    experiment.params = params
+
+
 def test_results_record_what_reproduces_the_run(trained):
   import flax
   import jax
@@ -47,10 +63,12 @@ def test_results_record_what_reproduces_the_run(trained):
   workdir, _ = trained
   with open(os.path.join(workdir, "results.json")) as f:
     run = json.load(f)["run"]
-  # The recorded config rebuilds exactly the config that ran (the main job's 3 steps).
+  # The recorded config rebuilds exactly the config that ran (the main job's 3 steps, with
+  # the LoRA baseline).
   config = presets.experiment_config("cuma", "tiny")
   config.unlock()
   config.train.num_steps = 3
+  config.eval.baselines = ("lora",)
   assert schema.from_dict(run["config"]) == schema.validate(config)
   assert run["seed"] == config.seed
   modules = (jax, jaxlib, flax, optax, orbax.checkpoint, transformers, numpy)

@@ -1,6 +1,8 @@
 """TFDS builders (array_record, no TensorFlow): the synthetic survey and WorldValuesBench."""
 
 import json
+import os
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -8,6 +10,7 @@ import textwrap
 from helpers import edit_lines
 import ml_collections
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from cuma_jax.data import builders
@@ -81,6 +84,34 @@ def test_prepared_data_are_keyed_by_the_manual_directory_contents(tmp_path):
     for r in changed.as_data_source()["train"]
   }
   assert answers[(156070001, "Q1")] == 3
+
+
+def test_an_interrupted_preparation_is_cleaned_up_by_the_next(tmp_path):
+  # TFDS prepares into <config>/incomplete.<random>_<version>/ and renames it when done; a
+  # killed preparation left that folder (with its shards) behind for good.
+  root = write_wvb_fixture(tmp_path / "manual")
+  data = ml_collections.ConfigDict(dict(dataset="wvb", builder_config="full", manual_dir=str(root)))
+  builder = builders.prepared_builder(data, str(tmp_path / "tfds"), lambda *_: None)
+  left = Path(builder.data_dir).parent / "incomplete.abc123_1.0.0"
+  (left / "shard").mkdir(parents=True)
+  os.utime(left, (0, 0))
+  logs = []
+  again = builders.prepared_builder(data, str(tmp_path / "tfds"), logs.append)
+  assert not left.exists() and logs[-1] == (
+    f"removed {left}, left by an interrupted preparation of this dataset"
+  )
+  assert again.data_dir == builder.data_dir and len(again.as_data_source()["train"]) > 0
+
+
+def test_splits_sharing_a_participant_are_refused_before_anything_is_written(tmp_path):
+  root = write_wvb_fixture(tmp_path / "manual")
+  _, test_values = split_files(root, "test")
+  edit_lines(test_values, lambda lines: lines.insert(2, "818070002\t1\t1\t1\t1"))
+  data = ml_collections.ConfigDict(dict(dataset="wvb", builder_config="full", manual_dir=str(root)))
+  with pytest.raises(ValueError, match=r"shares 1 participants .*818070002"):
+    builders.prepared_builder(data, str(tmp_path / "tfds"), lambda *_: None)
+  written = [p.name for p in (tmp_path / "tfds").rglob("*") if p.is_file()]
+  assert not [n for n in written if "array_record" in n or n == "dataset_info.json"], written
 
 
 def _key(example):

@@ -151,6 +151,40 @@ def test_sft_truncation_keeps_the_prompt_end_and_the_reply_start(chat_tokenizer)
   assert row["truncated_tokens"] == len(prompt) - 20
 
 
+def test_released_sft_truncation_cuts_the_whole_thread_at_its_end(chat_tokenizer):
+  # The released chat SFT tokenises the whole thread and right-truncates it at max_length: a
+  # long thread keeps its prompt's start and loses its reply's end, or all of the reply.
+  tokenizer = chat_tokenizer("qwen3")
+  long_user = " ".join(["Tell me about the weather and the family dinner."] * 6)
+  messages = [
+    THREAD[0],
+    {"role": "user", "content": long_user},
+    {"role": "assistant", "content": " ".join(["Rest at home with a book."] * 4)},
+  ]
+  prompt, completion = _split(tokenizer, "qwen3", messages)
+  record = [_record("c", PROFILES[0], messages)]
+  length = len(prompt) + 5  # room for the prompt and 5 reply tokens
+  lengths = chat.Lengths(max_length=length, max_prompt=20, max_completion=len(completion))
+  batch = _one_batch("sft", record, tokenizer, lengths, truncation="thread_end")
+  row = {k: v[0] for k, v in batch.items()}
+  _check_row(row, prompt, completion[:5], length)
+  assert row["truncated_tokens"] == len(completion) - 5
+
+  # A prompt longer than max_length: its first tokens, and nothing is supervised.
+  lengths = chat.Lengths(max_length=30, max_prompt=20, max_completion=7)
+  row = {
+    k: v[0]
+    for k, v in _one_batch("sft", record, tokenizer, lengths, truncation="thread_end").items()
+  }
+  np.testing.assert_array_equal(row["input_ids"], prompt[:30])
+  assert row["loss_mask"].sum() == 0
+  assert row["truncated_tokens"] == len(prompt) - 30 + len(completion)
+  with pytest.raises(ValueError, match="truncation='end'; allowed"):
+    _one_batch("sft", record, tokenizer, lengths, truncation="end")
+  with pytest.raises(ValueError, match="kind='sft' only"):
+    _one_batch("dpo", DPO, tokenizer, truncation="thread_end")
+
+
 def test_lengths_refuse_a_completion_that_leaves_no_room_for_the_prompt():
   """With max_completion >= max_length a full completion leaves no prompt token (the
   generation header would be lost); Lengths promises that a prompt and a completion fit."""

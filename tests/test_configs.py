@@ -159,6 +159,19 @@ def test_the_demos_baselines_get_cumas_parameter_budget_and_their_own_rate():
     )
 
 
+@pytest.mark.parametrize("preset", ["ca_qwen3_8b", "prism_qwen3_8b_released", "qwen3_8b_r8"])
+def test_a_baseline_at_an_8b_scale_takes_its_methods_recipe(preset):
+  # LoRA beside an 8B CuMA run is LoRA's recipe at that scale (CA: rank 64; the rate, its
+  # schedule and betas), not CuMA's rank and rate.
+  run = presets.experiment_config("cuma", preset)
+  baseline = presets.baseline_config(run, "lora", backbone="/backbone", data_dir="/tfds")
+  lora = presets.experiment_config("lora", preset)
+  assert baseline.adapter == lora.adapter and baseline.optim == lora.optim
+  assert baseline.adapter.rank == (64 if preset == "ca_qwen3_8b" else 8)
+  assert baseline.optim.learning_rate == 2e-5
+  assert baseline.data.dataset == run.data.dataset and baseline.train == run.train
+
+
 def test_overrides_are_set_last_validated_and_refused_when_unknown():
   config = presets.experiment_config("cuma", "tiny", overrides={"train.num_steps": 7})
   assert config.train.num_steps == 7 and config.adapter.num_experts == 4
@@ -166,3 +179,14 @@ def test_overrides_are_set_last_validated_and_refused_when_unknown():
     presets.experiment_config("cuma", "tiny", overrides={"train.steps": 7})
   with pytest.raises(ValueError, match="top_k"):
     presets.experiment_config("cuma", "tiny", overrides={"adapter.top_k": 9})
+
+
+@pytest.mark.parametrize("dataset", ["ca", "prism"])
+def test_released_preference_presets_truncate_and_judge_as_the_release(dataset):
+  released = presets.experiment_config("cuma", f"{dataset}_qwen3_8b_released")
+  assert released.preference.sft_truncation == "thread_end"  # the thread cut at 2048
+  assert released.data.max_length == 2048
+  assert released.preference.eval.judge_prompt == "released"
+  paper = presets.experiment_config("cuma", f"{dataset}_qwen3_8b")
+  assert paper.preference.sft_truncation == "prompt_start"
+  assert paper.preference.eval.judge_prompt == "project"

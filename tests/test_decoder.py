@@ -3,6 +3,8 @@ decoder against the frozen one and against LoRA written out, and full-size archi
 traced with jax.eval_shape against Hugging Face parameter counts."""
 
 import os
+import subprocess
+import sys
 
 from flax import traverse_util
 import flax.linen as nn
@@ -22,6 +24,7 @@ from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import abstract_params, build_decoder, load_pretrained
 
 CONFIGS = os.path.join(os.path.dirname(cuma_jax.__file__), "architectures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _batch(vocab, seed=0):
@@ -37,6 +40,13 @@ def _torch_logits(model, ids, mask):
 # ----------------------------------------------------------------------------- parity
 
 
+PARITY_ATOL = 1e-4  # float32 logits against PyTorch's
+# bf16 weights and activations against the same model in float32: the largest logit error,
+# as a fraction of the float32 logits' standard deviation over the batch.
+BF16_SPREAD_FRACTION = 0.1
+
+
+@pytest.mark.device
 @pytest.mark.parametrize("name", ["qwen3", "qwen3_tied", "llama3", "llama_tied_bias"])
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_logits_match_pytorch(tiny_checkpoint, pretrained, name, scan_layers):
@@ -48,7 +58,22 @@ def test_logits_match_pytorch(tiny_checkpoint, pretrained, name, scan_layers):
   assert logits.dtype == jnp.float32
   expected = _torch_logits(torch_model, ids, mask)
   valid = mask.astype(bool)
-  np.testing.assert_allclose(np.asarray(logits)[valid], expected[valid], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(logits)[valid], expected[valid], atol=PARITY_ATOL, rtol=0)
+
+
+def test_llama_fixture_depends_on_positions_far_beyond_the_tolerance(tiny_checkpoint):
+  """The parity test above catches a decoder without RoPE only if the fixture's logits depend
+  on positions: PyTorch's own model with rotary embeddings switched off moves them by at
+  least 100 times the parity tolerance."""
+  _, torch_model = tiny_checkpoint("llama3")
+  ids, mask = _batch(torch_model.config.vocab_size)
+  valid = mask.astype(bool)
+  expected = _torch_logits(torch_model, ids, mask)
+  llama = transformers.models.llama.modeling_llama
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(llama, "apply_rotary_pos_emb", lambda q, k, *args, **kwargs: (q, k))
+    without_rope = _torch_logits(torch_model, ids, mask)
+  assert np.abs(without_rope[valid] - expected[valid]).max() >= 100 * PARITY_ATOL
 
 
 def test_remat_and_scan_give_identical_logits(tiny_checkpoint, pretrained):
@@ -62,16 +87,36 @@ def test_remat_and_scan_give_identical_logits(tiny_checkpoint, pretrained):
   np.testing.assert_allclose(outs[2], outs[0], atol=1e-6, rtol=0)
 
 
-def test_bf16_compute_close_to_float32_pytorch(tiny_checkpoint, pretrained):
-  """bf16 weights and activations (fp32 norms/softmax): tolerance 5e-2 on logits of O(1)."""
+def _zero_one_mlp(params):
+  """``params`` with the second layer's MLP output projection zeroed (that MLP removed)."""
+  flat = traverse_util.flatten_dict(params)
+  path = ("layers_1", "mlp", "down_proj", "kernel")
+  flat[path] = jnp.zeros_like(flat[path])
+  return traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.device
+def test_bf16_compute_close_to_float32(tiny_checkpoint, pretrained):
+  """bf16 weights and activations (fp32 norms/softmax) against the float32 decoder (itself
+  checked against PyTorch above), at a tolerance that scales with the logits' spread: tight
+  enough that a model missing one MLP fails by a wide margin."""
   _, torch_model = tiny_checkpoint("llama3")
   ids, mask = _batch(torch_model.config.vocab_size, seed=2)
+  valid = mask.astype(bool)
   module, params = pretrained("llama3", dtype=jnp.bfloat16)
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
-  logits = module.apply({"params": params}, ids, attention_mask=mask)
-  expected = _torch_logits(torch_model, ids, mask)
-  valid = mask.astype(bool)
-  np.testing.assert_allclose(np.asarray(logits)[valid], expected[valid], atol=5e-2, rtol=0)
+  reference_module, reference_params = pretrained("llama3")
+  reference = reference_module.apply({"params": reference_params}, ids, attention_mask=mask)
+  expected = np.asarray(reference)[valid]
+  tolerance = BF16_SPREAD_FRACTION * expected.std()
+
+  def error(p):
+    logits = np.asarray(module.apply({"params": p}, ids, attention_mask=mask), np.float32)
+    return np.abs(logits[valid] - expected).max()
+
+  assert error(params) <= tolerance
+  # The margin: without its last MLP the bf16 model is off by several tolerances.
+  assert error(_zero_one_mlp(params)) >= 5 * tolerance
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -90,6 +135,38 @@ def test_hidden_states_variant_matches_automodel(tiny_checkpoint, tmp_path, scan
       ).last_hidden_state.numpy()
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(hidden)[valid], expected[valid], atol=1e-4, rtol=0)
+
+
+# The parity tests, run again at XLA's default optimisation level: the suite compiles with
+# XLA:CPU's costly passes off (conftest.FAST_COMPILE), and a fault that only the optimised
+# program has (a fusion, a reassociated reduction) would pass there.
+# One of each (unscanned: scanning repeats the same layer body), to keep the suite fast.
+DEFAULT_LEVEL_TESTS = (
+  *(
+    f"tests/test_decoder.py::test_logits_match_pytorch[False-{name}]"
+    for name in ("qwen3", "qwen3_tied", "llama3", "llama_tied_bias")
+  ),
+  "tests/test_decoder.py::test_bf16_compute_close_to_float32",
+  *(
+    f"tests/test_adapter_module.py::test_adapter_group_matches_oracle[False-False-{strategy}]"
+    for strategy in ("dense", "ragged")
+  ),
+)
+
+
+def test_parity_holds_at_xla_default_optimisation_level():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider"]
+    + ["-W", "ignore", *DEFAULT_LEVEL_TESTS],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+  assert f"{len(DEFAULT_LEVEL_TESTS)} passed" in proc.stdout.splitlines()[-1], proc.stdout[-1000:]
 
 
 # ----------------------------------------------------------------------------- adapted decoder

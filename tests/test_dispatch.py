@@ -59,6 +59,7 @@ def _jit(fn):
   return jax.jit(fn, compiler_options=FAST_COMPILE)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("shared_a", [True, False], ids=["shared_a", "expert_a"])
 @pytest.mark.parametrize("num_experts,top_k", [(1, 1), (4, 1), (4, 2), (6, 3)])
 def test_every_strategy_matches_einsum_oracle(num_experts, top_k, shared_a):

@@ -28,6 +28,7 @@ def _prompts(vocab, seed=0, padding="left"):
   return ids, mask
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("name", ["qwen3", "llama3"])
 def test_greedy_equals_hugging_face_generate_left_padded(tiny_checkpoint, name):
   directory, torch_model = tiny_checkpoint(name)
@@ -66,6 +67,7 @@ def _randomize(params, seed):
   return jax.tree_util.tree_map_with_path(visit, params)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize(
   "adapter",
   [

@@ -2,7 +2,10 @@
 directory named, and a workdir refused to another config or backbone without losing results."""
 
 import glob
+import hashlib
+import json
 import os
+import shutil
 
 from helpers import other_backbone, tiny_config
 import pytest
@@ -53,3 +56,40 @@ def test_resume_or_eval_on_another_backbone_is_refused_and_keeps_the_results(mai
       job.run(config, str(workdir), log=lambda *_: None)
   assert (workdir / "results.json").read_bytes() == results
   assert sorted(os.listdir(workdir / "train" / "checkpoints")) == steps
+
+
+def _sha256(path):
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_eval_repairs_the_exports_and_merges_into_the_results(main_job, tmp_path):
+  _, main = main_job
+  workdir = tmp_path / "run"
+  shutil.copytree(main, workdir)
+  exports = {
+    "trained": workdir / "adapters" / "adapters.safetensors",
+    "lora": workdir / "baselines" / "lora" / "adapters" / "adapters.safetensors",
+  }
+  originals = {name: path.read_bytes() for name, path in exports.items()}
+  before = json.loads((workdir / "results.json").read_text())
+  assert before["exports"]["adapters/adapters.safetensors"] == _sha256(exports["trained"])
+  for path in exports.values():
+    os.truncate(path, 100)  # was kept as it is, the run exiting 0
+  before["references"] = {"kept": 1}  # something this evaluation does not compute
+  (workdir / "results.json").write_text(json.dumps(before))
+
+  logs = []
+  config = tiny_config(mode="eval", **{"train.num_steps": 3})
+  job.run(config, str(workdir), log=logs.append)
+  for name, path in exports.items():
+    assert path.read_bytes() == originals[name]  # rewritten from the checkpoint, exactly
+    assert any(f"{path} is not the checkpoint's export" in m for m in logs)
+  # Evaluated without baselines: it updates what it evaluated and keeps the rest.
+  job.run(tiny_config(mode="eval", **{"train.num_steps": 3, "eval.baselines": ()}), str(workdir))
+  after = json.loads((workdir / "results.json").read_text())
+  assert after["baselines"] == before["baselines"] and after["references"] == {"kept": 1}
+  assert after["trained"] == before["trained"] and after["run"] == before["run"]
+  assert after["eval_run"]["config"]["mode"] == "eval"
+  assert after["exports"]["adapters/adapters.safetensors"] == _sha256(exports["trained"])
+  lora = json.loads((workdir / "baselines" / "lora" / "results.json").read_text())
+  assert lora["exports"]["adapters/adapters.safetensors"] == _sha256(exports["lora"])

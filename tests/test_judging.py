@@ -73,6 +73,24 @@ def test_judge_prompt_has_the_demonstrations_then_the_case():
   assert "culturally aware judge" in judging.JUDGE_SYSTEM_PROMPT
 
 
+def test_released_judge_prompt_is_the_release_s_text():
+  # The released evaluate_dpo.py's format_judge_prompt, written out: a header line, each
+  # demonstration closed by a blank line, then "---" and the case.
+  demo = judging.Case("Egypt, 30", "<|im_start|>user\nHi<|im_end|>\n", "chosen", "rejected")
+  case = judging.Case("Peru, 60", "<|im_start|>user\nHello<|im_end|>\n", "one", "two")
+  expected = (
+    "Here are some examples of preferences for different users:\n\n"
+    "Example 1:\nProfile: Egypt, 30\nContext: <|im_start|>user\nHi<|im_end|>\n\n"
+    "Response A: chosen\nResponse B: rejected\nVerdict: [[A]]\n\n"
+    "---\n\nNow, please evaluate the following case:\n"
+    "Profile: Peru, 60\nContext: <|im_start|>user\nHello<|im_end|>\n\n"
+    "Response A: one\nResponse B: two\n\n"
+    "Which response is better? Output [[A]], [[B]], or [[Tie]]."
+  )
+  assert judging.released_judge_user_prompt(case, [demo]) == expected
+  assert judging.USER_PROMPTS["released"] is judging.released_judge_user_prompt
+
+
 def test_grpo_reward_prompt_shows_the_reference_first():
   case = judging.Case("Country: Peru", "user: Hi?", "I cannot answer.", "Hello!")
   assert judging.reward_user_prompt(case, [case]) == (
@@ -85,3 +103,40 @@ def test_grpo_reward_prompt_shows_the_reference_first():
   assert messages[1]["content"].endswith(
     "Which response is better for this user? Output [[A]], [[B]], or [[Tie]]."
   )
+
+
+@pytest.mark.parametrize(
+  "text, reward",
+  [
+    ("[[B]]", 1.0),
+    ("[[A]] ... no, [[B]]", 1.0),  # [[B]] is looked for first, anywhere
+    ("[[Tie]] or [[B]]", 1.0),
+    ("[[Tie]]", 0.5),
+    ("[[A]]", 0.0),
+    ("Response B is better.", 0.0),  # unparsable: 0 (the win-rate calls it a tie)
+    ("", 0.0),
+  ],
+)
+def test_grpo_reward_reads_the_output_as_the_release_does(text, reward):
+  assert judging.reward_from_output(text) == reward
+
+
+class _Writer:
+  """A judge that writes the given outputs (as a local LM judge does)."""
+
+  def __init__(self, texts):
+    self.texts = texts
+
+  def outputs(self, cases):
+    return self.texts[: len(cases)]
+
+  def __call__(self, cases):
+    return [judging.parse_verdict(t) for t in self.outputs(cases)]
+
+
+def test_grpo_rewards_of_a_writing_judge_come_from_its_outputs():
+  case = judging.Case("p", "c", "reference", "candidate")
+  texts = ["no verdict", "[[A]] then [[B]]", "[[Tie]]", "[[A]]"]
+  assert judging.rewards(_Writer(texts), [case] * 4) == [0.0, 1.0, 0.5, 0.0]
+  # A judge without outputs (the rule judge) is read by its verdicts.
+  assert judging.rewards(lambda cases: ["B", "tie", "A"], [case] * 3) == [1.0, 0.5, 0.0]

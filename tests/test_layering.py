@@ -14,9 +14,9 @@ LAYERS = (
   ("training", "encoders", "generation"),
   ("evaluation", "schema", "presets"),
   ("tiny",),
-  ("job", "analysis", "figures"),
+  ("job", "analysis", "figures", "interop"),
   ("api", "alignment"),
-  ("main", "param_count", "plan"),
+  ("main", "param_count", "plan", "export"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -9,6 +9,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 from cuma_jax.training import checkpointing
 
@@ -45,3 +46,17 @@ def test_main_job_runs_end_to_end_on_tiny(main_job):
   assert [json.loads(l)["step"] for l in open(lora / "train" / "metrics.jsonl")] == [1, 2, 3]
   assert not (lora / "tfds").exists() and not (lora / "assets").exists()  # shared, not rebuilt
   assert (workdir / "LOCK").read_text() == ""  # Released.
+
+
+def test_an_unknown_config_key_is_named_with_the_closest(capsys):
+  from cuma_jax import main
+
+  for arg, closest in (
+    ("--config.nope=1", "['mode']"),
+    ("--config.optim.learning_rat=1", "['optim.learning_rate'"),
+  ):
+    with pytest.raises(SystemExit, match="1"):
+      main.parse_flags(["main", "--config=configs/cuma.py:tiny", arg])
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{arg}: config.{arg[9:].split('=')[0]} is not a" in error
+    assert f"the closest are {closest}" in error

@@ -6,6 +6,7 @@ import collections
 import json
 
 from conftest import TINY, TINY_MODELS
+import jax
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ from cuma_jax.data import ca_prompts
 from cuma_jax.data import synthetic_preference as sp
 from cuma_jax.evaluation import judging
 from cuma_jax.evaluation import preference as evaluation
+from cuma_jax.evaluation.predict import NonFiniteLogits
 from cuma_jax.models.pretrained import load_pretrained
 
 # ----------------------------------------------------------------------------- CA accuracy
@@ -87,6 +89,15 @@ def test_ca_accuracy_reads_each_row_s_last_prompt_token(ca_model):
     "rows": 5,
     "truncated_prompts": 0,
   }
+
+
+def test_ca_accuracy_refuses_non_finite_logits(ca_model):
+  # Before, an argmax over NaN scores gave a normal-looking accuracy.
+  directory, tokenizer, _ = ca_model
+  module, params = load_pretrained(directory)
+  params = jax.tree.map(lambda x: x * np.nan, params)
+  with pytest.raises(NonFiniteLogits, match=r"5 of 5 examples of split 'ca_eval' scored by m"):
+    evaluation.ca_accuracy(evaluation.Model("m", module, params), tokenizer, CA_ROWS, batch_size=2)
 
 
 # ----------------------------------------------------------------------------- rule judge

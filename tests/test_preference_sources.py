@@ -5,6 +5,7 @@ from collections import Counter
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -468,7 +469,14 @@ def test_reference_split_prism():
   assert ids(got["dpo_train"]) == [
     dpo[i]["id"] for i in dpo_train_idx if dpo[i]["conversation_id"] in kept
   ]
-  assert ids(got["dpo_test"]) == [dpo[i]["id"] for i in dpo_test_idx]
+  test_conversations = {sft[i]["conversation_id"] for i in sft_test_idx}
+  assert ids(got["dpo_test"]) == [
+    dpo[i]["id"] for i in dpo_test_idx if dpo[i]["conversation_id"] in test_conversations
+  ]
+  # The released processing filters PRISM's DPO-test to the SFT-test conversations too:
+  # without it, pairs of training conversations leak into the test split.
+  assert {r["conversation_id"] for r in got["dpo_test"]} <= test_conversations
+  assert len(got["dpo_test"]) < len(dpo_test_idx)
 
 
 def test_reference_split_on_the_fixture(fixture_records):
@@ -523,6 +531,25 @@ def test_conversation_split_on_the_fixture(fixture_records):
   assert ids(got["ca_eval"]) == [r["id"] for r in ca["ca"] if r["conversation_id"] == test]
   assert len(got["sft_train"]) + len(got["sft_test"]) == 5
   assert len(got["dpo_train"]) + len(got["dpo_test"]) == 14
+
+
+def test_repeated_ids_are_named_and_shared_ones_refused(roots, caplog):
+  # The fixture repeats a CA conversation id: the first row is kept, the repeat named.
+  read_all(roots["jsonl"])
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert any(
+    re.fullmatch(
+      r"community_alignment row (\d+): conversation id '[\w-]+' repeats row (\d+); the "
+      r"first row is kept, this one skipped",
+      m,
+    )
+    for m in warnings
+  ), warnings
+  # Rows repeated in the input would straddle a row-level split: refused, naming the ids.
+  records = generated(200, ps.PRISM, ca=False)
+  records["sft"] = records["sft"] * 2
+  with pytest.raises(ValueError, match=r"reference split: \d+ ids are in both sft_train and "):
+    ps.split_records(records, ps.PRISM, "reference")
 
 
 def test_bad_mode_and_source():

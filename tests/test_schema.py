@@ -61,6 +61,39 @@ def test_every_numeric_field_refuses_a_value_out_of_range(key, spec, kind):
     schema.validate(c)
 
 
+def _float_fields(cls=schema.Config, prefix=""):
+  """Dotted key of every float (or tuple-of-float) field, nested sections included."""
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    if not f.metadata.get("config", True):
+      continue
+    if dataclasses.is_dataclass(hints[f.name]):
+      yield from _float_fields(hints[f.name], f"{prefix}{f.name}.")
+    elif "float" in str(hints[f.name]):
+      yield f"{prefix}{f.name}", "tuple" in str(hints[f.name])
+
+
+FLOATS = list(_float_fields())
+
+
+@pytest.mark.parametrize("key, is_tuple", FLOATS, ids=[k for k, _ in FLOATS])
+def test_every_float_field_refuses_non_finite_values(key, is_tuple):
+  # optim.learning_rate=inf passed validation, then trained parameters to NaN.
+  for bad in (float("inf"), float("-inf"), float("nan")):
+    c = _tiny()
+    _set(c, key, (bad,) if is_tuple else bad)
+    with pytest.raises(ValueError, match=rf"config\.{key}=.*must be .*finite"):
+      schema.validate(c)
+
+
+def test_an_unknown_key_is_named_with_the_closest():
+  assert schema.unknown_key("optim.learning_rate") is None
+  assert schema.unknown_key("optim.learning_rat") == (
+    "config.optim.learning_rat is not a config key; the closest are "
+    "['optim.learning_rate', 'preference.dpo.learning_rate', 'preference.grpo.learning_rate']"
+  )
+
+
 @pytest.mark.parametrize(
   "key, value",
   [

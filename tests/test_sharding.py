@@ -142,9 +142,9 @@ def test_sharded_load_places_each_shard_as_the_preset_says(assets):
     np.testing.assert_array_equal(np.asarray(array), np.asarray(whole[path]), err_msg=path)
 
 
-def _train_one_step(config, assets, workdir):
+def _train_one_step(config, assets, workdir, edit=None):
   data, backbone = assets
-  return train_on_survey(config, workdir, data, backbone)
+  return train_on_survey(config, workdir, data, backbone, edit=edit)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,50 @@ def test_a_training_step_on_a_mesh_equals_one_device(
     )
   # The step changed the adapters (LoRA B starts at zero).
   assert any(np.abs(np.asarray(v)).max() > 0 for p, v in got.items() if p.endswith("lora/b"))
+
+
+# The routers' last bias, per expert: a margin of ROUTER_GAP between the second and third
+# expert's logits, far beyond what the hidden states add, so that top-2 is decided (no near
+# tie a sharded sum's rounding could flip). Router i ranks the experts rolled by i.
+ROUTER_GAP = 50.0
+
+
+def _separated_routers(params, gap=ROUTER_GAP):
+  """``params`` whose router i prefers experts i and i + 1 (mod 4) by ``gap``."""
+  offsets = np.array([0.0, -1.0, -gap, -gap - 1.0], np.float32)
+  flat = _flat(params)
+  routers = sorted(p for p in flat if p.endswith("_router/layer1_bias"))
+  for i, path in enumerate(routers):
+    flat[path] = flat[path] + np.roll(offsets, i).astype(flat[path].dtype)
+  return traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()})
+
+
+def test_a_top_2_training_step_on_a_mesh_equals_one_device(assets, tmp_path):
+  """Sparse routing (top-2 of 4 experts) on a mesh: its routers' logits separated at init,
+  the step equals one device's, and only the two experts each router picks are trained."""
+  results = [
+    _train_one_step(
+      _config(preset, shape, **{"adapter.top_k": 2}),
+      assets,
+      tmp_path / preset,
+      edit=_separated_routers,
+    )
+    for preset, shape in (ONE_DEVICE, MESHES[2])
+  ]
+  np.testing.assert_allclose(results[1].losses, results[0].losses, rtol=0, atol=1e-5)
+  expected, got = _flat(results[0].trainable), _flat(results[1].trainable)
+  for path, value in got.items():
+    np.testing.assert_allclose(
+      np.asarray(value), np.asarray(expected[path]), atol=1e-5, err_msg=path
+    )
+  # Routing decided: each projection's B moved for its router's two experts only.
+  routers = sorted(p for p in got if p.endswith("_router/layer1_bias"))
+  for i, router in enumerate(routers):
+    b = np.asarray(got[router.replace("_router/layer1_bias", "_lora/b")])  # [layers, N, r, out]
+    moved = np.abs(b).reshape(*b.shape[:2], -1).max(-1) > 0
+    np.testing.assert_array_equal(
+      moved, np.isin(np.arange(4), [i % 4, (i + 1) % 4])[None].repeat(len(b), 0), err_msg=router
+    )
 
 
 def test_checkpoint_saved_on_one_mesh_restores_onto_another(assets, tmp_path):

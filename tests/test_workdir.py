@@ -1,7 +1,10 @@
 """One writer per workdir, files never seen half-written, content fingerprints."""
 
+import errno
+import fcntl
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,7 +13,12 @@ import ml_collections
 import pytest
 
 from cuma_jax import fingerprint, job, presets
-from cuma_jax.training.workdir import WorkdirBusy, WorkdirLock, write_atomically
+from cuma_jax.training.workdir import (
+  WorkdirBusy,
+  WorkdirLock,
+  WorkdirUnusable,
+  write_atomically,
+)
 
 # Another process that takes a workdir's lock and holds it until killed.
 _HOLDER = """
@@ -55,6 +63,31 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_recovered(tmp_path, mo
   assert len(logs) == 1  # A clean exit leaves nothing to recover.
 
 
+def test_unusable_workdir_or_lock_is_named_in_one_line(tmp_path, monkeypatch):
+  monkeypatch.setattr(job, "load_data", _must_not_run)
+  config = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
+  # A workdir that is a regular file (was FileExistsError), or lies under one.
+  afile = tmp_path / "results"
+  afile.write_text("kept")
+  for workdir in (afile, afile / "run"):
+    with pytest.raises(WorkdirUnusable, match=rf"{afile} is a file, not a directory"):
+      job.run(config, str(workdir))
+  assert afile.read_text() == "kept"
+  # A LOCK that is a directory (was IsADirectoryError).
+  (tmp_path / "run" / "LOCK").mkdir(parents=True)
+  with pytest.raises(WorkdirUnusable, match=r"LOCK is a directory; .*rmdir"):
+    job.run(config, str(tmp_path / "run"))
+  assert os.listdir(tmp_path / "run") == ["LOCK"]
+
+  # A filesystem without flock (was a raw OSError).
+  def no_flock(*_):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  with pytest.raises(WorkdirUnusable, match=r"does not support flock \(No locks available\)"):
+    job.run(config, str(tmp_path / "other"))
+
+
 def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):
   path = tmp_path / "results.json"
   write_atomically(str(path), "old")
@@ -88,4 +121,44 @@ def test_fingerprint_follows_contents_not_location(tmp_path, monkeypatch):
     "config.json changed",
     "sub/weights.bin changed",
     "tokenizer.json is new",
+  ]
+
+
+def test_a_change_between_the_samples_of_a_large_file_is_seen(tmp_path, monkeypatch):
+  monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 1024)
+  monkeypatch.setattr(fingerprint, "HEAD_BYTES", 256)
+  monkeypatch.setattr(fingerprint, "SAMPLE_BYTES", 16)
+  weights = tmp_path / "a" / "weights.bin"
+  weights.parent.mkdir()
+  weights.write_bytes(bytes(range(256)) * 16)
+  os.utime(weights, ns=(10**18, 10**18))  # written long ago
+  saved = fingerprint.fingerprint(weights.parent)
+
+  # A byte between the samples rewritten in place: same size, same samples (was accepted).
+  def overwrite(path):
+    with open(path, "r+b") as f:
+      f.seek(300)
+      f.write(b"\xff")
+
+  overwrite(weights)
+  assert fingerprint.differences(saved, fingerprint.fingerprint(weights.parent)) == [
+    "weights.bin changed (same size and sampled bytes, another modification time: set "
+    "CUMA_FULL_DIGESTS=1 to compare whole contents)"
+  ]
+  # A copy that keeps the times (cp -p, a move) is the same; one that does not is not, unless
+  # whole digests are compared.
+  weights.write_bytes(bytes(range(256)) * 16)
+  os.utime(weights, ns=(10**18, 10**18))
+  shutil.copytree(weights.parent, tmp_path / "kept")
+  (tmp_path / "fresh").mkdir()
+  shutil.copyfile(weights, tmp_path / "fresh" / "weights.bin")
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "kept")) == []
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "fresh")) != []
+  monkeypatch.setenv("CUMA_FULL_DIGESTS", "1")
+  saved = fingerprint.fingerprint(weights.parent)
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "fresh")) == []
+  overwrite(tmp_path / "fresh" / "weights.bin")
+  os.utime(tmp_path / "fresh" / "weights.bin", ns=(10**18, 10**18))  # even with the old time
+  assert fingerprint.differences(saved, fingerprint.fingerprint(tmp_path / "fresh")) == [
+    "weights.bin changed"
   ]

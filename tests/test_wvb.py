@@ -73,6 +73,7 @@ def test_examples_and_skip_counts(wvb_root):
     "participants_nan_profile": 0,
     "examples_nan_profile": 0,
     "malformed_rows": 0,
+    "duplicate_rows": 0,
     "skipped_questions": ["Q999"],
   }
   assert counts.skipped_examples == 6
@@ -148,6 +149,35 @@ def test_malformed_rows_are_named_counted_and_skipped(wvb_root, tmp_path, caplog
   assert f"{values} line 3: blank line; row skipped" in warnings[1]
   assert f"{values} line 4: 4 cells where the header has 5" in warnings[2]
   assert f"{values} line 5: column 1 (D_INTERVIEW): participant id '84007OOO3'" in warnings[3]
+
+
+def test_a_repeated_participant_keeps_its_first_row_and_a_shared_one_is_refused(tmp_path, caplog):
+  root = write_wvb_fixture(tmp_path)
+  demographic, values = split_files(root, "train")
+  # 156070001 again, with other answers (line 8) and another profile (line 8).
+  edit_lines(values, lambda lines: lines.insert(7, "156070001\t3\t3\t3\t3"))
+  edit_lines(demographic, lambda lines: lines.insert(7, lines[1].replace("China", "Peru")))
+  counts = SkipCounts()
+  got = [e for e in WvbReader(root).examples("train", counts) if e["participant_id"] == 156070001]
+  assert [(e["question_id"], e["answer_code"]) for e in got] == [("Q1", 1), ("Q46", 2), ("Q106", 7)]
+  assert {e["demographics"]["country"] for e in got} == {"China"}
+  assert counts.duplicate_rows == 2 and counts.as_dict()["duplicate_rows"] == 2
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  for path in (demographic, values):
+    assert f"{path} line 8: participant 156070001 repeats line 2; the first row is kept" in (
+      "".join(warnings)
+    )
+
+  # A participant of train in test too: refused, naming both files' lines and the id.
+  _, test_values = split_files(root, "test")
+  edit_lines(test_values, lambda lines: lines.insert(2, "818070002\t1\t1\t1\t1"))
+  WvbReader(root).check_disjoint(("train", "valid"))
+  with pytest.raises(
+    ValueError,
+    match=rf"{test_values} shares 1 participants with an earlier split: 818070002 \(line 3, and "
+    rf"{values} line 3\); the splits must be participant-disjoint",
+  ):
+    WvbReader(root).check_disjoint(("train", "valid", "test"))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ Sharded checkpoints are read through ``model.safetensors.index.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -127,6 +128,27 @@ def write_safetensors(
 ) -> None:
   """Writes (name, array) pairs in order, streaming the data after the header."""
   tensors = list(tensors)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(_header(tensors, metadata))
+    for _, array in tensors:
+      f.write(np.ascontiguousarray(array).tobytes())
+  os.replace(tmp, path)
+
+
+def safetensors_digest(
+  tensors: Iterator[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+) -> str:
+  """SHA-256 of the file :func:`write_safetensors` would write, without writing it."""
+  tensors = list(tensors)
+  h = hashlib.sha256(_header(tensors, metadata))
+  for _, array in tensors:
+    h.update(np.ascontiguousarray(array).tobytes())
+  return h.hexdigest()
+
+
+def _header(tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str] | None) -> bytes:
+  """The header's length (8 bytes) and the header, which indexes the data that follows."""
   header: dict = {"__metadata__": metadata or {"format": "pt"}}
   offset = 0
   for name, array in tensors:
@@ -139,10 +161,4 @@ def write_safetensors(
     offset += nbytes
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)  # Align the data section as the reference writer does.
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(encoded)))
-    f.write(encoded)
-    for _, array in tensors:
-      f.write(np.ascontiguousarray(array).tobytes())
-  os.replace(tmp, path)
+  return struct.pack("<Q", len(encoded)) + encoded

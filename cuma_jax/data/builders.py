@@ -25,6 +25,8 @@ import dataclasses
 import inspect
 import os
 from pathlib import Path
+import shutil
+import time
 from typing import Any
 
 from etils import epath
@@ -166,6 +168,9 @@ class CumaWorldValuesBench(ArrayRecordBuilder):
     reader = wvb.WvbReader(dl_manager.manual_dir)
     self._set_questions(reader, "train")
     config = self.builder_config
+    reader.check_disjoint(
+      ("train", "valid", "test") if config.train_size is None else ("train", "test")
+    )
     if config.train_size is None:
       return {
         split: self._split(reader, split, config.incomplete_profiles)
@@ -216,6 +221,7 @@ class CumaSyntheticSurvey(ArrayRecordBuilder):
     survey = synthetic.generate_survey(self.builder_config.survey)
     reader = wvb.WvbReader(survey.write_wvb(Path(self.data_path) / RAW_DIR))
     self._set_questions(reader, "train")
+    reader.check_disjoint(tuple(survey.participants))
     return {split: self._split(reader, split) for split in survey.participants}
 
 
@@ -259,11 +265,19 @@ def manual_directory(data_config, holding: str) -> str:
 
 
 def prepare_once(builder, download_config, log) -> tfds.core.DatasetBuilder:
-  """Prepares ``builder`` unless a builder of the same name (a digest of its inputs) is."""
+  """Prepares ``builder`` unless a builder of the same name (a digest of its inputs) is; then
+  removes what interrupted preparations of it left (TFDS's ``incomplete.*`` folders)."""
+  started = time.time()
   if builder.is_prepared():
     log(f"reusing the dataset prepared in {builder.data_dir} (its inputs are unchanged)")
   else:
     builder.download_and_prepare(download_config=download_config)
+  parent = Path(builder.data_dir).parent
+  for left in sorted(parent.glob("incomplete.*")):
+    # One changed since this preparation started may be another process's, still running.
+    if left.is_dir() and left.stat().st_mtime < started:
+      shutil.rmtree(left)
+      log(f"removed {left}, left by an interrupted preparation of this dataset")
   return builder
 
 

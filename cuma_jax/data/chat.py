@@ -9,7 +9,8 @@ SFT trains the final reply of a thread and nothing before its last assistant hea
 Lengths: a completion keeps at most ``max_completion`` tokens (its start: a longer reply
 loses its end, as the released training truncates on the right), and the prompt keeps its
 LAST tokens, at most ``max_prompt`` and what fits in ``max_length`` beside the completion,
-so the generation header is never cut.  Batches (B rows, L = max_length):
+so the generation header is never cut. Chat SFT may instead cut the whole thread's end at
+``max_length``, as the released chat SFT does (``truncation="thread_end"``).  Batches (B rows, L = max_length):
 
     SFT:    input_ids, attention_mask, targets, loss_mask [B, L]; profile_index [B]
     DPO:    the same arrays as [B, 2, L] (chosen, rejected); profile_index [B]
@@ -68,13 +69,28 @@ class Lengths:
       )
 
 
+# How a chat SFT row too long for max_length is cut: "prompt_start" drops the prompt's first
+# tokens (the reply kept); "thread_end" right-truncates the whole thread, as the released
+# chat SFT does (a long thread loses its reply's end, or all of it, and then trains nothing).
+SFT_TRUNCATIONS = ("prompt_start", "thread_end")
+
+
 def sequence_arrays(
-  prompt_ids: Sequence[int], completion_ids: Sequence[int], lengths: Lengths, pad: int
+  prompt_ids: Sequence[int],
+  completion_ids: Sequence[int],
+  lengths: Lengths,
+  pad: int,
+  truncation: str = "prompt_start",
 ) -> dict[str, np.ndarray]:
-  """One right-padded sequence whose completion targets are marked in ``loss_mask``."""
+  """One right-padded sequence whose completion targets are marked in ``loss_mask``; the
+  completion keeps at most ``max_completion`` tokens, then ``truncation`` cuts the rest."""
   completion = list(completion_ids[: lengths.max_completion])
-  keep = min(lengths.max_prompt, lengths.max_length - len(completion))
-  prompt = list(prompt_ids[-keep:])
+  if truncation == "thread_end":
+    prompt = list(prompt_ids[: lengths.max_length])
+    completion = completion[: lengths.max_length - len(prompt)]
+  else:
+    keep = min(lengths.max_prompt, lengths.max_length - len(completion))
+    prompt = list(prompt_ids[-keep:])
   dropped = len(prompt_ids) - len(prompt) + len(completion_ids) - len(completion)
   ids = prompt + completion
   n, length = len(ids), lengths.max_length
@@ -84,7 +100,7 @@ def sequence_arrays(
   targets[: n - 1] = ids[1:]
   attention_mask = (np.arange(length) < n).astype(np.int32)
   loss_mask = np.zeros(length, np.int32)
-  loss_mask[len(prompt) - 1 : n - 1] = 1
+  loss_mask[len(prompt) - 1 : n - 1] = 1  # empty when the thread's end cut the whole reply
   return {
     "input_ids": input_ids,
     "attention_mask": attention_mask,
@@ -97,8 +113,11 @@ def sequence_arrays(
 class _Encode:
   """Source index -> arrays (a picklable callable, for grain workers)."""
 
-  def __init__(self, source, tokenizer, profiles, lengths: Lengths, supervision: str):
+  def __init__(
+    self, source, tokenizer, profiles, lengths: Lengths, supervision: str, truncation: str
+  ):
     self.source = source
+    self.truncation = truncation
     self.encoder = ChatEncoder(tokenizer, lengths.max_length, supervision)
     self.profile_index = {p: i for i, p in enumerate(profiles)}
     self.lengths = lengths
@@ -132,7 +151,9 @@ class SftExample(_Encode):
     if reply["role"] != "assistant":
       raise ValueError(f"SFT record {as_text(record['id'])} does not end with a reply")
     prompt_ids, completion = self.encoder.tokens(prompt, reply["content"])
-    arrays = sequence_arrays(prompt_ids, completion, self.lengths, self.encoder.pad_id)
+    arrays = sequence_arrays(
+      prompt_ids, completion, self.lengths, self.encoder.pad_id, self.truncation
+    )
     return {**arrays, **self.common(index, record)}
 
 
@@ -198,16 +219,21 @@ def make_chat_dataset(
   profiles: Sequence[str] | None = None,
   supervision: str = END_OF_TURN,
   profile_blind: bool = False,
+  truncation: str = "prompt_start",
   **batching: Any,
 ):
   """Batches of ``kind`` ("sft", "dpo" or "prompt") over a preference split; ``batching``:
   seed, shuffle, num_epochs, shard_index, shard_count, drop_remainder (see ``batched``);
-  ``profile_blind``: SFT rows under other users' profiles (see :class:`SftExample`)."""
+  ``profile_blind``: SFT rows under other users' profiles (see :class:`SftExample`);
+  ``truncation``: how an SFT row too long is cut (``SFT_TRUNCATIONS``; DPO always keeps
+  its prompt's end)."""
   if kind not in EXAMPLES:
     raise ValueError(f"kind={kind!r}; allowed: {tuple(EXAMPLES)}")
-  if profile_blind and kind != "sft":
-    raise ValueError("profile_blind applies to kind='sft' only")
+  if truncation not in SFT_TRUNCATIONS:
+    raise ValueError(f"truncation={truncation!r}; allowed: {SFT_TRUNCATIONS}")
+  if (profile_blind or truncation != "prompt_start") and kind != "sft":
+    raise ValueError("profile_blind and truncation apply to kind='sft' only")
   profiles = profile_table(source) if profiles is None else profiles
-  args = (source, tokenizer, profiles, lengths, supervision)
+  args = (source, tokenizer, profiles, lengths, supervision, truncation)
   encode = SftExample(*args, profile_blind=True) if profile_blind else EXAMPLES[kind](*args)
   return batched(len(source), encode, batch_size=batch_size, **batching)

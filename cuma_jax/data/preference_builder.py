@@ -111,7 +111,14 @@ def prepared_builder(data_config, data_dir: str, log=print) -> tfds.core.Dataset
       for path in preference_sources.input_files(manual_dir, source)
     }
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-  key = fingerprint.digest({"source": source, "split": data_config.split_mode, "inputs": inputs})
+  key = fingerprint.digest(
+    {
+      "source": source,
+      "split": data_config.split_mode,
+      "revision": preference_sources.SPLITS_REVISION,
+      "inputs": inputs,
+    }
+  )
   builder = CumaPreference(
     data_dir=data_dir,
     config=PreferenceConfig(

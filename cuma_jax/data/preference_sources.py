@@ -50,10 +50,10 @@ Splits (`split_records`), seeded, in one of `SPLIT_MODES`:
   independently, as `datasets`' `train_test_split(test_size=0.1, seed=seed)` does (so a
   conversation may sit on both sides). CA: `random.seed(seed)` samples 10,000 of the sorted
   SFT-train conversation ids (the release samples from a set, whose order depends on string
-  hashing), keeping their SFT-train and DPO-train rows; DPO-test keeps the rows whose
-  conversation is in SFT-test. PRISM: SFT-train shuffled (`Dataset.shuffle(seed)`), its first
-  2,000 rows, and the DPO-train rows of those conversations; DPO-test is kept whole. Fewer
-  train conversations than the sample size are all kept (the release would fail).
+  hashing), keeping their SFT-train and DPO-train rows. PRISM: SFT-train shuffled (`Dataset.shuffle(seed)`), its first
+  2,000 rows, and the DPO-train rows of those conversations. Both: DPO-test keeps the rows
+  whose conversation is in SFT-test. Fewer train conversations than the sample size are all
+  kept (the release would fail).
   `ca_eval` = rows 10,000..10,999 of the shuffled accuracy rows (the release shuffles the raw
   split; the two agree when no CA row was skipped for its first turn). A smaller set yields
   what exists of that range, and an empty range is an error.
@@ -65,6 +65,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 import random
@@ -77,11 +78,18 @@ import pyarrow.ipc as pa_ipc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+logger = logging.getLogger(__name__)
+
 CA = "community_alignment"
+# Repeated conversation ids logged one by one per source; the rest are only counted.
+LOGGED_DUPLICATES = 10
 PRISM = "prism"
 SYNTHETIC = "synthetic"
 SOURCES = (CA, PRISM, SYNTHETIC)
 SPLIT_MODES = ("conversation", "reference")
+# Raised whenever a split's rows change, so that datasets prepared before are prepared anew
+# (2: PRISM's reference DPO-test filtered to the SFT-test conversations).
+SPLITS_REVISION = 2
 # Every record has exactly these keys, in this order.
 RECORD_KEYS = (
   "id",
@@ -350,17 +358,27 @@ def _pairs(
 
 
 def _conversation_id(
-  source: str, row: Mapping[str, Any], seen: set[str], counts: Counter
+  source: str, row: Mapping[str, Any], number: int, seen: dict[str, int], counts: Counter
 ) -> str | None:
-  """The row's conversation id, or None (counted) when it is missing or seen before."""
+  """The row's conversation id, or None (counted) when it is missing or seen before; a
+  repeat (the first row is kept) is logged with both row numbers and the id."""
   conversation_id = _text(row.get("conversation_id"))
   if not conversation_id:
     counts[f"{_COUNTED_AS[source]}: row without a conversation id"] += 1
     return None
-  if conversation_id in seen:
-    counts[f"{_COUNTED_AS[source]}: duplicate conversation id"] += 1
+  first = seen.setdefault(conversation_id, number)
+  if first != number:
+    key = f"{_COUNTED_AS[source]}: duplicate conversation id"
+    counts[key] += 1
+    if counts[key] <= LOGGED_DUPLICATES:
+      logger.warning(
+        "%s row %d: conversation id %r repeats row %d; the first row is kept, this one skipped",
+        source,
+        number,
+        conversation_id,
+        first,
+      )
     return None
-  seen.add(conversation_id)
   return conversation_id
 
 
@@ -395,9 +413,9 @@ def community_alignment_records(
 ) -> dict[str, list[dict]]:
   """CA's raw rows -> {"sft", "dpo", "ca"} records; skips are counted in `counts`."""
   out = {"sft": [], "dpo": [], "ca": []}
-  seen = set()
-  for row in rows:
-    conversation_id = _conversation_id(CA, row, seen, counts)
+  seen = {}
+  for number, row in enumerate(rows, 1):
+    conversation_id = _conversation_id(CA, row, number, seen, counts)
     if conversation_id is None:
       continue
     profile = ca_profile(row)
@@ -472,9 +490,9 @@ def prism_records(
       profiles[user] = prism_profile(row)
 
   out = {"sft": [], "dpo": []}
-  seen = set()
-  for row in conversations:
-    conversation_id = _conversation_id(PRISM, row, seen, counts)
+  seen = {}
+  for number, row in enumerate(conversations, 1):
+    conversation_id = _conversation_id(PRISM, row, number, seen, counts)
     if conversation_id is None:
       continue
     profile = profiles.get(_text(row.get("user_id")))
@@ -591,7 +609,8 @@ def _reference_splits(
     count = len(train_ids) if train_conversations is None else train_conversations
     kept = set(random.Random(seed).sample(train_ids, min(count, len(train_ids))))
     sft_train = _of(sft_train, kept)
-    dpo_test = _of(dpo_test, _ids(sft_test))
+  # Pairs of the SFT-test conversations only (the release filters both sources so).
+  dpo_test = _of(dpo_test, _ids(sft_test))
   splits = {
     "sft_train": sft_train,
     "sft_test": sft_test,
@@ -631,5 +650,27 @@ def split_records(
   if train_conversations is None:
     train_conversations = TRAIN_CONVERSATIONS.get(source)
   if mode == "reference":
-    return _reference_splits(records, source, seed, train_conversations)
-  return _conversation_splits(records, seed, train_conversations)
+    splits = _reference_splits(records, source, seed, train_conversations)
+  else:
+    splits = _conversation_splits(records, seed, train_conversations)
+  _check_disjoint(splits, mode)
+  return splits
+
+
+def _check_disjoint(splits: Mapping[str, list[dict]], mode: str) -> None:
+  """Refuses train and test splits that share what the split mode keeps apart: a
+  conversation ("conversation"), or a row ("reference", which splits rows), naming the ids."""
+  key = "conversation_id" if mode == "conversation" else "id"
+  train = {name: {r[key] for r in rows} for name, rows in splits.items() if "train" in name}
+  for name, rows in splits.items():
+    if name in train:
+      continue
+    for other, ids in train.items():
+      if mode == "reference" and other.split("_")[0] != name.split("_")[0]:
+        continue  # the released splits draw SFT, DPO and CA rows independently
+      shared = sorted({r[key] for r in rows} & ids)
+      if shared:
+        raise ValueError(
+          f"{mode} split: {len(shared)} {key}s are in both {other} and {name} "
+          f"({shared[:5]}); each must sit on one side"
+        )

@@ -104,6 +104,8 @@ class SkipCounts:
   # Rows of either TSV that are blank, have another cell count than the header, or whose
   # participant id is not an integer.
   malformed_rows: int = 0
+  # Rows of either TSV whose participant id an earlier row of the file has (the first is kept).
+  duplicate_rows: int = 0
   skipped_questions: list[str] = dataclasses.field(default_factory=list)  # unusable columns
 
   @property
@@ -185,14 +187,25 @@ def _malformed(row: list[str], header: list[str]) -> str | None:
 
 
 def _rows(path: Path, counts: SkipCounts) -> Iterator[list[str]]:
-  """The header, then the well-formed rows, of a WVB TSV; malformed ones are counted."""
+  """The header, then the well-formed rows, of a WVB TSV; malformed ones are counted, and so
+  are the repeats of a participant id (its first row is kept)."""
   lines = _read_tsv(path)
   _, header = next(lines)
   yield header
+  id_col = header.index(ID_COLUMN)
+  first_line: dict[int, int] = {}
   for line, row in lines:
     problem = _malformed(row, header)
     if problem is None:
-      yield row
+      participant = int(row[id_col])
+      first = first_line.setdefault(participant, line)
+      if first == line:
+        yield row
+        continue
+      counts.duplicate_rows += 1
+      problem = f"participant {participant} repeats line {first}; the first row is kept"
+      if counts.duplicate_rows <= LOGGED_MALFORMED_ROWS:
+        logger.warning("%s line %d: %s, this one skipped", path, line, problem)
       continue
     counts.malformed_rows += 1
     if counts.malformed_rows <= LOGGED_MALFORMED_ROWS:
@@ -224,6 +237,29 @@ class WvbReader:
       raise FileNotFoundError(f"missing {path} (expected layout:\n{LAYOUT})")
     with open(path, encoding="utf-8") as f:
       return json.load(f)
+
+  def check_disjoint(self, splits: Sequence[str]) -> None:
+    """Refuses splits that share a participant, naming the files, the lines and the ids: the
+    protocol scores participants the model has not seen (docs/data.md)."""
+    seen: dict[int, tuple[Path, int]] = {}  # participant -> (value file, line) of its first row
+    for split in splits:
+      _, value_path = self._files(split)
+      lines = _read_tsv(value_path)
+      _, header = next(lines)
+      id_col = header.index(ID_COLUMN)
+      shared = []
+      for line, row in lines:
+        if _malformed(row, header) is None:
+          participant = int(row[id_col])
+          path, first = seen.setdefault(participant, (value_path, line))
+          if path != value_path:
+            shared.append(f"{participant} (line {line}, and {path} line {first})")
+      if shared:
+        raise ValueError(
+          f"{value_path} shares {len(shared)} participants with an earlier split: "
+          f"{', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}; the splits must be "
+          f"participant-disjoint ({DOCS}): keep each participant in one split"
+        )
 
   def _files(self, split: str) -> tuple[Path, Path]:
     files = split_files(self.root, split)

@@ -4,8 +4,8 @@ A judge reads a profile, the conversation context and two replies, and answers `
 ``[[B]]`` or ``[[Tie]]``. Which reply is shown first is drawn from a seeded PRNG per case, so
 the judge's position bias cancels out and reruns swap the same cases. Pure functions: the
 judge prompt and its chat messages, verdict parsing, the swap draw, the win-rate (ties count
-as losses) and the GRPO reward read off a verdict. `LocalLMJudge` is a judge that runs a local
-causal LM with this package's cached generation (greedy, a few tokens), so judging needs no
+as losses) and the GRPO reward read off a judge's output. `LocalLMJudge` is a judge that runs
+a local causal LM with this package's cached generation (greedy, a few tokens), so judging needs no
 remote API and is reproducible.
 """
 
@@ -38,7 +38,6 @@ OUTCOMES = ("win", "loss", "tie")
 _VERDICT = re.compile(r"\[\[(A|B|Tie)\]\]")
 # GRPO shows the reference reply as A and the candidate as B: the candidate's reward.
 _REWARD = {"B": 1.0, "tie": 0.5, "A": 0.0}
-# Prompt batches are padded to a multiple of this many tokens, so that few shapes compile.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +71,28 @@ def judge_user_prompt(case: Case, demonstrations: Sequence[Case] = ()) -> str:
     f"Response B: {case.response_b}\n\n{QUESTION}"
   )
   return "\n\n".join(parts)
+
+
+def released_judge_user_prompt(case: Case, demonstrations: Sequence[Case] = ()) -> str:
+  """The released evaluation's user turn, character for character: its header line, the
+  demonstrations, and the case (whose context, there, is the templated prompt)."""
+  parts = ["Here are some examples of preferences for different users:\n\n"]
+  parts += [
+    f"Example {i}:\nProfile: {d.profile}\nContext: {d.context}\n"
+    f"Response A: {d.response_a}\nResponse B: {d.response_b}\nVerdict: [[A]]\n\n"
+    for i, d in enumerate(demonstrations, start=1)
+  ]
+  parts.append(
+    "---\n\nNow, please evaluate the following case:\n"
+    f"Profile: {case.profile}\nContext: {case.context}\nResponse A: {case.response_a}\n"
+    f"Response B: {case.response_b}\n\n{QUESTION}"
+  )
+  return "".join(parts)
+
+
+# preference.eval.judge_prompt: the win-rate judge's user turn.
+JUDGE_PROMPTS = ("project", "released")
+USER_PROMPTS = {"project": judge_user_prompt, "released": released_judge_user_prompt}
 
 
 def reward_user_prompt(case: Case, demonstrations: Sequence[Case] = ()) -> str:
@@ -118,6 +139,24 @@ def reward_from_verdict(verdict: str) -> float:
   if verdict not in _REWARD:
     raise ValueError(f"verdict {verdict!r}; allowed: 'A', 'B', 'tie'")
   return _REWARD[verdict]
+
+
+def reward_from_output(text: str) -> float:
+  """GRPO's reward read off a judge's raw output as the release reads it: 1 if it holds
+  ``[[B]]`` anywhere (checked first), else 0.5 for ``[[Tie]]``, else 0 (``[[A]]`` or an
+  unparsable output, which the win-rate's :func:`parse_verdict` counts as a tie)."""
+  if "[[B]]" in text:
+    return 1.0
+  return 0.5 if "[[Tie]]" in text else 0.0
+
+
+def rewards(judge: Judge, cases: Sequence[Case]) -> list[float]:
+  """GRPO's rewards of the candidates (B): from the raw outputs of a judge that writes text
+  (``judge.outputs``, e.g. :class:`LocalLMJudge`), else from its verdicts (the rule judge)."""
+  outputs = getattr(judge, "outputs", None)
+  if outputs is not None:
+    return [reward_from_output(t) for t in outputs(cases)]
+  return [reward_from_verdict(v) for v in judge(cases)]
 
 
 def model_outcome(verdict: str, swapped: bool) -> str:
@@ -231,9 +270,12 @@ class LocalLMJudge:
 
   def __call__(self, cases: Sequence[Case]) -> list[str]:
     """The verdict ("A", "B" or "tie") for each case, in order."""
+    return [parse_verdict(t) for t in self.outputs(cases)]
+
+  def outputs(self, cases: Sequence[Case]) -> list[str]:
+    """The judge's decoded reply to each case, in order."""
     conversations = [judge_messages(c, self.demonstrations, self.user_prompt) for c in cases]
-    texts = self.complete(conversations)
-    return [parse_verdict(t) for t in texts]
+    return self.complete(conversations)
 
   def encode(self, conversations: Sequence[Sequence[dict[str, str]]]) -> list[list[int]]:
     """Each chat's prompt ids: rendered with the generation prompt, thinking disabled."""

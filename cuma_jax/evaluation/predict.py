@@ -38,6 +38,29 @@ def restricted_argmax(
   return jnp.argmax(_option_logits(last_logits, option_token_ids, option_mask), axis=-1)
 
 
+class NonFiniteLogits(FloatingPointError):
+  pass
+
+
+def nonfinite_rows(
+  last_logits: jax.Array, option_token_ids: jax.Array, option_mask: jax.Array
+) -> jax.Array:
+  """[B] bool: whether any of the question's options has an inf or NaN logit (an argmax
+  over them would be an answer the model never gave)."""
+  gathered = jnp.take_along_axis(last_logits, option_token_ids, axis=-1)
+  return jnp.any(option_mask & ~jnp.isfinite(gathered), axis=-1)
+
+
+def refuse_nonfinite(count: int, total: int, where: str) -> None:
+  """Raises :class:`NonFiniteLogits` naming ``where`` when ``count`` examples had them."""
+  if count:
+    raise NonFiniteLogits(
+      f"{count} of {total} examples of {where} have inf or NaN option logits; refusing to "
+      "score them (the parameters, or the backbone in this dtype, overflow: check the "
+      "checkpoint and model.dtype)"
+    )
+
+
 def option_log_probs(
   last_logits: jax.Array, option_token_ids: jax.Array, option_mask: jax.Array
 ) -> jax.Array:

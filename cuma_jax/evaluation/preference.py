@@ -25,6 +25,7 @@ from cuma_jax.data.chat import strip_think
 from cuma_jax.data.synthetic_preference import PreferenceOracle
 from cuma_jax.data.tokenize import pad_id, render_prompt
 from cuma_jax.evaluation import judging, metrics
+from cuma_jax.evaluation.predict import refuse_nonfinite
 
 
 class RuleJudge:
@@ -124,13 +125,15 @@ def ca_accuracy(
   ]
   scorer = _letter_scorer(model.module)
   encoded, truncated = _encoded(tokenizer, prompts, max_length)
-  predictions = []
+  predictions, nonfinite = [], 0
   for batch in _batches(len(rows), batch_size):
     ids, mask = generation.pad_prompts(encoded[batch], rows=batch_size, pad_token=pad_id(tokenizer))
     profiles = [r["profile"] for r in rows[batch]]
     z = model.z(profiles + profiles[:1] * (batch_size - len(profiles)))
     scores = np.asarray(scorer(model.params, ids, mask, z, letters))[: len(profiles)]
+    nonfinite += int((~np.isfinite(scores)).any(-1).sum())
     predictions.extend(scores.argmax(-1).tolist())
+  refuse_nonfinite(nonfinite, len(rows), f"split 'ca_eval' scored by {model.name}")
   answers = [int(r["answer"]) for r in rows]
   records = [
     {"id": r["id"], "model": model.name, "mode": mode, "predicted": p, "answer": a}

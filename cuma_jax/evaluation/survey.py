@@ -19,8 +19,14 @@ from cuma_jax.training.step import demographics_for, make_eval_step
 EVAL_KEYS = ("input_ids", "attention_mask", "prompt_length", "profile_index", "option_count")
 
 
-def evaluate(config, module, params, tokenizer, source, demographics, oracle=None) -> dict:
-  """Restricted-argmax predictions on one split and their metrics (plus the oracle's)."""
+def evaluate(
+  config, module, params, tokenizer, source, demographics, oracle=None, *, split: str = "the split"
+) -> dict:
+  """Restricted-argmax predictions on one split and their metrics (plus the oracle's).
+
+  Refuses (:class:`~cuma_jax.evaluation.predict.NonFiniteLogits`, naming ``split`` and the
+  count) when any example's option logits are not finite.
+  """
   dataset, tables = make_dataset(
     source,
     tokenizer,
@@ -39,7 +45,12 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
   layout = Layout.of(config.mesh)
   jitted, param_sh = sharded_choice(module, layout, letter_ids)
   params = jax.device_put(params, param_sh)
-  options, indices = [], []
+  options, nonfinite, indices = [], [], []
+
+  def read(chosen, bad, rows):
+    options.append(np.asarray(chosen)[:rows])
+    nonfinite.append(np.asarray(bad)[:rows])
+
   unread = None  # The previous batch's options, read after the next batch is dispatched.
   for batch in dataset:
     padded = {
@@ -47,13 +58,15 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
       for k in EVAL_KEYS
     }
     with layout.active():
-      chosen = jitted(params, table, padded)
+      chosen, bad = jitted(params, table, padded)
     if unread is not None:
-      options.append(np.asarray(unread[0])[: unread[1]])
-    unread = (chosen, len(batch["input_ids"]))
+      read(*unread)
+    unread = (chosen, bad, len(batch["input_ids"]))
     indices.append(batch["example_index"])
   if unread is not None:
-    options.append(np.asarray(unread[0])[: unread[1]])
+    read(*unread)
+  nonfinite = np.concatenate(nonfinite)
+  predict.refuse_nonfinite(int(nonfinite.sum()), len(nonfinite), f"split {split!r}")
   return score_predictions(
     source,
     np.concatenate(options),
@@ -65,7 +78,8 @@ def evaluate(config, module, params, tokenizer, source, demographics, oracle=Non
 
 @functools.lru_cache(maxsize=8)
 def sharded_choice(module, layout: Layout, letter_ids: tuple[int, ...]):
-  """(jitted (params, table, batch) -> [B] chosen option, the parameters' shardings);
+  """(jitted (params, table, batch) -> ([B] chosen option, [B] whether its option logits
+  were not finite), the parameters' shardings);
   one per model, layout and letters, so evaluating again compiles nothing.
 
   Under the training layout: parameters where training keeps them, the batch split over
@@ -79,7 +93,10 @@ def sharded_choice(module, layout: Layout, letter_ids: tuple[int, ...]):
     last_logits = eval_step(params, batch, demographics_for(table, batch))
     option_ids = jnp.broadcast_to(letter_ids, (len(last_logits), len(letter_ids)))
     option_mask = jnp.arange(len(letter_ids))[None] < batch["option_count"][:, None]
-    return predict.restricted_argmax(last_logits, option_ids, option_mask)
+    return (
+      predict.restricted_argmax(last_logits, option_ids, option_mask),
+      predict.nonfinite_rows(last_logits, option_ids, option_mask),
+    )
 
   with layout.active():
     jitted = jax.jit(

@@ -24,7 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from cuma_jax import fields
-from cuma_jax.fields import field
+from cuma_jax.fields import FREE, field
 from cuma_jax.layers.adapter import A_INITS, ROUTERS
 from cuma_jax.layers.dispatch import AUTO, DISPATCH
 from cuma_jax.layers.routing import DEFAULT_GATE, GATES
@@ -66,6 +66,10 @@ class AdapterConfig:
   prefix_length: int = field(0, low=0)
   # Prefix keys/values ~ normal(0, prefix_init_std): 1 is PEFT's (an nn.Embedding's) default.
   prefix_init_std: float = field(1.0, low=0, low_open=True)
+  # An adapter directory whose tensors replace the initialisation: a PEFT LoRA adapter, the
+  # released CuMA layout or a cuma_jax export (docs/interop.md); "" = initialise afresh.
+  # Its contents are fingerprinted with the run's other inputs.
+  init_from: str = field("", resume=FREE)
   # Master weights of the trainable parameters; not a config key.
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata={"config": False})
 

@@ -12,6 +12,7 @@ back to the newest readable step, moving the unreadable ones aside, or stops.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -20,11 +21,12 @@ from typing import Any, Callable
 from flax import traverse_util
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from cuma_jax import fingerprint
-from cuma_jax.checkpoints.safetensors_io import write_safetensors
+from cuma_jax.checkpoints.safetensors_io import safetensors_digest, write_safetensors
 from cuma_jax.training.workdir import write_atomically
 
 CORRUPT_CHECKPOINT_POLICIES = ("fallback", "stop")
@@ -35,6 +37,7 @@ INPUT_SOURCES = {
   "dataset": "the prepared dataset",
   # A preference stage starts from the previous stage's last checkpoint.
   "previous_stage": "the previous preference stage's last checkpoint",
+  "adapter_init": "adapter.init_from",
 }
 
 
@@ -48,6 +51,11 @@ class CheckpointInputsMismatch(CheckpointConfigMismatch):
 
 class UnreadableCheckpoint(RuntimeError):
   pass
+
+
+class NonFiniteCheckpoint(ValueError):
+  """A step whose parameters or optimiser state hold inf or NaN: unusable like an unreadable
+  one (moved aside or stopped at by ``train.on_corrupt_checkpoint``)."""
 
 
 def _flatten(d, prefix=""):
@@ -72,13 +80,18 @@ def config_to_json(config) -> dict:
   return json.loads(config.to_json())
 
 
-def input_fingerprints(*, backbone: str, encoder: str | None, dataset: str) -> dict:
+def input_fingerprints(
+  *, backbone: str, encoder: str | None, dataset: str, adapter_init: str = ""
+) -> dict:
   """Fingerprints (:mod:`cuma_jax.fingerprint`) of what a trained state depends on."""
-  return {
+  inputs = {
     "backbone": fingerprint.fingerprint(backbone),
     "encoder": None if encoder is None else fingerprint.fingerprint(encoder),
     "dataset": fingerprint.fingerprint(dataset),
   }
+  if adapter_init:  # absent otherwise, as in checkpoints written before the key existed
+    inputs["adapter_init"] = fingerprint.fingerprint(adapter_init)
+  return inputs
 
 
 def input_differences(saved: dict, current: dict) -> list[str]:
@@ -87,7 +100,7 @@ def input_differences(saved: dict, current: dict) -> list[str]:
     f"{name} ({source}): "
     + ", ".join(fingerprint.differences(saved.get(name) or {}, current.get(name) or {}))
     for name, source in INPUT_SOURCES.items()
-    if saved.get(name) != current.get(name)
+    if fingerprint.differences(saved.get(name) or {}, current.get(name) or {})
   ]
 
 
@@ -207,6 +220,8 @@ class TrainCheckpoints:
     )
 
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, Any]:
+    """The state and data iterator state of ``step``; refuses a state holding inf or NaN
+    (written before training checked each step's state), which must never be scored."""
     self.check(step)
     restored = self.manager.restore(
       step,
@@ -214,6 +229,10 @@ class TrainCheckpoints:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
       ),
     )
+    leaves = [x for x in jax.tree.leaves(restored["state"]) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    bad = sum(not bool(jnp.isfinite(x).all()) for x in leaves)
+    if bad:
+      raise NonFiniteCheckpoint(f"{bad} of its {len(leaves)} float arrays hold inf or NaN")
     return restored["state"], restored["data"]
 
   def restore_latest(self, abstract_state: dict) -> tuple[int, dict, Any] | None:
@@ -312,25 +331,44 @@ def to_host(array) -> np.ndarray:
   return np.asarray(jax.device_get(array))
 
 
-def export_adapters(trainable, adapter_config: dict, directory: str) -> str:
-  """Writes the trained adapters alone (safetensors + adapter_config.json) for inference.
+def export_adapters(trainable, adapter_config: dict, directory: str, log=print) -> dict[str, str]:
+  """Writes the trained adapters alone (safetensors + adapter_config.json) for inference;
+  returns each file's SHA-256 (recorded in results.json).
 
-  Tensor names are the '/'-joined parameter paths; :func:`load_adapters` inverts them.
-  Every process must call it; process 0 writes.
+  A file already there is kept when its digest is the one this export would write, and
+  rewritten (logging it) when not: a damaged export is repaired from the checkpoint whenever
+  a run ends or evaluates. Tensor names are the '/'-joined parameter paths;
+  :func:`load_adapters` inverts them. Every process must call it; process 0 writes.
   """
   flat = traverse_util.flatten_dict(jax.tree.map(to_host, trainable))
+  tensors = [("/".join(path), np.asarray(value)) for path, value in sorted(flat.items())]
+  config_text = json.dumps(adapter_config, indent=2, sort_keys=True)
+  writers = {  # file -> (its digest, how to write it)
+    "adapters.safetensors": (
+      safetensors_digest(tensors),
+      lambda path: write_safetensors(path, iter(tensors)),
+    ),
+    "adapter_config.json": (
+      hashlib.sha256(config_text.encode()).hexdigest(),
+      lambda path: write_atomically(path, config_text),
+    ),
+  }
+  expected = {name: digest for name, (digest, _) in writers.items()}
   if jax.process_index() != 0:  # Every process gathers (a collective); one writes.
-    return directory
+    return expected
   os.makedirs(directory, exist_ok=True)
-  write_safetensors(
-    os.path.join(directory, "adapters.safetensors"),
-    (("/".join(path), np.asarray(value)) for path, value in sorted(flat.items())),
-  )
-  write_atomically(
-    os.path.join(directory, "adapter_config.json"),
-    json.dumps(adapter_config, indent=2, sort_keys=True),
-  )
-  return directory
+  for name, (digest, write) in writers.items():
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      found = fingerprint.full_digest(path)
+      if found == digest:
+        continue
+      log(
+        f"{path} is not the checkpoint's export (sha256 {found[:12]}, expected "
+        f"{digest[:12]}); rewrote it from the checkpoint"
+      )
+    write(path)
+  return expected
 
 
 def load_adapters(directory: str) -> tuple[dict, dict]:

@@ -39,6 +39,7 @@ _READ_METRICS = (
   "input_tokens",
   "expert_counts",
   "supervised_tokens",
+  "state_finite",
 )
 # Seconds between progress lines when stderr is not a terminal.
 LOG_PROGRESS_SECONDS = 10.0
@@ -181,7 +182,13 @@ def train(
     iterator.set_state(data_state)
     log(f"resumed from {ckpt.directory} at step {start}")
 
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+  writer = MetricWriter(
+    workdir,
+    enabled=jax.process_index() == 0,
+    resume_step=start,
+    log_every=config.train.log_every,
+    log=log,
+  )
   bar = progress_bar(steps, start, enabled=config.train.progress_bar and jax.process_index() == 0)
   losses = []
   tokens_seen, t0 = 0, time.perf_counter()
@@ -192,11 +199,19 @@ def train(
     nonlocal tokens_seen, t0, truncated
     loss = float(np.mean([float(m["loss"]) for m in accumulated]))
     grad_norms = [float(m["grad_norm"]) for m in accumulated]
-    if not math.isfinite(loss) or not all(map(math.isfinite, grad_norms)):
+    state_finite = all(bool(m["state_finite"]) for m in accumulated)
+    if not (math.isfinite(loss) and all(map(math.isfinite, grad_norms)) and state_finite):
       ckpt.wait()
       raise NonFiniteLoss(
-        f"loss {loss}, gradient norms {grad_norms} at step {done}; stopping. The last "
-        f"good checkpoint (step {last_good}) in {ckpt.directory} is intact."
+        f"loss {loss}, gradient norms {grad_norms}"
+        + ("" if state_finite else ", updated parameters or optimiser state not finite")
+        + f" at step {done}; stopping before it is saved. "
+        + (
+          f"The last finite checkpoint (step {last_good}) in {ckpt.directory} is intact."
+          if last_good is not None
+          else f"No checkpoint in {ckpt.directory} was written (none is finite)."
+        )
+        + " Lower the learning rate or check the data."
       )
     losses.append(loss)
     tokens_seen += sum(int(m["input_tokens"]) for m in accumulated)

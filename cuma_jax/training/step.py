@@ -108,7 +108,9 @@ def sft_objective(
 def make_train_step(objective: Objective, optimizer: optax.GradientTransformation) -> Callable:
   """(trainable, frozen, opt_state, batch, demographics, rng) -> (trainable, opt_state, metrics).
 
-  ``demographics`` is [batch, d] or None.  Gradients exist only for ``trainable``.
+  ``demographics`` is [batch, d] or None.  Gradients exist only for ``trainable``. The
+  metrics' ``state_finite`` says whether the updated trainable state and optimiser state
+  hold only finite values.
   """
 
   def step(trainable, frozen, opt_state, batch, demographics, rng):
@@ -117,9 +119,29 @@ def make_train_step(objective: Objective, optimizer: optax.GradientTransformatio
     )
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return (
+      trainable,
+      opt_state,
+      {
+        **metrics,
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "state_finite": all_finite((trainable, opt_state)),
+      },
+    )
 
   return step
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every float array of ``tree`` is finite: one on-device reduction, read on the
+  host with the step's metrics, so that a state holding inf or NaN is never saved."""
+  checks = [
+    jnp.isfinite(x).all()
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+  ]
+  return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
 def make_eval_step(module) -> Callable:

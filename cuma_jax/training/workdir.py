@@ -23,6 +23,22 @@ class WorkdirBusy(RuntimeError):
   pass
 
 
+class WorkdirUnusable(ValueError):
+  """The workdir (or its lock) is not something a run can write to; the message says why."""
+
+
+def check_workdir_path(workdir: str) -> None:
+  """Refuses a workdir that is (or lies under) something other than a directory."""
+  path = os.path.abspath(workdir)
+  while not os.path.isdir(path):
+    if os.path.lexists(path):
+      raise WorkdirUnusable(
+        f"--workdir {workdir}: {path} is a file, not a directory; give a directory (new, or "
+        "an earlier run's) or move the file away"
+      )
+    path = os.path.dirname(path)
+
+
 class WorkdirLock:
   """``with WorkdirLock(workdir):`` refuses to start while another process writes there.
 
@@ -37,7 +53,13 @@ class WorkdirLock:
   def __enter__(self) -> WorkdirLock:
     if not self.enabled:
       return self
+    check_workdir_path(os.path.dirname(self.path))
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    if os.path.isdir(self.path):
+      raise WorkdirUnusable(
+        f"the workdir lock {self.path} is a directory; it must be a file: remove it "
+        f"(rmdir {self.path}) and rerun"
+      )
     f = open(self.path, "a+")
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -47,6 +69,12 @@ class WorkdirLock:
       raise WorkdirBusy(
         f"{os.path.dirname(self.path)} is in use by {_describe(holder)}; wait for that run to "
         "end or use another --workdir"
+      ) from None
+    except OSError as e:
+      f.close()
+      raise WorkdirUnusable(
+        f"cannot lock {self.path}: its filesystem does not support flock ({e.strerror}); "
+        "use a --workdir on a local disk (or a network filesystem with locking)"
       ) from None
     previous = _read_record(f)
     if previous:

@@ -1,15 +1,20 @@
 """One full SFT step (forward, backward, AdamW on the adapters) of a small Qwen3 with CuMA.
 
-    python experiments/bench/step.py [--repeats N] [--json] [--mesh]
+    python experiments/bench/step.py [--repeats N] [--json] [--mesh] [--layout released]
 
 The job's own jitted step (``cuma_jax.training.loop.ShardedStep``) at a small Qwen3 shape:
 hidden 1024, 4 layers, 16 heads / 8 kv heads of 64, MLP 3072, vocabulary 8192, batch 4 x 256
-tokens, CuMA on q_proj and v_proj (8 experts, top-2, rank 64, router hidden 32, dense
-dispatch), float32, no remat. Reports the step's median time, tokens/s, its model FLOPs
-(``cuma_jax.plan.model_flops``, counted from the shapes: every matmul's forward, the
-activation gradients of every matmul, the weight gradients of the trainable ones only) and
-the fraction of this machine's float32 matmul rate, measured in the same run on a
-2048 x 2048 ``jnp`` matmul.
+tokens, CuMA on q_proj and v_proj (8 experts, top-2, rank 64, dense dispatch), float32, no
+remat. ``--layout`` picks the adapter layout: ``bench`` (the default: per-expert A, a router
+per target with hidden 32, demographic width 64) or ``released`` (the released training
+scripts': one A shared by a projection's experts, one router per layer shared by q and v,
+router hidden 256, demographic width 1024). Reports the step's median time, tokens/s, its
+model FLOPs (``cuma_jax.plan.model_flops``, counted from the shapes: every matmul's
+forward, the activation gradients of every matmul, the weight gradients of the trainable
+ones only) and the fraction of this machine's float32 matmul rate, measured in the same
+run on a 2048 x 2048 ``jnp`` matmul timed in every round: the median over rounds of each
+round's ratio, by wall-clock time and by this process's CPU time (the work done, whatever
+other jobs hold the cores). experiments/bench/step_profile.py says where the time goes.
 
 Where the time goes: the forward pass alone, the step with plain LoRA r=64 in place of
 CuMA (no routers, one expert instead of eight), and the step recomputing each layer's
@@ -24,6 +29,7 @@ speed-up).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -60,14 +66,36 @@ SHAPE = dict(
 )
 BATCH, LENGTH = 4, 256
 MESH_BATCH = 8  # --mesh: a batch every preset's 8-device mesh divides
-EXPERTS, TOP_K, RANK, DEMO = 8, 2, 64, 64
+EXPERTS, TOP_K, RANK = 8, 2, 64
+# --layout: the adapter's layout, and the demographic width its routers read.
+LAYOUTS = {
+  "bench": {
+    "adapter.shared_a": False,
+    "adapter.share_router": False,
+    "adapter.router_hidden": (32,),
+    "adapter.demographic_dim": 64,
+  },
+  "released": {
+    **presets.RELEASED_LAYOUT,
+    "adapter.router_hidden": (256,),
+    "adapter.demographic_dim": 1024,
+  },
+}
 MODEL_CONFIG = ModelConfig.from_hf(transformers.Qwen3Config(**SHAPE))
 TARGETS = ("q_proj", "v_proj")
+MATMUL = "2048 x 2048 float32 matmul"
 
 
 def step_config(
-  method: str = "cuma", preset: str = "dp", shape=(("data", 1),), remat="none", batch=BATCH
+  method: str = "cuma",
+  preset: str = "dp",
+  shape=(("data", 1),),
+  remat="none",
+  batch=BATCH,
+  layout: str = "bench",
+  overrides: dict | None = None,
 ):
+  """The config of one benchmarked step; ``overrides`` (dotted keys) are set last."""
   config = presets.experiment_config(method, "tiny")
   with config.unlocked():
     presets.apply_overrides(
@@ -79,66 +107,83 @@ def step_config(
         "adapter.rank": RANK,
         "adapter.alpha": 2.0 * RANK,
         "adapter.strategy": "dense",
-        "adapter.demographic_dim": DEMO,
+        **LAYOUTS[layout],
         "data.batch_size": batch,
         "data.max_length": LENGTH,
         "mesh.rules_preset": preset,
         "mesh.shape": shape,
         "model.remat": remat,
+        **(overrides or {}),
       },
     )
   return config
 
 
-def matmul_rate(repeats: int = 10, n: int = 2048) -> float:
-  """This machine's float32 matmul rate (FLOP/s), median of ``repeats``."""
+def matmul(n: int = 2048):
+  """A callable running one 2048 x 2048 float32 ``jnp`` matmul, and its FLOPs."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(a).block_until_ready()
+  product = jax.jit(lambda a: a @ a)
+  return lambda: product(a), 2.0 * n**3
+
+
+def matmul_rate(repeats: int = 10) -> float:
+  """This machine's float32 matmul rate (FLOP/s), median of ``repeats``: the number each
+  results page states beside its timings."""
+  product, flops = matmul()
+  jax.block_until_ready(product())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    matmul(a).block_until_ready()
+    jax.block_until_ready(product())
     times.append(time.perf_counter() - start)
-  return 2.0 * n**3 / statistics.median(times)
+  return flops / statistics.median(times)
 
 
-def build(config, forward_only: bool = False):
-  """(one step callable, its arguments) on the config's mesh."""
+def build(config, forward_only: bool = False, model_config: ModelConfig = MODEL_CONFIG):
+  """(one step callable, its layout) on the config's mesh, with random weights of
+  ``model_config``'s shapes in the config's dtypes."""
   module = build_decoder(
-    MODEL_CONFIG, remat=config.model.remat, adapter=schema.adapter_config(config)
+    model_config,
+    dtype=jnp.dtype(config.model.dtype),
+    param_dtype=jnp.dtype(config.model.param_dtype),
+    scan_layers=config.model.scan_layers,
+    remat=config.model.remat,
+    adapter=schema.adapter_config(config),
   )
   layout = sharding.Layout.of(config.mesh)
-  params = nn.unbox(module.init(jax.random.key(0), **dummy_inputs(module))["params"])
+  params = jax.jit(lambda key: module.init(key, **dummy_inputs(module))["params"])(
+    jax.random.key(0)
+  )
   # B starts at zero: random values, so every expert's path carries numbers.
   params = jax.tree_util.tree_map_with_path(
-    lambda p, v: v + 0.01 if getattr(p[-1], "key", "") == "b" else v, params
+    lambda p, v: v + 0.01 if getattr(p[-1], "key", "") == "b" else v, nn.unbox(params)
   )
   trainable, frozen = partition(params, config.trainable)
   tx = optim.make_optimizer(config.optim, 100)
   sharded = ShardedStep.of(config, module, layout, tx, trainable)
   rng = np.random.default_rng(0)
-  batch_size = config.data.batch_size
-  ids = rng.integers(0, SHAPE["vocab_size"], (batch_size, LENGTH)).astype(np.int32)
-  loss_mask = np.zeros((batch_size, LENGTH), np.int32)
+  batch_size, length = config.data.batch_size, config.data.max_length
+  ids = rng.integers(0, model_config.vocab_size, (batch_size, length)).astype(np.int32)
+  loss_mask = np.zeros((batch_size, length), np.int32)
   loss_mask[:, -3:-1] = 1  # the answer letter and end-of-turn
   batch = {
     "input_ids": ids,
-    "attention_mask": np.ones((batch_size, LENGTH), np.int32),
+    "attention_mask": np.ones((batch_size, length), np.int32),
     "targets": np.roll(ids, -1, axis=1),
     "loss_mask": loss_mask,
     "profile_index": np.arange(batch_size, dtype=np.int32),
   }
   batch = {k: jax.device_put(v, layout.batch) for k, v in batch.items()}
+  demo = config.adapter.demographic_dim
   table = jax.device_put(
-    jnp.asarray(rng.normal(size=(batch_size, DEMO)), jnp.float32), layout.replicated
+    jnp.asarray(rng.normal(size=(batch_size, demo)), jnp.float32), layout.replicated
   )
   trainable = jax.device_put(trainable, sharded.trainable)
   frozen = jax.device_put(frozen, sharded.frozen)
   opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state)(trainable)
   key = jax.random.PRNGKey(0)
   if forward_only:
-    positions = jnp.asarray(np.tile([LENGTH - 3, LENGTH - 2], (batch_size, 1)), jnp.int32)
+    positions = jnp.asarray(np.tile([length - 3, length - 2], (batch_size, 1)), jnp.int32)
 
     @jax.jit
     def fwd(trainable, frozen, table, batch):
@@ -161,15 +206,26 @@ def build(config, forward_only: bool = False):
   return run, layout
 
 
-def time_step(run, repeats: int) -> float:
-  jax.block_until_ready(run())  # compile
-  jax.block_until_ready(run())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def time_rounds(runs: dict, repeats: int) -> tuple[dict, dict]:
+  """({name: wall seconds of each round}, {name: this process's CPU seconds of each round})
+  of each callable, timed in rounds that run each once in turn (so a load change on a
+  shared machine hits every case alike), after two warm-up calls (the first compiles).
+  CPU time counts the work done, not the waits for a core that other jobs hold."""
+  for run in runs.values():
     jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    jax.block_until_ready(run())
+  wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      start, start_cpu = time.perf_counter(), time.process_time()
+      jax.block_until_ready(run())
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+  return wall, cpu
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -177,51 +233,69 @@ def main():
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--mesh", action="store_true", help="each rules preset on 8 host devices")
+  parser.add_argument("--layout", choices=tuple(LAYOUTS), default="bench", help="adapter layout")
   args = parser.parse_args()
-  rate = matmul_rate()
+  config_of = functools.partial(step_config, layout=args.layout)
   rows = {}
   if args.mesh:
     cases = {
-      "one device": step_config(batch=MESH_BATCH),
-      "dp (data 8)": step_config(preset="dp", shape=(("data", 8),), batch=MESH_BATCH),
-      "fsdp (fsdp 8)": step_config(preset="fsdp", shape=(("fsdp", 8),), batch=MESH_BATCH),
-      "tp (data 2 x model 4)": step_config(
+      "one device": config_of(batch=MESH_BATCH),
+      "dp (data 8)": config_of(preset="dp", shape=(("data", 8),), batch=MESH_BATCH),
+      "fsdp (fsdp 8)": config_of(preset="fsdp", shape=(("fsdp", 8),), batch=MESH_BATCH),
+      "tp (data 2 x model 4)": config_of(
         preset="tp", shape=(("data", 2), ("model", 4)), batch=MESH_BATCH
       ),
-      "fsdp_tp (fsdp 2 x model 4)": step_config(
+      "fsdp_tp (fsdp 2 x model 4)": config_of(
         preset="fsdp_tp", shape=(("fsdp", 2), ("model", 4)), batch=MESH_BATCH
       ),
     }
     variants = {name: (c, False) for name, c in cases.items()}
   else:
     variants = {
-      "CuMA step (forward, backward, AdamW)": (step_config("cuma"), False),
-      "CuMA forward only": (step_config("cuma"), True),
-      "LoRA r=64 step (no routers, one expert)": (step_config("lora"), False),
+      "CuMA step (forward, backward, AdamW)": (config_of("cuma"), False),
+      "CuMA forward only": (config_of("cuma"), True),
+      "LoRA r=64 step (no routers, one expert)": (config_of("lora"), False),
       "CuMA step, each layer rematerialised (remat=full)": (
-        step_config("cuma", remat="full"),
+        config_of("cuma", remat="full"),
         False,
       ),
     }
-  for name, (config, forward_only) in variants.items():
-    run, _ = build(config, forward_only)
-    seconds = time_step(run, args.repeats)
+  product, product_flops = matmul()
+  runs = {MATMUL: product}
+  runs.update(
+    {name: build(config, forward_only)[0] for name, (config, forward_only) in variants.items()}
+  )
+  times, cpu_times = time_rounds(runs, args.repeats)
+  seconds = medians(times)
+  rate = product_flops / seconds[MATMUL]
+  for name, (config, _) in variants.items():
     tokens = config.data.batch_size * LENGTH
-    rows[name] = {"seconds": seconds, "tokens_per_second": tokens / seconds}
+    rows[name] = {"seconds": seconds[name], "tokens_per_second": tokens / seconds[name]}
   first_config = next(iter(variants.values()))[0]
   flops = plan.model_flops(first_config, MODEL_CONFIG)["train step"]
   main_row = next(iter(rows.values()))
+  # Each round's step against the matmul of the same round: the machine's load changes.
+  fractions, cpu_fractions = (
+    [
+      flops / step * matmul_seconds / product_flops
+      for step, matmul_seconds in zip(t[next(iter(rows))], t[MATMUL])
+    ]
+    for t in (times, cpu_times)
+  )
   result = {
     "matmul_gflops": rate / 1e9,
     "model_gflop_per_step": flops / 1e9,
     "step_gflops": flops / main_row["seconds"] / 1e9,
-    "fraction_of_matmul_rate": flops / main_row["seconds"] / rate,
+    "fraction_of_matmul_rate": statistics.median(fractions),
+    "fraction_per_round": fractions,
+    "fraction_of_matmul_rate_by_cpu_time": statistics.median(cpu_fractions),
+    "fraction_by_cpu_time_per_round": cpu_fractions,
     "rows": rows,
   }
   if args.json:
     print(json.dumps(result, indent=2))
     return
-  print(f"2048x2048 fp32 matmul: {rate / 1e9:.1f} GFLOP/s (median of 10)")
+  print(f"2048x2048 fp32 matmul: {rate / 1e9:.1f} GFLOP/s (median of {args.repeats})")
   print(
     f"model FLOPs per CuMA step (batch {first_config.data.batch_size} x {LENGTH}): "
     f"{flops / 1e9:.2f} GFLOP"
@@ -232,7 +306,14 @@ def main():
     print(f"| {name} | {row['seconds'] * 1e3:.1f} | {row['tokens_per_second']:.0f} |")
   print(
     f"{next(iter(rows))}: {result['step_gflops']:.1f} GFLOP/s = "
-    f"{100 * result['fraction_of_matmul_rate']:.0f}% of the matmul rate"
+    f"{100 * result['fraction_of_matmul_rate']:.0f}% of the matmul rate (median over rounds "
+    f"of the ratio to the same round's matmul; rounds: "
+    f"{', '.join(f'{100 * f:.0f}%' for f in fractions)})"
+  )
+  print(
+    f"by CPU time (work done, whatever the load): "
+    f"{100 * result['fraction_of_matmul_rate_by_cpu_time']:.0f}% of the matmul's rate (rounds: "
+    f"{', '.join(f'{100 * f:.0f}%' for f in cpu_fractions)})"
   )
 
 

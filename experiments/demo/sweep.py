@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     return {**dataclasses.asdict(candidate), "accuracy": m["accuracy"], "emd": m["emd_mean"]}
 
   rows, reading = [], {}
+  steps = args.steps or presets.experiment_config("cuma", "demo").train.num_steps
   # The demo's profile-reading backbone: every rate of every method; then the profile-blind
   # backbone, each method at the rate it was chosen at.
   for warmup in ("profile_reading", "profile_blind"):
@@ -202,10 +203,10 @@ def main(argv=None) -> int:
     else:
       chosen = {method: row["learning_rate"] for (method, _), row in choose(rows).items()}
       candidates = [Candidate(m, chosen[m], warmup) for m in METHODS]
-    rows += [score(candidate, backbone, data_dir) for candidate in candidates]
-  seconds = time.time() - start
-  steps = args.steps or presets.experiment_config("cuma", "demo").train.num_steps
-  write_report(rows, choose(rows), reading, args.out, seconds, rate, steps)
+    for candidate in candidates:
+      rows.append(score(candidate, backbone, data_dir))
+      # Rewritten after each candidate: an interrupted sweep still shows what it measured.
+      write_report(rows, choose(rows), reading, args.out, time.time() - start, rate, steps)
   log(f"wrote {args.out}/sweep.md and sweep.json")
   return 0
 
