@@ -110,6 +110,8 @@ SELECTION_GRID = {
   TOP_K: (1e-3, 3e-3, 1e-2),
 }
 SELECTION_FILE = "regime_selection.json"
+# The reference drawn dashed in the figure: the mean-collapsed prediction.
+POPULATION_MEAN = "population-mean predictor"
 # (regime.csv column, metric key); the gaps are computed from these and the optimum's.
 METRICS = (("accuracy", "accuracy"), ("emd", "emd_mean"), ("diversity", "profile_diversity"))
 
@@ -306,11 +308,12 @@ def sweep(scale: Scale, groups, seeds, warmup: str, workdir: str, log, save) -> 
   return result
 
 
-def gaps(entry: dict, method: str) -> dict[str, tuple[float, float]]:
+def gaps(entry: dict, method: str, predictor: str = "model") -> dict[str, tuple[float, float]]:
   """(mean, std over seeds) of the method's accuracy and EMD gaps to the optimum, and of its
-  own accuracy, EMD and profile diversity."""
+  own accuracy, EMD and profile diversity (``predictor="population_mean"``: of the
+  population-mean predictor, as recorded beside the method's runs)."""
   runs = entry["methods"][method]["seeds"]
-  model = lambda key: [r["test"]["model"][key] for r in runs]  # noqa: E731
+  model = lambda key: [r["test"][predictor][key] for r in runs]  # noqa: E731
   optimum = lambda key: [r["test"]["optimum"][key] for r in runs]  # noqa: E731
   return {
     "accuracy_gap": study.summarize(list(np.subtract(optimum("accuracy"), model("accuracy")))),
@@ -335,8 +338,13 @@ def plot(result: dict, out: str) -> None:
       method: [(k, *gaps(e, method)[key]) for k, e in by_cultures if method in e["methods"]]
       for method in METHODS
     }
+    lines[POPULATION_MEAN] = [
+      (k, *gaps(e, next(iter(e["methods"])), "population_mean")[key]) for k, e in by_cultures
+    ]
     panels[title] = {method: points for method, points in lines.items() if points}
-  figure = figures.lines_with_errors(panels, xlabel="number of latent cultures", log_x=True)
+  figure = figures.lines_with_errors(
+    panels, xlabel="number of latent cultures", log_x=True, dashed=(POPULATION_MEAN,)
+  )
   figures.save(figure, os.path.join(out, "figures"), "regime_map.png")
   plt.close(figure)
 
@@ -473,7 +481,11 @@ def _findings(rows: list[dict]) -> list[str]:
     order = " < ".join(
       f"{r['method']} {study.fmt(r['accuracy_gap'], r['accuracy_gap_std'], 3)}" for r in ranked
     )
-    lines.append(f"- {k} cultures, accuracy gap: {order}.")
+    mean_collapse = ranked[0]["optimum_accuracy"] - ranked[0]["population_mean_accuracy"]
+    lines.append(
+      f"- {k} cultures, accuracy gap: {order} (the population-mean predictor's: "
+      f"{mean_collapse:.3f})."
+    )
   return lines
 
 
