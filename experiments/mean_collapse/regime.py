@@ -376,6 +376,8 @@ def write_report(saved: dict, out: str) -> None:
           "optimum_accuracy": first["optimum"]["accuracy"],
           "optimum_emd": first["optimum"]["emd_mean"],
           "population_mean_accuracy": first["population_mean"]["accuracy"],
+          "population_mean_accuracy_gap": gaps(entry, method, "population_mean")["accuracy_gap"][0],
+          "population_mean_emd_gap": gaps(entry, method, "population_mean")["emd_gap"][0],
           "truncated_tokens": sum(r["truncated_tokens"] for r in info["seeds"]),
         }
       )
@@ -470,21 +472,21 @@ def _selection_table(selection: dict, saved: dict) -> list[str]:
 
 
 def _findings(rows: list[dict]) -> list[str]:
-  """Which method is nearest the optimum at each number of cultures, and by how much."""
+  """The methods by their gap to the optimum at each number of cultures, nearest first,
+  beside the population-mean predictor's (mean collapse)."""
   lines = []
   counts = sorted({row["num_cultures"] for row in rows if _on_axis(row, "num_cultures")})
-  for k in counts:
+  for k, (gap, name) in itertools.product(
+    counts, (("accuracy_gap", "accuracy"), ("emd_gap", "EMD"))
+  ):
     ranked = sorted(
       (r for r in rows if _on_axis(r, "num_cultures") and r["num_cultures"] == k),
-      key=lambda r: r["accuracy_gap"],
+      key=lambda r: r[gap],
     )
-    order = " < ".join(
-      f"{r['method']} {study.fmt(r['accuracy_gap'], r['accuracy_gap_std'], 3)}" for r in ranked
-    )
-    mean_collapse = ranked[0]["optimum_accuracy"] - ranked[0]["population_mean_accuracy"]
+    order = " < ".join(f"{r['method']} {study.fmt(r[gap], r[f'{gap}_std'], 3)}" for r in ranked)
     lines.append(
-      f"- {k} cultures, accuracy gap: {order} (the population-mean predictor's: "
-      f"{mean_collapse:.3f})."
+      f"- {k} cultures, {name} gap: {order} (the population-mean predictor's: "
+      f"{ranked[0][f'population_mean_{gap}']:.3f})."
     )
   return lines
 
