@@ -488,6 +488,34 @@ def _findings(rows: list[dict]) -> list[str]:
       f"- {k} cultures, {name} gap: {order} (the population-mean predictor's: "
       f"{ranked[0][f'population_mean_{gap}']:.3f})."
     )
+  on_axis = [r for r in rows if _on_axis(r, "num_cultures")]
+  for gap, name in (("accuracy_gap", "accuracy"), ("emd_gap", "EMD")):
+    beaten = {
+      k: [
+        r["method"]
+        for r in on_axis
+        if r["num_cultures"] == k and r[gap] < r[f"population_mean_{gap}"]
+      ]
+      for k in counts
+    }
+    lines.append(
+      f"- Nearer the optimum than the population-mean predictor in {name}: "
+      + "; ".join(f"{k} cultures: {', '.join(m) or 'none'}" for k, m in beaten.items())
+      + "."
+    )
+  by = {(r["num_cultures"], r["method"]): r for r in on_axis}
+  pairs = [k for k in counts if (k, SOFT) in by and (k, TOP_K) in by]
+  if pairs:
+    lines.append(
+      "- CuMA top-2's gap minus the soft mixture's (positive: sparse routing is further from "
+      "the optimum): "
+      + "; ".join(
+        f"{k} cultures: accuracy {by[k, TOP_K]['accuracy_gap'] - by[k, SOFT]['accuracy_gap']:+.3f}, "
+        f"EMD {by[k, TOP_K]['emd_gap'] - by[k, SOFT]['emd_gap']:+.3f}"
+        for k in pairs
+      )
+      + "."
+    )
   return lines
 
 
