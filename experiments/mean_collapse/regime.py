@@ -407,9 +407,18 @@ def _page(saved: dict, rows: list[dict]) -> str:
     "",
   ]
   if not saved["complete"]:
+    groups = QUICK_GROUPS if saved["preset"] == QUICK_SCALE.preset else CONDITION_GROUPS
+    missing = [
+      f"{c.num_cultures} cultures, consensus fraction {c.consensus_fraction:g}, answer width "
+      f"{c.answer_width:g}"
+      for group in groups
+      for c in group
+      if c.name not in saved["conditions"]
+    ]
     lines += [
-      "**Incomplete:** the sweep was stopped before every run finished; the tables show the "
-      "runs that did (the `seeds` column counts them).",
+      "**Incomplete:** this page was written before the sweep finished; the tables show the "
+      "runs that had (the `seeds` column counts them)."
+      + (f" Not run at all: {'; '.join(missing)}." if missing else ""),
       "",
     ]
   lines += [
