@@ -152,3 +152,30 @@ def emd_curves(curves: Mapping[str, Sequence[float]], dashed: Sequence[str] = ()
   ax.set_ylabel("fraction of questions")
   ax.legend(fontsize=6, ncol=2)
   return fig
+
+
+def lines_with_errors(
+  panels: Mapping[str, Mapping[str, Sequence[tuple[float, float, float]]]],
+  xlabel: str,
+  log_x: bool = False,
+  dashed: Sequence[str] = (),
+):
+  """One panel per title of ``panels``, one line per label with error bars: each point is
+  (x, mean, std); the labels in ``dashed`` (references) are drawn dashed."""
+  fig, axes = plt.subplots(
+    1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, constrained_layout=True
+  )
+  for ax, (title, lines) in zip(axes[0], panels.items()):
+    for label, points in lines.items():
+      x, mean, std = np.asarray(points, dtype=float).T
+      style = "--" if label in dashed else "-"
+      ax.errorbar(x, mean, yerr=std, fmt=style, label=label, marker="o", ms=3, lw=1.2, capsize=3)
+    if log_x:
+      ax.set_xscale("log", base=2)
+      ticks = sorted({p[0] for points in lines.values() for p in points})
+      ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.axhline(0.0, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+  return fig

@@ -98,7 +98,7 @@ REFERENCES = (
 )
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
   return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
@@ -126,9 +126,10 @@ def run_config(run: Run, preset: str, seed: int, steps: int, backbone: str, data
   return c
 
 
-def shared_inputs(preset: str, workdir: str, log):
-  """The prepared survey and the warmed-up tiny backbone every run reads."""
-  config = presets.experiment_config("cuma", preset)
+def shared_inputs(preset: str, workdir: str, log, overrides: presets.Overrides | None = None):
+  """The prepared survey and the warmed-up tiny backbone every run reads (``overrides``: of the
+  data and the backbone's warm-up, as the runs will set them)."""
+  config = presets.experiment_config("cuma", preset, overrides=overrides)
   data = job.load_data(config, workdir, log)
   backbone = tiny_backbone.build_warmed_up(config, os.path.join(workdir, "assets"), data, log)
   return config, data, backbone
@@ -214,10 +215,10 @@ def write_tables(rows: list[dict], probe: dict, out: str, seeds, steps, preset, 
     "|" + "---|" * len(header),
   ]
   for row in rows:
-    cells = [row["method"], _fmt(row["trainable_percent"], None, 3)]
+    cells = [row["method"], fmt(row["trainable_percent"], None, 3)]
     for name, *_ in COLUMNS:
       digits = 1 if name == "emd_auc_released" else 2 if name == "profile_diversity" else 4
-      cells.append(_fmt(row[name], row[f"{name}_std"], digits))
+      cells.append(fmt(row[name], row[f"{name}_std"], digits))
     lines.append("| " + " | ".join(cells) + " |")
   splits = list(next(iter(probe.values())))
   lines += [
@@ -245,7 +246,7 @@ def write_tables(rows: list[dict], probe: dict, out: str, seeds, steps, preset, 
     f.write("\n".join(lines))
 
 
-def _fmt(mean, std, digits: int) -> str:
+def fmt(mean, std, digits: int) -> str:
   if mean == "" or mean is None:
     return "—"
   text = f"{mean:.{digits}f}"
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
     for seed in seeds:
       for run in RUNS:
         c = run_config(run, preset, seed, steps, backbone, data_dir)
-        run_dir = _run_dir(workdir, run, seed)
+        run_dir = run_workdir(workdir, run, seed)
         log(f"{run.label}, seed {seed}: {run_dir}")
         results[run.label].append(job.run(c, run_dir, log=lambda *_: None)["trained"])
         m = results[run.label][-1]["test"]["model"]
@@ -354,14 +355,14 @@ def main(argv=None) -> int:
     ]
   _save(figures.emd_curves(curves, dashed=dict(REFERENCES)), args.out, "emd_curves.png")
   topology = next(run for run in RUNS if run.label == TOPOLOGY_RUN)
-  experiment = job.restore(_run_dir(workdir, topology, seeds[0]), log=lambda *_: None)
+  experiment = job.restore(run_workdir(workdir, topology, seeds[0]), log=lambda *_: None)
   plot_topology(experiment, data.oracle, args.out)
   log(f"wrote {args.out}/results.md, results.csv, results.json and figures/")
   return 0
 
 
-def _run_dir(workdir: str, run: Run, seed: int) -> str:
-  return os.path.join(workdir, f"{_slug(run.label)}_seed{seed}")
+def run_workdir(workdir: str, run: Run, seed: int) -> str:
+  return os.path.join(workdir, f"{slug(run.label)}_seed{seed}")
 
 
 if __name__ == "__main__":
