@@ -118,6 +118,8 @@ def run_config(run: Run, preset: str, seed: int, steps: int, backbone: str, data
       "train.progress_bar": False,
       "eval.untrained": False,
       "eval.baselines": (),
+      "eval.lora_baseline_rank": 0,
+      "eval.baseline_learning_rates": (),
       **dict(run.overrides),
     },
   )
