@@ -91,8 +91,9 @@ def demo() -> ml_collections.ConfigDict:
   Every method reads the profile as text in the system prompt (CuMA's routers read it as z
   too), on a backbone warmed up to read profiles but never shown a culture's answers. The
   baselines get CuMA's data, steps and trainable-parameter budget (LoRA's rank matched by
-  cuma_jax.param_count); each method's learning rate, the encoder width and the steps were
-  chosen on the validation split (experiments/demo/results.md).
+  cuma_jax.param_count); each method's learning rate was chosen on the validation split
+  (experiments/demo/sweep.md); the steps are set by the demo's 10-minute budget and the
+  encoder width is the earlier demo's, not re-chosen.
 
   Expected (test split, experiments/demo/results.md): CuMA accuracy 0.3503 and EMD 0.1405,
   the LoRA baseline 0.2128 and 0.2285.
