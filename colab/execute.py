@@ -54,7 +54,7 @@ def with_parameters(notebook, parameters: dict[str, str]):
       f"parameters {unknown} are not in the notebook's parameters cell; it has "
       f"{parameter_names(notebook)}"
     )
-  for name, source in parameters.items():
+  for _name, source in parameters.items():
     ast.parse(source, mode="eval")  # a malformed value fails here, before a kernel starts
   copy = nbformat.from_dict(notebook)
   if parameters:

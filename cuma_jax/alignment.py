@@ -340,14 +340,14 @@ def _grpo(aligned: Aligned, params: dict):
           max_prompt_length=g.max_prompt_length,
           batch_size=config.eval.batch_size,
         )
-      references.update(zip(missing, replies))
+      references.update(zip(missing, replies, strict=True))
     return [references[int(i)] for i in indices]
 
   def reward(indices: np.ndarray, texts: list[str]) -> np.ndarray:
     records = source.__getitems__([int(i) for i in indices])
     cases = [
       judging.Case(as_text(r["profile"]), aligned.context(chat.messages_of(r)), reference, text)
-      for r, reference, text in zip(records, reference_replies(indices), texts)
+      for r, reference, text in zip(records, reference_replies(indices), texts, strict=True)
     ]
     return np.asarray(judging.rewards(judge, cases), np.float32)
 
@@ -506,7 +506,7 @@ def references(aligned: Aligned, ev: Evaluation) -> dict:
   out = {}
   for name in ("optimum", "population_mode"):
 
-    def option(profile: str, question: str) -> int:
+    def option(profile: str, question: str, name: str = name) -> int:
       if name == "optimum":
         return int(np.argmax(oracle.distribution(profile, question)))
       return oracle.population_reply(question)
@@ -521,7 +521,9 @@ def references(aligned: Aligned, ev: Evaluation) -> dict:
         "rows": len(answers),
       }
     questions = [c["messages"][-1]["content"] for c in ev.cases]
-    replies = [oracle.reply(q, option(c["profile"], q)) for c, q in zip(ev.cases, questions)]
+    replies = [
+      oracle.reply(q, option(c["profile"], q)) for c, q in zip(ev.cases, questions, strict=True)
+    ]
     result["win_rate"], _ = evaluation.win_rate(
       ev.judge, ev.cases, replies, ev.base_replies, seed=aligned.config.preference.eval.swap_seed
     )

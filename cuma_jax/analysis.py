@@ -10,8 +10,8 @@ is the paper's "cultural topology".
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,7 @@ def routing_usage(experiment, split: str, max_examples: int | None = None) -> Ro
       break
   present = tokens > 0
   return RoutingUsage(
-    profiles=tuple(p for p, keep in zip(tables.profiles, present) if keep),
+    profiles=tuple(p for p, keep in zip(tables.profiles, present, strict=True) if keep),
     tokens=tokens[present],
     usage={r: u[present] / tokens[present, None, None] for r, u in usage.items()},
   )

@@ -21,10 +21,10 @@ only thousands of distinct profiles).  Pooling modes of the decoder:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import os
 import re
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +94,7 @@ class DemographicEncoder:
       chunk = todo[start : start + self.batch_size]
       ids, mask = self._tokenize(chunk)
       vectors = np.asarray(self._encode(self.params, ids, mask))
-      self._cache.update(zip(chunk, vectors))
+      self._cache.update(zip(chunk, vectors, strict=True))
     if not texts:
       return np.zeros((0, self.dim), np.float32)
     return np.stack([self._cache[t] for t in texts]).astype(np.float32)
@@ -118,7 +118,7 @@ class DemographicEncoder:
 def word_ngrams(text: str) -> list[str]:
   """Lower-cased words and word bigrams: "age group: 25-34" -> age, group, 25, 34, age group, ..."""
   words = re.findall(r"\w+", text.lower())
-  return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+  return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=True)]
 
 
 class FittedNgramEncoder:
@@ -210,7 +210,7 @@ class PrecomputedEncoder:
       )
     self.path = os.fspath(path)
     self.dim = embeddings.shape[1]
-    self._table = dict(zip(profiles.tolist(), embeddings))
+    self._table = dict(zip(profiles.tolist(), embeddings, strict=True))
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     missing = [t for t in texts if t not in self._table]

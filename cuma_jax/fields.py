@@ -8,9 +8,10 @@ metadata and tries an out-of-range value for every numeric field.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # How a field may change when a run resumes from a checkpoint written with another value.
 IDENTITY = "identity"  # defines the experiment: a change is refused
@@ -61,9 +62,9 @@ class Spec:
       return False
     if self.low is not None and (value <= self.low if self.low_open else value < self.low):
       return False
-    if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-      return False
-    return True
+    return not (
+      self.high is not None and (value >= self.high if self.high_open else value > self.high)
+    )
 
 
 def field(default: Any, **spec) -> Any:

@@ -7,9 +7,9 @@ notebook, written by :func:`save`); none calls ``pyplot.show``. The mean-collaps
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import json
 import os
-from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -39,11 +39,11 @@ def training_curves(
   fig, axes = plt.subplots(
     1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False, constrained_layout=True
   )
-  for ax, key in zip(axes[0], keys):
+  for ax, key in zip(axes[0], keys, strict=True):
     for label, records in runs.items():
       points = [(r["step"], r[key]) for r in records if key in r]
       if points:
-        ax.plot(*zip(*points), label=label, lw=1.2)
+        ax.plot(*zip(*points, strict=True), label=label, lw=1.2)
     ax.set_xlabel("step")
     ax.set_title(key.replace("_", " "), fontsize=9)
     ax.legend(fontsize=7)
@@ -65,7 +65,7 @@ def metric_bars(
     squeeze=False,
     constrained_layout=True,
   )
-  for ax, (key, name) in zip(axes[0], metrics):
+  for ax, (key, name) in zip(axes[0], metrics, strict=True):
     values = [rows[label][key] for label in labels]
     ax.barh(labels, values, color=[colours[i % len(colours)] for i in range(len(labels))])
     for y, value in enumerate(values):
@@ -95,7 +95,7 @@ def cultural_topology(groups: Mapping[str, Mapping[str, np.ndarray]], title: str
     constrained_layout=True,
   )
   top = max(float(groups[g][r].max()) for g in names for r in routers)
-  for ax, router in zip(axes[0], routers):
+  for ax, router in zip(axes[0], routers, strict=True):
     matrix = np.concatenate([groups[g][router] for g in names])
     image = ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0.0, vmax=top)
     for boundary in range(1, len(names)):
@@ -143,7 +143,7 @@ def emd_curves(curves: Mapping[str, Sequence[float]], dashed: Sequence[str] = ()
   thresholds = np.linspace(0.0, 0.6, 61)
   fig, ax = plt.subplots(figsize=(5.2, 3.6), constrained_layout=True)
   colours = plt.get_cmap("tab20").colors  # one colour per curve (the default cycle has 10)
-  for (label, emds), colour in zip(curves.items(), colours):
+  for (label, emds), colour in zip(curves.items(), colours, strict=True):
     emds = np.asarray(emds)
     fraction = [(emds <= t).mean() for t in thresholds]
     style = "--" if label in dashed else "-"
@@ -165,7 +165,7 @@ def lines_with_errors(
   fig, axes = plt.subplots(
     1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False, constrained_layout=True
   )
-  for ax, (title, lines) in zip(axes[0], panels.items()):
+  for ax, (title, lines) in zip(axes[0], panels.items(), strict=True):
     for label, points in lines.items():
       x, mean, std = np.asarray(points, dtype=float).T
       style = "--" if label in dashed else "-"

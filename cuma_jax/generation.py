@@ -79,7 +79,7 @@ def align_right(input_ids: np.ndarray, attention_mask: np.ndarray, pad_token: in
   lengths = attention_mask.sum(1)
   length = input_ids.shape[1]
   starts = np.argmax(attention_mask, axis=1)
-  for row, (start, n) in enumerate(zip(starts, lengths)):
+  for row, (start, n) in enumerate(zip(starts, lengths, strict=True)):
     if not attention_mask[row, start : start + n].all():
       raise ValueError(f"row {row} of attention_mask is not one contiguous block of tokens")
   if np.any(lengths == 0):

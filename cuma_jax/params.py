@@ -9,7 +9,8 @@ may stay in bfloat16 while the trainable part is kept as float32 master weights.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from flax import traverse_util
 import jax

@@ -548,7 +548,7 @@ def _check_baseline_rates(e: EvalSection) -> None:
     pair[0] if isinstance(pair, tuple) and len(pair) == 2 else None
     for pair in e.baseline_learning_rates
   ]
-  for pair, method in zip(e.baseline_learning_rates, methods):
+  for pair, method in zip(e.baseline_learning_rates, methods, strict=True):
     rate = pair[1] if method is not None else None
     if (
       method not in e.baselines

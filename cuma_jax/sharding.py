@@ -270,7 +270,9 @@ def indivisible(boxed_params, sizes: dict[str, int], rules) -> list[str]:
   shapes = traverse_util.flatten_dict(nn.unbox(boxed_params))
   for path, logical in specs.items():
     mesh_spec = nn.logical_to_mesh_axes(logical, rules)
-    for dim, (size, axes, name) in enumerate(zip(shapes[path].shape, mesh_spec, logical)):
+    for dim, (size, axes, name) in enumerate(
+      zip(shapes[path].shape, mesh_spec, logical, strict=True)
+    ):
       axes = _as_tuple(axes)
       split = int(np.prod([sizes[a] for a in axes]))
       if size % split:

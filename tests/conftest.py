@@ -297,7 +297,7 @@ def main_job():
   while not os.path.exists(returncode):
     assert time.monotonic() < deadline, "the main job did not finish in 900 s"
     time.sleep(0.5)
-  read = lambda name: open(os.path.join(base, name)).read()  # noqa: E731
+  read = lambda name: pathlib.Path(base, name).read_text()  # noqa: E731
   args = [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS]
   completed = subprocess.CompletedProcess(
     args, int(read("returncode")), read("stdout.txt"), read("stderr.txt")

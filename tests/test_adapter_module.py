@@ -69,7 +69,7 @@ def test_router_z_split_equals_concat_mlp(hidden_dims, use_demographics):
 def test_router_parameter_count_equals_one_concat_matrix(hidden_dims):
   params = nn.unbox(_shapes(Router(num_experts=4, hidden_dims=hidden_dims), X, Z))
   widths = [D_IN + D_DEMO, *hidden_dims, 4]
-  expected = sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))
+  expected = sum(i * o + o for i, o in zip(widths[:-1], widths[1:], strict=True))
   assert sum(np.prod(v.shape) for v in jax.tree.leaves(params)) == expected
 
 

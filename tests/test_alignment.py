@@ -4,6 +4,7 @@ DPO, GRPO, evaluation, the LoRA baseline), resumed in eval mode; and the config 
 import collections
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def test_preference_job_runs_every_stage_and_reports(preference_run):
   assert all(0.0 <= r["reward"] <= 1.0 and r["completion_tokens"] >= 1 for r in grpo)
   assert (workdir / "adapters").is_dir()
 
-  results = json.load(open(workdir / "results.json"))
+  results = json.loads(pathlib.Path(workdir / "results.json").read_text())
   assert set(results) == {"base", "trained", "references", "baselines", "exports", "run"}
   assert "win_rate" not in results["base"]  # the base is what the others are judged against
   predictions = workdir / "predictions"
@@ -88,11 +89,11 @@ def test_preference_job_runs_every_stage_and_reports(preference_run):
 
 def test_eval_mode_restores_the_last_stage(preference_run):
   proc, workdir = preference_run
-  first = json.load(open(workdir / "results.json"))
+  first = json.loads(pathlib.Path(workdir / "results.json").read_text())
   again = _main(f"--workdir={workdir}", "--config.mode=eval", "--config.eval.baselines=()")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "sft:" not in again.stdout  # nothing trained
-  second = json.load(open(workdir / "results.json"))
+  second = json.loads(pathlib.Path(workdir / "results.json").read_text())
   assert second["trained"] == first["trained"]
   assert second["base"] == first["base"]
 

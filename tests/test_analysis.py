@@ -92,7 +92,7 @@ def test_routing_usage_per_profile(trained):
   # Tokens per profile, counted independently from the batches' attention masks.
   tokens = {}
   for batch in dataset:
-    for index, mask in zip(batch["profile_index"], batch["attention_mask"]):
+    for index, mask in zip(batch["profile_index"], batch["attention_mask"], strict=True):
       profile = tables.profiles[index]
       tokens[profile] = tokens.get(profile, 0) + int(mask.sum())
   assert usage.profiles == tuple(sorted(tokens))
@@ -107,7 +107,7 @@ def test_routing_usage_per_profile(trained):
     "up_proj",
     "down_proj",
   }
-  for router, u in usage.usage.items():
+  for _router, u in usage.usage.items():
     assert u.shape == (len(usage.profiles), num_layers, num_experts)
     # The released code's gates are a softmax over the top-k: each token's gates sum to 1.
     np.testing.assert_allclose(u.sum(-1), 1.0, rtol=1e-5)

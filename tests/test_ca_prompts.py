@@ -103,7 +103,7 @@ def test_letter_token_ids_are_the_reply_s_first_token(chat_tokenizer, chat_forma
   prompt = tokenizer.apply_chat_template(
     messages, add_generation_prompt=True, enable_thinking=False, return_dict=True
   )["input_ids"]
-  for letter, token in zip("ABCD", ids):
+  for letter, token in zip("ABCD", ids, strict=True):
     full = tokenizer.apply_chat_template(
       [*messages, {"role": "assistant", "content": letter}], return_dict=True
     )["input_ids"]

@@ -257,7 +257,7 @@ def test_profile_blind_sft_shows_another_profile(chat_tokenizer, owners):
     source.append(_record(f"c{row}", profiles[owner], messages))
   batch = _one_batch("sft", source, tokenizer, profiles=sorted(profiles), profile_blind=True)
   shown = []
-  for row, owner in enumerate(owners):
+  for row in range(len(owners)):
     arrays = {k: v[row] for k, v in batch.items()}
     text = tokenizer.decode(arrays["input_ids"][arrays["attention_mask"] == 1])
     named = [p for p in profiles if f"User Profile: {p}<|im_end|>" in text]
@@ -267,4 +267,6 @@ def test_profile_blind_sft_shows_another_profile(chat_tokenizer, owners):
     messages[0]["content"] = f"User Profile: {named[0]}"
     prompt, completion = _split(tokenizer, "qwen3", messages)
     _check_row(arrays, prompt, completion, LENGTHS.max_length)
-  assert all(s != o for s, o in zip(shown, owners)), f"rows show profiles {shown}, own {owners}"
+  assert all(s != o for s, o in zip(shown, owners, strict=True)), (
+    f"rows show profiles {shown}, own {owners}"
+  )

@@ -52,7 +52,9 @@ def _inputs(num_experts, shared_a, seed=0):
   a_shape = (D_IN, RANK) if shared_a else (num_experts, D_IN, RANK)
   shapes = [(B, T, D_IN), a_shape, (num_experts, RANK, D_OUT), (D_IN, num_experts), (B, T, D_OUT)]
   scales = [1.0, 0.5, 0.5, 1.0, 1.0]
-  return tuple(jnp.asarray(rng.normal(size=s) * c, jnp.float32) for s, c in zip(shapes, scales))
+  return tuple(
+    jnp.asarray(rng.normal(size=s) * c, jnp.float32) for s, c in zip(shapes, scales, strict=True)
+  )
 
 
 def _jit(fn):
@@ -76,7 +78,7 @@ def test_every_strategy_matches_einsum_oracle(num_experts, top_k, shared_a):
   want_out, want_grads = results.pop("oracle")
   for strategy, (out, grads) in results.items():
     np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5, err_msg=strategy)
-    for name, got, want in zip(("x", "a", "b", "router"), grads, want_grads):
+    for name, got, want in zip(("x", "a", "b", "router"), grads, want_grads, strict=True):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{strategy}: d/d{name}")
   if top_k > 1:  # the router really receives gradient through the gates
     assert float(jnp.abs(want_grads[3]).max()) > 1e-3
@@ -176,7 +178,7 @@ def test_ragged_on_a_mesh_sorts_each_devices_rows_and_matches_the_oracle():
   assert "shard_map" in hlo or "manual" in hlo  # the per-device path was taken
   want = jax.value_and_grad(oracle_loss, argnums=(0, 1, 2, 3))(x, a, b, router_w)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-  for name, g, w in zip(("x", "a", "b", "router"), got[1], want[1]):
+  for name, g, w in zip(("x", "a", "b", "router"), got[1], want[1], strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
 
 

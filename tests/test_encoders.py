@@ -16,7 +16,23 @@ from cuma_jax.encoders import DemographicEncoder, FittedNgramEncoder, Precompute
 @pytest.mark.parametrize("pooling", ["mean", "mean_unmasked", "last_token"])
 def test_demographic_encoder_matches_automodel_pooling(tiny_checkpoint, pretrained, pooling):
   directory, _ = tiny_checkpoint("qwen3_tied")
-  words = "you are a person from egypt chile japan age group 16-24 years old male female".split()
+  words = [
+    "you",
+    "are",
+    "a",
+    "person",
+    "from",
+    "egypt",
+    "chile",
+    "japan",
+    "age",
+    "group",
+    "16-24",
+    "years",
+    "old",
+    "male",
+    "female",
+  ]
   vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
   tokenizer = helpers.word_level_tokenizer(
     vocab, "<unk>", pad_token="<pad>", pre_tokenizer=pre_tokenizers.WhitespaceSplit()
@@ -82,7 +98,7 @@ def test_fitted_ngram_encoder_is_reduced_rank_ridge_on_word_ngrams(survey):
   assert set(vectorizer.vocabulary_) == set(encoder.vocabulary)
   width = options.max() + 1
   counts = np.zeros((len(distinct), questions.max() + 1, width))
-  for p, q, o in zip(profiles, questions, options):
+  for p, q, o in zip(profiles, questions, options, strict=True):
     counts[distinct.index(p), q, o] += 1
   population = counts.sum(0) / counts.sum((0, 2))[:, None]
   n = counts.sum(-1, keepdims=True)

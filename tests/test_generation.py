@@ -153,7 +153,7 @@ def test_sampling_filters_match_numpy():
     else:
       count = (np.cumsum(sorted_p, 1) - sorted_p < top_p).sum(1)
       allowed = [order[i, : count[i]] for i in range(len(order))]
-    assert all(t in a for t, a in zip(tokens, allowed))
+    assert all(t in a for t, a in zip(tokens, allowed, strict=True))
   with pytest.raises(ValueError, match=r"config\.sampling\.top_p=1\.5"):
     generation.SamplingConfig(top_p=1.5)
   with pytest.raises(ValueError, match="rng"):

@@ -43,7 +43,7 @@ def test_bfloat16_round_trip_and_sharded_export(tiny_checkpoint, tmp_path):
   )
   assert (out / "model.safetensors.index.json").is_file()
   _, reread = load_pretrained(out, dtype=jax.numpy.bfloat16)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reread)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reread), strict=True):
     assert a.dtype == b.dtype and np.array_equal(
       np.asarray(a, np.float32), np.asarray(b, np.float32)
     )

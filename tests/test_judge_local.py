@@ -153,7 +153,7 @@ def test_local_judge_keeps_case_order_across_batches(judge_checkpoint, monkeypat
 
   def fake_generate(module, params, ids, mask, sampling):
     rows = []
-    for row_ids, row_mask in zip(ids, mask):
+    for row_ids, row_mask in zip(ids, mask, strict=True):
       prompt = tokenizer.decode(row_ids[row_mask == 1])
       reply = next(a for key, a in answers.items() if key in prompt)
       rows.append(tokenizer.encode(reply) + [sampling.stop_tokens[0]])

@@ -2,6 +2,7 @@
 
 import ast
 import os
+import pathlib
 
 import cuma_jax
 
@@ -30,7 +31,7 @@ def _module_name(path):
 def _imports(path, modules):
   """cuma_jax modules imported by the file at ``path`` (at any depth in the file)."""
   found = set()
-  for node in ast.walk(ast.parse(open(path).read())):
+  for node in ast.walk(ast.parse(pathlib.Path(path).read_text())):
     if isinstance(node, ast.Import):
       found.update(a.name for a in node.names if a.name.startswith("cuma_jax"))
     elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cuma_jax"):

@@ -6,6 +6,7 @@ starts; its workdir is reused by the training-loop tests.
 
 import json
 import os
+import pathlib
 import re
 
 import numpy as np
@@ -21,7 +22,10 @@ def test_main_job_runs_end_to_end_on_tiny(main_job):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "trained: accuracy" in proc.stdout
   assert os.listdir(workdir / "train" / "checkpoints")
-  records = [json.loads(l) for l in open(workdir / "train" / "metrics.jsonl")]
+  records = [
+    json.loads(l)
+    for l in pathlib.Path(workdir / "train" / "metrics.jsonl").read_text().splitlines()
+  ]
   assert [r["step"] for r in records] == [1, 2, 3]
   assert all(np.isfinite(r["loss"]) and "expert_usage" in r for r in records)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "train" / "tb"))
@@ -33,7 +37,7 @@ def test_main_job_runs_end_to_end_on_tiny(main_job):
     for block in layer.values()
     for k in block
   )
-  results = json.load(open(workdir / "results.json"))
+  results = json.loads(pathlib.Path(workdir / "results.json").read_text())
   assert set(results["trained"]) == {"test", "zero_shot"}
   # The LoRA baseline (eval.baselines): trained beside the run, on its backbone, in its table.
   lora = workdir / "baselines" / "lora"
@@ -41,11 +45,14 @@ def test_main_job_runs_end_to_end_on_tiny(main_job):
   assert set(results["baselines"]["lora"]) == {"test", "zero_shot"}
   assert (
     results["baselines"]["lora"]["test"]["model"]
-    == json.load(open(lora / "results.json"))["trained"]["test"]["model"]
+    == json.loads(pathlib.Path(lora / "results.json").read_text())["trained"]["test"]["model"]
   )
-  saved = json.load(open(lora / "results.json"))["run"]["config"]
+  saved = json.loads(pathlib.Path(lora / "results.json").read_text())["run"]["config"]
   assert saved["method"] == "lora" and saved["model"]["checkpoint"].startswith(str(workdir))
-  assert [json.loads(l)["step"] for l in open(lora / "train" / "metrics.jsonl")] == [1, 2, 3]
+  assert [
+    json.loads(l)["step"]
+    for l in pathlib.Path(lora / "train" / "metrics.jsonl").read_text().splitlines()
+  ] == [1, 2, 3]
   assert not (lora / "tfds").exists() and not (lora / "assets").exists()  # shared, not rebuilt
   assert (workdir / "LOCK").read_text() == ""  # Released.
 

@@ -222,7 +222,9 @@ def test_summarize_wires_the_metrics():
   true_letters, pred_letters = to_letter[true_codes - 1], to_letter[pred_codes - 1]
   countries = rng.choice(["Egypt", "Peru"], size=n)
   fields = {"gender": rng.choice(["Male", "Female"], size=n), "age": rng.choice(["a", "b"], n)}
-  profiles = [f"{c}|{g}|{a}" for c, g, a in zip(countries, fields["gender"], fields["age"])]
+  profiles = [
+    f"{c}|{g}|{a}" for c, g, a in zip(countries, fields["gender"], fields["age"], strict=True)
+  ]
 
   out = metrics.summarize(
     pred_letters, true_letters, pred_codes, true_codes, qids, countries, fields, scales
@@ -273,7 +275,7 @@ def test_sigma_inequity_of_a_split_includes_country_by_default():
       "answer_option": 0,
       "demographics": {**{f: "same" for f in prompts.PROFILE_FIELDS}, "country": c, "gender": g},
     }
-    for c, g in zip(countries, genders)
+    for c, g in zip(countries, genders, strict=True)
   ]
   source = _Source(records, [{"question_id": "Q1", "scale_min": 1, "scale_max": 4}])
   chosen = [0 if ok else 1 for ok in correct]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import struct
 
 from tensorboardX.crc32c import crc32c
@@ -19,7 +20,7 @@ def _events(directory):
   """(step, tag) of every record of every event file, each record's CRCs checked (TFRecord)."""
   found = []
   for name in sorted(os.listdir(directory)):
-    blob = open(os.path.join(directory, name), "rb").read()
+    blob = pathlib.Path(directory, name).read_bytes()
     pos = 0
     while pos < len(blob):
       header = blob[pos : pos + 8]

@@ -56,7 +56,7 @@ def _run_two_processes(workdir, *overrides):
     for i in range(PROCESSES)
   ]
   outputs = [p.communicate(timeout=600) for p in procs]
-  for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+  for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
     assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}\n{err[-6000:]}"
   return [out for out, _ in outputs]
 

@@ -37,9 +37,10 @@ def test_one_step_updates_only_trainable_parameters(tiny_checkpoint, pretrained,
   updates, _ = tx.update(grads, tx.init(trainable), trainable)
   new = optax.apply_updates(trainable, updates)
   assert any(
-    not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(trainable))
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(trainable), strict=True)
   )
-  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 

@@ -71,7 +71,9 @@ def test_ca_accuracy_reads_each_row_s_last_prompt_token(ca_model):
   directory, tokenizer, torch_model = ca_model
   module, params = load_pretrained(directory)
   letters = ca_prompts.letter_token_ids(tokenizer)
-  expected, lengths = zip(*(_torch_letter(torch_model, tokenizer, r, letters) for r in CA_ROWS))
+  expected, lengths = zip(
+    *(_torch_letter(torch_model, tokenizer, r, letters) for r in CA_ROWS), strict=True
+  )
   assert len(set(lengths)) == len(CA_ROWS)  # every batch is padded
   assert expected == (1, 3, 0, 1, 1)  # the random model prefers different letters
 

@@ -65,7 +65,7 @@ def _record(index, prompt, chosen, rejected):
   }
 
 
-RECORDS = [_record(i, p, *pair) for i, (p, pair) in enumerate(zip(PROMPTS, PAIRS))]
+RECORDS = [_record(i, p, *pair) for i, (p, pair) in enumerate(zip(PROMPTS, PAIRS, strict=True))]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def _log_sigmoid(x):
 def _changed(before, after):
   return [
     not np.array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
   ]
 
 
@@ -183,7 +183,7 @@ def test_dpo_reference_loss_and_one_step(setup):
   assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
   assert jax.tree.structure(new_trainable) == jax.tree.structure(trainable)
   assert all(_changed(trainable, new_trainable))
-  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
 
   # A fixed reference (reference="sft": the adapters as the stage starts) is scored on the
@@ -213,7 +213,7 @@ def _sampling(tokenizer):
 
 def _scripted_reward(example_index, texts):
   """The decoded reply's length, plus 100 per prompt index (so that mixing prompts up shows)."""
-  return np.array([len(t) + 100 * i for i, t in zip(example_index, texts)], np.float32)
+  return np.array([len(t) + 100 * i for i, t in zip(example_index, texts, strict=True)], np.float32)
 
 
 def _strip_hidden(text):
@@ -275,7 +275,7 @@ def test_grpo_rollouts_rewards_advantages_loss_and_step(setup):
   policy = _full_logit_log_probs(module, params, *rows, z_rows)
   per_token = [
     -advantages.reshape(-1)[i] + kl_beta * (np.exp(r - p) - (r - p) - 1)
-    for i, (p, r) in enumerate(zip(policy, expected_ref))
+    for i, (p, r) in enumerate(zip(policy, expected_ref, strict=True))
   ]
   expected_loss = np.concatenate(per_token).sum() / sum(len(p) for p in per_token)
   model_batch = {k: jnp.asarray(prepared[k]) for k in objective.batch_keys}

@@ -226,7 +226,11 @@ def test_skip_counts(fixture_records):
 def test_every_record_has_every_key_with_its_type(fixture_records):
   records = [r for out in fixture_records[:2] for rows in out.values() for r in rows]
   types = dict(
-    zip(ps.RECORD_KEYS, (str, str, str, int, str, str, str, str, str, str, list, int, str, int))
+    zip(
+      ps.RECORD_KEYS,
+      (str, str, str, int, str, str, str, str, str, str, list, int, str, int),
+      strict=True,
+    )
   )
   for record in records:
     assert tuple(record) == ps.RECORD_KEYS
@@ -369,7 +373,7 @@ def test_prism_turns_count_from_the_first_and_stop_at_a_gap():
     (3, "user", "later", False),
     (3, "model", "ok", True),
   ]
-  history = [dict(zip(("turn", "role", "content", "if_chosen"), e)) for e in entries]
+  history = [dict(zip(("turn", "role", "content", "if_chosen"), e, strict=True)) for e in entries]
   row = {"conversation_id": 5, "user_id": "u", "conversation_history": history}
   out = ps.prism_records([row], [{"user_id": "u", "age": "30"}], counts)
   assert [(r["id"], r["profile"]) for r in out["sft"]] == [("prism:5:0:0", "Age: 30")]

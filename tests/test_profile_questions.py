@@ -21,7 +21,7 @@ def options_of(user: str) -> dict[str, str]:
   """Letter -> option text of a user turn, split at each next letter's marker in turn."""
   rest = user.split("? A. ", 1)[1].removesuffix(". " + prompts.INSTRUCTION)
   options = {}
-  for letter, following in zip(prompts.LETTERS, prompts.LETTERS[1:]):
+  for letter, following in zip(prompts.LETTERS, prompts.LETTERS[1:], strict=True):
     value, *tail = rest.split(f" {following}. ", 1)
     options[letter] = value
     if not tail:

@@ -137,7 +137,9 @@ def test_sharded_load_places_each_shard_as_the_preset_says(assets):
   for path, spec in FSDP_TP_SPECS.items():
     array = sharded[path]
     assert tuple(array.sharding.spec) + (None,) * (array.ndim - len(array.sharding.spec)) == spec
-    shard_shape = tuple(n // MESH_SIZES[a] if a else n for n, a in zip(array.shape, spec))
+    shard_shape = tuple(
+      n // MESH_SIZES[a] if a else n for n, a in zip(array.shape, spec, strict=True)
+    )
     # No device holds more than its own block of the tensor.
     assert {s.data.shape for s in array.addressable_shards} == {shard_shape}, path
   for path, array in sharded.items():

@@ -13,10 +13,11 @@ with a leading layer axis) or per layer, and both become ``{(layer, path): array
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 from flax import traverse_util
 import numpy as np

@@ -9,10 +9,11 @@ Export inverts the same rows, so import -> export is a bit-exact round trip.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
@@ -219,8 +220,10 @@ def import_params(
     placement = sharding.addressable_devices_indices_map(shape)
     keys = [_key(idx, shape) for idx in placement.values()]
     distinct = list(dict.fromkeys(keys))
-    shards = dict(zip(distinct, _read_shards(index, tensors, shape, np_dtype, distinct)))
-    arrays = [jax.device_put(shards[k], d) for d, k in zip(placement, keys)]
+    shards = dict(
+      zip(distinct, _read_shards(index, tensors, shape, np_dtype, distinct), strict=True)
+    )
+    arrays = [jax.device_put(shards[k], d) for d, k in zip(placement, keys, strict=True)]
     _set(params, path, jax.make_array_from_single_device_arrays(shape, sharding, arrays))
   return params
 
@@ -231,7 +234,7 @@ def _whole(shape) -> tuple[tuple[int, int], ...]:
 
 def _key(index, shape) -> tuple[tuple[int, int], ...]:
   """A device's index (a tuple of slices) as hashable (start, stop) pairs."""
-  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
 
 
 def _read_shards(index, tensors, shape, np_dtype, keys) -> list[np.ndarray]:
@@ -240,7 +243,7 @@ def _read_shards(index, tensors, shape, np_dtype, keys) -> list[np.ndarray]:
   shards = [np.empty([stop - start for start, stop in key], np_dtype) for key in keys]
   for layer, (hf_name, transform, target_shape) in enumerate(tensors):
     value = None
-    for shard, key in zip(shards, keys):
+    for shard, key in zip(shards, keys, strict=True):
       if stacked and not key[0][0] <= layer < key[0][1]:
         continue
       if value is None:  # Converted once, copied into every block that holds it.

@@ -7,11 +7,11 @@ Sharded checkpoints are read through ``model.safetensors.index.json``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import hashlib
 import json
 import os
 import struct
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np

@@ -31,7 +31,9 @@ def _question(row: Mapping) -> str:
   options = list(row["options"])
   if len(options) != len(LETTERS):
     raise ValueError(f"a CA row has {len(LETTERS)} options; got {len(options)}")
-  lettered = "\n".join(f"{letter}: {option}" for letter, option in zip(LETTERS, options))
+  lettered = "\n".join(
+    f"{letter}: {option}" for letter, option in zip(LETTERS, options, strict=True)
+  )
   return f"Question: {row['question']}\n\nOptions:\n{lettered}\n\nAnswer:"
 
 

@@ -21,10 +21,11 @@ so the generation header is never cut. Chat SFT may instead cut the whole thread
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

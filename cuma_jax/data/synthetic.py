@@ -260,7 +260,9 @@ class SyntheticSurveyConfig:
 
   def split_sizes(self) -> dict[str, int]:
     """Participants per split; splits of size 0 are left out."""
-    sizes = zip(SPLITS, (self.num_train, self.num_valid, self.num_test, self.num_zero_shot))
+    sizes = zip(
+      SPLITS, (self.num_train, self.num_valid, self.num_test, self.num_zero_shot), strict=True
+    )
     return {split: size for split, size in sizes if size > 0}
 
 
@@ -360,7 +362,7 @@ class SyntheticSurvey:
   def oracle(self) -> SurveyOracle:
     posterior: dict[str, np.ndarray] = {}
     for group in self.participants.values():
-      posterior.update(zip(group.profile_sentences(), group.posterior))
+      posterior.update(zip(group.profile_sentences(), group.posterior, strict=True))
     train = self.participants["train"]
     # Mean over the training examples (answered cells) of P(option | profile, question).
     per_example = np.einsum("pk,kqo->pqo", train.posterior, self.answer_given_culture)
@@ -386,8 +388,10 @@ class SyntheticSurvey:
         "answer_scale_max": "",
         "answer_data_type": "non_ordinal",
       }
-    for question, category in zip(self.questions, self.categories):
-      choices = {str(c): t for c, t in zip(question.option_codes, question.option_texts)}
+    for question, category in zip(self.questions, self.categories, strict=True):
+      choices = {
+        str(c): t for c, t in zip(question.option_codes, question.option_texts, strict=True)
+      }
       codebook[question.question_id] = {
         "question": question.text,
         "question_instruction": "",
@@ -420,7 +424,7 @@ class SyntheticSurvey:
             "D_INTERVIEW": int(pid),
             **{
               q.question_id: (q.option_codes[a] if a >= 0 else None)
-              for q, a in zip(self.questions, group.answers[i])
+              for q, a in zip(self.questions, group.answers[i], strict=True)
             },
           }
         )
@@ -551,7 +555,8 @@ def generate_survey(config: SyntheticSurveyConfig = SyntheticSurveyConfig()) -> 
     }
     values = {f: [names[f][i] for i in attributes[f]] for f in names}
     values["ethnicity"] = [
-      f"{countries[c]}: {ETHNICITIES[e]}" for c, e in zip(country, attributes["ethnicity"])
+      f"{countries[c]}: {ETHNICITIES[e]}"
+      for c, e in zip(country, attributes["ethnicity"], strict=True)
     ]
     participants[split] = Participants(
       ids=np.arange(next_id, next_id + size), values=values, posterior=posterior, answers=answers

@@ -12,12 +12,13 @@ remote API and is reproducible.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable, Sequence
 import copy
 import dataclasses
 import json
 import os
 import re
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -239,7 +240,7 @@ class LocalLMJudge:
     batch_size: int = 8,
     max_new_tokens: int = 16,
     stop_tokens: Sequence[int] | None = None,
-  ) -> "LocalLMJudge":
+  ) -> LocalLMJudge:
     """A judge over an already loaded ``(module, params)`` and its tokenizer."""
     judge = cls.__new__(cls)
     if stop_tokens is None:

@@ -285,7 +285,7 @@ def write_emd_input(
   with open(path, "w", newline="") as f:
     writer = csv.writer(f, delimiter="\t", lineterminator="\n")
     writer.writerow(["QUESTION_ID", "PARTICIPANT_ID", "SCORE"])
-    for qid, pid, score in zip(question_ids, participant_ids, scores):
+    for qid, pid, score in zip(question_ids, participant_ids, scores, strict=True):
       writer.writerow([str(qid), int(pid), int(score)])
 
 

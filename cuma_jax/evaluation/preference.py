@@ -137,7 +137,7 @@ def ca_accuracy(
   answers = [int(r["answer"]) for r in rows]
   records = [
     {"id": r["id"], "model": model.name, "mode": mode, "predicted": p, "answer": a}
-    for r, p, a in zip(rows, predictions, answers)
+    for r, p, a in zip(rows, predictions, answers, strict=True)
   ]
   return {
     "accuracy": metrics.accuracy(predictions, answers),
@@ -180,7 +180,7 @@ def generate_replies(
       rng=jax.random.fold_in(rng, i),
       layout=layout,
     )
-    for tokens, length in zip(out.tokens[: len(rows)], out.lengths[: len(rows)]):
+    for tokens, length in zip(out.tokens[: len(rows)], out.lengths[: len(rows)], strict=True):
       replies.append(strip_think(tokenizer.decode(tokens[:length], skip_special_tokens=True)))
   return replies
 
@@ -198,10 +198,10 @@ def win_rate(
   swaps = judging.position_swaps(len(cases), seed)
   shown = [
     judging.arrange(c["profile"], c["context"], m, b, bool(s))
-    for c, m, b, s in zip(cases, model_replies, base_replies, swaps)
+    for c, m, b, s in zip(cases, model_replies, base_replies, swaps, strict=True)
   ]
   verdicts = judge(shown)
-  outcomes = [judging.model_outcome(v, bool(s)) for v, s in zip(verdicts, swaps)]
+  outcomes = [judging.model_outcome(v, bool(s)) for v, s in zip(verdicts, swaps, strict=True)]
   raw = getattr(judge, "last_outputs", None) or [""] * len(cases)
   records = [
     {
@@ -216,7 +216,7 @@ def win_rate(
       "outcome": o,
     }
     for c, m, b, s, r, v, o in zip(
-      cases, model_replies, base_replies, swaps, raw, verdicts, outcomes
+      cases, model_replies, base_replies, swaps, raw, verdicts, outcomes, strict=True
     )
   ]
   return judging.win_rate(outcomes), records

@@ -136,7 +136,7 @@ def score_predictions(
     q["question_id"]: (q["scale_min"], q["scale_max"])
     for q in source.dataset_info.metadata["questions"]
   }
-  for qid, c in zip(qids, codes):
+  for qid, c in zip(qids, codes, strict=True):
     if scales.get(qid, (None, None))[0] is None:
       scales[qid] = (min(c), max(c))  # Non-ordinal questions: the option codes' range.
   demographics = {
@@ -150,8 +150,8 @@ def score_predictions(
     return metrics.summarize(
       pred_letters=np.array([prompts.LETTERS[o] for o in options]),
       true_letters=np.array([prompts.LETTERS[o] for o in true_option]),
-      pred_codes=np.array([c[o] for c, o in zip(codes, options)]),
-      true_codes=np.array([c[o] for c, o in zip(codes, true_option)]),
+      pred_codes=np.array([c[o] for c, o in zip(codes, options, strict=True)]),
+      true_codes=np.array([c[o] for c, o in zip(codes, true_option, strict=True)]),
       question_ids=qids,
       countries=demographics["country"],
       profile_fields=inequity_fields,
@@ -161,6 +161,8 @@ def score_predictions(
   result = {"model": summary(chosen_options)}
   if oracle is not None:
     profiles = [as_text(r["profile"]) for r in records]
-    result["optimum"] = summary([oracle.optimal_option(p, q) for p, q in zip(profiles, qids)])
+    result["optimum"] = summary(
+      [oracle.optimal_option(p, q) for p, q in zip(profiles, qids, strict=True)]
+    )
     result["population_mean"] = summary([oracle.population_option(q) for q in qids])
   return result

@@ -8,10 +8,11 @@ looked up in :data:`ROUTERS` (selected by ``adapter.router``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import chex
 import flax.linen as nn

@@ -8,8 +8,9 @@ and selects it with ``adapter.gate`` (see ``cuma_jax/layers/variants.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import chex
 import jax

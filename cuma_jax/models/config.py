@@ -57,7 +57,7 @@ class ModelConfig:
       )
 
   @classmethod
-  def from_hf(cls, hf_config: Any) -> "ModelConfig":
+  def from_hf(cls, hf_config: Any) -> ModelConfig:
     """Builds the config from a ``transformers.PretrainedConfig``."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -90,7 +90,7 @@ class ModelConfig:
     )
 
   @classmethod
-  def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
+  def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
     """Reads ``path/config.json`` (a checkpoint directory or the file itself)."""
     import transformers  # Deferred: only loading needs it.
 

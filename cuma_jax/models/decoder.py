@@ -457,7 +457,7 @@ class Decoder(nn.Module):
     for i in range(cfg.num_layers):
       layer_args = args[1:]
       if cache is not None:
-        layer_args = (*args[1:5], jax.tree.map(lambda c: c[i], cache), cache_index)
+        layer_args = (*args[1:5], jax.tree.map(lambda c, i=i: c[i], cache), cache_index)
       x, out = layer_cls(**kwargs, name=f"layers_{i}")(x, *layer_args)
       per_layer.append(out)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else {}

@@ -221,7 +221,6 @@ def _survey_corpus(source):
   """Every text the prompts are made of: questions/options, profiles, system prompts."""
   for question in source.dataset_info.metadata["questions"]:
     yield question["text"] + " " + " ".join(question["option_texts"])
-  for profile in SurveyTables.of(source).profiles:
-    yield profile
+  yield from SurveyTables.of(source).profiles
   yield prompts.DEFAULT_SYSTEM_PROMPT
   yield prompts.INSTRUCTION

@@ -216,13 +216,13 @@ def community_alignment_rows() -> list[dict[str, Any]]:
   rows = []
   for conversation_id, profile, turns in _CA:
     row = {"conversation_id": conversation_id}
-    row.update((column, value) for (_, column), value in zip(ps.CA_PROFILE, profile))
+    row.update((column, value) for (_, column), value in zip(ps.CA_PROFILE, profile, strict=True))
     for index, turn in enumerate(ps.CA_TURNS):
       prompt, candidates, preference = (
         turns[index] if index < len(turns) else (None, (None,) * 4, None)
       )
       row[f"{turn}_turn_prompt"] = prompt
-      for letter, text in zip(ps.CA_CANDIDATES, candidates):
+      for letter, text in zip(ps.CA_CANDIDATES, candidates, strict=True):
         row[f"{turn}_turn_response_{letter}"] = text
       row[f"{turn}_turn_preferred_response"] = preference
     rows.append(row)

@@ -266,8 +266,10 @@ def write_wvb_fixture(root: str | Path) -> Path:
   """Writes the fixture (module docstring) under `root`; returns `root`."""
   splits = {}
   for split, participants in _PARTICIPANTS.items():
-    demographic = [dict(zip(_DEMOGRAPHIC_COLUMNS, d)) for d, _ in participants if d is not None]
-    values = [dict(zip(_VALUE_COLUMNS, v)) for _, v in participants]
+    demographic = [
+      dict(zip(_DEMOGRAPHIC_COLUMNS, d, strict=True)) for d, _ in participants if d is not None
+    ]
+    values = [dict(zip(_VALUE_COLUMNS, v, strict=True)) for _, v in participants]
     splits[split] = (demographic, values)
   splits["full"] = tuple(
     [row for split in ("train", "valid", "test") for row in splits[split][i]] for i in (0, 1)

@@ -12,11 +12,12 @@ back to the newest readable step, moving the unreadable ones aside, or stops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import hashlib
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 from flax import traverse_util
 import jax

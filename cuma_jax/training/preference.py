@@ -9,8 +9,9 @@ computed by the same module with the adapters switched off (no second backbone).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import chex
 import jax

@@ -7,8 +7,9 @@ last prompt position are ever projected onto the vocabulary: at Qwen3-8B scale t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

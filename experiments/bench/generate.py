@@ -14,6 +14,7 @@ ours / Hugging Face, measured in the same run.  Both produce identical tokens (c
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -115,8 +116,8 @@ def measure(
   times = {name: {"prefill": [], "full": []} for name in cases}
   for _ in range(repeats):
     for name, fn in cases.items():
-      times[name]["prefill"].append(_timed(lambda: fn(1))[0])
-      times[name]["full"].append(_timed(lambda: fn(new))[0])
+      times[name]["prefill"].append(_timed(functools.partial(fn, 1))[0])
+      times[name]["full"].append(_timed(functools.partial(fn, new))[0])
   result = {"batch": batch, "prompt": PROMPT, "new_tokens": new, "tokens_equal": tokens_equal}
   for name, t in times.items():
     prefill, full = statistics.median(t["prefill"]), statistics.median(t["full"])

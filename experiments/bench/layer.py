@@ -158,7 +158,7 @@ def flops(tokens, targets, adapter, experts_run=None, num_experts=EXPERTS):
     total += mm(D_MODEL, RANK, 2) + mm(RANK, D_Q, 2)
   elif adapter == "cuma":
     widths = (D_MODEL, *ROUTER_HIDDEN, num_experts)
-    total += sum(mm(i, o, 2) for i, o in zip(widths[:-1], widths[1:]))
+    total += sum(mm(i, o, 2) for i, o in zip(widths[:-1], widths[1:], strict=True))
     for t in targets:
       total += mm(D_MODEL, RANK, 2) + mm((experts_run or TOP_K) * RANK, d_out[t], 2)
   return total
@@ -180,7 +180,7 @@ def measure(cases: dict, repeats: int) -> dict:
 
 def ratio(times: dict, num: str, den: str) -> float:
   """Median over rounds of num/den, each round's pair measured back to back."""
-  return statistics.median(a / b for a, b in zip(times[num], times[den]))
+  return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
 def main():

@@ -278,7 +278,7 @@ def main():
   fractions, cpu_fractions = (
     [
       flops / step * matmul_seconds / product_flops
-      for step, matmul_seconds in zip(t[next(iter(rows))], t[MATMUL])
+      for step, matmul_seconds in zip(t[next(iter(rows))], t[MATMUL], strict=True)
     ]
     for t in (times, cpu_times)
   )

@@ -29,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -165,7 +166,7 @@ def summarize(out: str, statuses: list[dict], setup: dict) -> str:
   for s in statuses:
     path = os.path.join(out, f"{s['part']}.md")
     if os.path.exists(path):
-      lines += [open(path).read(), ""]
+      lines += [pathlib.Path(path).read_text(), ""]
   text = "\n".join(lines)
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(text)
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
   if args.archive:
     os.makedirs(args.archive, exist_ok=True)
     with open(os.path.join(args.archive, "summary.md"), "w") as f:
-      f.write(open(os.path.join(out, "summary.md")).read())
+      f.write(pathlib.Path(out, "summary.md").read_text())
     with tarfile.open(os.path.join(args.archive, "results.tar.gz"), "w:gz") as tar:
       for path in sorted(os.listdir(out)):
         if not path.startswith("."):

@@ -627,7 +627,7 @@ def main(argv=None) -> int:
       "seeds": seeds,
       "warmup": args.warmup,
       "matmul_gflops": rate,
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
       "complete": False,
       "selection": _read_json(os.path.join(args.out, SELECTION_FILE)),
     }
