@@ -7,8 +7,10 @@ survey's train split and scores it on `valid` (participants disjoint from train 
 
 - each method's learning rate: CuMA, and the LoRA baseline at CuMA's trainable-parameter
   budget, both reading the profile in the system prompt;
+- CuMA's profile-encoder width (``adapter.demographic_dim``, which sizes the router's input
+  and so CuMA's trainable parameters) at its chosen rate;
 - the backbone's warm-up: profile-blind (the survey without profiles) or profile-reading
-  (mixed with questions about each profile's own fields), for both methods at their rates.
+  (mixed with questions about each profile's own fields), for both methods at their settings.
 
 Writes ``sweep.md`` and ``sweep.json`` to ``--out``: one row per candidate with its valid
 accuracy and EMD, the choice (best valid accuracy per method and warm-up, ties to the lower
@@ -36,6 +38,7 @@ from cuma_jax.data.tokenize import ChatEncoder
 from cuma_jax.evaluation import predict
 from cuma_jax.evaluation.survey import sharded_choice
 from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
+from cuma_jax.param_count import count_parameters
 from cuma_jax.sharding import Layout
 from cuma_jax.tiny import backbone as tiny_backbone
 
@@ -48,6 +51,9 @@ import report  # noqa: E402
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 METHODS = ("lora", "cuma")  # the baseline first: its rate matters most to fairness
+# The preset's profile-encoder width, and the others tried for CuMA.
+DEMOGRAPHIC_DIM = presets.experiment_config("cuma", "demo").adapter.demographic_dim
+DEMOGRAPHIC_DIMS = (32, 64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +61,12 @@ class Candidate:
   method: str
   learning_rate: float
   warmup: str
+  demographic_dim: int = DEMOGRAPHIC_DIM
 
   @property
   def name(self) -> str:
-    return f"{self.method}_lr{self.learning_rate:g}_{self.warmup}"
+    width = "" if self.demographic_dim == DEMOGRAPHIC_DIM else f"_d{self.demographic_dim}"
+    return f"{self.method}_lr{self.learning_rate:g}_{self.warmup}{width}"
 
 
 def candidate_config(candidate: Candidate, backbone: str, data_dir: str, steps: int | None):
@@ -75,6 +83,7 @@ def candidate_config(candidate: Candidate, backbone: str, data_dir: str, steps: 
     overrides["train.num_steps"] = steps
   if candidate.method == "cuma":
     overrides["optim.learning_rate"] = candidate.learning_rate
+    overrides["adapter.demographic_dim"] = candidate.demographic_dim
     overrides["eval.baselines"] = ()
     overrides["eval.baseline_learning_rates"] = ()
     return presets.experiment_config("cuma", "demo", overrides=overrides)
@@ -133,6 +142,12 @@ def choose(rows: list[dict]) -> dict[tuple[str, str], dict]:
   return best
 
 
+def chosen_candidate(rows: list[dict], method: str) -> Candidate:
+  """``method``'s chosen settings on the profile-reading backbone (the demo's)."""
+  row = choose(rows)[(method, "profile_reading")]
+  return Candidate(**{f.name: row.get(f.name, f.default) for f in dataclasses.fields(Candidate)})
+
+
 def write_report(rows, chosen, reading, out: str, seconds, rate: float, steps: int) -> None:
   lines = [
     "# The demo's validation sweep",
@@ -140,17 +155,20 @@ def write_report(rows, chosen, reading, out: str, seconds, rate: float, steps: i
     f"`python experiments/demo/sweep.py`, {datetime.date.today()}, on a 2-core CPU whose "
     f"2048x2048 fp32 matmul ran at {rate / 1e9:.0f} GFLOP/s (median of 10); "
     f"{seconds / 60:.1f} min wall time (of this invocation: a candidate trained by an earlier "
-    "one is evaluated, not retrained). Preset `demo` ({steps} steps, seed 0), each candidate "
+    f"one is evaluated, not retrained). Preset `demo` ({steps} steps, seed 0), each candidate "
     "trained on `train` and scored on `valid` (250 participants disjoint from train and test). "
     "Test was not read.",
     "",
-    "| method | learning rate | backbone warm-up | valid accuracy | valid EMD ↓ | chosen |",
-    "|---|---|---|---|---|---|",
+    "| method | learning rate | encoder width | trainable parameters | backbone warm-up | "
+    "valid accuracy | valid EMD ↓ | chosen |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   picked = {id(r) for r in chosen.values()}
   for row in rows:
     lines.append(
-      f"| {row['method']} | {row['learning_rate']:g} | {row['warmup']} | "
+      f"| {row['method']} | {row['learning_rate']:g} | "
+      f"{row.get('demographic_dim', DEMOGRAPHIC_DIM) if row['method'] == 'cuma' else ''} | "
+      f"{row.get('trainable', ''):,} | {row['warmup']} | "
       f"{row['accuracy']:.4f} | {row['emd']:.4f} | {'✓' if id(row) in picked else ''} |"
     )
   lines += [
@@ -222,6 +240,13 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=None, help="training steps (preset's)")
   parser.add_argument("--learning_rates", type=float, nargs="+", default=LEARNING_RATES)
   parser.add_argument(
+    "--demographic_dims",
+    type=int,
+    nargs="+",
+    default=DEMOGRAPHIC_DIMS,
+    help="CuMA's profile-encoder widths, tried at its chosen rate on the profile-reading backbone",
+  )
+  parser.add_argument(
     "--warmups",
     nargs="+",
     choices=("profile_reading", "profile_blind"),
@@ -250,9 +275,20 @@ def main(argv=None) -> int:
     metrics = job.run(config, os.path.join(workdir, candidate.name), log=lambda *_: None)
     m = metrics["trained"]["valid"]["model"]
     log(f"  valid accuracy {m['accuracy']:.4f}  EMD {m['emd_mean']:.4f}")
-    return {**dataclasses.asdict(candidate), "accuracy": m["accuracy"], "emd": m["emd_mean"]}
+    return {
+      **dataclasses.asdict(candidate),
+      "trainable": count_parameters(config)["trainable"],
+      "accuracy": m["accuracy"],
+      "emd": m["emd_mean"],
+    }
 
   rows, reading = [], {}
+
+  def evaluate(candidate: Candidate, backbone: str, data_dir: str) -> None:
+    rows.append(score(candidate, backbone, data_dir))
+    # Rewritten after each candidate: an interrupted sweep still shows what it measured.
+    write_report(rows, choose(rows), reading, args.out, time.time() - start, rate, steps)
+
   steps = args.steps or presets.experiment_config("cuma", "demo").train.num_steps
   # The demo's profile-reading backbone: every rate of every method; then the profile-blind
   # backbone, each method at the rate it was chosen at.
@@ -264,17 +300,21 @@ def main(argv=None) -> int:
     if warmup == "profile_reading":
       candidates = [Candidate(m, lr, warmup) for m in METHODS for lr in args.learning_rates]
     else:
-      chosen = {method: row["learning_rate"] for (method, _), row in choose(rows).items()}
-      candidates = [Candidate(m, chosen[m], warmup) for m in METHODS]
+      candidates = [dataclasses.replace(chosen_candidate(rows, m), warmup=warmup) for m in METHODS]
     for candidate in candidates:
-      rows.append(score(candidate, backbone, data_dir))
-      # Rewritten after each candidate: an interrupted sweep still shows what it measured.
-      write_report(rows, choose(rows), reading, args.out, time.time() - start, rate, steps)
+      evaluate(candidate, backbone, data_dir)
+    if warmup == "profile_reading":
+      # The encoder width at CuMA's chosen rate (that rate's preset-width run is done).
+      best = chosen_candidate(rows, "cuma")
+      for dim in args.demographic_dims:
+        if dim != best.demographic_dim:
+          evaluate(dataclasses.replace(best, demographic_dim=dim), backbone, data_dir)
   log(f"wrote {args.out}/sweep.md and sweep.json")
   if args.read_test:
-    best = choose(rows)
     chosen = {
-      warmup: [Candidate(m, best[(m, warmup)]["learning_rate"], warmup) for m in ("cuma", "lora")]
+      warmup: [
+        dataclasses.replace(chosen_candidate(rows, m), warmup=warmup) for m in ("cuma", "lora")
+      ]
       for warmup in args.warmups
     }
     read_test(chosen, workdir, data_dir, rate, log)

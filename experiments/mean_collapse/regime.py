@@ -214,7 +214,7 @@ def train_and_evaluate(run: study.Run, scale: Scale, seed: int, inputs, workdir:
     wanted, trained = checkpointing.config_to_json(c), saved["run"]["config"]
     if wanted == trained:
       log(f"{run.label}, seed {seed}: finished in {run_dir}")
-      return _summary(saved["trained"], _truncated_tokens(run_dir))
+      return {**_summary(saved["trained"], _truncated_tokens(run_dir)), "read_back": True}
     if {**wanted, "eval": None} != {**trained, "eval": None}:
       raise ValueError(
         f"{run_dir} holds a run trained with other settings than {run.label}'s at seed "
@@ -400,10 +400,7 @@ def _page(saved: dict, rows: list[dict]) -> str:
     f"{survey['num_questions']} questions each), {saved['steps']} training steps per run "
     f"(batch {survey['batch_size']}), seeds {saved['seeds']}, "
     f"tiny backbone warmed up `{saved['warmup']}` for "
-    f"{survey['warmup_steps']} steps; "
-    f"{saved['seconds'] / 60:.1f} min wall time from {saved['date']}, on a machine whose "
-    f"2048x2048 float32 `jnp` matmul ran at {saved['matmul_gflops']:.0f} GFLOP/s (median "
-    "of 10, at the start).",
+    f"{survey['warmup_steps']} steps. {_wall_time(saved)}",
     "",
   ]
   if not saved["complete"]:
@@ -449,6 +446,42 @@ def _page(saved: dict, rows: list[dict]) -> str:
       lines += [f"## {title}", "", *_axis_table(rows, axis), ""]
   lines += ["![regime map](figures/regime_map.png)", ""]
   return "\n".join(lines)
+
+
+def _invocations(saved: dict) -> list[dict]:
+  """Each invocation that trained part of the sweep: its start, wall time, matmul rate and
+  the runs it trained (a resumed sweep reads finished runs back instead of retraining)."""
+  if "invocations" in saved:
+    return saved["invocations"]
+  runs = [
+    s
+    for c in saved.get("conditions", {}).values()
+    for m in c["methods"].values()
+    for s in m["seeds"]
+  ]
+  return [
+    {
+      "date": saved["date"],
+      "seconds": saved["seconds"],
+      "matmul_gflops": saved["matmul_gflops"],
+      "trained": len(runs),
+    }
+  ]
+
+
+def _wall_time(saved: dict) -> str:
+  parts = [
+    f"{i['seconds'] / 60:.1f} min from {i['date']} training {i['trained']} runs, the 2048x2048 "
+    f"float32 `jnp` matmul at {i['matmul_gflops']:.0f} GFLOP/s (median of 10, at its start)"
+    for i in _invocations(saved)
+  ]
+  total = sum(i["seconds"] for i in _invocations(saved)) / 60
+  return (
+    f"Wall time {total:.1f} min in all: " + "; ".join(parts) + ". The machine was shared with "
+    "other jobs, so these are upper bounds of the sweep's cost on an idle 2-core machine."
+    if len(parts) > 1
+    else f"Wall time {parts[0]}."
+  )
 
 
 def _selection_table(selection: dict, saved: dict) -> list[str]:
@@ -619,6 +652,7 @@ def main(argv=None) -> int:
         json.dump(selection, f, indent=1)
       log(f"chosen on valid: {selection['chosen']}")
       return 0
+    previous = _read_json(saved_path)
     saved = {
       "command": command,
       "preset": scale.preset,
@@ -631,9 +665,18 @@ def main(argv=None) -> int:
       "complete": False,
       "selection": _read_json(os.path.join(args.out, SELECTION_FILE)),
     }
+    # A resumed sweep (same size) keeps the record of the invocations that trained its runs.
+    same_sweep = previous and all(
+      previous.get(k) == saved[k] for k in ("preset", "steps", "survey", "seeds", "warmup")
+    )
+    earlier = _invocations(previous) if same_sweep else []
+    this = {"date": saved["date"], "matmul_gflops": rate, "seconds": 0.0, "trained": 0}
+    saved["invocations"] = [*earlier, this]
 
     def save(conditions: dict) -> None:
-      saved.update(conditions=conditions, seconds=time.time() - start)
+      runs = [s for c in conditions.values() for m in c["methods"].values() for s in m["seeds"]]
+      this.update(seconds=time.time() - start, trained=sum(not s.get("read_back") for s in runs))
+      saved.update(conditions=conditions, seconds=sum(i["seconds"] for i in saved["invocations"]))
       with open(saved_path, "w") as f:
         json.dump(saved, f, indent=1)
 
