@@ -211,7 +211,9 @@ def train_and_evaluate(run: study.Run, scale: Scale, seed: int, inputs, workdir:
   run_dir = study.run_workdir(workdir, run, seed)
   saved = _read_json(os.path.join(run_dir, "results.json"))
   if saved:
-    wanted, trained = checkpointing.config_to_json(c), saved["run"]["config"]
+    wanted = checkpointing.config_to_json(c)
+    # Completed with the schema's defaults: keys added since the run was trained take them.
+    trained = json.loads(json.dumps(schema.as_dict(schema.from_dict(saved["run"]["config"]))))
     if wanted == trained:
       log(f"{run.label}, seed {seed}: finished in {run_dir}")
       return {**_summary(saved["trained"], _truncated_tokens(run_dir)), "read_back": True}
