@@ -143,7 +143,8 @@ def emd_curves(curves: Mapping[str, Sequence[float]], dashed: Sequence[str] = ()
   thresholds = np.linspace(0.0, 0.6, 61)
   fig, ax = plt.subplots(figsize=(5.2, 3.6), constrained_layout=True)
   colours = plt.get_cmap("tab20").colors  # one colour per curve (the default cycle has 10)
-  for (label, emds), colour in zip(curves.items(), colours, strict=True):
+  for i, (label, emds) in enumerate(curves.items()):
+    colour = colours[i % len(colours)]
     emds = np.asarray(emds)
     fraction = [(emds <= t).mean() for t in thresholds]
     style = "--" if label in dashed else "-"
