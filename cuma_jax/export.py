@@ -11,10 +11,9 @@ from absl import app, flags
 
 from cuma_jax import interop
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's workdir.", required=True)
 _FORMAT = flags.DEFINE_enum("format", "native", interop.FORMATS, "The layout to write.")
-_OUT = flags.DEFINE_string("out", None, "The directory to write.")
-flags.mark_flags_as_required(["workdir", "out"])
+_OUT = flags.DEFINE_string("out", None, "The directory to write.", required=True)
 
 
 def main(argv):

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 import json
 import os
+from typing import cast
 
+from matplotlib.colors import ListedColormap
 import matplotlib.pyplot as plt
 import numpy as np
+from numpy.typing import ArrayLike
 
 from cuma_jax.analysis import RoutingUsage
 
@@ -50,6 +53,14 @@ def training_curves(
   return fig
 
 
+def _palette(name: str) -> Sequence:
+  """The colours of a listed (qualitative) colormap such as tab10."""
+  colormap = plt.get_cmap(name)
+  if not isinstance(colormap, ListedColormap):
+    raise ValueError(f"{name} is not a listed colormap (tab10, tab20, ...)")
+  return cast(Sequence, colormap.colors)  # Typed ArrayLike; a listed colormap's is a sequence.
+
+
 def metric_bars(
   rows: Mapping[str, Mapping[str, float]],
   metrics: Sequence[tuple[str, str]] = (("accuracy", "accuracy ↑"), ("emd_mean", "mean EMD ↓")),
@@ -57,7 +68,7 @@ def metric_bars(
 ):
   """Bars of each row's metrics (``rows[label][metric key]``), one panel per metric."""
   labels = list(rows)
-  colours = plt.get_cmap("tab10").colors
+  colours = _palette("tab10")
   fig, axes = plt.subplots(
     1,
     len(metrics),
@@ -128,7 +139,8 @@ def routing_projection(
   labels = np.array([label(p) for p in usage.profiles] if callable(label) else list(label))
   fig, ax = plt.subplots(figsize=(4.2, 3.6), constrained_layout=True)
   for group in sorted(set(labels)):
-    ax.scatter(*xy[labels == group].T, s=8, label=group)
+    x, y = xy[labels == group].T
+    ax.scatter(x, y, s=8, label=group)
   ax.set_xlabel("PC 1")
   ax.set_ylabel("PC 2")
   ax.legend(fontsize=7)
@@ -137,7 +149,7 @@ def routing_projection(
   return fig
 
 
-def emd_curves(curves: Mapping[str, Sequence[float]], dashed: Sequence[str] = ()):
+def emd_curves(curves: Mapping[str, ArrayLike], dashed: Sequence[str] = ()):
   """Per curve, the fraction of questions whose EMD is at most each threshold in [0, 0.6];
   the labels in ``dashed`` (reference predictors) are drawn dashed."""
   thresholds = np.linspace(0.0, 0.6, 61)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+  import jax
 
 # Backbone.
 BATCH = "batch"
@@ -242,10 +245,18 @@ class Layout:
 
 
 def _mesh_axes_of(logical: str, rules) -> tuple[str, ...]:
+  (axes,) = mesh_spec_of((logical,), rules)
+  return _as_tuple(axes)
+
+
+def mesh_spec_of(logical_axes, rules) -> jax.sharding.PartitionSpec:
+  """The PartitionSpec over mesh axes of an array whose dimensions carry ``logical_axes``."""
   import flax.linen as nn
 
-  (axes,) = nn.logical_to_mesh_axes((logical,), rules)
-  return _as_tuple(axes)
+  spec = nn.logical_to_mesh_axes(logical_axes, rules)
+  if spec is None:  # flax's answer for no names at all (a tuple of Nones gets a spec).
+    raise ValueError(f"logical axes must be a sequence of names or None, not {logical_axes!r}")
+  return spec
 
 
 def _as_tuple(axes) -> tuple[str, ...]:
@@ -269,7 +280,7 @@ def indivisible(boxed_params, sizes: dict[str, int], rules) -> list[str]:
   specs = traverse_util.flatten_dict(nn.get_partition_spec(boxed_params))
   shapes = traverse_util.flatten_dict(nn.unbox(boxed_params))
   for path, logical in specs.items():
-    mesh_spec = nn.logical_to_mesh_axes(logical, rules)
+    mesh_spec = mesh_spec_of(logical, rules)
     for dim, (size, axes, name) in enumerate(
       zip(shapes[path].shape, mesh_spec, logical, strict=True)
     ):
@@ -285,10 +296,9 @@ def indivisible(boxed_params, sizes: dict[str, int], rules) -> list[str]:
 
 def logical_sharding(mesh, logical_axes, rules):
   """NamedSharding of an array whose dimensions carry ``logical_axes``."""
-  import flax.linen as nn
   import jax
 
-  return jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, rules))
+  return jax.sharding.NamedSharding(mesh, mesh_spec_of(logical_axes, rules))
 
 
 def param_shardings(boxed_params, mesh, rules):

@@ -13,7 +13,7 @@ with a leading layer axis) or per layer, and both become ``{(layer, path): array
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
 import json
 import os
@@ -105,7 +105,7 @@ class Row:
 
 def unstack(tree: dict) -> dict[Key, Any]:
   """Our adapter tree (scanned or per-layer) as ``{(layer, path): array}``."""
-  out = {}
+  out: dict[Key, Any] = {}
   for path, value in traverse_util.flatten_dict(tree).items():
     head, rest = path[0], tuple(path[1:])
     if head == "layers":
@@ -213,7 +213,7 @@ def _all_experts(key, shape, filled) -> bool:
   return all((key, e) in filled for e in range(shape[0]))
 
 
-def _some(names: list[str]) -> str:
+def _some(names: Sequence[object]) -> str:
   return str(names[:6]) + (" ..." if len(names) > 6 else "")
 
 

@@ -95,6 +95,8 @@ def _shapes(tree) -> dict:
 def read(adapter: AdapterConfig, abstract_adapters, scan_layers: bool, dtype=np.float32) -> dict:
   """The adapter tree of ``adapter.init_from``, shaped like ``abstract_adapters``."""
   kind = check_config(adapter)
+  if kind is None:
+    raise ValueError("adapter.init_from is not set: there are no adapters to read")
   flat = LOADERS[kind](adapter.init_from, adapter, _shapes(abstract_adapters), dtype)
   return restack(flat, scan_layers)
 
@@ -107,8 +109,6 @@ def initialise(params: dict, adapter: AdapterConfig, scan_layers: bool) -> dict:
   placed = {}
   for path, leaf in traverse_util.flatten_dict(current).items():
     value = np.asarray(imported[path], leaf.dtype)
-    placed[path] = jax.make_array_from_callback(
-      value.shape, leaf.sharding, lambda index, value=value: value[index]
-    )
+    placed[path] = jax.make_array_from_callback(value.shape, leaf.sharding, value.__getitem__)
   backbone = filter_tree(params, lambda p: not is_adapter_path(p))
   return merge_trees(backbone, traverse_util.unflatten_dict(placed))

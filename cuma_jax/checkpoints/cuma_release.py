@@ -89,7 +89,7 @@ def check_exportable(adapter: AdapterConfig) -> None:
 
 def _router_keys(adapter: AdapterConfig, num_layers: int) -> dict[tuple[int, str], int]:
   """{(layer, our router name): the release's router index}, in registration order."""
-  index = {}
+  index: dict[tuple[int, str], int] = {}
   for i in range(num_layers):
     for t in ordered_targets(adapter):
       index.setdefault((i, router_name(adapter, t)), len(index))

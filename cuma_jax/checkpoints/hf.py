@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 import dataclasses
 import json
+import operator
 import os
 from typing import Any
 
@@ -91,7 +92,7 @@ def _projection_rules(module, names, num_in_dims, bias_flag):
         f"{module}.{name}.bias",
         (module, name, "bias"),
         Bias(),
-        when=lambda cfg, flag=bias_flag: getattr(cfg, flag),
+        when=operator.attrgetter(bias_flag),
       )
     )
   return rules
@@ -298,8 +299,13 @@ def export_params(
     f.write(cfg.hf_config_json)
 
 
-def _split(tensors, max_bytes):
-  shards, current, size = [], [], 0
+def _split(
+  tensors: list[tuple[str, np.ndarray]], max_bytes: int
+) -> list[list[tuple[str, np.ndarray]]]:
+  """Consecutive tensors in shards of at most ``max_bytes`` (a larger tensor alone)."""
+  shards: list[list[tuple[str, np.ndarray]]] = []
+  current: list[tuple[str, np.ndarray]] = []
+  size = 0
   for name, array in tensors:
     if current and size + array.nbytes > max_bytes:
       shards.append(current)

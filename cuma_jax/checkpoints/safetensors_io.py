@@ -7,7 +7,7 @@ Sharded checkpoints are read through ``model.safetensors.index.json``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 import hashlib
 import json
 import os
@@ -124,25 +124,25 @@ def _read_header(path: str):
 
 
 def write_safetensors(
-  path: str, tensors: Iterator[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+  path: str, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
 ) -> None:
   """Writes (name, array) pairs in order, streaming the data after the header."""
-  tensors = list(tensors)
+  pairs = list(tensors)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
-    f.write(_header(tensors, metadata))
-    for _, array in tensors:
+    f.write(_header(pairs, metadata))
+    for _, array in pairs:
       f.write(np.ascontiguousarray(array).tobytes())
   os.replace(tmp, path)
 
 
 def safetensors_digest(
-  tensors: Iterator[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+  tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
 ) -> str:
   """SHA-256 of the file :func:`write_safetensors` would write, without writing it."""
-  tensors = list(tensors)
-  h = hashlib.sha256(_header(tensors, metadata))
-  for _, array in tensors:
+  pairs = list(tensors)
+  h = hashlib.sha256(_header(pairs, metadata))
+  for _, array in pairs:
     h.update(np.ascontiguousarray(array).tobytes())
   return h.hexdigest()
 

@@ -54,7 +54,8 @@ FEATURES = tfds.features.FeaturesDict(
 )
 
 
-class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+# tfds has no types: mypy sends the class keyword to object.__init_subclass__.
+class ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
   """The array_record file format (no TensorFlow), records in key order, the survey's
   features (``RECORD_FEATURES``: another dataset names its own) and metadata."""
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from cuma_jax.data.pipeline import as_text, batched
-from cuma_jax.data.tokenize import END_OF_TURN, ChatEncoder, render_prompt
+from cuma_jax.data.tokenize import END_OF_TURN, ChatEncoder, Features, render_prompt
 
 
 def profile_table(source) -> tuple[str, ...]:
@@ -82,7 +82,7 @@ def sequence_arrays(
   lengths: Lengths,
   pad: int,
   truncation: str = "prompt_start",
-) -> dict[str, np.ndarray]:
+) -> Features:
   """One right-padded sequence whose completion targets are marked in ``loss_mask``; the
   completion keeps at most ``max_completion`` tokens, then ``truncation`` cuts the rest."""
   completion = list(completion_ids[: lengths.max_completion])
@@ -123,7 +123,7 @@ class _Encode:
     self.profile_index = {p: i for i, p in enumerate(profiles)}
     self.lengths = lengths
 
-  def common(self, index: int, record) -> dict[str, np.ndarray]:
+  def common(self, index: int, record) -> Features:
     return {
       "profile_index": np.int32(self.profile_index[as_text(record["profile"])]),
       "example_index": np.int32(index),
@@ -142,7 +142,7 @@ class SftExample(_Encode):
     super().__init__(*args)
     self.pairing = _other_profile_pairing(self.source) if profile_blind else None
 
-  def __call__(self, index: int) -> dict[str, np.ndarray]:
+  def __call__(self, index: int) -> Features:
     record = self.source[int(index)]
     *prompt, reply = messages_of(record)
     if self.pairing is not None:
@@ -161,7 +161,7 @@ class SftExample(_Encode):
 class DpoExample(_Encode):
   """The prompt followed by the chosen and by the rejected reply: arrays [2, L]."""
 
-  def __call__(self, index: int) -> dict[str, np.ndarray]:
+  def __call__(self, index: int) -> Features:
     record = self.source[int(index)]
     prompt = messages_of(record)
     pair = []
@@ -176,7 +176,7 @@ class DpoExample(_Encode):
 class PromptExample(_Encode):
   """The generation prompt of a DPO record (its LAST ``max_prompt`` tokens), right padded."""
 
-  def __call__(self, index: int) -> dict[str, np.ndarray]:
+  def __call__(self, index: int) -> Features:
     record = self.source[int(index)]
     text = render_prompt(self.encoder.tokenizer, messages_of(record))
     ids = self.encoder.tokenizer.encode(text, add_special_tokens=False)

@@ -23,7 +23,7 @@ iterator continues with exactly the batches the original would have produced.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 from typing import Any
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from cuma_jax.data import prompts
 from cuma_jax.data.profile_questions import ProfileQuestions
-from cuma_jax.data.tokenize import END_OF_TURN, ChatEncoder
+from cuma_jax.data.tokenize import END_OF_TURN, ChatEncoder, Features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ class _EncodeExample:
     self.question_index = {q: i for i, q in enumerate(tables.question_ids)}
     self.demographic_system_prompt = demographic_system_prompt
 
-  def __call__(self, index: int) -> dict[str, np.ndarray]:
+  def __call__(self, index: int) -> Features:
     record = self.source[int(index)]
     profile = as_text(record["profile"])
     system = prompts.system_prompt(profile, self.demographic_system_prompt)
@@ -124,7 +124,7 @@ class _WithProfileQuestions:
     self.survey, self.num_survey, self.questions = survey, num_survey, questions
     self.num_questions = len(questions) * max(1, round(num_survey / len(questions)))
 
-  def __call__(self, index: int) -> dict[str, np.ndarray]:
+  def __call__(self, index: int) -> Features:
     if index < self.num_survey:
       example = self.survey(index)
       return {k: example[k] for k in self.KEYS}
@@ -160,13 +160,14 @@ def make_dataset(
   its iterator checkpoints with get_state/set_state) and the tables its indices refer to.
   """
   tables = SurveyTables.of(source) if tables is None else tables
-  encode = _EncodeExample(
+  survey = _EncodeExample(
     source, tokenizer, tables, max_length, demographic_system_prompt, supervision
   )
+  encode: Callable[[int], Features] = survey
   num_examples = len(source)
   if profile_questions is not None:
-    encode = _WithProfileQuestions(encode, num_examples, profile_questions)
-    num_examples += encode.num_questions
+    mixed = _WithProfileQuestions(survey, num_examples, profile_questions)
+    encode, num_examples = mixed, num_examples + mixed.num_questions
   dataset = batched(
     num_examples,
     encode,
@@ -183,7 +184,7 @@ def make_dataset(
 
 def batched(
   num_examples: int,
-  encode,
+  encode: Callable[[int], Features],
   *,
   batch_size: int,
   seed: int = 0,

@@ -69,7 +69,7 @@ import logging
 import math
 from pathlib import Path
 import random
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -286,7 +286,14 @@ def _text(value: Any) -> str:
   return text if text.strip() else ""
 
 
-def _profile(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
+class Profile(TypedDict):
+  """A record's profile: its text (``label: value, ...``) and its fields as a JSON object."""
+
+  profile: str
+  profile_fields: str
+
+
+def _profile(fields: Iterable[tuple[str, str]]) -> Profile:
   """`profile` and `profile_fields` of a record, from (label, value) pairs in profile order."""
   kept = {label: value for label, value in fields if value}
   return {
@@ -295,7 +302,7 @@ def _profile(fields: Iterable[tuple[str, str]]) -> dict[str, str]:
   }
 
 
-def ca_profile(row: Mapping[str, Any]) -> dict[str, str]:
+def ca_profile(row: Mapping[str, Any]) -> Profile:
   """`profile` and `profile_fields` of a CA row's annotator."""
   return _profile((label, _text(row.get(column))) for label, column in CA_PROFILE)
 
@@ -309,7 +316,7 @@ def _column(row: Mapping[str, Any], column: str) -> Any:
   return nested.get(child) if isinstance(nested, Mapping) else None
 
 
-def prism_profile(row: Mapping[str, Any]) -> dict[str, str]:
+def prism_profile(row: Mapping[str, Any]) -> Profile:
   """`profile` and `profile_fields` of a PRISM survey row."""
 
   def value(label: str, column: str) -> str:
@@ -331,7 +338,7 @@ def _pairs(
   source: str,
   conversation_id: str,
   turn: int,
-  profile: Mapping[str, str],
+  profile: Profile,
   prompt_messages: Sequence[Mapping[str, str]],
   chosen: str,
   others: Sequence[str],
@@ -412,8 +419,8 @@ def community_alignment_records(
   rows: Iterable[Mapping[str, Any]], counts: Counter
 ) -> dict[str, list[dict]]:
   """CA's raw rows -> {"sft", "dpo", "ca"} records; skips are counted in `counts`."""
-  out = {"sft": [], "dpo": [], "ca": []}
-  seen = {}
+  out: dict[str, list[dict]] = {"sft": [], "dpo": [], "ca": []}
+  seen: dict[str, int] = {}
   for number, row in enumerate(rows, 1):
     conversation_id = _conversation_id(CA, row, number, seen, counts)
     if conversation_id is None:
@@ -450,6 +457,7 @@ def community_alignment_records(
         elif index == 0:
           counts["ca: conversation without a turn"] += 1
         continue
+      assert preferred is not None, "_ca_problem passes only turns with a preferred response"
       chosen = candidates[preferred]
       prompt_messages = [*history, _pair("user", prompt)]
       out["sft"].append(
@@ -489,8 +497,8 @@ def prism_records(
     else:
       profiles[user] = prism_profile(row)
 
-  out = {"sft": [], "dpo": []}
-  seen = {}
+  out: dict[str, list[dict]] = {"sft": [], "dpo": []}
+  seen: dict[str, int] = {}
   for number, row in enumerate(conversations, 1):
     conversation_id = _conversation_id(PRISM, row, number, seen, counts)
     if conversation_id is None:

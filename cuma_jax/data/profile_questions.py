@@ -9,7 +9,7 @@ the survey (docs/data.md#profile-reading-warm-up).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from cuma_jax.data import prompts
@@ -73,6 +73,9 @@ class ProfileQuestions:
 
   def __len__(self) -> int:
     return len(self.profiles) * len(self.fields)
+
+  def __iter__(self) -> Iterator[ProfileQuestion]:
+    return (self[i] for i in range(len(self)))
 
   def __getitem__(self, index: int) -> ProfileQuestion:
     if not 0 <= index < len(self):

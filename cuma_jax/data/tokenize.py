@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import logging
+from typing import TypeAlias
 
 import numpy as np
 
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 END_OF_TURN = "answer_and_end_of_turn"
 RELEASED = "released"
 SUPERVISION = (END_OF_TURN, RELEASED)
+
+# One encoded example: token arrays, and per-example counts and indices as numpy scalars
+# (batching stacks both alike).
+Features: TypeAlias = dict[str, np.ndarray | np.integer]
 
 
 def _special_ids(tokenizer) -> frozenset[int]:
@@ -105,7 +110,7 @@ class ChatEncoder:
       )
     return prompt_ids, completion[: end + 1] if self.supervision == END_OF_TURN else completion
 
-  def __call__(self, messages: Sequence[dict[str, str]], answer: str) -> dict[str, np.ndarray]:
+  def __call__(self, messages: Sequence[dict[str, str]], answer: str) -> Features:
     """`messages` are the system and user turns; `answer` is the assistant's reply (a letter).
 
     Returns input_ids, attention_mask, targets, loss_mask ([max_length] int32) and the int32

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 import csv
 import os
+from typing import TypedDict
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -289,6 +290,25 @@ def write_emd_input(
       writer.writerow([str(qid), int(pid), int(score)])
 
 
+class Summary(TypedDict):
+  """:func:`summarize`'s metrics: floats, and each question's EMD for cumulative curves."""
+
+  accuracy: float
+  macro_f1: float
+  country_macro_accuracy: float
+  sigma_inequity: float
+  emd_mean: float
+  emd_median: float
+  emd_auc: float
+  emd_auc_released: float
+  entropy_pred: float
+  entropy_true: float
+  profile_diversity: float
+  num_examples: float
+  num_questions: float
+  emd_by_question: dict[str, float]
+
+
 def summarize(
   pred_letters: ArrayLike,
   true_letters: ArrayLike,
@@ -299,15 +319,13 @@ def summarize(
   profile_fields: Mapping[str, ArrayLike],
   scales: Mapping[Hashable, tuple[float, float]],
   min_count: int = 5,
-) -> dict[str, float]:
+) -> Summary:
   """All main WVB metrics of one evaluation run, from per-example arrays.
 
   ``profile_fields`` maps each sigma-inequity dimension (country, age, gender, ...) to
   per-example labels; with ``countries`` they identify the profile for
   :func:`profile_diversity`. ``scales`` maps question id -> (min, max) answer scale.
-  Keys: accuracy, macro_f1, country_macro_accuracy, sigma_inequity, emd_mean, emd_median,
-  emd_auc, emd_auc_released, entropy_pred, entropy_true, profile_diversity, num_examples,
-  num_questions, and emd_by_question (question id -> EMD, for cumulative curves).
+  The keys are :class:`Summary`'s; emd_by_question maps question id -> EMD.
   """
   pred_letters, true_letters = _paired(pred_letters, true_letters)
   # One integer id per distinct (country, *profile fields) combination, built column by column

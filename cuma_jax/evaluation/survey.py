@@ -65,8 +65,8 @@ def evaluate(
     indices.append(batch["example_index"])
   if unread is not None:
     read(*unread)
-  nonfinite = np.concatenate(nonfinite)
-  predict.refuse_nonfinite(int(nonfinite.sum()), len(nonfinite), f"split {split!r}")
+  bad_rows = np.concatenate(nonfinite)
+  predict.refuse_nonfinite(int(bad_rows.sum()), len(bad_rows), f"split {split!r}")
   return score_predictions(
     source,
     np.concatenate(options),
@@ -86,13 +86,13 @@ def sharded_choice(module, layout: Layout, letter_ids: tuple[int, ...]):
   the data axes; only the chosen options come back, to every process.
   """
   eval_step = make_eval_step(module)
-  letter_ids = jnp.asarray(letter_ids)
+  letters = jnp.asarray(letter_ids)
   param_sh = layout.param_shardings(abstract_params(module))
 
   def choose(params, table, batch):
     last_logits = eval_step(params, batch, demographics_for(table, batch))
-    option_ids = jnp.broadcast_to(letter_ids, (len(last_logits), len(letter_ids)))
-    option_mask = jnp.arange(len(letter_ids))[None] < batch["option_count"][:, None]
+    option_ids = jnp.broadcast_to(letters, (len(last_logits), len(letters)))
+    option_mask = jnp.arange(len(letters))[None] < batch["option_count"][:, None]
     return (
       predict.restricted_argmax(last_logits, option_ids, option_mask),
       predict.nonfinite_rows(last_logits, option_ids, option_mask),

@@ -439,7 +439,7 @@ class Decoder(nn.Module):
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if self.remat == "dots" else None
       )
       layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not self.scan_layers)
-    args = (x, mask, positions, demographics, token_mask)
+    args: tuple[Any, ...] = (x, mask, positions, demographics, token_mask)
     if cache is not None:
       args += (cache, cache_index)
     if self.scan_layers:

@@ -215,7 +215,7 @@ def community_alignment_rows() -> list[dict[str, Any]]:
   """The CA rows, as the hub's columns (every turn column present; None when empty)."""
   rows = []
   for conversation_id, profile, turns in _CA:
-    row = {"conversation_id": conversation_id}
+    row: dict[str, Any] = {"conversation_id": conversation_id}
     row.update((column, value) for (_, column), value in zip(ps.CA_PROFILE, profile, strict=True))
     for index, turn in enumerate(ps.CA_TURNS):
       prompt, candidates, preference = (
@@ -255,7 +255,7 @@ def prism_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
   """A survey row with its objects as dotted columns (`location.reside_country`)."""
-  flat = {}
+  flat: dict[str, Any] = {}
   for key, value in row.items():
     if isinstance(value, dict):
       flat.update((f"{key}.{child}", v) for child, v in value.items())

@@ -130,8 +130,8 @@ _DEMOGRAPHIC_COLUMNS = (
 )
 _VALUE_COLUMNS = ("D_INTERVIEW", "Q1", "Q46", "Q106", "Q999")
 
-_PARTICIPANTS = {
-  # split: [(demographic values or None for "no row", value cells)]
+# split: [(demographic values or None for "no row", value cells)]
+_PARTICIPANTS: dict[str, list[tuple[tuple[str, ...] | None, tuple[str, ...]]]] = {
   "train": [
     (
       (
@@ -264,14 +264,15 @@ _PARTICIPANTS = {
 
 def write_wvb_fixture(root: str | Path) -> Path:
   """Writes the fixture (module docstring) under `root`; returns `root`."""
-  splits = {}
+  splits: dict[str, tuple[list[dict[str, str]], list[dict[str, str]]]] = {}
   for split, participants in _PARTICIPANTS.items():
     demographic = [
       dict(zip(_DEMOGRAPHIC_COLUMNS, d, strict=True)) for d, _ in participants if d is not None
     ]
     values = [dict(zip(_VALUE_COLUMNS, v, strict=True)) for _, v in participants]
     splits[split] = (demographic, values)
-  splits["full"] = tuple(
+  demographic, values = (
     [row for split in ("train", "valid", "test") for row in splits[split][i]] for i in (0, 1)
   )
+  splits["full"] = (demographic, values)
   return write_wvb_tree(root, CODEBOOK, QUESTION_METADATA, splits)

@@ -58,7 +58,8 @@ class MetricWriter:
   ) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    # One JSON line: the step, the scalars and (when given) each router's expert usage.
+    record: dict[str, object] = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     for key, value in scalars.items():
       self._tb.add_scalar(key, float(value), step)
     if expert_usage:

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import time
+from typing import TextIO
 
 LOCK_FILE = "LOCK"
 
@@ -48,7 +49,7 @@ class WorkdirLock:
   def __init__(self, workdir: str, *, enabled: bool = True, log=print):
     self.path = os.path.join(workdir, LOCK_FILE)
     self.enabled, self.log = enabled, log
-    self._file = None
+    self._file: TextIO | None = None
 
   def __enter__(self) -> WorkdirLock:
     if not self.enabled:
