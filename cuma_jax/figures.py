@@ -154,7 +154,7 @@ def emd_curves(curves: Mapping[str, ArrayLike], dashed: Sequence[str] = ()):
   the labels in ``dashed`` (reference predictors) are drawn dashed."""
   thresholds = np.linspace(0.0, 0.6, 61)
   fig, ax = plt.subplots(figsize=(5.2, 3.6), constrained_layout=True)
-  colours = plt.get_cmap("tab20").colors  # one colour per curve (the default cycle has 10)
+  colours = _palette("tab20")  # one colour per curve (the default cycle has 10)
   for i, (label, emds) in enumerate(curves.items()):
     colour = colours[i % len(colours)]
     emds = np.asarray(emds)
