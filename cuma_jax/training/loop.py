@@ -24,6 +24,7 @@ import optax
 from tqdm import tqdm
 
 from cuma_jax import sharding
+from cuma_jax.errors import Refusal
 from cuma_jax.models.pretrained import abstract_params
 from cuma_jax.params import partition, split_params
 from cuma_jax.training import checkpointing, optim
@@ -45,7 +46,7 @@ _READ_METRICS = (
 LOG_PROGRESS_SECONDS = 10.0
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(Refusal, FloatingPointError):
   pass
 
 
