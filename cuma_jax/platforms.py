@@ -29,6 +29,11 @@ def tpu_attached() -> bool:
   return any(v == _GOOGLE_PCI_VENDOR for v in vendors) or bool(glob.glob("/dev/accel*"))
 
 
+def gpu_attached() -> bool:
+  """Whether JAX may find a GPU here (the devices its CUDA and ROCm backends open)."""
+  return any(os.path.exists(d) for d in _GPU_DEVICES)
+
+
 def skip_absent_tpu() -> bool:
   """Runs on the CPU alone when the machine has neither a TPU nor a GPU; returns whether it
   chose that. Call before JAX starts its backends (its first device use).
@@ -41,7 +46,7 @@ def skip_absent_tpu() -> bool:
     or "JAX_FORCE_TPU_INIT" in os.environ
     or jax.config.jax_platforms
     or tpu_attached()
-    or any(os.path.exists(d) for d in _GPU_DEVICES)
+    or gpu_attached()
   ):
     return False
   jax.config.update("jax_platforms", "cpu")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # a fresh JAX process
 @pytest.mark.skipif(
   importlib.util.find_spec("libtpu") is None
   or platforms.tpu_attached()
-  or any(os.path.exists(d) for d in platforms._GPU_DEVICES),
+  or platforms.gpu_attached(),
   reason="needs libtpu installed on a machine with neither a TPU nor a GPU",
 )
 def test_a_cpu_machine_starts_no_tpu_backend():
