@@ -23,6 +23,8 @@ def test_main_job_runs_end_to_end_on_tiny(main_job):
   proc, workdir = main_job
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "trained: accuracy" in proc.stdout
+  # Its stderr is a file: no progress bar redrawn with carriage returns or escape sequences.
+  assert "\r" not in proc.stderr and "\x1b" not in proc.stderr, proc.stderr[-3000:]
   assert os.listdir(workdir / "train" / "checkpoints")
   records = [
     json.loads(l)
