@@ -13,6 +13,8 @@ import dataclasses
 import math
 from typing import Any
 
+from cuma_jax import errors
+
 # How a field may change when a run resumes from a checkpoint written with another value.
 IDENTITY = "identity"  # defines the experiment: a change is refused
 STRUCTURAL = "structural"  # changes the checkpoint's tree (optimiser state): refused
@@ -80,13 +82,16 @@ def spec_of(f: dataclasses.Field) -> Spec:
 
 
 def check(obj: Any, prefix: str) -> None:
-  """Raises ValueError for the first field of dataclass ``obj`` outside its Spec."""
+  """Refuses (a ConfigError, a ValueError) the first field of dataclass ``obj`` outside its
+  Spec."""
   for f in dataclasses.fields(obj):
     spec = spec_of(f)
     value = getattr(obj, f.name)
     if not spec.accepts(value):
       key = f"{prefix}.{f.name}" if prefix else f.name
-      raise ValueError(f"config.{key}={value!r}; must be {spec.describe(_has_float(value))}")
+      raise errors.ConfigError(
+        f"config.{key}={value!r}; must be {spec.describe(_has_float(value))}"
+      )
 
 
 def _has_float(value: Any) -> bool:

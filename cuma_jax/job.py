@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 
-from cuma_jax import presets, schema
+from cuma_jax import errors, presets, schema
 from cuma_jax.checkpoints import adapter_import
 from cuma_jax.data import builders, chat, synthetic
 from cuma_jax.data.pipeline import SurveyTables, as_text, make_dataset
@@ -256,7 +256,7 @@ def validate(config) -> None:
   schema.validate(config)
   _check_init_from(config)
   if config.model.architecture != schema.TINY and not config.model.checkpoint:
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.model.checkpoint is empty: running architecture "
       f"{config.model.architecture!r} needs a local Hugging Face directory "
       "(model.architecture alone serves shape-only commands such as cuma_jax.param_count)"
@@ -264,7 +264,7 @@ def validate(config) -> None:
   if config.model.checkpoint:
     check_layout(config, architecture(config))
   elif jax.process_count() > 1:
-    raise ValueError(
+    raise errors.ConfigError(
       "the tiny backbone is built by single-process runs: run this config once in one "
       "process, then set config.model.checkpoint to its WORKDIR/assets/tiny_backbone_*/warmed_up"
     )
@@ -273,7 +273,9 @@ def validate(config) -> None:
 def _check_init_from(config) -> None:
   """An ``adapter.init_from`` directory matches the config's adapter (docs/interop.md)."""
   if config.method == "full" and config.adapter.init_from:
-    raise ValueError("config.adapter.init_from is set, but method='full' trains no adapters")
+    raise errors.ConfigError(
+      "config.adapter.init_from is set, but method='full' trains no adapters"
+    )
   adapter = schema.adapter_config(config)
   if adapter is not None:
     adapter_import.check_config(adapter)
@@ -320,13 +322,13 @@ def check_layout(config, model_config: ModelConfig, devices=None) -> Layout:
   if config.model.scan_layers and len(split_axes) >= 3:
     # Measured: a scanned layer stack on a data x fsdp x model mesh gives LoRA B gradients
     # off by up to 40% (the loss is right); unscanned, or on two axes, they match one device.
-    raise ValueError(
+    raise errors.ConfigError(
       f"model.scan_layers=True on a mesh split over {len(split_axes)} axes {split_axes} gives "
       "wrong adapter gradients (a known defect, docs/sharding.md); use a mesh of at most two "
       "axes of size > 1, or model.scan_layers=False"
     )
   if problems:
-    raise ValueError(
+    raise errors.ConfigError(
       f"mesh {sizes} with rules_preset={config.mesh.rules_preset!r} does not divide: "
       + "; ".join(problems[:6])
       + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else "")
@@ -397,7 +399,7 @@ def run(config, workdir: str, log=print) -> dict:
   """
   validate(config)
   if config.task != "survey":
-    raise ValueError(
+    raise errors.ConfigError(
       f"config.task={config.task!r} is run by cuma_jax.alignment.run (python -m cuma_jax.main "
       "dispatches on the task)"
     )
@@ -406,7 +408,7 @@ def run(config, workdir: str, log=print) -> dict:
     config, _checkpoint_dir(workdir), config_conflicts=schema.resume_conflicts
   )
   if step is None and config.mode == "eval" and not config.adapter.init_from:
-    raise FileNotFoundError(
+    raise errors.MissingInput(
       f"mode=eval needs a readable training checkpoint in {_checkpoint_dir(workdir)} (or "
       "adapters to evaluate: config.adapter.init_from)"
     )
@@ -581,7 +583,7 @@ def _has_checkpoint(workdir: str) -> bool:
 def _require_checkpoint(workdir: str) -> None:
   """Refuses a workdir without training checkpoints, creating nothing."""
   if not _has_checkpoint(workdir):
-    raise FileNotFoundError(f"{workdir} has no training checkpoint in {_checkpoint_dir(workdir)}")
+    raise errors.MissingInput(f"{workdir} has no training checkpoint in {_checkpoint_dir(workdir)}")
 
 
 def _saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -618,7 +620,7 @@ def _trained_params(experiment: Experiment, log=print) -> dict:
   finally:
     ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f"{ckpt.directory} has no training checkpoint to evaluate")
+    raise errors.MissingInput(f"{ckpt.directory} has no training checkpoint to evaluate")
   return merge_params(restored[1]["trainable"], frozen)
 
 

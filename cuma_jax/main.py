@@ -5,14 +5,16 @@ Thin on purpose: the work is in :mod:`cuma_jax.job` (a survey) and :mod:`cuma_ja
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
+import tensorflow_datasets as tfds
 
-from cuma_jax import api, job, schema
+from cuma_jax import api, errors, job, platforms, schema
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -21,25 +23,56 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+# Set to anything but 0 to show a refusal's traceback (as --verbose does).
+TRACEBACK_ENV = "CUMA_TRACEBACK"
+_VERBOSE = flags.DEFINE_bool(
+  "verbose",
+  False,
+  f"Show the traceback of a refused config or input too (or set {TRACEBACK_ENV}=1); "
+  "without it a refusal is one line.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Libraries whose INFO chatter (every checkpoint write, every TFDS shard) drowns the job's own.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/array_record/")
+# Library warnings about what they do by design here, which a user cannot act on:
+# (where they come from, how their message starts).
+_UNACTIONABLE = (
+  # Every builder config of ours is "custom": named by a digest of the data's inputs.
+  ("/tensorflow_datasets/", "Using custom data configuration"),
+  # "... has no dataset_info.json": a dataset not prepared yet, which the run then prepares.
+  ("/tensorflow_datasets/", "Variant folder"),
+)
 
 
 class _QuietLibraries(logging.Filter):
+  """Drops libraries' INFO chatter and their warnings that a user cannot act on."""
+
   def filter(self, record):
-    return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _CHATTY)
+    if record.levelno < logging.WARNING:
+      return not any(p in record.pathname for p in _CHATTY)
+    return not any(
+      p in record.pathname and record.getMessage().startswith(m) for p, m in _UNACTIONABLE
+    )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  if not sys.stderr.isatty():
+    # TFDS redraws a bar per split and per shard: in a log file, lines of escape sequences.
+    tfds.disable_progress_bar()
   config = _CONFIG.value
-  job.initialize_distributed(config)
-  # Every process runs the job; process 0 alone reports.
-  api.run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
+  try:
+    job.initialize_distributed(config)
+    # Every process runs the job; process 0 alone reports.
+    api.run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
+  except errors.Refusal as refusal:
+    if _VERBOSE.value or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
+      raise
+    sys.stderr.write(f"{type(refusal).__name__}: {refusal}\n")
+    sys.exit(1)
 
 
 def _silent(*_):
@@ -59,4 +92,5 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  platforms.skip_absent_tpu()
   app.run(main, flags_parser=parse_flags)

@@ -13,7 +13,7 @@ import flax.linen as nn
 from ml_collections import config_flags
 import numpy as np
 
-from cuma_jax import schema
+from cuma_jax import platforms, schema
 from cuma_jax.job import architecture
 from cuma_jax.models.pretrained import abstract_params, build_decoder
 from cuma_jax.params import is_adapter_path, is_trainable
@@ -56,4 +56,5 @@ if __name__ == "__main__":
   _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file:preset.", lock_config=True
   )
+  platforms.skip_absent_tpu()
   app.run(main)

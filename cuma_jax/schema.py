@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import ml_collections
 
-from cuma_jax import fields
+from cuma_jax import errors, fields
 from cuma_jax.data.ca_prompts import CA_MODES
 from cuma_jax.data.chat import SFT_TRUNCATIONS
 from cuma_jax.data.preference_sources import SPLIT_MODES
@@ -416,7 +416,19 @@ def eval_splits_available(config: Config) -> tuple[str, ...]:
 
 
 def validate(c: ml_collections.ConfigDict) -> Config:
-  """Refuses impossible values, naming the key and what is allowed; returns the typed config."""
+  """Refuses impossible values, naming the key and what is allowed; returns the typed config.
+
+  Every refusal is a :class:`~cuma_jax.errors.ConfigError`, also those of the checks a
+  section's own class makes (the adapter's, the synthetic survey's)."""
+  try:
+    return _checked(c)
+  except ValueError as error:
+    if isinstance(error, errors.Refusal):
+      raise
+    raise errors.ConfigError(str(error)) from error
+
+
+def _checked(c: ml_collections.ConfigDict) -> Config:
   config = from_dict(c.to_dict())
   _check_task(config)
   available = eval_splits_available(config)

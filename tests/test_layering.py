@@ -9,7 +9,7 @@ import cuma_jax
 PACKAGE_DIR = os.path.dirname(cuma_jax.__file__)
 # Layers, lowest first: a module may import its own layer and those below it.
 LAYERS = (
-  ("registry", "fields", "sharding", "params", "fingerprint"),
+  ("registry", "errors", "platforms", "fields", "sharding", "params", "fingerprint"),
   ("layers",),
   ("models", "checkpoints", "data"),
   ("training", "encoders", "generation"),

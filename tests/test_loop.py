@@ -266,5 +266,5 @@ def test_progress_is_a_line_every_few_seconds_off_a_terminal():
     bar.update(1)
   bar.close()
   lines = stream.getvalue().split("\n")
-  assert "\r" not in stream.getvalue()
+  assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
   assert [line.split("|")[0] for line in lines] == ["train:   0%", "train: 100%", ""]

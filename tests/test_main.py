@@ -8,6 +8,8 @@ import json
 import os
 import pathlib
 import re
+import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,6 +23,8 @@ def test_main_job_runs_end_to_end_on_tiny(main_job):
   proc, workdir = main_job
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "trained: accuracy" in proc.stdout
+  # Its stderr is a file: no progress bar redrawn with carriage returns or escape sequences.
+  assert "\r" not in proc.stderr and "\x1b" not in proc.stderr, proc.stderr[-3000:]
   assert os.listdir(workdir / "train" / "checkpoints")
   records = [
     json.loads(l)
@@ -69,3 +73,49 @@ def test_an_unknown_config_key_is_named_with_the_closest(capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"{arg}: config.{arg[9:].split('=')[0]} is not a" in error
     assert f"the closest are {closest}" in error
+
+
+def _run_main(*args):
+  """``python -m cuma_jax.main --config=configs/cuma.py:tiny ARGS`` in this process (absl's
+  flags are global: parsed here, forgotten after; ml_collections reads its overrides'
+  names from ``sys.argv``)."""
+  from absl import flags
+
+  from cuma_jax import main
+
+  argv = ["main", "--config=configs/cuma.py:tiny", *args]
+  with mock.patch.object(sys, "argv", argv):
+    main.parse_flags(argv)
+  try:
+    main.main(["main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)  # Defined by this parse; the next defines its own.
+
+
+def test_a_refusal_is_one_line_without_a_traceback(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv("CUMA_TRACEBACK", raising=False)
+  not_a_directory = tmp_path / "file"
+  not_a_directory.write_text("")
+  for args, says in (
+    (["--config.optim.learning_rate=-1"], "ConfigError: config.optim.learning_rate=-1"),
+    ([], f"WorkdirUnusable: --workdir {not_a_directory}: {not_a_directory} is a file"),
+  ):
+    with pytest.raises(SystemExit) as exit_:
+      _run_main(f"--workdir={not_a_directory}", *args)
+    assert exit_.value.code == 1
+    error = capsys.readouterr().err
+    assert error.startswith(says) and error.count("\n") == 1, error
+  assert not_a_directory.read_text() == ""  # Nothing written.
+
+
+def test_verbose_or_the_environment_brings_a_refusals_traceback_back(tmp_path, monkeypatch):
+  from cuma_jax import errors
+
+  monkeypatch.delenv("CUMA_TRACEBACK", raising=False)
+  with pytest.raises(errors.ConfigError, match="learning_rate"):
+    _run_main(f"--workdir={tmp_path}", "--config.optim.learning_rate=-1", "--verbose")
+  monkeypatch.setenv("CUMA_TRACEBACK", "1")
+  with pytest.raises(errors.ConfigError, match="learning_rate"):
+    _run_main(f"--workdir={tmp_path}", "--config.optim.learning_rate=-1")

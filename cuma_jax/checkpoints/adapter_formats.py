@@ -23,6 +23,7 @@ from flax import traverse_util
 import numpy as np
 
 from cuma_jax.checkpoints.safetensors_io import TensorIndex
+from cuma_jax.errors import Refusal
 from cuma_jax.layers.adapter_config import GROUPS, TARGET_MODULES, AdapterConfig
 
 # (layer index or None for a model-level parameter, path inside the layer / the model).
@@ -49,7 +50,7 @@ STRUCTURAL_KEYS = (
 )
 
 
-class FormatError(ValueError):
+class FormatError(Refusal, ValueError):
   """A directory or a run that a format cannot represent; the message names the key."""
 
 

@@ -21,8 +21,10 @@ dataset's metadata (`source.dataset_info.metadata`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+import contextlib
 import dataclasses
 import inspect
+import io
 import os
 from pathlib import Path
 import shutil
@@ -272,7 +274,10 @@ def prepare_once(builder, download_config, log) -> tfds.core.DatasetBuilder:
   if builder.is_prepared():
     log(f"reusing the dataset prepared in {builder.data_dir} (its inputs are unchanged)")
   else:
-    builder.download_and_prepare(download_config=download_config)
+    log(f"preparing the dataset in {builder.data_dir}")
+    # TFDS prints its sizes to stdout: "Unknown size" three times for records it generates.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=download_config)
   parent = Path(builder.data_dir).parent
   for left in sorted(parent.glob("incomplete.*")):
     # One changed since this preparation started may be another process's, still running.

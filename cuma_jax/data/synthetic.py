@@ -461,20 +461,14 @@ def _answer_distributions(rng, config: SyntheticSurveyConfig, num_options: list[
 
 
 def generate_survey(config: SyntheticSurveyConfig = SyntheticSurveyConfig()) -> SyntheticSurvey:
-  """Draws the whole survey deterministically from config.seed."""
-  rng = np.random.default_rng(config.seed)
-  k = config.num_cultures
-  if config.num_train < 1:
-    raise ValueError("num_train must be positive: the oracle's population is the train split")
-  if not 1 <= config.num_countries <= len(COUNTRIES):
-    raise ValueError(f"num_countries must be in 1..{len(COUNTRIES)}")
-  bank = [t for t in QUESTION_BANK if config.min_options <= len(t[2]) <= config.max_options]
-  if config.num_questions > len(bank):
-    raise ValueError(
-      f"only {len(bank)} template questions have {config.min_options}.."
-      f"{config.max_options} options; asked for {config.num_questions}"
-    )
+  """Draws the whole survey deterministically from config.seed.
 
+  Every draw comes from one generator, in this order: countries, questions, answer
+  distributions, the profile-to-culture model, held-out cells, then each split's
+  participants. Reordering them changes every survey (and every result built on one).
+  """
+  rng = np.random.default_rng(config.seed)
+  bank = _question_bank(config)
   countries = [
     COUNTRIES[i] for i in sorted(rng.choice(len(COUNTRIES), config.num_countries, replace=False))
   ]
@@ -491,8 +485,57 @@ def generate_survey(config: SyntheticSurveyConfig = SyntheticSurveyConfig()) -> 
     for i, (_, text, choices) in enumerate(picked)
   ]
   answer_given_culture = _answer_distributions(rng, config, [len(c) for _, _, c in picked])
+  cultures = _draw_cultures(rng, config, countries, answer_given_culture)
+  cell_pool = _cell_pools(rng, config)
+  participants = {}
+  next_id = 1_000_001
+  for split, size in config.split_sizes().items():
+    cells = cell_pool["held" if split == "zero_shot" else "seen"]
+    participants[split] = _draw_participants(rng, config, cultures, cells, size, next_id)
+    next_id += size
+  return SyntheticSurvey(
+    config=config,
+    questions=questions,
+    categories=[c for c, _, _ in picked],
+    answer_given_culture=answer_given_culture,
+    participants=participants,
+  )
 
-  # P(culture | profile) = softmax(sum of per-attribute logit tables [num_values, K]).
+
+def _question_bank(config: SyntheticSurveyConfig) -> list[tuple[str, str, tuple[str, ...]]]:
+  """The template questions within the config's option range, after refusing sizes no
+  survey can have (before anything is drawn)."""
+  if config.num_train < 1:
+    raise ValueError("num_train must be positive: the oracle's population is the train split")
+  if not 1 <= config.num_countries <= len(COUNTRIES):
+    raise ValueError(f"num_countries must be in 1..{len(COUNTRIES)}")
+  bank = [t for t in QUESTION_BANK if config.min_options <= len(t[2]) <= config.max_options]
+  if config.num_questions > len(bank):
+    raise ValueError(
+      f"only {len(bank)} template questions have {config.min_options}.."
+      f"{config.max_options} options; asked for {config.num_questions}"
+    )
+  return bank
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cultures:
+  """The latent cultures, drawn once and shared by every split: P(culture | profile) =
+  softmax(sum of per-attribute logit tables [num_values, K]), each country's religions, and
+  each culture's answers."""
+
+  countries: list[str]
+  logits: dict[str, np.ndarray]
+  religion_p: np.ndarray  # [num_countries, len(RELIGIONS)]
+  answer_given_culture: np.ndarray  # [K, Q, max_options]
+
+
+def _draw_cultures(
+  rng, config: SyntheticSurveyConfig, countries, answer_given_culture
+) -> _Cultures:
+  """Draws the attribute logit tables (a country leans to its home culture, age along a
+  per-culture slope, the other attributes at random) and each country's religion mix."""
+  k = config.num_cultures
   home = rng.permutation(np.arange(config.num_countries) % k)
   age_z = (np.arange(len(AGE_GROUPS)) - 2.5) / 1.7
   logits = {
@@ -512,60 +555,62 @@ def generate_survey(config: SyntheticSurveyConfig = SyntheticSurveyConfig()) -> 
     },
   }
   religion_p = rng.dirichlet(np.full(len(RELIGIONS), 0.4), config.num_countries)
+  return _Cultures(countries, logits, religion_p, answer_given_culture)
 
+
+def _cell_pools(rng, config: SyntheticSurveyConfig) -> dict[str, np.ndarray]:
+  """The (country, age, gender) cells the zero-shot split alone draws from ("held") and
+  those of every other split ("seen")."""
   cells = config.num_countries * len(AGE_GROUPS) * len(GENDERS)
   held = max(1, round(config.zero_shot_cell_fraction * cells)) if config.num_zero_shot else 0
   if held >= cells:
     raise ValueError("zero_shot_cell_fraction leaves no (country, age, gender) cell to train")
   held_cells = rng.choice(cells, held, replace=False)
-  cell_pool = {"seen": np.setdiff1d(np.arange(cells), held_cells), "held": np.sort(held_cells)}
+  return {"seen": np.setdiff1d(np.arange(cells), held_cells), "held": np.sort(held_cells)}
 
-  participants = {}
-  next_id = 1_000_001
-  for split, size in config.split_sizes().items():
-    cell = rng.choice(cell_pool["held" if split == "zero_shot" else "seen"], size)
-    country, rest = np.divmod(cell, len(AGE_GROUPS) * len(GENDERS))
-    age, gender = np.divmod(rest, len(GENDERS))
-    attributes = {
-      "country": country,
-      "age_group": age,
-      "gender": gender,
-      "education": rng.choice(len(EDUCATION), size, p=EDUCATION_P),
-      "marital_status": rng.choice(len(MARITAL), size, p=MARITAL_P),
-      "religion": _choice(rng, religion_p[country]),
-      "ethnicity": rng.choice(len(ETHNICITIES), size, p=ETHNICITY_P),
-      "employment": rng.choice(len(EMPLOYMENT), size, p=EMPLOYMENT_P),
-    }
-    profile_logits = sum(logits[f][attributes[f]] for f in prompts.PROFILE_FIELDS)
-    posterior = np.exp(profile_logits - profile_logits.max(-1, keepdims=True))
-    posterior /= posterior.sum(-1, keepdims=True)
-    culture = _choice(rng, posterior)
-    answers = np.stack(
-      [_choice(rng, answer_given_culture[culture, q]) for q in range(len(questions))], axis=1
-    )
-    answers[rng.random(answers.shape) < config.missing_rate] = -1
-    names = {
-      "country": countries,
-      "age_group": AGE_GROUPS,
-      "gender": GENDERS,
-      "education": EDUCATION,
-      "marital_status": MARITAL,
-      "religion": RELIGIONS,
-      "employment": EMPLOYMENT,
-    }
-    values = {f: [names[f][i] for i in attributes[f]] for f in names}
-    values["ethnicity"] = [
-      f"{countries[c]}: {ETHNICITIES[e]}"
-      for c, e in zip(country, attributes["ethnicity"], strict=True)
-    ]
-    participants[split] = Participants(
-      ids=np.arange(next_id, next_id + size), values=values, posterior=posterior, answers=answers
-    )
-    next_id += size
-  return SyntheticSurvey(
-    config=config,
-    questions=questions,
-    categories=[c for c, _, _ in picked],
-    answer_given_culture=answer_given_culture,
-    participants=participants,
+
+def _draw_participants(
+  rng, config: SyntheticSurveyConfig, cultures: _Cultures, cells, size: int, first_id: int
+) -> Participants:
+  """``size`` participants from ``cells``: their profile, its culture posterior, a culture
+  drawn from it and their answers (some missing)."""
+  countries = cultures.countries
+  cell = rng.choice(cells, size)
+  country, rest = np.divmod(cell, len(AGE_GROUPS) * len(GENDERS))
+  age, gender = np.divmod(rest, len(GENDERS))
+  attributes = {
+    "country": country,
+    "age_group": age,
+    "gender": gender,
+    "education": rng.choice(len(EDUCATION), size, p=EDUCATION_P),
+    "marital_status": rng.choice(len(MARITAL), size, p=MARITAL_P),
+    "religion": _choice(rng, cultures.religion_p[country]),
+    "ethnicity": rng.choice(len(ETHNICITIES), size, p=ETHNICITY_P),
+    "employment": rng.choice(len(EMPLOYMENT), size, p=EMPLOYMENT_P),
+  }
+  profile_logits = sum(cultures.logits[f][attributes[f]] for f in prompts.PROFILE_FIELDS)
+  posterior = np.exp(profile_logits - profile_logits.max(-1, keepdims=True))
+  posterior /= posterior.sum(-1, keepdims=True)
+  culture = _choice(rng, posterior)
+  by_culture = cultures.answer_given_culture
+  answers = np.stack(
+    [_choice(rng, by_culture[culture, q]) for q in range(by_culture.shape[1])], axis=1
+  )
+  answers[rng.random(answers.shape) < config.missing_rate] = -1
+  names = {
+    "country": countries,
+    "age_group": AGE_GROUPS,
+    "gender": GENDERS,
+    "education": EDUCATION,
+    "marital_status": MARITAL,
+    "religion": RELIGIONS,
+    "employment": EMPLOYMENT,
+  }
+  values = {f: [names[f][i] for i in attributes[f]] for f in names}
+  values["ethnicity"] = [
+    f"{countries[c]}: {ETHNICITIES[e]}"
+    for c, e in zip(country, attributes["ethnicity"], strict=True)
+  ]
+  return Participants(
+    ids=np.arange(first_id, first_id + size), values=values, posterior=posterior, answers=answers
   )

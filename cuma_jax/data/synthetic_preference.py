@@ -162,91 +162,38 @@ def _normalise(text: str) -> str:
 
 def generate(config: SyntheticPreferenceConfig) -> tuple[dict[str, list[dict]], PreferenceOracle]:
   """Records {"sft", "dpo", "ca"} of every conversation (split later by conversation) and
-  the oracle; deterministic in ``config.seed``."""
+  the oracle; deterministic in ``config.seed``.
+
+  Every draw comes from one generator, in this order: the cultures' modal replies, each
+  user's culture, then per user their profile and per question the reply they chose and the
+  one their CA row asks for. Reordering them changes every dataset.
+  """
   rng = np.random.default_rng(config.seed)
-  k, q = config.num_cultures, config.num_questions
+  k = config.num_cultures
   weights = np.arange(k, 0, -1, dtype=np.float64)
   weights /= weights.sum()
-  modes = np.stack([rng.permutation(4)[:k] for _ in range(q)], 1)  # distinct per question
-  rest = (1.0 - config.mode_probability) / 3
-  preference = np.full((k, q, 4), rest)
-  np.put_along_axis(preference, modes[..., None], config.mode_probability, axis=-1)
+  preference = _culture_preferences(rng, config)
   cultures = rng.choice(k, size=config.num_users, p=weights)
   cultures[:k] = np.arange(k)  # every culture has a user
   oracle_profiles: dict[str, int] = {}
   records: dict[str, list[dict]] = {"sft": [], "dpo": [], "ca": []}
-  questions = QUESTIONS[:q]
+  questions = QUESTIONS[: config.num_questions]
   for user, culture in enumerate(cultures):
-    country = CULTURE_COUNTRIES[culture][rng.integers(config.countries_per_culture)]
     profile_fields = {
-      "Country": country,
+      "Country": CULTURE_COUNTRIES[culture][rng.integers(config.countries_per_culture)],
       "Age": AGE_GROUPS[rng.integers(len(AGE_GROUPS))],
       "Gender": GENDERS[rng.integers(len(GENDERS))],
     }
     profile = ", ".join(f"{name}: {value}" for name, value in profile_fields.items())
     oracle_profiles[profile] = int(culture)
-    common = dict(profile=profile, profile_fields=json.dumps(profile_fields))
-    system = {"role": "system", "content": f"User Profile: {profile}"}
     for qi, (question, replies) in enumerate(questions):
-      conversation = f"u{user:04d}q{qi:02d}"
       chosen = int(rng.choice(4, p=preference[culture, qi]))
-      ids = dict(question_id=f"q{qi:02d}", **common)
-      user_turn = {"role": "user", "content": question}
-      reply = {"role": "assistant", "content": replies[chosen]}
-      records["sft"].append(
-        make_record(
-          SOURCE,
-          conversation,
-          0,
-          0,
-          messages=json.dumps([system, user_turn, reply]),
-          chosen_option=chosen,
-          **ids,
-        )
-      )
-      row = dict(profile=profile, question=question, options=list(replies), answer=chosen)
-      choice = [
-        *ca_prompts.ca_messages(row, "persona"),
-        {"role": "assistant", "content": "ABCD"[chosen]},
-      ]
-      records["sft"].append(
-        make_record(
-          SOURCE,
-          conversation,
-          0,
-          1,
-          messages=json.dumps(choice),
-          chosen_option=chosen,
-          **ids,
-        )
-      )
-      for pair, rejected in enumerate(o for o in range(4) if o != chosen):
-        records["dpo"].append(
-          make_record(
-            SOURCE,
-            conversation,
-            0,
-            pair,
-            messages=json.dumps([system, user_turn]),
-            chosen=replies[chosen],
-            rejected=replies[rejected],
-            chosen_option=chosen,
-            **ids,
-          )
-        )
       target = int(rng.choice(4, p=preference[culture, qi]))
-      records["ca"].append(
-        make_record(
-          SOURCE,
-          conversation,
-          0,
-          0,
-          question=question,
-          options=list(replies),
-          answer=target,
-          **ids,
-        )
+      conversation = _Conversation(
+        f"u{user:04d}q{qi:02d}", f"q{qi:02d}", profile, profile_fields, question, replies
       )
+      for kind, rows in conversation.records(chosen, target).items():
+        records[kind].extend(rows)
   oracle = PreferenceOracle(
     questions=tuple(t for t, _ in questions),
     replies=tuple(r for _, r in questions),
@@ -255,6 +202,72 @@ def generate(config: SyntheticPreferenceConfig) -> tuple[dict[str, list[dict]], 
     culture_of_profile=oracle_profiles,
   )
   return records, oracle
+
+
+def _culture_preferences(rng, config: SyntheticPreferenceConfig) -> np.ndarray:
+  """p_c(q) [K, Q, 4]: ``mode_probability`` on each culture's modal reply (distinct between
+  cultures for every question), the rest spread evenly."""
+  k, q = config.num_cultures, config.num_questions
+  modes = np.stack([rng.permutation(4)[:k] for _ in range(q)], 1)
+  rest = (1.0 - config.mode_probability) / 3
+  preference = np.full((k, q, 4), rest)
+  np.put_along_axis(preference, modes[..., None], config.mode_probability, axis=-1)
+  return preference
+
+
+@dataclasses.dataclass(frozen=True)
+class _Conversation:
+  """One user's single-turn conversation about one question."""
+
+  conversation: str
+  question_id: str
+  profile: str
+  profile_fields: dict[str, str]
+  question: str
+  replies: tuple[str, ...]
+
+  def records(self, chosen: int, target: int) -> dict[str, list[dict]]:
+    """Its records: chat SFT on the chosen reply and on its letter among the four (the CA
+    format), a DPO pair against each other reply, and the CA row asking for ``target``."""
+    system = {"role": "system", "content": f"User Profile: {self.profile}"}
+    user_turn = {"role": "user", "content": self.question}
+    reply = {"role": "assistant", "content": self.replies[chosen]}
+    row = dict(
+      profile=self.profile, question=self.question, options=list(self.replies), answer=chosen
+    )
+    choice = [
+      *ca_prompts.ca_messages(row, "persona"),
+      {"role": "assistant", "content": "ABCD"[chosen]},
+    ]
+    return {
+      "sft": [
+        self._record(0, messages=json.dumps([system, user_turn, reply]), chosen_option=chosen),
+        self._record(1, messages=json.dumps(choice), chosen_option=chosen),
+      ],
+      "dpo": [
+        self._record(
+          pair,
+          messages=json.dumps([system, user_turn]),
+          chosen=self.replies[chosen],
+          rejected=self.replies[rejected],
+          chosen_option=chosen,
+        )
+        for pair, rejected in enumerate(o for o in range(4) if o != chosen)
+      ],
+      "ca": [self._record(0, question=self.question, options=list(self.replies), answer=target)],
+    }
+
+  def _record(self, index: int, **values) -> dict:
+    return make_record(
+      SOURCE,
+      self.conversation,
+      0,
+      index,
+      **values,
+      question_id=self.question_id,
+      profile=self.profile,
+      profile_fields=json.dumps(self.profile_fields),
+    )
 
 
 def write_oracle(oracle: PreferenceOracle, directory: str | Path) -> Path:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from cuma_jax.errors import Refusal
+
 
 def _option_logits(
   last_logits: jax.Array, option_token_ids: jax.Array, option_mask: jax.Array
@@ -38,7 +40,7 @@ def restricted_argmax(
   return jnp.argmax(_option_logits(last_logits, option_token_ids, option_mask), axis=-1)
 
 
-class NonFiniteLogits(FloatingPointError):
+class NonFiniteLogits(Refusal, FloatingPointError):
   pass
 
 

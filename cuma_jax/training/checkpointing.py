@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from cuma_jax import fingerprint
 from cuma_jax.checkpoints.safetensors_io import safetensors_digest, write_safetensors
+from cuma_jax.errors import Refusal
 from cuma_jax.training.workdir import write_atomically
 
 CORRUPT_CHECKPOINT_POLICIES = ("fallback", "stop")
@@ -42,7 +43,7 @@ INPUT_SOURCES = {
 }
 
 
-class CheckpointConfigMismatch(ValueError):
+class CheckpointConfigMismatch(Refusal, ValueError):
   pass
 
 
@@ -50,11 +51,11 @@ class CheckpointInputsMismatch(CheckpointConfigMismatch):
   pass
 
 
-class UnreadableCheckpoint(RuntimeError):
+class UnreadableCheckpoint(Refusal, RuntimeError):
   pass
 
 
-class NonFiniteCheckpoint(ValueError):
+class NonFiniteCheckpoint(Refusal, ValueError):
   """A step whose parameters or optimiser state hold inf or NaN: unusable like an unreadable
   one (moved aside or stopped at by ``train.on_corrupt_checkpoint``)."""
 

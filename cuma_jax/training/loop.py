@@ -24,6 +24,7 @@ import optax
 from tqdm import tqdm
 
 from cuma_jax import sharding
+from cuma_jax.errors import Refusal
 from cuma_jax.models.pretrained import abstract_params
 from cuma_jax.params import partition, split_params
 from cuma_jax.training import checkpointing, optim
@@ -45,7 +46,7 @@ _READ_METRICS = (
 LOG_PROGRESS_SECONDS = 10.0
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(Refusal, FloatingPointError):
   pass
 
 
@@ -152,17 +153,9 @@ def train(
   objective = objective or default_objective(config, module)
   tx = optim.make_optimizer(optim_config, steps)
   schedule = optim.learning_rate_schedule(optim_config, steps)
-  frozen_dtype = jnp.dtype(config.model.param_dtype)
-  trainable, frozen = split_params(params, config.trainable, frozen_dtype=frozen_dtype)
-  del params
-
-  sharded = ShardedStep.of(config, module, layout, tx, trainable, objective)
-  trainable = jax.device_put(trainable, sharded.trainable)
-  frozen = jax.device_put(frozen, sharded.frozen)
-  opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state)(trainable)
-  table = None
-  if demographic_table is not None:
-    table = jax.device_put(jnp.asarray(demographic_table, jnp.float32), layout.replicated)
+  sharded, trainable, frozen, opt_state, table = _placed(
+    config, module, params, layout, tx, objective, demographic_table
+  )
   jitted, batch_sh = sharded.step, layout.batch
 
   ckpt = checkpointing.TrainCheckpoints.of(
@@ -190,56 +183,7 @@ def train(
     log=log,
   )
   bar = progress_bar(steps, start, enabled=config.train.progress_bar and jax.process_index() == 0)
-  losses = []
-  tokens_seen, t0 = 0, time.perf_counter()
-  truncated = 0  # tokens the data pipeline cut to fit (logged when a batch counts them)
-
-  def record(done: int, accumulated: list[dict]) -> None:
-    """Reads step ``done``'s metrics (waiting for it), refuses a non-finite loss, logs."""
-    nonlocal tokens_seen, t0, truncated
-    loss = float(np.mean([float(m["loss"]) for m in accumulated]))
-    grad_norms = [float(m["grad_norm"]) for m in accumulated]
-    state_finite = all(bool(m["state_finite"]) for m in accumulated)
-    if not (math.isfinite(loss) and all(map(math.isfinite, grad_norms)) and state_finite):
-      ckpt.wait()
-      raise NonFiniteLoss(
-        f"loss {loss}, gradient norms {grad_norms}"
-        + ("" if state_finite else ", updated parameters or optimiser state not finite")
-        + f" at step {done}; stopping before it is saved. "
-        + (
-          f"The last finite checkpoint (step {last_good}) in {ckpt.directory} is intact."
-          if last_good is not None
-          else f"No checkpoint in {ckpt.directory} was written (none is finite)."
-        )
-        + " Lower the learning rate or check the data."
-      )
-    losses.append(loss)
-    tokens_seen += sum(int(m["input_tokens"]) for m in accumulated)
-    bar.update(1)
-    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-    if done % config.train.log_every == 0 or done == steps:
-      elapsed = time.perf_counter() - t0
-      scalars = {
-        "loss": loss,
-        "task_loss": float(np.mean([float(m["task_loss"]) for m in accumulated])),
-        "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
-        "grad_norm": max(grad_norms),  # Before clipping; the largest micro-batch's.
-        "learning_rate": float(schedule(done - 1)),
-        "tokens_per_second": tokens_seen / max(elapsed, 1e-9),  # Non-padding tokens.
-        **{
-          k: float(np.mean([float(m[k]) for m in accumulated]))
-          for k in accumulated[0]
-          if k not in _READ_METRICS
-        },
-      }
-      usage = {
-        k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
-        for k, v in accumulated[-1]["expert_counts"].items()
-      }
-      if truncated:
-        scalars["truncated_tokens"] = truncated  # since the last log line
-      writer.write(done, scalars, usage)
-      tokens_seen, t0, truncated = 0, time.perf_counter(), 0
+  record = _StepRecord(config, steps, schedule, ckpt, writer, bar, last_good)
 
   # The host reads a step's metrics only after dispatching the next one, so it prepares the
   # next batch while the device computes; a step is checked before its state is saved.
@@ -250,7 +194,7 @@ def train(
       for micro in range(updates_per_step):
         rng = jax.random.fold_in(base_rng, step * updates_per_step + micro)
         batch = next(iterator)
-        truncated += int(np.sum(batch.get("truncated_tokens", 0)))
+        record.truncated += int(np.sum(batch.get("truncated_tokens", 0)))
         if objective.prepare is not None:
           batch = objective.prepare(batch, trainable, frozen, table, jax.random.fold_in(rng, 1))
         batch = _device_batch(batch, batch_sh, objective)
@@ -264,7 +208,7 @@ def train(
       if ckpt.should_save(done) or done == steps:
         record(done, accumulated)
         if ckpt.save(done, _state(trainable, opt_state, done), iterator.get_state()):
-          last_good = done
+          record.last_good = done
       else:
         unread = (done, accumulated)
   except BaseException:
@@ -279,7 +223,86 @@ def train(
     ckpt.save(steps, _state(trainable, opt_state, steps), iterator.get_state(), force=True)
     ckpt.wait()
   ckpt.close()
-  return TrainResult(trainable=trainable, frozen=frozen, step=max(start, steps), losses=losses)
+  return TrainResult(
+    trainable=trainable, frozen=frozen, step=max(start, steps), losses=record.losses
+  )
+
+
+def _placed(config, module, params, layout: sharding.Layout, tx, objective, demographic_table):
+  """The jitted step on ``layout`` and what it reads, placed where it wants it: the trainable
+  and (in ``model.param_dtype``) frozen parameters, fresh optimiser state, the table."""
+  frozen_dtype = jnp.dtype(config.model.param_dtype)
+  trainable, frozen = split_params(params, config.trainable, frozen_dtype=frozen_dtype)
+  sharded = ShardedStep.of(config, module, layout, tx, trainable, objective)
+  trainable = jax.device_put(trainable, sharded.trainable)
+  frozen = jax.device_put(frozen, sharded.frozen)
+  opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state)(trainable)
+  table = None
+  if demographic_table is not None:
+    table = jax.device_put(jnp.asarray(demographic_table, jnp.float32), layout.replicated)
+  return sharded, trainable, frozen, opt_state, table
+
+
+class _StepRecord:
+  """``record(done, accumulated)`` reads step ``done``'s metrics (waiting for the device),
+  refuses a non-finite loss and, every ``train.log_every`` steps, writes the metrics (token
+  rate and truncated tokens since the last write)."""
+
+  def __init__(self, config, steps: int, schedule, ckpt, writer: MetricWriter, bar, last_good):
+    self.config, self.steps, self.schedule = config, steps, schedule
+    self.ckpt, self.writer, self.bar = ckpt, writer, bar
+    self.last_good = last_good  # the newest finite checkpoint's step, or None
+    self.losses: list[float] = []
+    self.tokens_seen, self.t0 = 0, time.perf_counter()
+    self.truncated = 0  # tokens the data pipeline cut to fit (logged when a batch counts them)
+
+  def __call__(self, done: int, accumulated: list[dict]) -> None:
+    loss = float(np.mean([float(m["loss"]) for m in accumulated]))
+    grad_norms = [float(m["grad_norm"]) for m in accumulated]
+    state_finite = all(bool(m["state_finite"]) for m in accumulated)
+    if not (math.isfinite(loss) and all(map(math.isfinite, grad_norms)) and state_finite):
+      self.ckpt.wait()
+      raise NonFiniteLoss(
+        f"loss {loss}, gradient norms {grad_norms}"
+        + ("" if state_finite else ", updated parameters or optimiser state not finite")
+        + f" at step {done}; stopping before it is saved. "
+        + (
+          f"The last finite checkpoint (step {self.last_good}) in {self.ckpt.directory} is intact."
+          if self.last_good is not None
+          else f"No checkpoint in {self.ckpt.directory} was written (none is finite)."
+        )
+        + " Lower the learning rate or check the data."
+      )
+    self.losses.append(loss)
+    self.tokens_seen += sum(int(m["input_tokens"]) for m in accumulated)
+    self.bar.update(1)
+    self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    if done % self.config.train.log_every == 0 or done == self.steps:
+      self._write(done, loss, grad_norms, accumulated)
+
+  def _write(self, done: int, loss: float, grad_norms: list[float], accumulated) -> None:
+    elapsed = time.perf_counter() - self.t0
+    scalars = {
+      "loss": loss,
+      "task_loss": float(np.mean([float(m["task_loss"]) for m in accumulated])),
+      "balance_loss": float(np.mean([float(m["balance_loss"]) for m in accumulated])),
+      "grad_norm": max(grad_norms),  # Before clipping; the largest micro-batch's.
+      "learning_rate": float(self.schedule(done - 1)),
+      "tokens_per_second": self.tokens_seen / max(elapsed, 1e-9),  # Non-padding tokens.
+      **{
+        k: float(np.mean([float(m[k]) for m in accumulated]))
+        for k in accumulated[0]
+        if k not in _READ_METRICS
+      },
+    }
+    usage = {
+      k: np.asarray(v) / np.maximum(np.asarray(v).sum(-1, keepdims=True), 1)
+      for k, v in accumulated[-1]["expert_counts"].items()
+    }
+    if self.truncated:
+      scalars["truncated_tokens"] = self.truncated  # since the last log line
+    self.writer.write(done, scalars, usage)
+    self.tokens_seen, self.t0, self.truncated = 0, time.perf_counter(), 0
 
 
 def progress_bar(total: int, initial: int, *, enabled: bool, stream=None) -> tqdm:

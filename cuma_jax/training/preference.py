@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import functools
 from typing import Any
 
 import chex
@@ -240,45 +241,7 @@ def grpo_objective(
   fixed = None
   if kl_beta and not reference.in_step:
     fixed = _fixed_reference(reference, new_tokens, temperature)
-  pad = rollout.sampling.pad_token
-
-  def prepare(batch, trainable, frozen, table, rng):
-    group = rollout.group_size
-    ids = np.repeat(batch["input_ids"], group, axis=0)
-    mask = np.repeat(batch["attention_mask"], group, axis=0)
-    profile_index = np.repeat(batch["profile_index"], group, axis=0)
-    z = _demographics(table, profile_index)
-    out = generation.generate(
-      module,
-      merge_params(trainable, frozen),
-      ids,
-      mask,
-      rollout.sampling,
-      demographics=z,
-      rng=rng,
-      layout=rollout.layout,
-    )
-    completions = [out.tokens[i, : out.lengths[i]].tolist() for i in range(len(ids))]
-    texts = [
-      strip_think(rollout.tokenizer.decode(c, skip_special_tokens=True)) for c in completions
-    ]
-    rewards = np.asarray(
-      rollout.reward(np.repeat(batch["example_index"], group), texts), np.float32
-    )
-    lengths = Lengths(ids.shape[1] + new_tokens, ids.shape[1], new_tokens)
-    rows = [
-      sequence_arrays(ids[i, mask[i] == 1].tolist(), completions[i], lengths, pad)
-      for i in range(len(ids))
-    ]
-    sequences = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    sequences["profile_index"] = profile_index
-    sequences["rewards"] = rewards
-    sequences["advantages"] = np.asarray(group_advantages(jnp.asarray(rewards), group))
-    if fixed is None:
-      sequences["reference_token_log_probs"] = np.zeros((len(ids), new_tokens), np.float32)
-    else:
-      sequences["reference_token_log_probs"] = np.asarray(fixed(frozen, sequences, z))
-    return sequences
+  prepare = functools.partial(_sample_and_score, module, rollout, fixed)
 
   def loss_fn(trainable, frozen, batch, demographics, rng):
     del rng
@@ -313,3 +276,43 @@ def grpo_objective(
   return Objective(
     loss=loss_fn, batch_keys=GRPO_BATCH_KEYS, max_targets=new_tokens, prepare=prepare
   )
+
+
+def _sample_and_score(module, rollout: Rollout, fixed, batch, trainable, frozen, table, rng):
+  """GRPO's ``prepare`` (on the host, before each step): samples ``group_size`` completions
+  per prompt with the current policy (z at every step), scores them with ``rollout.reward``
+  and lays them out as token sequences with group-normalised advantages and, for a ``fixed``
+  reference, its per-token log-probs."""
+  group = rollout.group_size
+  new_tokens, pad = rollout.sampling.max_new_tokens, rollout.sampling.pad_token
+  ids = np.repeat(batch["input_ids"], group, axis=0)
+  mask = np.repeat(batch["attention_mask"], group, axis=0)
+  profile_index = np.repeat(batch["profile_index"], group, axis=0)
+  z = _demographics(table, profile_index)
+  out = generation.generate(
+    module,
+    merge_params(trainable, frozen),
+    ids,
+    mask,
+    rollout.sampling,
+    demographics=z,
+    rng=rng,
+    layout=rollout.layout,
+  )
+  completions = [out.tokens[i, : out.lengths[i]].tolist() for i in range(len(ids))]
+  texts = [strip_think(rollout.tokenizer.decode(c, skip_special_tokens=True)) for c in completions]
+  rewards = np.asarray(rollout.reward(np.repeat(batch["example_index"], group), texts), np.float32)
+  lengths = Lengths(ids.shape[1] + new_tokens, ids.shape[1], new_tokens)
+  rows = [
+    sequence_arrays(ids[i, mask[i] == 1].tolist(), completions[i], lengths, pad)
+    for i in range(len(ids))
+  ]
+  sequences = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  sequences["profile_index"] = profile_index
+  sequences["rewards"] = rewards
+  sequences["advantages"] = np.asarray(group_advantages(jnp.asarray(rewards), group))
+  if fixed is None:
+    sequences["reference_token_log_probs"] = np.zeros((len(ids), new_tokens), np.float32)
+  else:
+    sequences["reference_token_log_probs"] = np.asarray(fixed(frozen, sequences, z))
+  return sequences

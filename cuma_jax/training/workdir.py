@@ -17,14 +17,16 @@ import socket
 import time
 from typing import TextIO
 
+from cuma_jax.errors import Refusal
+
 LOCK_FILE = "LOCK"
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(Refusal, RuntimeError):
   pass
 
 
-class WorkdirUnusable(ValueError):
+class WorkdirUnusable(Refusal, ValueError):
   """The workdir (or its lock) is not something a run can write to; the message says why."""
 
 
