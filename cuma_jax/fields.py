@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import dataclasses
 import math
+import typing
 from typing import Any
 
 # How a field may change when a run resumes from a checkpoint written with another value.
@@ -94,3 +95,53 @@ def _has_float(value: Any) -> bool:
   if isinstance(value, (tuple, list)):
     return any(_has_float(v) for v in value)
   return isinstance(value, float)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoParams:
+  """The parameters of a variant that declares none of its own."""
+
+
+def params_of(cls: type | None, values: Any, key: str, owner: str) -> Any:
+  """The frozen dataclass ``cls`` (the parameters of variant ``owner``) from ``values``.
+
+  ``values``: a mapping of field names (``config.<key>``), an instance of ``cls``, or None
+  (the defaults).  A name ``cls`` lacks is refused naming those it has; each field is
+  range-checked as :func:`check` does, then ``cls.validate()`` runs where it is defined.
+  """
+  cls = cls or NoParams
+  if not isinstance(values, cls):
+    given = _asdict(values)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+      raise ValueError(f"config.{key}.{unknown[0]} is not a parameter of {owner}; it has {names}")
+    hints = typing.get_type_hints(cls)
+    values = cls(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in given.items()})
+  check(values, key)
+  if hasattr(values, "validate"):
+    values.validate()
+  return values
+
+
+def _asdict(values: Any) -> dict:
+  if values is None:
+    return {}
+  if dataclasses.is_dataclass(values):
+    return {f.name: getattr(values, f.name) for f in dataclasses.fields(values)}
+  return dict(values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+  """``value`` as the field's declared type: an int where a float is declared becomes a
+  float, a list a tuple; a value of another scalar type is refused."""
+  if isinstance(value, list):
+    value = tuple(value)
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  scalar = hint if hint in (bool, int, float, str) else None
+  if scalar is not None and (
+    not isinstance(value, scalar) or (scalar is int and isinstance(value, bool))
+  ):
+    raise ValueError(f"config.{key}={value!r}; must be of type {scalar.__name__}")
+  return value

@@ -52,6 +52,9 @@ class AdapterConfig:
   # A's initialisation: "normal" (std 0.01) or PEFT LoRA's "kaiming_uniform" (U(+-1/sqrt(d_in))).
   a_init: str = field("normal", choices=tuple(A_INITS))
   router: str = field("token_and_demographics", choices=ROUTERS.names)
+  # The router kind's own parameters, declared by its registration (``params``): set as
+  # config.adapter.router_kwargs.NAME; unset ones take the declared defaults.
+  router_kwargs: Any = field(None)
   router_hidden: tuple[int, ...] = field((256,), low=1)
   router_dropout: float = field(0.0, low=0, high=1, high_open=True)
   # Width of the demographic vector z the routers read (the encoder's output width).
@@ -60,6 +63,8 @@ class AdapterConfig:
   demographic_projection: tuple[int, ...] = field((), low=1)
   share_router: bool = field(False, choices=(False, True))
   gate: str = field(DEFAULT_GATE, choices=GATES.names)
+  # The gate's own parameters (config.adapter.gate_kwargs.NAME), as router_kwargs.
+  gate_kwargs: Any = field(None)
   # Read by the temperature-scaled gate (``cuma_jax/layers/variants.py``).
   gate_temperature: float = field(1.0, low=0, low_open=True)
   strategy: str = field(AUTO, choices=lambda: (AUTO, *DISPATCH.names()))
@@ -77,6 +82,14 @@ class AdapterConfig:
     for name in ("targets", "router_hidden", "demographic_projection"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     fields.check(self, "adapter")
+    for key, registry, name in (("router", ROUTERS, self.router), ("gate", GATES, self.gate)):
+      own = fields.params_of(
+        registry.get(name).params,
+        getattr(self, f"{key}_kwargs"),
+        f"adapter.{key}_kwargs",
+        f"{registry.kind} {name!r}",
+      )
+      object.__setattr__(self, f"{key}_kwargs", own)
     if self.targets and self.top_k > self.num_experts:
       raise ValueError(
         f"config.adapter.top_k={self.top_k} exceeds adapter.num_experts={self.num_experts}"
