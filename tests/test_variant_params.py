@@ -202,3 +202,60 @@ def test_changing_the_variant_drops_the_old_variant_s_parameters():
     _tiny(**{"adapter.router_kwargs.hidden": 5}), "lora", backbone="b", data_dir="d"
   )
   assert b.adapter.router == "none" and b.adapter.router_kwargs.to_dict() == {}
+
+
+# --- adapter.plugins: a fork's module, imported before the config is checked. ---------------
+
+PLUGIN = """
+import dataclasses
+from cuma_jax.fields import field
+from cuma_jax.layers import routing
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  power: float = field(2.0, low=0, low_open=True)
+
+
+@routing.register_gate("{name}", params=Params)
+def gate(top_logits, top_probs, temperature, params):
+  return top_probs**params.power / (top_probs**params.power).sum(-1, keepdims=True)
+"""
+
+
+def test_a_plugin_is_imported_before_the_config_is_checked(tmp_path, monkeypatch):
+  (tmp_path / "my_fork_gate.py").write_text(PLUGIN.format(name="test_plugin_gate"))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  try:
+    with pytest.raises(
+      ValueError,
+      match=r"^config\.adapter\.gate='test_plugin_gate' is not a registered gate; registered: "
+      r"\(.*\); a variant defined in your own module is registered when that module is "
+      r"listed in config\.adapter\.plugins$",
+    ):
+      AdapterConfig(gate="test_plugin_gate")
+    c = AdapterConfig(gate="test_plugin_gate", plugins="my_fork_gate", gate_kwargs={"power": 3})
+    assert c.plugins == ("my_fork_gate",) and c.gate_kwargs.power == 3.0
+    assert schema.resume_class("adapter.plugins") == "free"  # they only name where code is
+  finally:
+    routing.GATES.unregister("test_plugin_gate")
+
+
+@pytest.mark.parametrize(
+  "source, error",
+  [
+    (None, "ModuleNotFoundError: No module named"),
+    ("def broken(:\n", "SyntaxError: "),
+    ("raise RuntimeError('the fork is broken\\nat length')\n", "RuntimeError: the fork is broken)"),
+  ],
+)
+def test_a_plugin_that_fails_to_import_is_named_in_one_line(tmp_path, monkeypatch, source, error):
+  name = "test_plugin_that_fails"
+  if source is not None:
+    (tmp_path / f"{name}.py").write_text(source)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(ValueError) as refused:
+    _tiny(**{"adapter.plugins": (name,)})
+  message = str(refused.value)
+  assert message.startswith(f"config.adapter.plugins: cannot import '{name}' ({error}")
+  assert "\n" not in message and "PYTHONPATH" in message

@@ -23,7 +23,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from cuma_jax import fields
+from cuma_jax import fields, registry
 from cuma_jax.fields import FREE, field
 from cuma_jax.layers.adapter import A_INITS, ROUTERS
 from cuma_jax.layers.dispatch import AUTO, DISPATCH
@@ -75,19 +75,27 @@ class AdapterConfig:
   # released CuMA layout or a cuma_jax export (docs/interop.md); "" = initialise afresh.
   # Its contents are fingerprinted with the run's other inputs.
   init_from: str = field("", resume=FREE)
+  # Modules imported before the config is checked: a fork's own routers and gates, which
+  # register themselves on import (e.g. "experiments.fork.zonly_router").
+  plugins: tuple[str, ...] = field((), resume=FREE)
   # Master weights of the trainable parameters; not a config key.
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata={"config": False})
 
   def __post_init__(self):
-    for name in ("targets", "router_hidden", "demographic_projection"):
+    if isinstance(self.plugins, str):
+      object.__setattr__(self, "plugins", (self.plugins,))
+    for name in ("targets", "router_hidden", "demographic_projection", "plugins"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    registry.import_plugins(self.plugins)
+    ROUTERS.check(self.router)
+    GATES.check(self.gate)
     fields.check(self, "adapter")
-    for key, registry, name in (("router", ROUTERS, self.router), ("gate", GATES, self.gate)):
+    for key, table, name in (("router", ROUTERS, self.router), ("gate", GATES, self.gate)):
       own = fields.params_of(
-        registry.get(name).params,
+        table.get(name).params,
         getattr(self, f"{key}_kwargs"),
         f"adapter.{key}_kwargs",
-        f"{registry.kind} {name!r}",
+        f"{table.kind} {name!r}",
       )
       object.__setattr__(self, f"{key}_kwargs", own)
     if self.targets and self.top_k > self.num_experts:
