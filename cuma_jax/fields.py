@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import inspect
+import io
 import math
+import re
+import tokenize
 import typing
 from typing import Any
 
@@ -145,3 +149,37 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
   ):
     raise ValueError(f"config.{key}={value!r}; must be of type {scalar.__name__}")
   return value
+
+
+def comments(cls: type) -> dict[str, str]:
+  """Each field's comment in ``cls``'s source: the comment lines just above the field and the
+  one ending its line.  They are the fields' help texts (``--helpfull``); {} without source."""
+  try:
+    lines, _ = inspect.getsourcelines(cls)
+  except (OSError, TypeError):
+    return {}
+  names = {f.name for f in dataclasses.fields(cls)}
+  found, above, indent = {}, [], None
+  for line in lines[1:]:
+    text = line.strip()
+    if text.startswith("#"):
+      above.append(text[1:].strip())
+      continue
+    name = re.match(r"(\w+)\s*:", text)
+    depth = len(line) - len(line.lstrip())
+    if name and name.group(1) in names and indent in (None, depth):
+      indent = depth
+      found[name.group(1)] = " ".join([*above, _trailing_comment(line)]).strip()
+    above = []
+  return found
+
+
+def _trailing_comment(line: str) -> str:
+  """The comment ending one source line ("" when none), read by Python's tokenizer."""
+  try:
+    for token in tokenize.generate_tokens(io.StringIO(line).readline):
+      if token.type == tokenize.COMMENT:
+        return token.string[1:].strip()
+  except tokenize.TokenError:  # the line opens a bracket that a later line closes
+    pass
+  return ""

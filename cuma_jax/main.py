@@ -60,6 +60,10 @@ def parse_flags(argv):
       if problem:
         sys.stderr.write(f"FATAL Flags parsing error: {arg}: {problem}\n")
         sys.exit(1)
+  if any(arg.lstrip("-").startswith("help") for arg in argv[1:]):
+    # Each config key as a flag (set by config_flags' own when given), for its help text.
+    for name, text in overrides.help_flags(argv).items():
+      flags.DEFINE_string(name, None, text, allow_override=True)
   absl_argv, _, _ = overrides.split_argv(argv)
   # config_flags reads its overrides from sys.argv; the user's stays for the run's record.
   typed, sys.argv = sys.argv, absl_argv

@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from cuma_jax import presets, schema
+from cuma_jax import presets, registry, schema
 from cuma_jax.training import checkpointing
 
 DEFAULT_CONFIG = os.path.abspath(__file__)
@@ -52,6 +52,16 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, Any], bool]:
   if not given:
     rest.insert(1, f"--config={DEFAULT_CONFIG}")
   return rest, params, given
+
+
+def help_flags(argv: list[str]) -> dict[str, str]:
+  """``{--config.KEY flag name: help}`` for ``--helpfull``, after importing the plugins that
+  ``argv`` lists (``--config.adapter.plugins=...``), so that their variants' parameters show."""
+  for arg in argv:
+    if arg.startswith("--config.adapter.plugins="):
+      plugins = _literal(arg.partition("=")[2])
+      registry.import_plugins((plugins,) if isinstance(plugins, str) else plugins)
+  return {f"config.{key}": text for key, text in schema.help_texts().items()}
 
 
 def _literal(text: str) -> Any:

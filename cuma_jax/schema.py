@@ -415,6 +415,38 @@ def unknown_key(key: str) -> str | None:
   return f"config.{key} is not a config key" + (f"; the closest are {close}" if close else "")
 
 
+def help_texts() -> dict[str, str]:
+  """``{dotted key: help}`` for every config key and every registered variant's parameter:
+  the field's comment, its allowed values and its default (``--helpfull``)."""
+  texts = {}
+
+  def walk(cls, obj, prefix):
+    notes, sections = fields.comments(cls), _section_types(cls)
+    for f in _config_fields(cls):
+      key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+      if f.name in sections:
+        walk(sections[f.name], value, f"{key}.")
+      else:
+        texts[key] = notes.get(f.name, "") if key in VARIANT_KWARGS else _help(f, notes, value)
+
+  walk(Config, Config(), "")
+  for section, registry in _VARIANT_REGISTRIES.items():
+    for name in registry.names():
+      params = registry.get(name).params
+      notes = fields.comments(params) if params else {}
+      for f in dataclasses.fields(params) if params else ():
+        key = f"{section}.{f.name}"
+        text = f"{registry.kind} {name!r}: {_help(f, notes, getattr(params(), f.name))}"
+        texts[key] = f"{texts[key]} | {text}" if key in texts else text
+  return texts
+
+
+def _help(f: dataclasses.Field, notes: dict[str, str], default: Any) -> str:
+  spec = fields.spec_of(f)
+  allowed = "" if spec == fields.Spec(resume=spec.resume) else f"{spec.describe()}; "
+  return f"{notes.get(f.name, '')} ({allowed}default {default!r})".strip()
+
+
 def defaults() -> ml_collections.ConfigDict:
   """The schema's defaults (the paper's Qwen3-8B recipe) as an unlocked ConfigDict."""
   return ml_collections.ConfigDict(as_dict(Config()))

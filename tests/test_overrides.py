@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cuma_jax import overrides, presets, schema
+from cuma_jax.layers import routing
 from cuma_jax.training import checkpointing
 
 
@@ -119,3 +120,24 @@ def test_overrides_of_a_variant_s_parameters_apply_over_the_recorded_ones(workdi
   assert config.adapter.router_kwargs.to_dict() == {}
   with pytest.raises(ValueError, match=r"router_kwargs\.hidden is not a parameter of router kind"):
     _resolve(workdir, {"adapter.router_kwargs.hidden": 3})
+
+
+def test_help_flags_import_the_plugins_the_command_line_lists(tmp_path, monkeypatch):
+  (tmp_path / "my_help_plugin.py").write_text(
+    "import dataclasses\n"
+    "from cuma_jax.fields import field\n"
+    "from cuma_jax.layers import routing\n"
+    "@dataclasses.dataclass(frozen=True)\n"
+    "class Params:\n"
+    "  sharpness: float = field(2.0, low=1)  # the exponent\n"
+    "routing.register_gate('test_help_gate', params=Params)(lambda l, p, t, params: p)\n"
+  )
+  monkeypatch.syspath_prepend(str(tmp_path))
+  try:
+    texts = overrides.help_flags(["main", "--config.adapter.plugins=my_help_plugin", "--helpfull"])
+    assert texts["config.adapter.gate_kwargs.sharpness"] == (
+      "gate 'test_help_gate': the exponent (>= 1; default 2.0)"
+    )
+    assert texts["config.adapter.rank"].endswith("(>= 1; default 8)")
+  finally:
+    routing.GATES.unregister("test_help_gate")

@@ -259,3 +259,48 @@ def test_a_plugin_that_fails_to_import_is_named_in_one_line(tmp_path, monkeypatc
   message = str(refused.value)
   assert message.startswith(f"config.adapter.plugins: cannot import '{name}' ({error}")
   assert "\n" not in message and "PYTHONPATH" in message
+
+
+# --- Help texts: each field's comment, allowed values and default (--helpfull). -------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Commented:
+  # Two lines of comment
+  # above the field.
+  above: int = field(1, low=1)
+  trailing: str = field("a", choices=("a", "b"))  # a trailing comment
+  spread: tuple[float, ...] = field(
+    (0.5,),  # not the field's comment: the line does not start it
+    low=0,
+  )
+  # A comment cut off from the next field by a blank line is not its comment.
+
+  plain: float = field(1.0)
+
+
+def test_field_comments_are_read_from_the_source():
+  assert schema.fields.comments(Commented) == {
+    "above": "Two lines of comment above the field.",
+    "trailing": "a trailing comment",
+    "spread": "",
+    "plain": "",
+  }
+
+
+def test_help_texts_give_each_key_s_comment_range_and_default():
+  texts = schema.help_texts()
+  assert (
+    texts["adapter.rank"] == "rank r of each expert: A [d_in, r], B [r, d_out] (>= 1; default 8)"
+  )
+  assert texts["model.dtype"] == "compute (one of ('float32', 'bfloat16'); default 'bfloat16')"
+  assert texts["optim.learning_rate"] == "(>= 0; default 5e-06)"
+  assert texts["adapter.router_kwargs.hidden"] == (
+    "router kind 'test_profile': Width of the hidden layer. (>= 1; default 3)"
+  )
+  assert texts["adapter.gate_kwargs.power"] == (
+    "gate 'test_power': Exponent of the top-k probabilities before they are renormalised. "
+    "(> 0; default 2.0)"
+  )
+  keys = set(schema._flat(schema.as_dict(schema.Config()))) | set(schema.VARIANT_KWARGS)
+  assert {k for k in texts if not schema.variant_section(k) or k in keys} == keys
