@@ -72,7 +72,7 @@ def user_prompt(question: str, choices: Sequence[str]) -> str:
   if not 1 <= len(choices) <= MAX_OPTIONS:
     raise ValueError(f"a question needs 1..{MAX_OPTIONS} choices, got {len(choices)}")
   lettered = " ".join(
-    f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices, strict=True)
+    f"{letter}. {choice}" for letter, choice in zip(LETTERS[: len(choices)], choices, strict=True)
   )
   return f"{question}? {lettered}. {INSTRUCTION}"
 
