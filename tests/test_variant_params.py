@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cuma_jax import presets, schema
+from cuma_jax import fields, presets, schema
 from cuma_jax.fields import field
 from cuma_jax.layers import adapter, routing
 from cuma_jax.layers.adapter_config import AdapterConfig
@@ -152,6 +152,22 @@ def test_a_bad_parameter_is_refused_naming_the_key_and_what_is_allowed(key, valu
   assert schema.unknown_key(f"adapter.router_kwargs.{key}") is None  # validation names it
 
 
+@dataclasses.dataclass(frozen=True)
+class Band:
+  low: float = field(0.0)
+  high: float = field(1.0)
+
+  def validate(self):
+    if self.low >= self.high:
+      raise ValueError(f"config.adapter.gate_kwargs.low={self.low}; must be below high={self.high}")
+
+
+def test_a_validate_method_checks_across_fields():
+  assert fields.params_of(Band, {"low": 0.5}, "adapter.gate_kwargs", "gate 'band'") == Band(0.5)
+  with pytest.raises(ValueError, match=r"^config\.adapter\.gate_kwargs\.low=2\.0; must be below"):
+    fields.params_of(Band, {"low": 2.0}, "adapter.gate_kwargs", "gate 'band'")
+
+
 def test_a_variant_without_parameters_takes_none():
   with pytest.raises(ValueError, match=r"router_kwargs\.hidden is not a parameter of .*'token'"):
     AdapterConfig(router="token", router_kwargs={"hidden": 3})
@@ -280,7 +296,7 @@ class Commented:
 
 
 def test_field_comments_are_read_from_the_source():
-  assert schema.fields.comments(Commented) == {
+  assert fields.comments(Commented) == {
     "above": "Two lines of comment above the field.",
     "trailing": "a trailing comment",
     "spread": "",
