@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import inspect
+import io
 import math
+import re
+import tokenize
+import typing
 from typing import Any
 
 from cuma_jax import errors
@@ -99,3 +104,87 @@ def _has_float(value: Any) -> bool:
   if isinstance(value, (tuple, list)):
     return any(_has_float(v) for v in value)
   return isinstance(value, float)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoParams:
+  """The parameters of a variant that declares none of its own."""
+
+
+def params_of(cls: type | None, values: Any, key: str, owner: str) -> Any:
+  """The frozen dataclass ``cls`` (the parameters of variant ``owner``) from ``values``.
+
+  ``values``: a mapping of field names (``config.<key>``), an instance of ``cls``, or None
+  (the defaults).  A name ``cls`` lacks is refused naming those it has; each field is
+  range-checked as :func:`check` does, then ``cls.validate()`` runs where it is defined.
+  """
+  cls = cls or NoParams
+  if not isinstance(values, cls):
+    given = _asdict(values)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+      raise ValueError(f"config.{key}.{unknown[0]} is not a parameter of {owner}; it has {names}")
+    hints = typing.get_type_hints(cls)
+    values = cls(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in given.items()})
+  check(values, key)
+  if hasattr(values, "validate"):
+    values.validate()
+  return values
+
+
+def _asdict(values: Any) -> dict:
+  if values is None:
+    return {}
+  if dataclasses.is_dataclass(values):
+    return {f.name: getattr(values, f.name) for f in dataclasses.fields(values)}
+  return dict(values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+  """``value`` as the field's declared type: an int where a float is declared becomes a
+  float, a list a tuple; a value of another scalar type is refused."""
+  if isinstance(value, list):
+    value = tuple(value)
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  scalar = hint if hint in (bool, int, float, str) else None
+  if scalar is not None and (
+    not isinstance(value, scalar) or (scalar is int and isinstance(value, bool))
+  ):
+    raise ValueError(f"config.{key}={value!r}; must be of type {scalar.__name__}")
+  return value
+
+
+def comments(cls: type) -> dict[str, str]:
+  """Each field's comment in ``cls``'s source: the comment lines just above the field and the
+  one ending its line.  They are the fields' help texts (``--helpfull``); {} without source."""
+  try:
+    lines, _ = inspect.getsourcelines(cls)
+  except (OSError, TypeError):
+    return {}
+  names = {f.name for f in dataclasses.fields(cls)}
+  found, above, indent = {}, [], None
+  for line in lines[1:]:
+    text = line.strip()
+    if text.startswith("#"):
+      above.append(text[1:].strip())
+      continue
+    name = re.match(r"(\w+)\s*:", text)
+    depth = len(line) - len(line.lstrip())
+    if name and name.group(1) in names and indent in (None, depth):
+      indent = depth
+      found[name.group(1)] = " ".join([*above, _trailing_comment(line)]).strip()
+    above = []
+  return found
+
+
+def _trailing_comment(line: str) -> str:
+  """The comment ending one source line ("" when none), read by Python's tokenizer."""
+  try:
+    for token in tokenize.generate_tokens(io.StringIO(line).readline):
+      if token.type == tokenize.COMMENT:
+        return token.string[1:].strip()
+  except tokenize.TokenError:  # the line opens a bracket that a later line closes
+    pass
+  return ""

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 
-from cuma_jax import errors, presets, schema
+from cuma_jax import errors, overrides, presets, schema
 from cuma_jax.checkpoints import adapter_import
 from cuma_jax.data import builders, chat, synthetic
 from cuma_jax.data.pipeline import SurveyTables, as_text, make_dataset
@@ -588,12 +588,7 @@ def _require_checkpoint(workdir: str) -> None:
 
 def _saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the workdir's latest checkpoint, completed with the schema's defaults."""
-  ckpt = checkpointing.TrainCheckpoints(_checkpoint_dir(workdir), config_json={}, read_only=True)
-  try:
-    saved = ckpt.saved_config(ckpt.latest_step())
-  finally:
-    ckpt.close()
-  config = ml_collections.ConfigDict(schema.as_dict(schema.from_dict(saved)))
+  config = overrides.recorded_config(workdir)
   config.mode = "eval"
   config.lock()
   return config

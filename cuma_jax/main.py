@@ -14,12 +14,13 @@ import jax
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
-from cuma_jax import api, errors, job, platforms, schema
+from cuma_jax import api, errors, job, overrides, platforms, schema
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
-  "Experiment config file and preset, e.g. configs/cuma.py:qwen3_8b_r64.",
+  "Experiment config file and preset, e.g. configs/cuma.py:qwen3_8b_r64. Without it, the "
+  "workdir's recorded config (to evaluate or resume), changed by the --config.KEY overrides.",
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
@@ -31,7 +32,7 @@ _VERBOSE = flags.DEFINE_bool(
   f"Show the traceback of a refused config or input too (or set {TRACEBACK_ENV}=1); "
   "without it a refusal is one line.",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 # Libraries whose INFO chatter (every checkpoint write, every TFDS shard) drowns the job's own.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/array_record/")
@@ -63,11 +64,14 @@ def main(argv):
   if not sys.stderr.isatty():
     # TFDS redraws a bar per split and per shard: in a log file, lines of escape sequences.
     tfds.disable_progress_bar()
-  config = _CONFIG.value
   try:
-    job.initialize_distributed(config)
+    job.initialize_distributed(_CONFIG.value)
     # Every process runs the job; process 0 alone reports.
-    api.run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
+    log = print if jax.process_index() == 0 else _silent
+    _, params, given = overrides.split_argv(sys.argv)
+    changes = {**config_flags.get_override_values(flags.FLAGS["config"]), **params}
+    config = overrides.resolve(_CONFIG.value, changes, _WORKDIR.value, config_given=given, log=log)
+    api.run(config, _WORKDIR.value, log=log)
   except errors.Refusal as refusal:
     if _VERBOSE.value or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):
       raise
@@ -81,14 +85,25 @@ def _silent(*_):
 
 def parse_flags(argv):
   """absl's parser, after refusing an unknown ``--config.KEY`` in one line (ml_collections
-  raises a bare ``AttributeError`` naming only its last part)."""
+  raises a bare ``AttributeError`` naming only its last part), on the arguments absl reads
+  (:func:`cuma_jax.overrides.split_argv`)."""
   for arg in argv[1:]:
     if arg.startswith("--config."):
       problem = schema.unknown_key(arg[len("--config.") :].split("=")[0])
       if problem:
         sys.stderr.write(f"FATAL Flags parsing error: {arg}: {problem}\n")
         sys.exit(1)
-  return app.parse_flags_with_usage(argv)
+  if any(arg.lstrip("-").startswith("help") for arg in argv[1:]):
+    # Each config key as a flag (set by config_flags' own when given), for its help text.
+    for name, text in overrides.help_flags(argv).items():
+      flags.DEFINE_string(name, None, text, allow_override=True)
+  absl_argv, _, _ = overrides.split_argv(argv)
+  # config_flags reads its overrides from sys.argv; the user's stays for the run's record.
+  typed, sys.argv = sys.argv, absl_argv
+  try:
+    return app.parse_flags_with_usage(absl_argv)
+  finally:
+    sys.argv = typed
 
 
 if __name__ == "__main__":

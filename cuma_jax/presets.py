@@ -40,10 +40,23 @@ def _get(c: ml_collections.ConfigDict, key: str) -> Any:
 def apply_overrides(
   c: ml_collections.ConfigDict, overrides: Overrides
 ) -> ml_collections.ConfigDict:
-  """Sets each dotted key of ``overrides`` in ``c``; a key ``c`` does not have is refused."""
+  """Sets each dotted key of ``overrides`` in ``c``; a key ``c`` does not have is refused,
+  but for a variant's parameter (``adapter.router_kwargs.NAME``, checked by validation).
+  A changed ``adapter.router`` or ``adapter.gate`` drops the old variant's parameters
+  (unless ``overrides`` sets the new one's)."""
+  kwargs_of = {name: section for section, name in schema.VARIANT_KWARGS.items()}
   for key, value in overrides.items():
+    variant = schema.variant_section(key)
+    if variant and key != variant:
+      holder, name = _section(c, variant)
+      holder[name] = {**holder[name].to_dict(), key[len(variant) + 1 :]: value}
+      continue
     section, name = _section(c, key)
+    dropped = key in kwargs_of and section[name] != value
     section[name] = value
+    if dropped and not any(schema.variant_section(k) == kwargs_of[key] for k in overrides):
+      holder, name = _section(c, kwargs_of[key])
+      holder[name] = {}
   return c
 
 
@@ -428,6 +441,7 @@ def experiment_config(
     pair for pair in c.eval.baseline_learning_rates if pair[0] != method
   )
   schema.validate(c)
+  schema.complete(c)
   c.lock()
   return c
 

@@ -14,6 +14,8 @@ that selects from it, so an unknown name is refused naming that key and what is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import importlib
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -45,7 +47,9 @@ class Registry(Generic[T]):
   def check(self, name: str) -> None:
     if name not in self._entries:
       raise ValueError(
-        f"{self.config_key}={name!r} is not a registered {self.kind}; registered: {self.names()}"
+        f"config.{self.config_key}={name!r} is not a registered {self.kind}; registered: "
+        f"{self.names()}; a variant defined in your own module is registered when that "
+        "module is listed in config.adapter.plugins"
       )
 
   def get(self, name: str) -> T:
@@ -57,3 +61,17 @@ class Registry(Generic[T]):
 
   def __contains__(self, name: object) -> bool:
     return name in self._entries
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+  """Imports the modules of ``config.adapter.plugins``, whose variants register themselves on
+  import: a fork's workdir then runs, evaluates and restores in a fresh process."""
+  for name in modules:
+    try:
+      importlib.import_module(name)
+    except Exception as e:
+      reason = (str(e).strip().splitlines() or [""])[0]
+      raise ValueError(
+        f"config.adapter.plugins: cannot import {name!r} ({type(e).__name__}: {reason}); "
+        "list modules importable from the working directory or PYTHONPATH"
+      ) from e

@@ -34,7 +34,9 @@ from cuma_jax.data.tokenize import END_OF_TURN, SUPERVISION
 from cuma_jax.encoders import ENCODER_KINDS, POOLING_MODES
 from cuma_jax.evaluation.judging import JUDGE_PROMPTS
 from cuma_jax.fields import FREE, STRUCTURAL, field
+from cuma_jax.layers.adapter import ROUTERS
 from cuma_jax.layers.adapter_config import AdapterConfig
+from cuma_jax.layers.routing import GATES
 from cuma_jax.models.decoder import REMAT_POLICIES
 from cuma_jax.params import TRAINABLE_MODES
 from cuma_jax.sharding import RULES_PRESETS, check_axis_names
@@ -389,17 +391,60 @@ def from_dict(values: dict, cls=Config, prefix: str = ""):
   return cls(**kwargs)
 
 
+# Sections holding a variant's own parameters, and the key that names the variant: their
+# keys are the parameters the variant declares (checked when the config is validated).
+VARIANT_KWARGS = {"adapter.router_kwargs": "adapter.router", "adapter.gate_kwargs": "adapter.gate"}
+_VARIANT_REGISTRIES = {"adapter.router_kwargs": ROUTERS, "adapter.gate_kwargs": GATES}
+
+
+def variant_section(key: str) -> str | None:
+  """The variant-parameters section that dotted ``key`` is or lies in (None: neither)."""
+  return next((s for s in VARIANT_KWARGS if key == s or key.startswith(s + ".")), None)
+
+
 def unknown_key(key: str) -> str | None:
   """Why dotted ``key`` (e.g. from ``--config.KEY=VALUE``) is not a config key, naming the
-  closest ones; None when it is one."""
+  closest ones; None when it is one (a variant's parameter is checked by validation)."""
   keys = _flat(as_dict(Config()))
-  if key in keys:
+  if key in keys or variant_section(key):
     return None
   close = (
     difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
     or sorted(k for k in keys if k.startswith(key.split(".")[0] + "."))[:3]
   )
   return f"config.{key} is not a config key" + (f"; the closest are {close}" if close else "")
+
+
+def help_texts() -> dict[str, str]:
+  """``{dotted key: help}`` for every config key and every registered variant's parameter:
+  the field's comment, its allowed values and its default (``--helpfull``)."""
+  texts = {}
+
+  def walk(cls, obj, prefix):
+    notes, sections = fields.comments(cls), _section_types(cls)
+    for f in _config_fields(cls):
+      key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+      if f.name in sections:
+        walk(sections[f.name], value, f"{key}.")
+      else:
+        texts[key] = notes.get(f.name, "") if key in VARIANT_KWARGS else _help(f, notes, value)
+
+  walk(Config, Config(), "")
+  for section, registry in _VARIANT_REGISTRIES.items():
+    for name in registry.names():
+      params = registry.get(name).params
+      notes = fields.comments(params) if params else {}
+      for f in dataclasses.fields(params) if params else ():
+        key = f"{section}.{f.name}"
+        text = f"{registry.kind} {name!r}: {_help(f, notes, getattr(params(), f.name))}"
+        texts[key] = f"{texts[key]} | {text}" if key in texts else text
+  return texts
+
+
+def _help(f: dataclasses.Field, notes: dict[str, str], default: Any) -> str:
+  spec = fields.spec_of(f)
+  allowed = "" if spec == fields.Spec(resume=spec.resume) else f"{spec.describe()}; "
+  return f"{notes.get(f.name, '')} ({allowed}default {default!r})".strip()
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -602,13 +647,41 @@ def _check_encoder_keys(encoder: EncoderSection) -> None:
         )
 
 
+def with_variant_defaults(values: dict) -> dict:
+  """A nested config dict whose variants' parameters are completed with their declared
+  defaults (a variant that is not registered is left as it is)."""
+  adapter = dict(values.get("adapter") or {})
+  defaults = AdapterConfig()
+  for section, name_key in VARIANT_KWARGS.items():
+    key, name = section.split(".")[1], name_key.split(".")[1]
+    variant = adapter.get(name, getattr(defaults, name))
+    registry = _VARIANT_REGISTRIES[section]
+    if variant in registry:
+      kind = f"{registry.kind} {variant!r}"
+      own = fields.params_of(registry.get(variant).params, adapter.get(key), section, kind)
+      adapter[key] = as_dict(own)
+  return {**values, "adapter": adapter} if "adapter" in values else values
+
+
+def complete(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Writes the variants' parameters into ``c`` in full, defaults included, so that what a
+  run records names every one; returns ``c``."""
+  adapter = with_variant_defaults(c.to_dict())["adapter"]
+  for section in VARIANT_KWARGS:
+    key = section.split(".")[1]
+    c.adapter[key] = adapter[key]
+  return c
+
+
 def adapter_config(c: ml_collections.ConfigDict) -> AdapterConfig | None:
   """The adapter the config injects (None for full fine-tuning)."""
   return None if c.method == "full" else from_dict(c.adapter.to_dict(), AdapterConfig, "adapter.")
 
 
 def resume_class(key: str) -> str:
-  """``fields.IDENTITY`` / ``STRUCTURAL`` / ``FREE`` for a dotted config key."""
+  """``fields.IDENTITY`` / ``STRUCTURAL`` / ``FREE`` for a dotted config key (a variant's
+  parameter takes its section's class)."""
+  key = variant_section(key) or key
   cls, *path, name = (Config, *key.split("."))
   for part in path:
     cls = _section_types(cls)[part]
@@ -629,10 +702,10 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
   config lacks compare as their default; keys the schema no longer has are ignored.
   """
   default = _flat(as_dict(Config()))
-  old, new = _flat(saved), _flat(current)
+  old, new = _flat(with_variant_defaults(saved)), _flat(with_variant_defaults(current))
   conflicts = []
-  for key in sorted(new):
-    before = old.get(key, default.get(key))
-    if before != new[key] and resume_class(key) != FREE:
-      conflicts.append(f"{key}: {before!r} -> {new[key]!r} ({resume_class(key)})")
+  for key in sorted(set(new) | {k for k in old if variant_section(k)}):
+    before, after = old.get(key, default.get(key)), new.get(key)
+    if before != after and resume_class(key) != FREE:
+      conflicts.append(f"{key}: {before!r} -> {after!r} ({resume_class(key)})")
   return conflicts

@@ -281,8 +281,10 @@ def indivisible(boxed_params, sizes: dict[str, int], rules) -> list[str]:
   shapes = traverse_util.flatten_dict(nn.unbox(boxed_params))
   for path, logical in specs.items():
     mesh_spec = mesh_spec_of(logical, rules)
+    # A spec shorter than the shape leaves the remaining dimensions whole: a parameter
+    # declared without logical axes (a fork's plain nn.Dense) has the empty spec.
     for dim, (size, axes, name) in enumerate(
-      zip(shapes[path].shape, mesh_spec, logical, strict=True)
+      zip(shapes[path].shape, mesh_spec, logical, strict=False)
     ):
       axes = _as_tuple(axes)
       split = int(np.prod([sizes[a] for a in axes]))

@@ -236,6 +236,7 @@ MAIN_JOB_FILES = (
   "test_sharding.py",
   "test_multihost.py",
   "test_interop_job.py",
+  "test_fork.py",
 )
 # Where the controlling process tells the test processes (xdist workers) about the run.
 _MAIN_JOB_ENV = "CUMA_TESTS_MAIN_JOB_DIR"

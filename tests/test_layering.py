@@ -13,7 +13,7 @@ LAYERS = (
   ("layers",),
   ("models", "checkpoints", "data"),
   ("training", "encoders", "generation"),
-  ("evaluation", "schema", "presets"),
+  ("evaluation", "schema", "presets", "overrides"),
   ("tiny",),
   ("job", "analysis", "figures", "interop"),
   ("api", "alignment"),

@@ -117,17 +117,32 @@ class RouterKind:
   ``make(num_experts=, hidden_dims=, dropout=, in_axis=, param_dtype=, name=)`` returns a
   module called as ``(x [B, T, d_in], z [B, d_demo] or None, deterministic)`` that gives
   logits [B, T, N] (or [B, 1, N] when every token of a sequence routes alike).  ``make``
-  None is "no router": one expert always selected with gate 1 (plain LoRA).
+  None is "no router": one expert always selected with gate 1 (plain LoRA).  ``params``:
+  the kind's own parameters, a frozen dataclass of :func:`cuma_jax.fields.field` s set by
+  ``config.adapter.router_kwargs``; ``make`` then also takes its instance as ``params=``.
   """
 
   make: Callable[..., nn.Module] | None
   reads_demographics: bool
+  params: type | None = None
 
 
 ROUTERS: Registry[RouterKind] = Registry("router kind", "adapter.router")
 # CuMA: an MLP on concat(x_t, z).
 ROUTERS.register("token_and_demographics", RouterKind(Router, reads_demographics=True))
-# HydraLoRA / MixLoRA and the no-demographics ablation: the same MLP on x_t alone.
+
+
+def register_router(name: str, *, reads_demographics: bool, params: type | None = None):
+  """Class decorator: registers a router module as kind ``name`` (``adapter.router``), with
+  its own ``params`` dataclass when it has one (``adapter.router_kwargs``)."""
+
+  def add(module):
+    ROUTERS.register(name, RouterKind(module, reads_demographics, params))
+    return module
+
+  return add
+
+
 # Initialisers of A (B is zero), by name (``adapter.a_init``): d_in -> initializer.
 # "normal": normal(0, 0.01), the released CuMA/HydraLoRA/MixLoRA modules'. "kaiming_uniform":
 # PEFT LoRA's kaiming_uniform(a=sqrt(5)) over fan_in = d_in, i.e. U(+-1/sqrt(d_in)).
@@ -137,6 +152,7 @@ A_INITS: dict[str, Callable[[int], Callable]] = {
 }
 
 
+# HydraLoRA / MixLoRA and the no-demographics ablation: the same MLP on x_t alone.
 ROUTERS.register(
   "token", RouterKind(functools.partial(Router, use_demographics=False), reads_demographics=False)
 )

@@ -23,7 +23,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from cuma_jax import fields
+from cuma_jax import fields, registry
 from cuma_jax.fields import FREE, field
 from cuma_jax.layers.adapter import A_INITS, ROUTERS
 from cuma_jax.layers.dispatch import AUTO, DISPATCH
@@ -42,41 +42,68 @@ GROUPS = {
 class AdapterConfig:
   """Adapters injected into the frozen backbone (hashable: a linen attribute)."""
 
+  # The frozen projections that carry LoRA experts.
   targets: tuple[str, ...] = field(("q_proj", "v_proj"), choices=TARGET_MODULES)
-  rank: int = field(8, low=1)
-  alpha: float = field(16.0, low=0, low_open=True)
-  dropout: float = field(0.0, low=0, high=1, high_open=True)
-  num_experts: int = field(8, low=1)
-  top_k: int = field(2, low=1)
+  rank: int = field(8, low=1)  # rank r of each expert: A [d_in, r], B [r, d_out]
+  alpha: float = field(16.0, low=0, low_open=True)  # the experts' output is scaled by alpha / rank
+  dropout: float = field(0.0, low=0, high=1, high_open=True)  # on the experts' input
+  num_experts: int = field(8, low=1)  # LoRA experts per projection
+  top_k: int = field(2, low=1)  # experts each token is routed to
+  # One A shared by the experts of a projection (HydraLoRA), each keeping its own B.
   shared_a: bool = field(False, choices=(False, True))
   # A's initialisation: "normal" (std 0.01) or PEFT LoRA's "kaiming_uniform" (U(+-1/sqrt(d_in))).
   a_init: str = field("normal", choices=tuple(A_INITS))
+  # The router kind (a registered name): what computes each token's expert logits.
   router: str = field("token_and_demographics", choices=ROUTERS.names)
-  router_hidden: tuple[int, ...] = field((256,), low=1)
-  router_dropout: float = field(0.0, low=0, high=1, high_open=True)
+  # The router kind's own parameters, declared by its registration (``params``): set as
+  # config.adapter.router_kwargs.NAME; unset ones take the declared defaults.
+  router_kwargs: Any = field(None)
+  router_hidden: tuple[int, ...] = field((256,), low=1)  # the router MLP's hidden widths
+  router_dropout: float = field(0.0, low=0, high=1, high_open=True)  # before each router layer
   # Width of the demographic vector z the routers read (the encoder's output width).
   demographic_dim: int = field(1024, low=0)
   # Trainable map of z before the routers (widths of 1 or 2 dense layers; () = none).
   demographic_projection: tuple[int, ...] = field((), low=1)
+  # One router for the projections that read the same input (q/k/v, gate/up).
   share_router: bool = field(False, choices=(False, True))
+  # How the selected experts are weighted (a registered name; docs/method.md#gates).
   gate: str = field(DEFAULT_GATE, choices=GATES.names)
+  # The gate's own parameters (config.adapter.gate_kwargs.NAME), as router_kwargs.
+  gate_kwargs: Any = field(None)
   # Read by the temperature-scaled gate (``cuma_jax/layers/variants.py``).
   gate_temperature: float = field(1.0, low=0, low_open=True)
+  # How tokens reach their experts (dense or ragged_dot; "auto" picks by size).
   strategy: str = field(AUTO, choices=lambda: (AUTO, *DISPATCH.names()))
-  prefix_length: int = field(0, low=0)
+  prefix_length: int = field(0, low=0)  # learned key/value prefix per layer (prefix tuning)
   # Prefix keys/values ~ normal(0, prefix_init_std): 1 is PEFT's (an nn.Embedding's) default.
   prefix_init_std: float = field(1.0, low=0, low_open=True)
   # An adapter directory whose tensors replace the initialisation: a PEFT LoRA adapter, the
   # released CuMA layout or a cuma_jax export (docs/interop.md); "" = initialise afresh.
   # Its contents are fingerprinted with the run's other inputs.
   init_from: str = field("", resume=FREE)
+  # Modules imported before the config is checked: a fork's own routers and gates, which
+  # register themselves on import (e.g. "experiments.fork.zonly_router").
+  plugins: tuple[str, ...] = field((), resume=FREE)
   # Master weights of the trainable parameters; not a config key.
   param_dtype: Any = dataclasses.field(default=jnp.float32, metadata={"config": False})
 
   def __post_init__(self):
-    for name in ("targets", "router_hidden", "demographic_projection"):
+    if isinstance(self.plugins, str):
+      object.__setattr__(self, "plugins", (self.plugins,))
+    for name in ("targets", "router_hidden", "demographic_projection", "plugins"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
+    registry.import_plugins(self.plugins)
+    ROUTERS.check(self.router)
+    GATES.check(self.gate)
     fields.check(self, "adapter")
+    for key, table, name in (("router", ROUTERS, self.router), ("gate", GATES, self.gate)):
+      own = fields.params_of(
+        table.get(name).params,
+        getattr(self, f"{key}_kwargs"),
+        f"adapter.{key}_kwargs",
+        f"{table.kind} {name!r}",
+      )
+      object.__setattr__(self, f"{key}_kwargs", own)
     if self.targets and self.top_k > self.num_experts:
       raise ValueError(
         f"config.adapter.top_k={self.top_k} exceeds adapter.num_experts={self.num_experts}"

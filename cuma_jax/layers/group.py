@@ -92,6 +92,7 @@ class AdapterGroup(nn.Module):
     shared = cfg.share_router and len(GROUPS[self.group]) > 1
     router_keys = [self.group] if shared else targets
     by_router, losses, counts, decisions = {}, [], {}, {}
+    own = {} if kind.params is None else {"params": cfg.router_kwargs}
     for key in router_keys:
       logits = kind.make(
         num_experts=cfg.num_experts,
@@ -100,10 +101,11 @@ class AdapterGroup(nn.Module):
         in_axis=in_axis,
         param_dtype=cfg.param_dtype,
         name=f"{key}_router",
+        **own,
       )(x, demographics, deterministic=self.deterministic)
       # A router may decide once per sequence ([B, 1, N]); every token then shares it.
       logits = jnp.broadcast_to(logits, (*x.shape[:-1], cfg.num_experts))
-      r = routing.select_experts(logits, cfg.top_k, cfg.gate, cfg.gate_temperature)
+      r = routing.select_experts(logits, cfg.top_k, cfg.gate, cfg.gate_temperature, cfg.gate_kwargs)
       by_router[key] = r
       losses.append(routing.balance_loss(r, token_mask, cfg.num_experts, cfg.top_k, cfg.gate))
       counts[key] = routing.expert_counts(r, token_mask, cfg.num_experts)

@@ -34,11 +34,25 @@ class Gate:
   ``weights(top_logits, top_probs, temperature) -> gates``, all [..., k] float32, the
   experts ordered by decreasing probability.  ``dense_balance``: the balance loss treats
   every expert as used with weight p_i and f_i = 1/k, as the released code does for soft
-  routing; otherwise f_i counts the top-k assignments.
+  routing; otherwise f_i counts the top-k assignments.  ``params``: the gate's own
+  parameters, a frozen dataclass of :func:`cuma_jax.fields.field` s set by
+  ``config.adapter.gate_kwargs``; its instance is passed as ``weights``' fourth argument.
   """
 
-  weights: Callable[[jax.Array, jax.Array, float], jax.Array]
+  weights: Callable[..., jax.Array]
   dense_balance: bool = False
+  params: type | None = None
+
+
+def register_gate(name: str, *, params: type | None = None, dense_balance: bool = False):
+  """Decorator: registers ``weights`` as gate ``name`` (``adapter.gate``), with its own
+  ``params`` dataclass when it has one (``adapter.gate_kwargs``)."""
+
+  def add(weights):
+    GATES.register(name, Gate(weights, dense_balance=dense_balance, params=params))
+    return weights
+
+  return add
 
 
 GATES: Registry[Gate] = Registry("gate", "adapter.gate")
@@ -66,15 +80,25 @@ def check_routing_config(num_experts: int, top_k: int, gate: str) -> None:
 
 
 def select_experts(
-  logits: jax.Array, top_k: int, gate: str = DEFAULT_GATE, temperature: float = 1.0
+  logits: jax.Array,
+  top_k: int,
+  gate: str = DEFAULT_GATE,
+  temperature: float = 1.0,
+  gate_params=None,
 ) -> Routing:
-  """Picks the top-k experts of each token (by probability) and weights them by ``gate``."""
+  """Picks the top-k experts of each token (by probability) and weights them by ``gate``
+  (with ``gate_params``, its parameters; None: their defaults)."""
   check_routing_config(logits.shape[-1], top_k, gate)
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
   top_probs, experts = jax.lax.top_k(probs, top_k)
   top_logits = jnp.take_along_axis(logits, experts, axis=-1)
-  gates = GATES.get(gate).weights(top_logits, top_probs, temperature)
+  entry = GATES.get(gate)
+  if entry.params is None:
+    gates = entry.weights(top_logits, top_probs, temperature)
+  else:
+    params = gate_params if isinstance(gate_params, entry.params) else entry.params()
+    gates = entry.weights(top_logits, top_probs, temperature, params)
   chex.assert_shape(gates, experts.shape)
   return Routing(gates=gates.astype(jnp.float32), experts=experts.astype(jnp.int32), probs=probs)
 

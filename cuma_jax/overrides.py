@@ -1,0 +1,119 @@
+"""Command-line overrides, applied over a config file's preset or over a workdir's recorded
+config.
+
+``python -m cuma_jax.main --workdir=DIR --config.mode=eval`` (no ``--config``) evaluates or
+resumes DIR with the config its newest checkpoint recorded: only what changes is given, as
+``--config.KEY=VALUE``, and the resume check classes those changes as ever (a key that
+defines the experiment is refused, a free one is taken).  With ``--config=FILE:PRESET`` the
+file's preset is the base, as before.
+
+absl's config flag cannot add a key to a locked config, so a variant's parameters
+(``--config.adapter.router_kwargs.NAME=VALUE``) are taken out of the command line here and
+applied with the other overrides.  This file is also the config file read when ``--config``
+is not given (:func:`get_config`: the schema's defaults, which only carry the overrides).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from typing import Any
+
+import ml_collections
+
+from cuma_jax import errors, presets, registry, schema
+from cuma_jax.training import checkpointing
+
+DEFAULT_CONFIG = os.path.abspath(__file__)
+# Where a workdir's runs keep their checkpoints: a survey's training, each preference stage.
+CHECKPOINT_DIRS = ("train", *schema.STAGES)
+_CONFIG_ARG = re.compile(r"^--?config(=|$)")
+_VARIANT_ARGS = tuple(f"--config.{section}." for section in schema.VARIANT_KWARGS)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The config file's ``get_config`` when ``--config`` is not given."""
+  return schema.defaults()
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], dict[str, Any], bool]:
+  """(the arguments for absl, the variants' parameters they set, whether ``--config`` is
+  given).  Without ``--config``, absl's arguments name :data:`DEFAULT_CONFIG`."""
+  rest, params = [], {}
+  args = iter(argv)
+  for arg in args:
+    if not arg.startswith(_VARIANT_ARGS):
+      rest.append(arg)
+      continue
+    key, _, value = arg[len("--config.") :].partition("=")
+    params[key] = _literal(value if "=" in arg else next(args, ""))
+  given = any(_CONFIG_ARG.match(arg) for arg in rest[1:])
+  if not given:
+    rest.insert(1, f"--config={DEFAULT_CONFIG}")
+  return rest, params, given
+
+
+def help_flags(argv: list[str]) -> dict[str, str]:
+  """``{--config.KEY flag name: help}`` for ``--helpfull``, after importing the plugins that
+  ``argv`` lists (``--config.adapter.plugins=...``), so that their variants' parameters show."""
+  for arg in argv:
+    if arg.startswith("--config.adapter.plugins="):
+      plugins = _literal(arg.partition("=")[2])
+      registry.import_plugins((plugins,) if isinstance(plugins, str) else plugins)
+  return {f"config.{key}": text for key, text in schema.help_texts().items()}
+
+
+def _literal(text: str) -> Any:
+  """A command-line value as config_flags reads a new key's: a Python literal, else text."""
+  if text in ("true", "false"):
+    return text == "true"
+  try:
+    return ast.literal_eval(text)
+  except (SyntaxError, ValueError):
+    return text
+
+
+def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config of WORKDIR's newest checkpoint, completed with the schema's defaults (its
+  ``adapter.plugins`` imported); None when WORKDIR holds no checkpoint."""
+  newest = None
+  for name in CHECKPOINT_DIRS:
+    directory = os.path.join(workdir, name, "checkpoints")
+    steps = [s for s in os.listdir(directory) if s.isdigit()] if os.path.isdir(directory) else []
+    if steps:
+      written = max(os.path.getmtime(os.path.join(directory, s)) for s in steps)
+      newest = max(newest or (written, directory), (written, directory))
+  if newest is None:
+    return None
+  ckpt = checkpointing.TrainCheckpoints(newest[1], config_json={}, read_only=True)
+  try:
+    saved = ckpt.saved_config(ckpt.latest_step())
+  finally:
+    ckpt.close()
+  return ml_collections.ConfigDict(schema.as_dict(schema.from_dict(saved)))
+
+
+def resolve(
+  config: ml_collections.ConfigDict,
+  overrides: dict[str, Any],
+  workdir: str,
+  *,
+  config_given: bool,
+  log=print,
+) -> ml_collections.ConfigDict:
+  """The locked, validated config a command line runs: ``config`` (the file's) when
+  ``--config`` was given, else WORKDIR's recorded config; then ``overrides`` (dotted keys)."""
+  base = config
+  if not config_given:
+    base = recorded_config(workdir)
+    if base is None:
+      raise errors.ConfigError(
+        f"--config is not given and {workdir} holds no checkpoint whose config a run could "
+        "start from; give --config=FILE:PRESET (e.g. configs/cuma.py:tiny)"
+      )
+    changes = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none"
+    log(f"starting from the config recorded in {workdir}; command-line changes: {changes}")
+  c = presets.apply_overrides(ml_collections.ConfigDict(base.to_dict()), overrides)
+  schema.validate(c)
+  return schema.complete(c).lock()
