@@ -71,8 +71,9 @@ def user_prompt(question: str, choices: Sequence[str]) -> str:
   """The user turn: the question, lettered choices (codes ascending) and the instruction."""
   if not 1 <= len(choices) <= MAX_OPTIONS:
     raise ValueError(f"a question needs 1..{MAX_OPTIONS} choices, got {len(choices)}")
+  # LETTERS outnumbers a question's choices: one letter per choice.
   lettered = " ".join(
-    f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices, strict=True)
+    f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices, strict=False)
   )
   return f"{question}? {lettered}. {INSTRUCTION}"
 
