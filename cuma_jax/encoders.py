@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import itertools
 import os
 import re
 
@@ -118,7 +119,7 @@ class DemographicEncoder:
 def word_ngrams(text: str) -> list[str]:
   """Lower-cased words and word bigrams: "age group: 25-34" -> age, group, 25, 34, age group, ..."""
   words = re.findall(r"\w+", text.lower())
-  return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=True)]
+  return words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
 
 
 class FittedNgramEncoder:

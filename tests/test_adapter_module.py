@@ -1,5 +1,6 @@
 """Router and LoraExperts modules against plain numpy MLP / LoRA built from their params."""
 
+import itertools
 import math
 
 import chex
@@ -69,7 +70,7 @@ def test_router_z_split_equals_concat_mlp(hidden_dims, use_demographics):
 def test_router_parameter_count_equals_one_concat_matrix(hidden_dims):
   params = nn.unbox(_shapes(Router(num_experts=4, hidden_dims=hidden_dims), X, Z))
   widths = [D_IN + D_DEMO, *hidden_dims, 4]
-  expected = sum(i * o + o for i, o in zip(widths[:-1], widths[1:], strict=True))
+  expected = sum(i * o + o for i, o in itertools.pairwise(widths))
   assert sum(np.prod(v.shape) for v in jax.tree.leaves(params)) == expected
 
 

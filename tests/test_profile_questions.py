@@ -1,5 +1,6 @@
 """Questions about a profile's own fields: answered by the profile sentence, a fixed choice list."""
 
+import itertools
 import re
 
 import pytest
@@ -21,7 +22,7 @@ def options_of(user: str) -> dict[str, str]:
   """Letter -> option text of a user turn, split at each next letter's marker in turn."""
   rest = user.split("? A. ", 1)[1].removesuffix(". " + prompts.INSTRUCTION)
   options = {}
-  for letter, following in zip(prompts.LETTERS, prompts.LETTERS[1:], strict=True):
+  for letter, following in itertools.pairwise(prompts.LETTERS):
     value, *tail = rest.split(f" {following}. ", 1)
     options[letter] = value
     if not tail:

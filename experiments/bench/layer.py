@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import time
@@ -158,7 +159,7 @@ def flops(tokens, targets, adapter, experts_run=None, num_experts=EXPERTS):
     total += mm(D_MODEL, RANK, 2) + mm(RANK, D_Q, 2)
   elif adapter == "cuma":
     widths = (D_MODEL, *ROUTER_HIDDEN, num_experts)
-    total += sum(mm(i, o, 2) for i, o in zip(widths[:-1], widths[1:], strict=True))
+    total += sum(mm(i, o, 2) for i, o in itertools.pairwise(widths))
     for t in targets:
       total += mm(D_MODEL, RANK, 2) + mm((experts_run or TOP_K) * RANK, d_out[t], 2)
   return total
