@@ -1,7 +1,7 @@
 """Runs one experiment: ``python -m cuma_jax.main --config=configs/cuma.py:demo --workdir=DIR``.
 
-Thin on purpose: the work is in :mod:`cuma_jax.job` (a survey) and :mod:`cuma_jax.alignment`
-(a preference task), importable from notebooks.
+Thin on purpose: the work is in :mod:`cuma_jax.runtime` and the task it runs
+(:mod:`cuma_jax.tasks`), importable from notebooks.
 """
 
 import logging
@@ -12,7 +12,7 @@ from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from cuma_jax import api, job, schema
+from cuma_jax import api, runtime, schema
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -37,7 +37,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
-  job.initialize_distributed(config)
+  runtime.initialize_distributed(config)
   # Every process runs the job; process 0 alone reports.
   api.run(config, _WORKDIR.value, log=print if jax.process_index() == 0 else _silent)
 
