@@ -1,6 +1,6 @@
 """Who routes where: per-token routing decisions gathered per profile and per group.
 
-:func:`routing_usage` runs a restored :class:`~cuma_jax.job.Experiment` over a split with
+:func:`routing_usage` runs a restored :class:`~cuma_jax.tasks.survey.Experiment` over a split with
 the decoder's ``capture_routing`` output and averages, for every profile, each router's
 gate mass per expert and layer over the profile's real (non-padding) tokens.
 :func:`usage_by_group` then averages profiles by any label — the synthetic survey's latent

@@ -17,25 +17,18 @@ look at its routing, without the command line::
 
 from __future__ import annotations
 
-from cuma_jax import alignment, job
-
 # Re-exports (``name as name``): this module's namespace is the API.
 from cuma_jax.analysis import latent_culture as latent_culture
 from cuma_jax.analysis import profile_field as profile_field
 from cuma_jax.analysis import routing_usage as routing_usage
 from cuma_jax.analysis import usage_by_group as usage_by_group
 from cuma_jax.interop import export_adapters as export_adapters
-from cuma_jax.job import Experiment as Experiment
-from cuma_jax.job import prepare as prepare
-from cuma_jax.job import restore as restore
 from cuma_jax.models.pretrained import build_decoder as build_decoder
 from cuma_jax.models.pretrained import load_pretrained as load_pretrained
 from cuma_jax.models.pretrained import load_tokenizer as load_tokenizer
 from cuma_jax.models.pretrained import save_pretrained as save_pretrained
 from cuma_jax.presets import experiment_config as experiment_config
-
-
-def run(config, workdir: str, log=print) -> dict:
-  """Trains and evaluates what ``config`` describes: a survey experiment
-  (:func:`cuma_jax.job.run`) or a preference one (:func:`cuma_jax.alignment.run`)."""
-  return (alignment.run if config.task == "preference" else job.run)(config, workdir, log)
+from cuma_jax.runtime import Experiment as Experiment
+from cuma_jax.tasks import prepare as prepare
+from cuma_jax.tasks import restore as restore
+from cuma_jax.tasks import run as run

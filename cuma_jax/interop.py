@@ -19,7 +19,7 @@ from flax import traverse_util
 import ml_collections
 import numpy as np
 
-from cuma_jax import job, schema
+from cuma_jax import runtime, schema, tasks
 from cuma_jax.checkpoints import adapter_formats, cuma_release, peft
 from cuma_jax.checkpoints.adapter_formats import NATIVE_WEIGHTS, FormatError
 from cuma_jax.checkpoints.safetensors_io import TensorIndex
@@ -38,7 +38,7 @@ def _run_config_and_results(workdir: str) -> tuple[ml_collections.ConfigDict, di
       results = json.load(f)
     config = schema.as_dict(schema.from_dict(results["run"]["config"]))
     return ml_collections.ConfigDict(config), results
-  return job._saved_config(workdir), {}
+  return tasks.saved_config(workdir), {}
 
 
 def _trained_adapters(workdir: str) -> dict:
@@ -82,7 +82,7 @@ def export_adapters(
   flat = _trained_adapters(workdir)
   layers = adapter_formats.num_layers(flat)
   backbone = base_model(config, workdir)
-  model = job.architecture(config)
+  model = runtime.architecture(config)
   if format == "peft":
     peft.export(flat, adapter, layers, out, base_model=backbone)
   elif format == "cuma_release":
@@ -104,7 +104,7 @@ def export_adapters(
   with open(os.path.join(out, RUN_CONFIG), "w") as f:
     json.dump(results.get("run") or {"config": config.to_dict()}, f, indent=2)
   card = model_card(
-    config, results, format=format, base=backbone, command=command or job.command_line()
+    config, results, format=format, base=backbone, command=command or runtime.command_line()
   )
   with open(os.path.join(out, CARD), "w") as f:
     f.write(card)

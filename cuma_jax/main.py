@@ -1,7 +1,7 @@
 """Runs one experiment: ``python -m cuma_jax.main --config=configs/cuma.py:demo --workdir=DIR``.
 
-Thin on purpose: the work is in :mod:`cuma_jax.job` (a survey) and :mod:`cuma_jax.alignment`
-(a preference task), importable from notebooks.
+Thin on purpose: the work is in :mod:`cuma_jax.runtime` and the task it runs
+(:mod:`cuma_jax.tasks`), importable from notebooks.
 """
 
 import logging
@@ -14,7 +14,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
-from cuma_jax import api, errors, job, overrides, platforms, schema
+from cuma_jax import api, errors, overrides, platforms, runtime, schema
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -65,7 +65,7 @@ def main(argv):
     # TFDS redraws a bar per split and per shard: in a log file, lines of escape sequences.
     tfds.disable_progress_bar()
   try:
-    job.initialize_distributed(_CONFIG.value)
+    runtime.initialize_distributed(_CONFIG.value)
     # Every process runs the job; process 0 alone reports.
     log = print if jax.process_index() == 0 else _silent
     _, params, given = overrides.split_argv(sys.argv)

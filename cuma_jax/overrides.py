@@ -84,11 +84,18 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
     if steps:
       written = max(os.path.getmtime(os.path.join(directory, s)) for s in steps)
       newest = max(newest or (written, directory), (written, directory))
-  if newest is None:
-    return None
-  ckpt = checkpointing.TrainCheckpoints(newest[1], config_json={}, read_only=True)
+  return None if newest is None else config_of(newest[1])
+
+
+def config_of(directory: str) -> ml_collections.ConfigDict:
+  """The config of the newest checkpoint in ``directory``, completed with the schema's
+  defaults (its ``adapter.plugins`` imported)."""
+  ckpt = checkpointing.TrainCheckpoints(directory, config_json={}, read_only=True)
   try:
-    saved = ckpt.saved_config(ckpt.latest_step())
+    step = ckpt.latest_step()
+    if step is None:
+      raise errors.MissingInput(f"{directory} holds no checkpoint")
+    saved = ckpt.saved_config(step)
   finally:
     ckpt.close()
   return ml_collections.ConfigDict(schema.as_dict(schema.from_dict(saved)))

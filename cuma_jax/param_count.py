@@ -14,9 +14,9 @@ from ml_collections import config_flags
 import numpy as np
 
 from cuma_jax import platforms, schema
-from cuma_jax.job import architecture
 from cuma_jax.models.pretrained import abstract_params, build_decoder
 from cuma_jax.params import is_adapter_path, is_trainable
+from cuma_jax.runtime import architecture
 
 
 def count_parameters(config) -> dict[str, float]:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from cuma_jax import job, schema, sharding
+from cuma_jax import runtime, schema, sharding, tasks
 from cuma_jax.data import prompts
 from cuma_jax.evaluation.survey import sharded_choice
 from cuma_jax.models.pretrained import abstract_params, build_decoder
@@ -153,7 +153,7 @@ def model_flops(config, model_config=None) -> dict[str, float]:
   adds each matmul's activation gradient, and its weight gradient where it is trained
   (recomputation under remat is not counted). XLA's own count sees a scanned layer stack's
   loop body once, so it is not used. ``model_config`` defaults to the config's backbone."""
-  model_config = model_config or job.architecture(config)
+  model_config = model_config or runtime.architecture(config)
   module = build_decoder(model_config, adapter=schema.adapter_config(config))
   cfg = module.config
   macs = {"frozen": 0, "trained": 0}
@@ -192,9 +192,14 @@ def compile_programs(lowered: dict) -> list[Program]:
 def lower(config, devices) -> dict:
   """{program name: its lowering} of ``config``'s training and evaluation steps."""
   schema.validate(config)
-  layout = job.check_layout(config, job.architecture(config), devices)
+  layout = runtime.check_layout(
+    config,
+    runtime.architecture(config),
+    devices,
+    batches=tasks.get(config.task).batch_rows(config),
+  )
   module = build_decoder(
-    job.architecture(config),
+    runtime.architecture(config),
     dtype=jnp.dtype(config.model.dtype),
     param_dtype=jnp.dtype(config.model.param_dtype),
     scan_layers=config.model.scan_layers,

@@ -14,9 +14,10 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 import transformers
 
-from cuma_jax import presets
+from cuma_jax import presets, runtime
 from cuma_jax.checkpoints.safetensors_io import SINGLE_FILE, TensorIndex, write_safetensors
 from cuma_jax.layers.adapter_config import AdapterConfig
+from cuma_jax.tasks import survey
 
 # The adapted decoder's tests: a CuMA mixture on six of the seven projections, read by the
 # tests of the decoder, of the parameter split and of the demographics check.
@@ -141,7 +142,7 @@ def train_on_survey(
   """``loop.train`` of ``config`` on the survey's training split from ``backbone``, as the
   job trains (resuming a workdir's checkpoints the way it does); ``wrap`` wraps the dataset,
   ``edit`` maps the loaded parameters to those training starts from."""
-  from cuma_jax import job, schema
+  from cuma_jax import schema
   from cuma_jax.data.pipeline import make_dataset
   from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
   from cuma_jax.training import loop
@@ -163,7 +164,7 @@ def train_on_survey(
     num_epochs=None,
     demographic_system_prompt=config.data.demographic_system_prompt,
   )
-  demographics = job.make_demographics(config, backbone, data.sources["train"])
+  demographics = runtime.make_demographics(config, backbone, survey.TASK, data.sources["train"])
   return loop.train(
     config,
     str(workdir),
@@ -171,7 +172,7 @@ def train_on_survey(
     params,
     wrap(dataset) if wrap else dataset,
     num_steps=config.train.num_steps,
-    demographic_table=job.demographic_table(demographics, tables),
+    demographic_table=survey.demographic_table(demographics, tables),
     inputs=inputs,
     config_conflicts=schema.resume_conflicts,
     log=log or (lambda *_: None),

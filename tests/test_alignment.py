@@ -10,12 +10,18 @@ import subprocess
 import sys
 import types
 
+from flax import traverse_util
 import ml_collections
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
-from cuma_jax import alignment, presets, schema
+import cuma_jax
+from cuma_jax import presets, schema
 from cuma_jax.data.tokenize import render_prompt
 from cuma_jax.evaluation import preference as evaluation
+from cuma_jax.params import split_params
+from cuma_jax.tasks import preference
 from cuma_jax.training import loop
 
 pytestmark = pytest.mark.slow
@@ -98,19 +104,33 @@ def test_eval_mode_restores_the_last_stage(preference_run):
   assert second["base"] == first["base"]
 
 
+def test_restore_dispatches_a_preference_workdir_to_its_last_stage(preference_run):
+  """`cuma_jax.restore` reads the task from the workdir: the trained adapters it gives back
+  are those the run exported (WORKDIR/adapters, read as plain safetensors)."""
+  _, workdir = preference_run
+  aligned = cuma_jax.restore(str(workdir), log=lambda *_: None)
+  assert isinstance(aligned, preference.Aligned) and aligned.config.task == "preference"
+  trainable, _ = split_params(aligned.params, aligned.config.trainable)
+  flat = traverse_util.flatten_dict(trainable)
+  exported = load_file(str(workdir / "adapters" / "adapters.safetensors"))
+  assert sorted(exported) == sorted("/".join(path) for path in flat)
+  for path, value in flat.items():
+    np.testing.assert_array_equal(np.asarray(value), exported["/".join(path)])
+
+
 def test_each_model_samples_its_replies_with_its_own_key(preference_run):
   _, workdir = preference_run
   config = presets.experiment_config("cuma", "preference_tiny")
-  aligned = alignment.prepare(config, str(workdir), log=lambda *_: None)
-  ev = alignment.evaluation_set(aligned, log=lambda *_: None)
+  aligned = preference.prepare(config, str(workdir), log=lambda *_: None)
+  ev = preference.evaluation_set(aligned, log=lambda *_: None)
   base = aligned.base()
   # The base's own weights under another name: sampled with the base's key, it would repeat
   # every base reply token for token (all ties, so a win-rate of 0 that measures nothing).
   twin = evaluation.Model("twin", base.module, base.params)
-  replies = alignment._replies(aligned, twin, ev.cases)
+  replies = preference._replies(aligned, twin, ev.cases)
   assert replies != ev.base_replies
-  assert replies == alignment._replies(aligned, twin, ev.cases)  # seeded
-  assert alignment._replies(aligned, base, ev.cases) == ev.base_replies  # sampled once
+  assert replies == preference._replies(aligned, twin, ev.cases)  # seeded
+  assert preference._replies(aligned, base, ev.cases) == ev.base_replies  # sampled once
 
 
 @pytest.mark.parametrize("judge_prompt", ["project", "released"])
@@ -122,7 +142,7 @@ def test_the_judge_reads_the_context_its_prompt_asks_for(chat_tokenizer, judge_p
     {"role": "system", "content": "User Profile: Country: Peru"},
     {"role": "user", "content": "Hi?"},
   ]
-  context = alignment.Aligned.context(aligned, messages)
+  context = preference.Aligned.context(aligned, messages)
   if judge_prompt == "released":  # the templated prompt, as the released DPO prompt column
     assert context == render_prompt(tokenizer, messages)
     assert context.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
@@ -181,7 +201,7 @@ def test_a_local_judge_needs_its_checkpoint_before_anything_runs(tmp_path):
     }
   )
   with pytest.raises(FileNotFoundError, match="judge_checkpoint='' is not a directory"):
-    alignment.run(c, str(tmp_path / "run"))
+    preference.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 

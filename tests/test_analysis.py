@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cuma_jax
-from cuma_jax import job, presets, schema
+from cuma_jax import presets, runtime, schema
 from cuma_jax.evaluation.predict import NonFiniteLogits
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_results_record_what_reproduces_the_run(trained):
   assert schema.from_dict(run["config"]) == schema.validate(config)
   assert run["seed"] == config.seed
   modules = (jax, jaxlib, flax, optax, orbax.checkpoint, transformers, numpy)
-  assert [run["versions"][n] for n in job.RECORDED_PACKAGES] == [m.__version__ for m in modules]
+  assert [run["versions"][n] for n in runtime.RECORDED_PACKAGES] == [m.__version__ for m in modules]
   # The main job runs in its own process on one host device.
   assert run["devices"] == {"kind": jax.devices()[0].device_kind, "count": 1}
 

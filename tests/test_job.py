@@ -10,7 +10,7 @@ import shutil
 from helpers import other_backbone, tiny_config
 import pytest
 
-from cuma_jax import job
+from cuma_jax.tasks import survey
 from cuma_jax.training import checkpointing
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_missing_manual_directory_is_named(tmp_path):
   config = tiny_config(**{"data.dataset": "wvb", "data.manual_dir": str(tmp_path / "nope")})
   with pytest.raises(FileNotFoundError, match=r"nope.*docs/data\.md"):
-    job.load_data(config, str(tmp_path))
+    survey.load_data(config, str(tmp_path))
 
 
 def _must_not_run(*args, **kwargs):
@@ -27,19 +27,19 @@ def _must_not_run(*args, **kwargs):
 
 
 def test_eval_of_an_empty_or_mistyped_workdir_writes_nothing(tmp_path, monkeypatch):
-  monkeypatch.setattr(job, "load_data", _must_not_run)
+  monkeypatch.setattr(survey.TASK, "load_data", _must_not_run)
   (tmp_path / "empty").mkdir()
   for name in ("empty", "typo"):
     with pytest.raises(FileNotFoundError, match=rf"checkpoint in .*/{name}/train/checkpoints"):
-      job.run(tiny_config(mode="eval"), str(tmp_path / name))
+      survey.run(tiny_config(mode="eval"), str(tmp_path / name))
   assert os.listdir(tmp_path) == ["empty"] and os.listdir(tmp_path / "empty") == []
 
 
 def test_changed_config_is_refused_before_loading_data(main_job, monkeypatch):
-  monkeypatch.setattr(job, "load_data", _must_not_run)
+  monkeypatch.setattr(survey.TASK, "load_data", _must_not_run)
   _, workdir = main_job
   with pytest.raises(checkpointing.CheckpointConfigMismatch, match=r"adapter\.rank"):
-    job.run(tiny_config(**{"adapter.rank": 4}), str(workdir))
+    survey.run(tiny_config(**{"adapter.rank": 4}), str(workdir))
 
 
 def test_resume_or_eval_on_another_backbone_is_refused_and_keeps_the_results(main_job, tmp_path):
@@ -55,7 +55,7 @@ def test_resume_or_eval_on_another_backbone_is_refused_and_keeps_the_results(mai
       checkpointing.CheckpointInputsMismatch,
       match=r"backbone \(model\.checkpoint\): model\.safetensors changed",
     ):
-      job.run(config, str(workdir), log=lambda *_: None)
+      survey.run(config, str(workdir), log=lambda *_: None)
   assert (workdir / "results.json").read_bytes() == results
   assert sorted(os.listdir(workdir / "train" / "checkpoints")) == steps
 
@@ -82,12 +82,12 @@ def test_eval_repairs_the_exports_and_merges_into_the_results(main_job, tmp_path
 
   logs = []
   config = tiny_config(mode="eval", **{"train.num_steps": 3, "eval.baselines": ("lora",)})
-  job.run(config, str(workdir), log=logs.append)
+  survey.run(config, str(workdir), log=logs.append)
   for name, path in exports.items():
     assert path.read_bytes() == originals[name]  # rewritten from the checkpoint, exactly
     assert any(f"{path} is not the checkpoint's export" in m for m in logs)
   # Evaluated without baselines: it updates what it evaluated and keeps the rest.
-  job.run(tiny_config(mode="eval", **{"train.num_steps": 3, "eval.baselines": ()}), str(workdir))
+  survey.run(tiny_config(mode="eval", **{"train.num_steps": 3, "eval.baselines": ()}), str(workdir))
   after = json.loads((workdir / "results.json").read_text())
   assert after["baselines"] == before["baselines"] and after["references"] == {"kept": 1}
   assert after["trained"] == before["trained"] and after["run"] == before["run"]

@@ -12,11 +12,12 @@ LAYERS = (
   ("registry", "errors", "platforms", "fields", "sharding", "params", "fingerprint"),
   ("layers",),
   ("models", "checkpoints", "data"),
+  ("tiny",),  # offline stand-ins: below the training loop and the presets that warm them up
   ("training", "encoders", "generation"),
   ("evaluation", "schema", "presets", "overrides"),
-  ("tiny",),
-  ("job", "analysis", "figures", "interop"),
-  ("api", "alignment"),
+  ("runtime", "analysis", "figures"),
+  ("tasks",),
+  ("api", "interop"),
   ("main", "param_count", "plan", "export"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cuma_jax import fingerprint, job
-from cuma_jax.tiny import backbone as tiny_backbone
+from cuma_jax import fingerprint, runtime
+from cuma_jax.tasks import survey
 from cuma_jax.training import checkpointing, loop
 
 pytestmark = pytest.mark.slow
@@ -38,14 +38,14 @@ def _config(**overrides):
 def assets(main_job):
   """The tiny synthetic survey and the warmed-up tiny backbone of the main job's run.
 
-  Both are in its workdir, written as `job.run` writes them (built here if that run failed
+  Both are in its workdir, written as `cuma_jax.run` writes them (built here if that run failed
   before writing them).
   """
   _, workdir = main_job
   config = tiny_config()
-  data = job.load_data(config, str(workdir))
-  backbone = tiny_backbone.build_warmed_up(
-    config, os.path.join(workdir, "assets"), data, log=lambda *_: None
+  data = survey.load_data(config, str(workdir))
+  backbone = runtime.build_tiny_backbone(
+    config, os.path.join(workdir, "assets"), data, survey.TASK, log=lambda *_: None
   )
   return data, backbone
 
@@ -247,12 +247,15 @@ def test_tiny_backbone_is_rebuilt_when_its_warmup_settings_change(assets, tmp_pa
   shutil.copytree(cache, assets_dir / os.path.basename(cache))
   copied = str(assets_dir / os.path.basename(cache) / "warmed_up")
   logs = []
-  assert tiny_backbone.build_warmed_up(_config(), str(assets_dir), data, logs.append) == copied
+  assert (
+    runtime.build_tiny_backbone(_config(), str(assets_dir), data, survey.TASK, logs.append)
+    == copied
+  )
   assert logs == [
     f"reusing the warmed-up tiny backbone in {copied} (same data and warm-up settings)"
   ]
-  other = tiny_backbone.build_warmed_up(
-    _config(**{"tiny_backbone.warmup_steps": 1}), str(assets_dir), data, logs.append
+  other = runtime.build_tiny_backbone(
+    _config(**{"tiny_backbone.warmup_steps": 1}), str(assets_dir), data, survey.TASK, logs.append
   )
   assert other != copied and "warm-up" in logs[-1]
   assert fingerprint.fingerprint(other) != fingerprint.fingerprint(backbone)

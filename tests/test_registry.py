@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cuma_jax import job, presets, schema
+from cuma_jax import presets, runtime, schema
 from cuma_jax.data.pipeline import SurveyTables, make_dataset
 from cuma_jax.layers import adapter, routing
 from cuma_jax.models import pretrained
 from cuma_jax.params import merge_params
 from cuma_jax.registry import Registry
-from cuma_jax.tiny import backbone as tiny_backbone
+from cuma_jax.tasks import survey
 from cuma_jax.training import loop
 
 pytestmark = pytest.mark.slow
@@ -80,9 +80,9 @@ def assets(main_job):
   """The tiny survey and warmed-up tiny backbone of the session's main-job run."""
   _, workdir = main_job
   config = presets.experiment_config("cuma", "tiny")
-  data = job.load_data(config, str(workdir))
-  backbone = tiny_backbone.build_warmed_up(
-    config, os.path.join(workdir, "assets"), data, log=lambda *_: None
+  data = survey.load_data(config, str(workdir))
+  backbone = runtime.build_tiny_backbone(
+    config, os.path.join(workdir, "assets"), data, survey.TASK, log=lambda *_: None
   )
   return data, backbone
 
@@ -104,7 +104,7 @@ def _train_and_capture(config, assets, workdir):
   )
   tokenizer = pretrained.load_tokenizer(backbone)
   tables = SurveyTables.of(data.sources["train"])
-  demographics = job.make_demographics(config, backbone, data.sources["train"])
+  demographics = runtime.make_demographics(config, backbone, survey.TASK, data.sources["train"])
   dataset, _ = make_dataset(
     data.sources["train"],
     tokenizer,
@@ -115,7 +115,7 @@ def _train_and_capture(config, assets, workdir):
     demographic_system_prompt=False,
     tables=tables,
   )
-  table = job.demographic_table(demographics, tables)
+  table = survey.demographic_table(demographics, tables)
   before = jax.tree.map(np.array, params)  # training donates its buffers
   result = loop.train(
     config,

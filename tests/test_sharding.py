@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from cuma_jax import job, schema, sharding
+from cuma_jax import runtime, schema, sharding
 from cuma_jax.evaluation.survey import evaluate
 from cuma_jax.models.config import ModelConfig
 from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
 from cuma_jax.params import split_params
-from cuma_jax.tiny import backbone as tiny_backbone
+from cuma_jax.tasks import survey
 from cuma_jax.training import checkpointing, loop
 
 pytestmark = pytest.mark.slow
@@ -104,9 +104,9 @@ def assets(main_job, tmp_path_factory):
   the meshes."""
   _, workdir = main_job
   config = tiny_config()
-  data = job.load_data(config, str(workdir))
-  warmed = tiny_backbone.build_warmed_up(
-    config, os.path.join(workdir, "assets"), data, log=lambda *_: None
+  data = survey.load_data(config, str(workdir))
+  warmed = runtime.build_tiny_backbone(
+    config, os.path.join(workdir, "assets"), data, survey.TASK, log=lambda *_: None
   )
   directory = tmp_path_factory.mktemp("divisible_qwen3")
   return data, divisible_qwen3(directory, warmed, heads=HEADS, kv_heads=KV_HEADS, mlp=MLP)
@@ -272,7 +272,7 @@ def test_evaluation_on_a_mesh_equals_one_device(assets):
         params,
         load_tokenizer(backbone),
         data.sources["test"],
-        job.make_demographics(config, backbone, data.sources["train"]),
+        runtime.make_demographics(config, backbone, survey.TASK, data.sources["train"]),
       )
     )
   assert results[0] == results[1]
@@ -286,15 +286,15 @@ def test_a_mesh_that_does_not_divide_is_refused_at_validation(assets):
     ValueError,
     match=r"layers/self_attn/k_proj/kernel dimension 2 \(kv_heads, size 4\) over mesh axes model \(size 8\)",
   ):
-    job.check_layout(config, ModelConfig.from_pretrained(backbone))
+    runtime.check_layout(config, ModelConfig.from_pretrained(backbone))
   config = _config("fsdp_tp", (("data", 2), ("fsdp", 2), ("model", 2)))
   with pytest.raises(ValueError, match=r"scan_layers=True on a mesh split over 3 axes"):
-    job.check_layout(config, ModelConfig.from_pretrained(backbone))
+    runtime.check_layout(config, ModelConfig.from_pretrained(backbone))
   config = _config("fsdp", (("fsdp", 8),), **{"data.batch_size": 4})
   with pytest.raises(
     ValueError, match=r"data.batch_size x processes = 4 over the batch axes \(8\)"
   ):
-    job.check_layout(config, ModelConfig.from_pretrained(backbone))
+    runtime.check_layout(config, ModelConfig.from_pretrained(backbone))
 
 
 def test_rules_only_with_the_custom_preset():

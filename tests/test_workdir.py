@@ -12,7 +12,8 @@ import sys
 import ml_collections
 import pytest
 
-from cuma_jax import fingerprint, job, presets
+from cuma_jax import fingerprint, presets
+from cuma_jax.tasks import survey
 from cuma_jax.training.workdir import (
   WorkdirBusy,
   WorkdirLock,
@@ -44,11 +45,11 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_recovered(tmp_path, mo
   )
   try:
     assert holder.stdout.readline() == "held\n"
-    monkeypatch.setattr(job, "load_data", _must_not_run)
+    monkeypatch.setattr(survey.TASK, "load_data", _must_not_run)
     config = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
     busy = rf"in use by pid {holder.pid} on host {re.escape(socket.gethostname())}"
     with pytest.raises(WorkdirBusy, match=busy):
-      job.run(config, str(workdir))
+      survey.run(config, str(workdir))
     assert os.listdir(workdir) == ["LOCK"]
   finally:
     holder.kill()
@@ -64,19 +65,19 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_recovered(tmp_path, mo
 
 
 def test_unusable_workdir_or_lock_is_named_in_one_line(tmp_path, monkeypatch):
-  monkeypatch.setattr(job, "load_data", _must_not_run)
+  monkeypatch.setattr(survey.TASK, "load_data", _must_not_run)
   config = ml_collections.ConfigDict(presets.experiment_config("cuma", "tiny").to_dict())
   # A workdir that is a regular file (was FileExistsError), or lies under one.
   afile = tmp_path / "results"
   afile.write_text("kept")
   for workdir in (afile, afile / "run"):
     with pytest.raises(WorkdirUnusable, match=rf"{afile} is a file, not a directory"):
-      job.run(config, str(workdir))
+      survey.run(config, str(workdir))
   assert afile.read_text() == "kept"
   # A LOCK that is a directory (was IsADirectoryError).
   (tmp_path / "run" / "LOCK").mkdir(parents=True)
   with pytest.raises(WorkdirUnusable, match=r"LOCK is a directory; .*rmdir"):
-    job.run(config, str(tmp_path / "run"))
+    survey.run(config, str(tmp_path / "run"))
   assert os.listdir(tmp_path / "run") == ["LOCK"]
 
   # A filesystem without flock (was a raw OSError).
@@ -85,7 +86,7 @@ def test_unusable_workdir_or_lock_is_named_in_one_line(tmp_path, monkeypatch):
 
   monkeypatch.setattr(fcntl, "flock", no_flock)
   with pytest.raises(WorkdirUnusable, match=r"does not support flock \(No locks available\)"):
-    job.run(config, str(tmp_path / "other"))
+    survey.run(config, str(tmp_path / "other"))
 
 
 def test_write_atomically_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cuma_jax import job, presets, schema
+from cuma_jax import presets, runtime, schema
 from cuma_jax.data import profile_questions, prompts
 from cuma_jax.data.tokenize import ChatEncoder
 from cuma_jax.evaluation import predict
@@ -40,7 +40,7 @@ from cuma_jax.evaluation.survey import sharded_choice
 from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
 from cuma_jax.param_count import count_parameters
 from cuma_jax.sharding import Layout
-from cuma_jax.tiny import backbone as tiny_backbone
+from cuma_jax.tasks import survey
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "bench"))
@@ -96,8 +96,10 @@ def candidate_config(candidate: Candidate, backbone: str, data_dir: str, steps: 
 def shared_inputs(workdir: str, warmup: str, log):
   """The demo's config with ``warmup``, its prepared survey and its warmed-up backbone."""
   config = presets.experiment_config("cuma", "demo", overrides={"tiny_backbone.warmup": warmup})
-  data = job.load_data(config, workdir, log)
-  backbone = tiny_backbone.build_warmed_up(config, os.path.join(workdir, "assets"), data, log)
+  data = survey.load_data(config, workdir, log)
+  backbone = runtime.build_tiny_backbone(
+    config, os.path.join(workdir, "assets"), data, survey.TASK, log
+  )
   return config, data, backbone
 
 
@@ -206,7 +208,7 @@ def read_test(chosen: dict[str, list[Candidate]], workdir: str, data_dir: str, r
       schema.validate(c)
       c.lock()
       run_dirs.append(os.path.join(workdir, candidate.name))
-      job.run(c, run_dirs[-1], log=lambda *_: None)
+      survey.run(c, run_dirs[-1], log=lambda *_: None)
     tables += [
       "",
       f"Backbone warm-up `{warmup}`"
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
   def score(candidate: Candidate, backbone: str, data_dir: str) -> dict:
     config = candidate_config(candidate, backbone, data_dir, args.steps)
     log(candidate.name)
-    metrics = job.run(config, os.path.join(workdir, candidate.name), log=lambda *_: None)
+    metrics = survey.run(config, os.path.join(workdir, candidate.name), log=lambda *_: None)
     m = metrics["trained"]["valid"]["model"]
     log(f"  valid accuracy {m['accuracy']:.4f}  EMD {m['emd_mean']:.4f}")
     return {

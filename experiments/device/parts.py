@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments", "bench"))
 import generate as bench_generate  # noqa: E402
 import step as bench_step  # noqa: E402
 
-from cuma_jax import job, plan, schema  # noqa: E402
+from cuma_jax import plan, runtime, schema  # noqa: E402
 from cuma_jax.layers.adapter_config import AdapterConfig  # noqa: E402
 from cuma_jax.layers.dispatch import resolve_strategy  # noqa: E402
 from cuma_jax.layers.group import AdapterGroup  # noqa: E402
@@ -228,7 +228,7 @@ def step(smoke: bool):
     "CuMA dense": _config("cuma", "dense", smoke),
     "CuMA ragged": _config("cuma", "ragged", smoke),
   }
-  model_config = job.architecture(configs["CuMA dense"])
+  model_config = runtime.architecture(configs["CuMA dense"])
   runs = {name: bench_step.build(c, model_config=model_config)[0] for name, c in configs.items()}
   seconds = bench_step.medians(bench_step.time_rounds(runs, 3 if smoke else 10)[0])
   peak, source = bf16_peak()
@@ -286,7 +286,7 @@ def dispatch_sweep(smoke: bool):
   """Ragged against dense dispatch for 8 to 64 experts: the attention input's q and v
   (frozen projections + CuMA, forward and backward) at the step's token count."""
   shape = _shape(smoke)
-  model_config = job.architecture(_config("cuma", "dense", smoke))
+  model_config = runtime.architecture(_config("cuma", "dense", smoke))
   d, heads = model_config.hidden_size, model_config.num_heads
   d_q, d_v = heads * model_config.head_dim, model_config.num_kv_heads * model_config.head_dim
   rows_count, length = shape["data.batch_size"], shape["data.max_length"]
@@ -333,7 +333,7 @@ def memory(smoke: bool):
   config = _config("cuma", "dense", smoke)
   devices = jax.devices()[:1]
   (program,) = plan.compile_programs({"train step": plan.lower(config, devices)["train step"]})
-  run, _ = bench_step.build(config, model_config=job.architecture(config))
+  run, _ = bench_step.build(config, model_config=runtime.architecture(config))
   stats = _device().memory_stats()  # None on the CPU
   before = dict(stats) if stats else {}
   jax.block_until_ready(run())

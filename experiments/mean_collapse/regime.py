@@ -54,8 +54,9 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cuma_jax import figures, job, presets, schema  # noqa: E402
+from cuma_jax import figures, presets, schema  # noqa: E402
 from cuma_jax.param_count import count_parameters  # noqa: E402
+from cuma_jax.tasks import survey  # noqa: E402
 from cuma_jax.training import checkpointing  # noqa: E402
 
 sys.path.insert(0, os.path.join(study.HERE, os.pardir, "bench"))
@@ -223,7 +224,7 @@ def train_and_evaluate(run: study.Run, scale: Scale, seed: int, inputs, workdir:
         f"{seed}; pass another --workdir"
       )
   log(f"{run.label}, seed {seed}: {run_dir}")
-  results = job.run(c, run_dir, log=lambda *_: None)["trained"]
+  results = survey.run(c, run_dir, log=lambda *_: None, encoders=study.FITTED)["trained"]
   truncated = _truncated_tokens(run_dir)
   if truncated:
     raise ValueError(

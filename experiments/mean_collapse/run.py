@@ -48,10 +48,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cuma_jax import analysis, figures, job, presets, schema  # noqa: E402
+from cuma_jax import analysis, figures, presets, runtime, schema, tasks  # noqa: E402
 from cuma_jax.data.pipeline import SurveyTables  # noqa: E402
 from cuma_jax.param_count import count_parameters  # noqa: E402
-from cuma_jax.tiny import backbone as tiny_backbone  # noqa: E402
+from cuma_jax.tasks import survey  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -98,6 +98,10 @@ REFERENCES = (
 )
 
 
+# The n-gram encoders this process fits: the runs on one prepared survey share one fit.
+FITTED = runtime.FittedEncoders()
+
+
 def slug(text: str) -> str:
   return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
@@ -132,8 +136,10 @@ def shared_inputs(preset: str, workdir: str, log, overrides: presets.Overrides |
   """The prepared survey and the warmed-up tiny backbone every run reads (``overrides``: of the
   data and the backbone's warm-up, as the runs will set them)."""
   config = presets.experiment_config("cuma", preset, overrides=overrides)
-  data = job.load_data(config, workdir, log)
-  backbone = tiny_backbone.build_warmed_up(config, os.path.join(workdir, "assets"), data, log)
+  data = survey.load_data(config, workdir, log)
+  backbone = runtime.build_tiny_backbone(
+    config, os.path.join(workdir, "assets"), data, survey.TASK, log
+  )
   return config, data, backbone
 
 
@@ -141,7 +147,7 @@ def references(preset: str, workdir: str, backbone: str, data_dir: str, log) -> 
   """Untrained model (CuMA's adapters at initialisation add nothing), population-mean
   predictor and optimum, per split."""
   c = run_config(Run("untrained", "cuma"), preset, 0, 1, backbone, data_dir)
-  experiment = job.prepare(c, os.path.join(workdir, "untrained"), log)
+  experiment = survey.prepare(c, os.path.join(workdir, "untrained"), log, encoders=FITTED)
   return {split: experiment.evaluate(split) for split in c.eval.splits}
 
 
@@ -162,7 +168,9 @@ def linear_probe(config, data, backbone: str) -> dict[str, dict[str, float]]:
     ),
   ):
     c = presets.apply_overrides(ml_collections.ConfigDict(config.to_dict()), overrides)
-    encoders[kind] = job.make_demographics(c, backbone, data.sources["train"])
+    encoders[kind] = runtime.make_demographics(
+      c, backbone, survey.TASK, data.sources["train"], encoders=FITTED
+    )
   culture = lambda profiles: np.array(  # noqa: E731
     [np.argmax(data.oracle.culture_posterior[p]) for p in profiles]
   )
@@ -320,7 +328,9 @@ def main(argv=None) -> int:
         c = run_config(run, preset, seed, steps, backbone, data_dir)
         run_dir = run_workdir(workdir, run, seed)
         log(f"{run.label}, seed {seed}: {run_dir}")
-        results[run.label].append(job.run(c, run_dir, log=lambda *_: None)["trained"])
+        results[run.label].append(
+          survey.run(c, run_dir, log=lambda *_: None, encoders=FITTED)["trained"]
+        )
         m = results[run.label][-1]["test"]["model"]
         log(f"  test accuracy {m['accuracy']:.4f}  EMD {m['emd_mean']:.4f}")
     seconds = time.time() - start
@@ -357,7 +367,9 @@ def main(argv=None) -> int:
     ]
   _save(figures.emd_curves(curves, dashed=dict(REFERENCES)), args.out, "emd_curves.png")
   topology = next(run for run in RUNS if run.label == TOPOLOGY_RUN)
-  experiment = job.restore(run_workdir(workdir, topology, seeds[0]), log=lambda *_: None)
+  experiment = tasks.restore(
+    run_workdir(workdir, topology, seeds[0]), log=lambda *_: None, encoders=FITTED
+  )
   plot_topology(experiment, data.oracle, args.out)
   log(f"wrote {args.out}/results.md, results.csv, results.json and figures/")
   return 0

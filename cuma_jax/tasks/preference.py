@@ -24,18 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cuma_jax import fingerprint, job, presets, schema, sharding
-from cuma_jax.data import chat, preference_builder
+from cuma_jax import errors, fingerprint, runtime, schema, sharding
+from cuma_jax.data import ca_prompts, chat, preference_builder
 from cuma_jax.data.pipeline import as_text
-from cuma_jax.data.synthetic_preference import PreferenceOracle
 from cuma_jax.data.tokenize import END_OF_TURN, pad_id, render_prompt
 from cuma_jax.evaluation import judging, metrics
 from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.generation import SamplingConfig
-from cuma_jax.models.config import ModelConfig
-from cuma_jax.models.pretrained import load_tokenizer
 from cuma_jax.params import filter_tree, is_adapter_path, merge_params, split_params
-from cuma_jax.tiny import backbone as tiny_backbone
 from cuma_jax.training import checkpointing, loop
 from cuma_jax.training.preference import (
   Reference,
@@ -47,17 +43,10 @@ from cuma_jax.training.step import sft_objective
 from cuma_jax.training.workdir import WorkdirLock, check_workdir_path, write_atomically
 
 
-@dataclasses.dataclass
-class PreferenceData:
-  sources: dict[str, Any]  # split -> tfds data source
-  oracle: PreferenceOracle | None
-  directory: str  # the prepared dataset's files
-
-
-def load_data(config, workdir: str, log=print) -> PreferenceData:
+def load_data(config, workdir: str, log=print) -> runtime.Data:
   """Opens the prepared preference dataset of ``config.data`` (prepared once per inputs)."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  builder = job.process_zero_first(
+  builder = runtime.process_zero_first(
     "prepare the dataset", lambda: preference_builder.prepared_builder(config.data, data_dir, log)
   )
   sources = dict(builder.as_data_source())
@@ -74,25 +63,19 @@ def load_data(config, workdir: str, log=print) -> PreferenceData:
   oracle = None
   if config.data.dataset == "synthetic_preference":
     oracle = preference_builder.load_oracle(sources["sft_train"])
-  return PreferenceData(sources=sources, oracle=oracle, directory=str(builder.data_dir))
+  return runtime.Data(sources=sources, oracle=oracle, directory=str(builder.data_dir))
 
 
 @dataclasses.dataclass
-class Aligned:
+class Aligned(runtime.Experiment):
   """A preference run's parts: model, tokenizer, data, demographics (see :func:`prepare`)."""
 
-  config: Any
-  workdir: str
-  data: PreferenceData
-  backbone_dir: str
-  module: Any
-  params: dict
-  tokenizer: Any
-  demographics: Any  # encoders.Demographics or None
-  inputs: dict
   # The backbone's own weights, kept apart from ``params`` (whose trained leaves each stage
   # consumes): the frozen arrays themselves, or a copy when every weight is trained.
-  backbone: dict
+  backbone: dict = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    self.backbone = _backbone_params(self.params, copy=self.config.trainable == "all")
 
   def lengths(self) -> chat.Lengths:
     p = self.config.preference
@@ -154,36 +137,12 @@ def _backbone_params(params: dict, copy: bool) -> dict:
   return jax.tree.map(jnp.copy, backbone) if copy else backbone
 
 
-def prepare(config, workdir: str, log=print) -> Aligned:
-  os.makedirs(workdir, exist_ok=True)
-  data = load_data(config, workdir, log)
-  backbone_dir = config.model.checkpoint or tiny_backbone.build_warmed_up(
-    config, os.path.join(workdir, "assets"), data, log
-  )
-  inputs = checkpointing.input_fingerprints(
-    backbone=backbone_dir,
-    encoder=job.encoder_path(config, backbone_dir),
-    dataset=data.directory,
-    adapter_init=config.adapter.init_from,
-  )
-  for stage in config.preference.stages:
-    checkpointing.check_workdir(
-      config, _checkpoint_dir(workdir, stage), config_conflicts=_conflicts(stage)
-    )
-  layout = job.check_layout(config, ModelConfig.from_pretrained(backbone_dir))
-  module, params = job.load_model(config, backbone_dir, layout)
-  return Aligned(
-    config=config,
-    workdir=workdir,
-    data=data,
-    backbone_dir=backbone_dir,
-    module=module,
-    params=params,
-    tokenizer=load_tokenizer(backbone_dir),
-    demographics=job.make_demographics(config, backbone_dir, data.sources["sft_train"], layout),
-    inputs=inputs,
-    backbone=_backbone_params(params, copy=config.trainable == "all"),
-  )
+def prepare(
+  config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None
+) -> Aligned:
+  """Prepares data, backbone, model, tokenizer and demographics of a validated config, after
+  refusing a workdir whose stages' checkpoints came from another config."""
+  return runtime.prepare(config, workdir, TASK, log, encoders)
 
 
 def _checkpoint_dir(workdir: str, stage: str) -> str:
@@ -531,10 +490,11 @@ def references(aligned: Aligned, ev: Evaluation) -> dict:
   return out
 
 
-def run(config, workdir: str, log=print) -> dict:
+def run(config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None):
   """Trains the stages (``mode='train'``) or restores the last (``'eval'``), evaluates,
-  writes results.json; returns the results."""
-  job.validate(config)
+  writes results.json; returns the results. ``encoders``: fitted demographic encoders to
+  reuse (the run's baselines share them)."""
+  runtime.validate(config, TASK)
   pe = config.preference.eval
   host_side = _host_side_stages(config)
   if jax.process_count() > 1 and host_side:
@@ -543,7 +503,7 @@ def run(config, workdir: str, log=print) -> dict:
       "fixed reference); run them single-process (one host, any number of its devices)"
     )
   if pe.judge == "local_lm" and not os.path.isdir(pe.judge_checkpoint):
-    raise FileNotFoundError(
+    raise errors.MissingInput(
       f"config.preference.eval.judge_checkpoint={pe.judge_checkpoint!r} is not a directory; "
       "judge='local_lm' needs a local Hugging Face causal LM there"
     )
@@ -553,11 +513,12 @@ def run(config, workdir: str, log=print) -> dict:
     config, _checkpoint_dir(workdir, last), config_conflicts=_conflicts(last)
   )
   if step is None and config.mode == "eval":
-    raise FileNotFoundError(
+    raise errors.MissingInput(
       f"mode=eval needs a readable checkpoint of the last stage in {_checkpoint_dir(workdir, last)}"
     )
+  encoders = encoders or runtime.FittedEncoders()
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
-    aligned = prepare(config, workdir, log)
+    aligned = prepare(config, workdir, log, encoders=encoders)
     params, exports = _train_or_restore(aligned, log)
     ev = evaluation_set(aligned, log)
     results = {"base": score(aligned, aligned.base(), ev)}
@@ -569,8 +530,8 @@ def run(config, workdir: str, log=print) -> dict:
       for name, r in results["references"].items():
         report(name, r, log)
     for method in config.eval.baselines:
-      results.setdefault("baselines", {})[method] = _baseline(aligned, method, ev, log)
-    job.write_results(config, workdir, results, exports, log)
+      results.setdefault("baselines", {})[method] = _baseline(aligned, method, ev, encoders, log)
+    runtime.write_results(config, workdir, results, exports, log)
   return results
 
 
@@ -592,47 +553,51 @@ def _train_or_restore(aligned: Aligned, log) -> tuple[dict, dict]:
     for stage in aligned.config.preference.stages:
       params = _stage(aligned, stage, previous, params, log)
       previous = stage
-  return params, job.export(aligned.config, aligned.workdir, params, log)
+  return params, runtime.export(aligned.config, aligned.workdir, params, log)
 
 
 def _restored(aligned: Aligned, stage: str, log) -> dict:
-  config = aligned.config
-  trainable, frozen = split_params(
-    aligned.params, config.trainable, frozen_dtype=jnp.dtype(config.model.param_dtype)
-  )
-  stages = config.preference.stages
+  stages = aligned.config.preference.stages
   previous = stages[stages.index(stage) - 1] if stages.index(stage) else None
-  ckpt = checkpointing.TrainCheckpoints.of(
-    config,
-    _checkpoint_dir(aligned.workdir, stage),
+  directory = _checkpoint_dir(aligned.workdir, stage)
+  params = runtime.trained_params(
+    aligned,
+    directory,
     inputs=_stage_inputs(aligned, previous),
-    config_conflicts=_conflicts(stage),
+    conflicts=_conflicts(stage),
     log=log,
   )
-  try:
-    restored = ckpt.restore_latest(loop.abstract_state(config, trainable))
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"{ckpt.directory} has no checkpoint of stage {stage} to evaluate")
-  return merge_params(restored[1]["trainable"], frozen)
+  if params is None:
+    raise errors.MissingInput(f"{directory} has no checkpoint of stage {stage} to evaluate")
+  return params
 
 
-def _baseline(aligned: Aligned, method: str, ev: Evaluation, log) -> dict:
+def restore(
+  workdir: str, config, log=print, *, encoders: runtime.FittedEncoders | None = None
+) -> Aligned:
+  """The trained run of ``workdir`` with ``config``: its parts, and the last stage's
+  parameters as ``params``."""
+  last = config.preference.stages[-1]
+  if not runtime.has_checkpoint(_checkpoint_dir(workdir, last)):
+    raise errors.MissingInput(
+      f"{workdir} has no training checkpoint of its last stage in {_checkpoint_dir(workdir, last)}"
+    )
+  runtime.validate(config, TASK)
+  aligned = prepare(config, workdir, log, encoders=encoders)
+  aligned.params = _restored(aligned, last, log)
+  return aligned
+
+
+def _baseline(aligned: Aligned, method: str, ev: Evaluation, encoders, log) -> dict:
   """``method`` trained through the same stages on the same data and backbone, scored on
   the same evaluation set (the base's replies are shared)."""
-  config = aligned.config
-  workdir = os.path.join(aligned.workdir, "baselines", method)
-  data_dir = config.data.data_dir or os.path.join(aligned.workdir, "tfds")
-  baseline = presets.baseline_config(
-    config, method, backbone=aligned.backbone_dir, data_dir=data_dir
-  )
+  baseline, workdir = runtime.baseline_of(aligned, method)
   log(f"baseline {method}: the same data, backbone and stages, in {workdir}")
   with WorkdirLock(workdir, enabled=jax.process_index() == 0, log=log):
-    other = prepare(baseline, workdir, log)
+    other = prepare(baseline, workdir, log, encoders=encoders)
     other.judge = aligned.judge  # one judge for every model of the run
     params, exports = _train_or_restore(other, log)
-    job.write_results(baseline, workdir, {}, exports, log)
+    runtime.write_results(baseline, workdir, {}, exports, log)
     # Beside the run's own predictions, so that one folder compares every model.
     result = score(
       other, other.model(method, params), ev, os.path.join(aligned.workdir, "predictions")
@@ -651,3 +616,88 @@ def report(name: str, result: dict, log) -> None:
   if "distinct_1" in result:
     parts.append(f"distinct-1 {result['distinct_1']:.3f}  distinct-2 {result['distinct_2']:.3f}")
   log(f"[preference] {name:>16}: " + "  ".join(parts))
+
+
+def _check_checkpoints(config, workdir: str, inputs: dict) -> None:
+  """Each stage's checkpoints are of this config (their inputs are checked as each stage
+  resumes: a later stage's include the previous stage's last checkpoint)."""
+  del inputs
+  for stage in config.preference.stages:
+    checkpointing.check_workdir(
+      config, _checkpoint_dir(workdir, stage), config_conflicts=_conflicts(stage)
+    )
+
+
+def _batch_rows(config) -> list[tuple[str, int]]:
+  p = config.preference
+  pairs = (p.dpo.batch_size or config.data.batch_size) * jax.process_count()
+  samples = (p.grpo.prompts_per_step or config.data.batch_size) * p.grpo.group_size
+  return [("DPO pairs per step", pairs), ("GRPO samples per step", samples)]
+
+
+def _answers(train_source) -> list[tuple[str, str, int]]:
+  """The synthetic preference rows know their option (the others have -1)."""
+  records = train_source.__getitems__(range(len(train_source)))
+  return [
+    (as_text(r["profile"]), as_text(r["question_id"]), int(r["chosen_option"]))
+    for r in records
+    if int(r["chosen_option"]) >= 0
+  ]
+
+
+def _warmup_corpus(data: runtime.Data):
+  """Every text of the training conversations and the 4-way choice prompts."""
+  train = data.sources["sft_train"]
+  for record in train.__getitems__(range(len(train))):
+    for message in chat.messages_of(record):
+      yield message["content"]
+  yield ca_prompts.VANILLA_SYSTEM_PROMPT
+  yield ca_prompts.PERSONA_SYSTEM_PROMPT
+
+
+def _warmup_batches(warm, data: runtime.Data, tokenizer, module):
+  """The chat SFT rows, each shown under ANOTHER user's profile: the backbone learns the chat
+  format and that a profile is there, but not what it implies (the population's preferred
+  replies)."""
+  p = warm.preference
+  dataset = chat.make_chat_dataset(
+    "sft",
+    data.sources["sft_train"],
+    tokenizer,
+    chat.Lengths(warm.data.max_length, p.max_prompt_length, p.max_completion_length),
+    batch_size=warm.data.batch_size,
+    profile_blind=True,
+    seed=warm.data.shuffle_seed,
+    num_epochs=None,
+  )
+  objective = sft_objective(
+    module, lambda_aux=0.0, label_smoothing=0.0, max_targets=p.max_completion_length
+  )
+  return dataset, objective
+
+
+class Preference(runtime.Task):
+  """``task="preference"``: chat SFT, DPO, GRPO, scored by CA accuracy and judged win-rate."""
+
+  experiment_type = Aligned
+  train_split = "sft_train"
+  load_data = staticmethod(load_data)
+  check_checkpoints = staticmethod(_check_checkpoints)
+  batch_rows = staticmethod(_batch_rows)
+  profiles = staticmethod(chat.profile_table)
+  answers = staticmethod(_answers)
+  warmup_corpus = staticmethod(_warmup_corpus)
+  warmup_batches = staticmethod(_warmup_batches)
+  run = staticmethod(run)
+  restore = staticmethod(restore)
+
+  @staticmethod
+  def warmup_description(warm) -> str:
+    return "on the chat SFT rows, each under another user's profile"
+
+  @staticmethod
+  def checkpoint_dirs(workdir: str) -> tuple[str, ...]:
+    return tuple(_checkpoint_dir(workdir, stage) for stage in reversed(schema.STAGES))
+
+
+TASK = Preference()
