@@ -88,7 +88,12 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
     return None
   ckpt = checkpointing.TrainCheckpoints(newest[1], config_json={}, read_only=True)
   try:
-    saved = ckpt.saved_config(ckpt.latest_step())
+    step = ckpt.latest_step()
+    if step is None:
+      raise errors.MissingInput(
+        f"{newest[1]} has step directories but no finished checkpoint to read the config from"
+      )
+    saved = ckpt.saved_config(step)
   finally:
     ckpt.close()
   return ml_collections.ConfigDict(schema.as_dict(schema.from_dict(saved)))
