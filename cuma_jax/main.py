@@ -23,7 +23,9 @@ _CONFIG = config_flags.DEFINE_config_file(
   "workdir's recorded config (to evaluate or resume), changed by the --config.KEY overrides.",
   lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Where checkpoints, metrics and results go.", required=True
+)
 # Set to anything but 0 to show a refusal's traceback (as --verbose does).
 TRACEBACK_ENV = "CUMA_TRACEBACK"
 _VERBOSE = flags.DEFINE_bool(
@@ -32,7 +34,6 @@ _VERBOSE = flags.DEFINE_bool(
   f"Show the traceback of a refused config or input too (or set {TRACEBACK_ENV}=1); "
   "without it a refusal is one line.",
 )
-flags.mark_flags_as_required(["workdir"])
 
 # Libraries whose INFO chatter (every checkpoint write, every TFDS shard) drowns the job's own.
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/array_record/")

@@ -94,7 +94,7 @@ def config_of(directory: str) -> ml_collections.ConfigDict:
   try:
     step = ckpt.latest_step()
     if step is None:
-      raise errors.MissingInput(f"{directory} holds no checkpoint")
+      raise errors.MissingInput(f"{directory} holds no finished checkpoint to read the config from")
     saved = ckpt.saved_config(step)
   finally:
     ckpt.close()

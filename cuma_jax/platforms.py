@@ -44,7 +44,8 @@ def skip_absent_tpu() -> bool:
   if (
     "JAX_PLATFORMS" in os.environ
     or "JAX_FORCE_TPU_INIT" in os.environ
-    or jax.config.jax_platforms
+    # Read through `values`: jax.config's typed interface does not declare its flags as attributes.
+    or jax.config.values["jax_platforms"]
     or tpu_attached()
     or gpu_attached()
   ):

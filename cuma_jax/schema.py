@@ -39,6 +39,7 @@ from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.layers.routing import GATES
 from cuma_jax.models.decoder import REMAT_POLICIES
 from cuma_jax.params import TRAINABLE_MODES
+from cuma_jax.registry import Registry
 from cuma_jax.sharding import RULES_PRESETS, check_axis_names
 from cuma_jax.training.checkpointing import CORRUPT_CHECKPOINT_POLICIES
 from cuma_jax.training.preference import GRPO_LOSS_TYPES
@@ -394,7 +395,10 @@ def from_dict(values: dict, cls=Config, prefix: str = ""):
 # Sections holding a variant's own parameters, and the key that names the variant: their
 # keys are the parameters the variant declares (checked when the config is validated).
 VARIANT_KWARGS = {"adapter.router_kwargs": "adapter.router", "adapter.gate_kwargs": "adapter.gate"}
-_VARIANT_REGISTRIES = {"adapter.router_kwargs": ROUTERS, "adapter.gate_kwargs": GATES}
+_VARIANT_REGISTRIES: dict[str, Registry[Any]] = {
+  "adapter.router_kwargs": ROUTERS,
+  "adapter.gate_kwargs": GATES,
+}
 
 
 def variant_section(key: str) -> str | None:
@@ -682,7 +686,8 @@ def resume_class(key: str) -> str:
   """``fields.IDENTITY`` / ``STRUCTURAL`` / ``FREE`` for a dotted config key (a variant's
   parameter takes its section's class)."""
   key = variant_section(key) or key
-  cls, *path, name = (Config, *key.split("."))
+  cls: type = Config
+  *path, name = key.split(".")
   for part in path:
     cls = _section_types(cls)[part]
   return fields.spec_of({f.name: f for f in dataclasses.fields(cls)}[name]).resume

@@ -378,7 +378,8 @@ class SyntheticSurvey:
 
   def write_wvb(self, root: str | Path) -> Path:
     """Writes the WVB layout (splits train/valid/test/zero_shot and full) and the oracle."""
-    codebook, metadata = {}, {}
+    codebook: dict[str, dict[str, Any]] = {}
+    metadata: dict[str, dict[str, Any]] = {}
     for column in ("D_INTERVIEW", *prompts.WVB_PROFILE_COLUMNS.values()):
       metadata[column] = {
         "question": column,
@@ -406,9 +407,10 @@ class SyntheticSurvey:
         "answer_scale_max": question.scale_max,
         "answer_data_type": "ordinal",
       }
-    splits = {}
+    splits: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
     for split, group in self.participants.items():
-      demographic, values = [], []
+      demographic: list[dict[str, Any]] = []
+      values: list[dict[str, Any]] = []
       for i, pid in enumerate(group.ids):
         demographic.append(
           {
@@ -429,7 +431,10 @@ class SyntheticSurvey:
           }
         )
       splits[split] = (demographic, values)
-    splits["full"] = tuple([row for rows in splits.values() for row in rows[i]] for i in (0, 1))
+    splits["full"] = (
+      [row for demographic_rows, _ in splits.values() for row in demographic_rows],
+      [row for _, value_rows in splits.values() for row in value_rows],
+    )
     root = wvb.write_wvb_tree(root, codebook, metadata, splits)
     (root / ORACLE_FILENAME).write_text(json.dumps(self.oracle().to_json()), encoding="utf-8")
     return root
@@ -438,7 +443,7 @@ class SyntheticSurvey:
 def _choice(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
   """One categorical draw per row of probs [N, C]."""
   cumulative = np.cumsum(probs, axis=-1)
-  u = rng.random(probs.shape[0])[:, None] * cumulative[:, -1:]
+  u = rng.random((probs.shape[0], 1)) * cumulative[:, -1:]
   return np.minimum((u >= cumulative).sum(-1), probs.shape[-1] - 1)
 
 

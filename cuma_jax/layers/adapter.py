@@ -70,28 +70,31 @@ class Router(nn.Module):
 
   def _param(self, name, shape, axes, fan_in):
     init = nn.with_logical_partitioning(torch_linear_init(fan_in), axes)
-    return self.param(name, init, shape, self.param_dtype).astype(jnp.float32)
+    # unbox=True (the default) spelled out: it tells type checkers the value is the array.
+    return self.param(name, init, shape, self.param_dtype, unbox=True).astype(jnp.float32)
 
   @nn.compact
   def __call__(self, x: jax.Array, z: jax.Array | None = None, deterministic: bool = True):
-    if self.use_demographics and z is None:
+    if not self.use_demographics:
+      z = None
+    elif z is None:
       raise ValueError("Router(use_demographics=True) needs the demographic vector z")
     chex.assert_rank(x, 3)
-    if self.use_demographics:
+    if z is not None:
       chex.assert_rank(z, 2)
       chex.assert_equal(z.shape[0], x.shape[0])
     drop = nn.Dropout(self.dropout)
     x = x.astype(jnp.float32)
     widths = (*self.hidden_dims, self.num_experts)
     width_axes = [ROUTER_HIDDEN] * len(self.hidden_dims) + [EXPERTS]
-    d_demo = z.shape[-1] if self.use_demographics else 0
+    d_demo = 0 if z is None else z.shape[-1]
     fan_in = x.shape[-1] + d_demo
 
     h = drop(x, deterministic) @ self._param(
       "in_x", (x.shape[-1], widths[0]), (self.in_axis, width_axes[0]), fan_in
     )
     bias = self._param("in_bias", (widths[0],), (width_axes[0],), fan_in)
-    if self.use_demographics:
+    if z is not None:
       w_z = self._param("in_z", (d_demo, widths[0]), (DEMO, width_axes[0]), fan_in)
       z = z.astype(jnp.float32)
       if deterministic or self.dropout == 0.0:
@@ -204,6 +207,8 @@ class LoraExperts(nn.Module):
       )
     d_in = x.shape[-1]
     chex.assert_rank(x, 3)
+    a_shape: tuple[int, ...]
+    a_axes: tuple[str, ...]
     if self.shared_a:
       a_shape, a_axes = (d_in, self.rank), (self.in_axis, LORA_RANK)
     else:
@@ -214,6 +219,7 @@ class LoraExperts(nn.Module):
       nn.with_logical_partitioning(A_INITS[self.a_init](d_in), a_axes),
       a_shape,
       self.param_dtype,
+      unbox=True,  # the default, spelled out so type checkers see an array
     )
     b = self.param(
       "b",
@@ -222,6 +228,7 @@ class LoraExperts(nn.Module):
       ),
       (self.num_experts, self.rank, self.features),
       self.param_dtype,
+      unbox=True,
     )
     x = nn.Dropout(self.dropout)(x, deterministic).astype(self.dtype or x.dtype)
     return mixture(x, a, b, routing, self.strategy, scale=self.alpha / self.rank)

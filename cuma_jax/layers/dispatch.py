@@ -157,7 +157,8 @@ def _batch_mesh_axes() -> tuple[str, ...]:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
-  (axes,) = nn.logical_to_mesh_axes((BATCH,))
+  # `or`: flax's signature allows None, returned only when given no names (not the case here).
+  (axes,) = nn.logical_to_mesh_axes((BATCH,)) or (None,)
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
 

@@ -54,11 +54,11 @@ class AdapterGroup(nn.Module):
   def __call__(self, x, demographics, token_mask, outputs, in_axis):
     """``outputs``: {projection: (d_out, out_axis)}. Returns ({projection: delta}, aux)."""
     cfg = self.adapter
-    targets = [t for t in outputs if cfg is not None and t in cfg.targets]
-    if not targets:
+    targets = [] if cfg is None else [t for t in outputs if t in cfg.targets]
+    if cfg is None or not targets:
       return {}, empty_aux()
     chex.assert_rank(x, 3)
-    routings, aux = self._route(x, demographics, token_mask, targets, in_axis)
+    routings, aux = self._route(cfg, x, demographics, token_mask, targets, in_axis)
     deltas = {}
     for t in targets:
       d_out, out_axis = outputs[t]
@@ -79,8 +79,7 @@ class AdapterGroup(nn.Module):
       )(x, routings[t], deterministic=self.deterministic)
     return deltas, aux
 
-  def _route(self, x, demographics, token_mask, targets, in_axis):
-    cfg = self.adapter
+  def _route(self, cfg: AdapterConfig, x, demographics, token_mask, targets, in_axis):
     kind = ROUTERS.get(cfg.router)
     if kind.make is None:
       fixed = routing.Routing(
@@ -130,7 +129,8 @@ def with_prefix(module: nn.Module, adapter: AdapterConfig | None, k, v, dtype):
   batch = k.shape[0]
   prefixed = []
   for name, seq in (("prefix_key", k), ("prefix_value", v)):
-    prefix = module.param(name, init, shape, adapter.param_dtype).astype(dtype)
+    # unbox=True (the default) spelled out: it tells type checkers the value is the array.
+    prefix = module.param(name, init, shape, adapter.param_dtype, unbox=True).astype(dtype)
     prefix = jnp.broadcast_to(prefix[None], (batch,) + shape)
     prefixed.append(jnp.concatenate([prefix, seq.astype(dtype)], axis=1))
   return tuple(prefixed)

@@ -87,7 +87,7 @@ def grpo_loss(
   adv = advantages[:, None]
   clipped = jnp.clip(ratio, 1.0 - clip_epsilon, 1.0 + clip_epsilon)
   per_token = -jnp.minimum(ratio * adv, clipped * adv)
-  if kl_beta:
+  if kl_beta and ref_log_probs is not None:  # None with kl_beta was refused above
     delta = ref_log_probs - log_probs
     per_token = per_token + kl_beta * (jnp.exp(delta) - delta - 1.0)
   mask = mask.astype(jnp.float32)
@@ -171,13 +171,9 @@ def dpo_objective(
   policy and the reference on both replies.  The reference's summed log-probs carry no
   gradient: computed inside the step from the frozen backbone, or before it (``prepare``)
   for a fixed reference."""
-  fixed = None if reference.in_step else _fixed_reference(reference, max_targets)
-
-  def prepare(batch, trainable, frozen, table, rng):
-    del trainable, rng
-    flat, z = _pairs_flat(batch, _demographics(table, batch["profile_index"]))
-    summed = np.asarray(fixed(frozen, flat, z)).sum(-1)
-    return {**batch, "reference_log_probs": summed.reshape(-1, 2).astype(np.float32)}
+  prepare = None
+  if not reference.in_step:
+    prepare = functools.partial(_score_pairs, _fixed_reference(reference, max_targets))
 
   def loss_fn(trainable, frozen, batch, demographics, rng):
     del rng
@@ -201,8 +197,17 @@ def dpo_objective(
     loss=loss_fn,
     batch_keys=SFT_BATCH_KEYS if reference.in_step else DPO_BATCH_KEYS,
     max_targets=max_targets,
-    prepare=None if reference.in_step else prepare,
+    prepare=prepare,
   )
+
+
+def _score_pairs(fixed, batch, trainable, frozen, table, rng):
+  """DPO's ``prepare`` for a ``fixed`` reference (on the host, before each step): its summed
+  log-probs of each pair's chosen and rejected replies."""
+  del trainable, rng
+  flat, z = _pairs_flat(batch, _demographics(table, batch["profile_index"]))
+  summed = np.asarray(fixed(frozen, flat, z)).sum(-1)
+  return {**batch, "reference_log_probs": summed.reshape(-1, 2).astype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,9 +243,12 @@ def grpo_objective(
     raise ValueError("kl_beta > 0 needs a reference policy")
   new_tokens = rollout.sampling.max_new_tokens
   temperature = rollout.sampling.temperature or 1.0
-  fixed = None
-  if kl_beta and not reference.in_step:
-    fixed = _fixed_reference(reference, new_tokens, temperature)
+  fixed, in_step_reference = None, None
+  if kl_beta and reference is not None:  # None with kl_beta was refused above
+    if reference.in_step:
+      in_step_reference = reference
+    else:
+      fixed = _fixed_reference(reference, new_tokens, temperature)
   prepare = functools.partial(_sample_and_score, module, rollout, fixed)
 
   def loss_fn(trainable, frozen, batch, demographics, rng):
@@ -250,9 +258,9 @@ def grpo_objective(
       module, params, batch, demographics, new_tokens, temperature
     )
     reference_tokens = batch["reference_token_log_probs"]
-    if kl_beta and reference.in_step:
+    if in_step_reference is not None:
       reference_tokens = _reference_tokens(
-        reference, frozen, batch, demographics, new_tokens, temperature
+        in_step_reference, frozen, batch, demographics, new_tokens, temperature
       )
     loss = grpo_loss(
       token,
