@@ -69,7 +69,7 @@ def main(argv):
     runtime.initialize_distributed(_CONFIG.value)
     # Every process runs the job; process 0 alone reports.
     log = print if jax.process_index() == 0 else _silent
-    _, params, given = overrides.split_argv(sys.argv)
+    _, params, given = _PARSED_ARGV
     changes = {**config_flags.get_override_values(flags.FLAGS["config"]), **params}
     config = overrides.resolve(_CONFIG.value, changes, _WORKDIR.value, config_given=given, log=log)
     api.run(config, _WORKDIR.value, log=log)
@@ -78,6 +78,11 @@ def main(argv):
       raise
     sys.stderr.write(f"{type(refusal).__name__}: {refusal}\n")
     sys.exit(1)
+
+
+# What parse_flags split the command line into (absl's arguments, the variants' parameters,
+# whether --config was given): main reads the line parse_flags read, not sys.argv.
+_PARSED_ARGV: tuple = ([], {}, True)
 
 
 def _silent(*_):
@@ -98,7 +103,9 @@ def parse_flags(argv):
     # Each config key as a flag (set by config_flags' own when given), for its help text.
     for name, text in overrides.help_flags(argv).items():
       flags.DEFINE_string(name, None, text, allow_override=True)
-  absl_argv, _, _ = overrides.split_argv(argv)
+  global _PARSED_ARGV
+  _PARSED_ARGV = overrides.split_argv(argv)
+  absl_argv = _PARSED_ARGV[0]
   # config_flags reads its overrides from sys.argv; the user's stays for the run's record.
   typed, sys.argv = sys.argv, absl_argv
   try:
