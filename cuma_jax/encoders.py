@@ -158,10 +158,10 @@ class FittedNgramEncoder:
     for p in distinct:
       for gram in word_ngrams(p):
         vocabulary.setdefault(gram, len(vocabulary))
-    questions, options = np.asarray(questions), np.asarray(options)
-    width = int(options.max()) + 1
-    counts = np.zeros((len(distinct), int(questions.max()) + 1, width))
-    np.add.at(counts, ([row[p] for p in profiles], questions, options), 1.0)
+    question_ids, option_ids = np.asarray(questions), np.asarray(options)
+    width = int(option_ids.max()) + 1
+    counts = np.zeros((len(distinct), int(question_ids.max()) + 1, width))
+    np.add.at(counts, (np.array([row[p] for p in profiles]), question_ids, option_ids), 1.0)
     answered = counts.sum(-1, keepdims=True)
     population = counts.sum(0) / np.maximum(counts.sum((0, 2))[:, None], 1.0)
     targets = np.where(answered > 0, counts / np.maximum(answered, 1.0), population)

@@ -102,7 +102,7 @@ class Task(abc.ABC):
     return []
 
   @abc.abstractmethod
-  def profiles(self, train_source) -> tuple[str, ...]:
+  def profiles(self, source) -> tuple[str, ...]:
     """The training split's sorted distinct profiles."""
 
   @abc.abstractmethod
@@ -214,9 +214,12 @@ def make_demographics(
     return Demographics.standardized(encoder, profiles)
   path = encoder_path(config, backbone_dir)
   adapter = schema.adapter_config(config)
+  if path is None or adapter is None:  # both set whenever the routers read profiles
+    raise errors.ConfigError(f"config.method={config.method!r} reads no demographic encoder")
+  precomputed = None
   if config.encoder.precomputed:
-    encoder = PrecomputedEncoder(path)
-    width = encoder.dim
+    precomputed = PrecomputedEncoder(path)
+    width = precomputed.dim
   else:
     width = ModelConfig.from_pretrained(path).hidden_size  # Before loading a large model.
   if width != adapter.demographic_dim:
@@ -225,16 +228,16 @@ def make_demographics(
       f"but config.adapter.demographic_dim={adapter.demographic_dim}; set "
       "config.encoder.checkpoint (e.g. Qwen3-Embedding-0.6B)"
     )
-  if not config.encoder.precomputed:
-    encoder = DemographicEncoder.from_pretrained(
-      path,
-      pooling=config.encoder.pooling,
-      max_length=config.encoder.max_length,
-      layout=layout,
+  loaded = (
+    precomputed
+    if precomputed is not None
+    else DemographicEncoder.from_pretrained(
+      path, pooling=config.encoder.pooling, max_length=config.encoder.max_length, layout=layout
     )
+  )
   if not config.encoder.standardize:
-    return Demographics(encoder)
-  return Demographics.standardized(encoder, profiles)
+    return Demographics(loaded)
+  return Demographics.standardized(loaded, profiles)
 
 
 # Environment variables that mark a multi-process launch jax.distributed discovers itself.

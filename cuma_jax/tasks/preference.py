@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, cast
 import zlib
 
 import jax
@@ -142,7 +142,8 @@ def prepare(
 ) -> Aligned:
   """Prepares data, backbone, model, tokenizer and demographics of a validated config, after
   refusing a workdir whose stages' checkpoints came from another config."""
-  return runtime.prepare(config, workdir, TASK, log, encoders)
+  # runtime.prepare builds the task's experiment_type, Aligned.
+  return cast(Aligned, runtime.prepare(config, workdir, TASK, log, encoders))
 
 
 def _checkpoint_dir(workdir: str, stage: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import cast
 
 import jax
 
@@ -87,7 +88,8 @@ def prepare(
 ) -> Experiment:
   """Prepares data, backbone, model, tokenizer and demographics of a validated config, after
   refusing a workdir whose checkpoints came from other inputs (before any model loads)."""
-  return runtime.prepare(config, workdir, TASK, log, encoders)
+  # runtime.prepare builds the task's experiment_type, this module's Experiment.
+  return cast(Experiment, runtime.prepare(config, workdir, TASK, log, encoders))
 
 
 def run(config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None):
@@ -229,8 +231,8 @@ def _check_checkpoints(config, workdir: str, inputs: dict) -> None:
   )
 
 
-def _profiles(train_source) -> tuple[str, ...]:
-  return SurveyTables.of(train_source).profiles
+def _profiles(source) -> tuple[str, ...]:
+  return SurveyTables.of(source).profiles
 
 
 def _answers(train_source) -> list[tuple[str, str, int]]:
@@ -270,7 +272,9 @@ def _warmup_batches(warm, data: runtime.Data, tokenizer, module):
     train,
     tokenizer,
     # Never cut a profile question's prompt: its first tokens are the profile it asks about.
-    max_length=max(warm.data.max_length, _longest(questions, tokenizer) if reading else 0),
+    max_length=max(
+      warm.data.max_length, 0 if questions is None else _longest(questions, tokenizer)
+    ),
     batch_size=warm.data.batch_size,
     seed=warm.data.shuffle_seed,
     num_epochs=None,
