@@ -92,7 +92,7 @@ def test_reward_from_verdict_scores_the_candidate_shown_as_b():
     judging.reward_from_verdict("Tie")
 
 
-@pytest.mark.parametrize("name", ["qwen3", "llama3"])
+@pytest.mark.parametrize("name", ["qwen3", pytest.param("llama3", marks=pytest.mark.slow)])
 def test_local_judge_equals_chat_template_and_hugging_face_greedy(judge_checkpoint, name):
   directory, torch_model = judge_checkpoint(name)
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
