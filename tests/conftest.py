@@ -239,7 +239,7 @@ JOBS = {
       "test_registry.py",
       "test_sharding.py",
       "test_multihost.py",
-      "test_interop_job.py",
+      "test_interop.py",
       "test_notebooks.py",
     ),
     FAST_COMPILE,  # one host device, as a user runs it

@@ -149,7 +149,7 @@ DEFAULT_LEVEL_TESTS = (
   ),
   "tests/test_decoder.py::test_bf16_compute_close_to_float32",
   *(
-    f"tests/test_adapter_module.py::test_adapter_group_matches_oracle[False-False-{strategy}]"
+    f"tests/test_adapter.py::test_adapter_group_matches_oracle[False-False-{strategy}]"
     for strategy in ("dense", "ragged")
   ),
 )
@@ -216,7 +216,7 @@ def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, pretrained, 
   assert np.isfinite(float(aux["balance_loss"]))
 
 
-@pytest.mark.slow  # fast at the layer: test_adapter_module.py
+@pytest.mark.slow  # fast at the layer: test_adapter.py
 def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint, pretrained):
   _, torch_model = tiny_checkpoint("llama3")
   ids, mask, z = adapter_inputs(torch_model.config.vocab_size, seed=4)
