@@ -193,7 +193,7 @@ def test_parity_holds_at_xla_default_optimisation_level():
       ),
       marks=pytest.mark.slow,
     ),
-    AdapterConfig(targets=(), prefix_length=3),
+    pytest.param(AdapterConfig(targets=(), prefix_length=3), marks=pytest.mark.slow),
   ],
 )
 def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, pretrained, adapter):

@@ -171,6 +171,7 @@ def _ragged_loss(x, a, b, router_w):
   return jnp.sum(mixture_ragged(x, a, b, select_experts(x @ router_w, 2, "softmax_top_probs")) ** 2)
 
 
+@pytest.mark.slow  # the oracle on one device is fast (above)
 def test_ragged_on_a_mesh_sorts_each_devices_rows_and_matches_the_oracle():
   # Batch over data x fsdp (4 ways), model replicated: each device sorts its own rows.
   layout = Layout(make_mesh((("data", 2), ("fsdp", 2), ("model", 2))), RULES_PRESETS["fsdp_tp"])

@@ -121,6 +121,7 @@ def test_local_judge_equals_chat_template_and_hugging_face_greedy(judge_checkpoi
   assert verdicts == [judging.parse_verdict(t) for t in texts]
 
 
+@pytest.mark.slow
 def test_local_judge_stops_at_its_stop_tokens(judge_checkpoint):
   directory, torch_model = judge_checkpoint("qwen3")
   module, params = load_pretrained(directory, jnp.float32)

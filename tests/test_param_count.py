@@ -29,7 +29,7 @@ def test_trainable_percentages_reproduce_the_paper(method, preset, percent):
 @pytest.mark.parametrize(
   "preset, layers, d_out",
   [
-    ("qwen3_8b_r64_released", 36, (4096, 1024)),
+    pytest.param("qwen3_8b_r64_released", 36, (4096, 1024), marks=pytest.mark.slow),
     pytest.param("llama31_8b_r64_released", 32, (4096, 1024), marks=pytest.mark.slow),
   ],
 )
