@@ -2,11 +2,12 @@
 
 Tiny random Hugging Face models (no download), their JAX loads, the hand-written
 WorldValuesBench directory, the tiny chat tokenizers, the synthetic TFDS survey, and one run
-of the main job on the `tiny` preset (started in the background by the controlling process
-when the session starts, and read by every test process).
+each of the main job on the `tiny` preset and of the preference task on `preference_tiny`
+(`JOBS`: started in the background by the controlling process when the session starts, and
+read by every test process; only when a file that reads them is selected).
 
 The suite runs in parallel (`pytest -n auto`: one pytest-xdist worker per core); the
-session fixtures are built once per worker, the main job once per session.
+session fixtures are built once per worker, the jobs once per session.
 
 Compilation is most of the suite's time, so:
 - compilations are cached on disk for the session (JAX's persistent compilation cache in a
@@ -61,7 +62,7 @@ tfds.disable_progress_bar()
 
 
 def pytest_unconfigure(config):
-  _stop_main_job(config)
+  _stop_jobs(config)
   if _OWN_CACHE:
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
@@ -217,71 +218,109 @@ def synthetic_sources(tmp_path_factory):
   return tfds.data_source("cuma_synthetic_survey/tiny", data_dir=tmp_path_factory.mktemp("tfds"))
 
 
-# ----------------------------------------------------------------------------- the main job
+# ----------------------------------------------------------------------------- the jobs
 
-MAIN_JOB_ARGS = (
-  f"--config={ROOT}/configs/cuma.py:tiny",
-  "--config.train.num_steps=3",
-  "--config.eval.baselines=('lora',)",
-)
+# The runs of `python -m cuma_jax.main` that several test files read: name -> (arguments,
+# the test files that read it, its XLA_FLAGS). The controlling process starts each, in the
+# background, when the command line selects one of its files; the session fixture of the same
+# name waits for it.
+JOBS = {
+  "main_job": (
+    (
+      f"--config={ROOT}/configs/cuma.py:tiny",
+      "--config.train.num_steps=3",
+      "--config.eval.baselines=('lora',)",
+    ),
+    (
+      "test_analysis.py",
+      "test_job.py",
+      "test_loop.py",
+      "test_main.py",
+      "test_registry.py",
+      "test_sharding.py",
+      "test_multihost.py",
+      "test_interop.py",
+      "test_fork.py",
+      "test_notebooks.py",
+    ),
+    FAST_COMPILE,  # one host device, as a user runs it
+  ),
+  # The preference task on `preference_tiny`: every stage, the LoRA baseline.
+  "preference_run": (
+    (f"--config={ROOT}/configs/cuma.py:preference_tiny",),
+    ("test_alignment.py", "test_notebooks.py"),
+    os.environ["XLA_FLAGS"],  # the test processes' eight host devices
+  ),
+}
 
 
-# The test files whose tests read the main job's run (`main_job`).
-MAIN_JOB_FILES = (
-  "test_analysis.py",
-  "test_job.py",
-  "test_loop.py",
-  "test_main.py",
-  "test_registry.py",
-  "test_sharding.py",
-  "test_multihost.py",
-  "test_interop_job.py",
-  "test_fork.py",
-)
-# Where the controlling process tells the test processes (xdist workers) about the run.
-_MAIN_JOB_ENV = "CUMA_TESTS_MAIN_JOB_DIR"
+def _env_name(job: str) -> str:
+  """Where the controlling process tells the test processes (xdist workers) about a run."""
+  return f"CUMA_TESTS_{job.upper()}_DIR"
 
 
-def _selects_main_job_tests(config) -> bool:
-  """Whether the paths on the command line include a file that reads the main job (whose
-  tests are all marked slow, so ``-m "not slow"`` never starts it)."""
+def _selects(config, files) -> bool:
+  """Whether the paths on the command line include one of ``files`` (whose tests are all
+  marked slow, so ``-m "not slow"`` never starts a job)."""
   if "not slow" in (config.getoption("markexpr") or ""):
     return False
   paths = [arg.split("::")[0] for arg in config.args] or ["."]
   for path in paths:
     path = os.path.abspath(path)
-    if os.path.isdir(path) or os.path.basename(path) in MAIN_JOB_FILES:
+    if os.path.isdir(path) or os.path.basename(path) in files:
       return True
   return False
 
 
 def pytest_configure(config):
-  """The controlling process starts the main job, once for every test process.
+  """The controlling process starts the jobs the selected tests read, once for every test
+  process.
 
-  It runs in its own process (one host device, as a user runs it) while the tests run;
-  `main_job` waits for the file holding its exit status.
+  Each runs in its own process (one host device, as a user runs it) while the tests run;
+  its fixture waits for the file holding its exit status.
   """
-  if hasattr(config, "workerinput") or not _selects_main_job_tests(config):
-    return  # an xdist worker: the controlling process has started it
-  base = tempfile.mkdtemp(prefix="cuma-tests-main-job-")
-  command = [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS, f"--workdir={base}/run"]
-  script = '"$@" >stdout.txt 2>stderr.txt; echo $? >returncode.tmp && mv returncode.tmp returncode'
-  config.main_job = subprocess.Popen(
-    ["sh", "-c", script, "sh", *command],
-    cwd=base,
-    env=dict(os.environ, XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT),
+  config.jobs = {}
+  if hasattr(config, "workerinput"):
+    return  # an xdist worker: the controlling process has started them
+  for job, (args, files, xla_flags) in JOBS.items():
+    if not _selects(config, files):
+      continue
+    base = tempfile.mkdtemp(prefix=f"cuma-tests-{job.replace('_', '-')}-")
+    command = [sys.executable, "-m", "cuma_jax.main", *args, f"--workdir={base}/run"]
+    script = (
+      '"$@" >stdout.txt 2>stderr.txt; echo $? >returncode.tmp && mv returncode.tmp returncode'
+    )
+    config.jobs[job] = subprocess.Popen(
+      ["sh", "-c", script, "sh", *command],
+      cwd=base,
+      env=dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=ROOT),
+    )
+    os.environ[_env_name(job)] = base
+
+
+def _stop_jobs(config):
+  for job, proc in getattr(config, "jobs", {}).items():
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    shutil.rmtree(os.environ.pop(_env_name(job)), ignore_errors=True)
+
+
+def _finished(job: str):
+  """The finished run ``job``: (CompletedProcess, workdir)."""
+  base = os.environ.get(_env_name(job))
+  assert base, f"{job} was not started: name one of {JOBS[job][1]} or a directory"
+  returncode = os.path.join(base, "returncode")
+  deadline = time.monotonic() + 900
+  while not os.path.exists(returncode):
+    assert time.monotonic() < deadline, f"{job} did not finish in 900 s"
+    time.sleep(0.5)
+  read = lambda name: pathlib.Path(base, name).read_text()  # noqa: E731
+  args = [sys.executable, "-m", "cuma_jax.main", *JOBS[job][0]]
+  completed = subprocess.CompletedProcess(
+    args, int(read("returncode")), read("stdout.txt"), read("stderr.txt")
   )
-  os.environ[_MAIN_JOB_ENV] = base
-
-
-def _stop_main_job(config):
-  proc = getattr(config, "main_job", None)
-  if proc is None:
-    return
-  if proc.poll() is None:
-    proc.kill()
-    proc.wait()
-  shutil.rmtree(os.environ.pop(_MAIN_JOB_ENV), ignore_errors=True)
+  return completed, pathlib.Path(base) / "run"
 
 
 @pytest.fixture(scope="session")
@@ -291,16 +330,13 @@ def main_job():
   Its workdir also holds the prepared survey (`tfds/`) and the warmed-up tiny backbone
   (`assets/backbone`) that the training-loop tests reuse.
   """
-  base = os.environ.get(_MAIN_JOB_ENV)
-  assert base, f"the main job was not started: name one of {MAIN_JOB_FILES} or a directory"
-  returncode = os.path.join(base, "returncode")
-  deadline = time.monotonic() + 900
-  while not os.path.exists(returncode):
-    assert time.monotonic() < deadline, "the main job did not finish in 900 s"
-    time.sleep(0.5)
-  read = lambda name: pathlib.Path(base, name).read_text()  # noqa: E731
-  args = [sys.executable, "-m", "cuma_jax.main", *MAIN_JOB_ARGS]
-  completed = subprocess.CompletedProcess(
-    args, int(read("returncode")), read("stdout.txt"), read("stderr.txt")
-  )
-  return completed, pathlib.Path(base) / "run"
+  return _finished("main_job")
+
+
+@pytest.fixture(scope="session")
+def preference_run():
+  """The finished preference run (`preference_tiny`): (CompletedProcess, workdir), with its
+  prepared data (`tfds/`) and warmed-up tiny backbone (`assets/`)."""
+  proc, workdir = _finished("preference_run")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, workdir

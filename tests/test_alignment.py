@@ -1,5 +1,8 @@
 """The preference task end to end: `python -m cuma_jax.main` on `preference_tiny` (chat SFT,
-DPO, GRPO, evaluation, the LoRA baseline), resumed in eval mode; and the config checks."""
+DPO, GRPO, evaluation, the LoRA baseline), resumed in eval mode; and the config checks.
+
+The run is the session fixture `preference_run` (conftest.py), which the preference notebook's
+test reuses."""
 
 import collections
 import json
@@ -42,14 +45,6 @@ def _main(*args):
 
 def _jsonl(path):
   return [json.loads(line) for line in open(path)]
-
-
-@pytest.fixture(scope="module")
-def preference_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("preference") / "run"
-  proc = _main(f"--workdir={workdir}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc, workdir
 
 
 def test_preference_job_runs_every_stage_and_reports(preference_run):

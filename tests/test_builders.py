@@ -41,6 +41,7 @@ def test_data_source_reads_back_what_was_written(synthetic_sources):
   assert oracle.question_ids == SurveyOracle.load(f"{data_dir}/{raw}").question_ids
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_builds_and_reads_without_tensorflow(tmp_path):
   """In a fresh interpreter, building and reading never imports TensorFlow (installed or not)."""
   script = textwrap.dedent(f"""

@@ -48,7 +48,7 @@ BF16_SPREAD_FRACTION = 0.1
 
 @pytest.mark.device
 @pytest.mark.parametrize("name", ["qwen3", "qwen3_tied", "llama3", "llama_tied_bias"])
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_logits_match_pytorch(tiny_checkpoint, pretrained, name, scan_layers):
   _, torch_model = tiny_checkpoint(name)
   ids, mask = _batch(torch_model.config.vocab_size)
@@ -76,6 +76,7 @@ def test_llama_fixture_depends_on_positions_far_beyond_the_tolerance(tiny_checkp
   assert np.abs(without_rope[valid] - expected[valid]).max() >= 100 * PARITY_ATOL
 
 
+@pytest.mark.slow
 def test_remat_and_scan_give_identical_logits(tiny_checkpoint, pretrained):
   _, torch_model = tiny_checkpoint("qwen3")
   ids, mask = _batch(torch_model.config.vocab_size, seed=1)
@@ -119,7 +120,7 @@ def test_bf16_compute_close_to_float32(tiny_checkpoint, pretrained):
   assert error(_zero_one_mlp(params)) >= 5 * tolerance
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_hidden_states_variant_matches_automodel(tiny_checkpoint, tmp_path, scan_layers):
   directory, torch_model = tiny_checkpoint("qwen3_tied")
   # Qwen3-Embedding checkpoints are saved from the bare model: tensors have no "model." prefix.
@@ -148,12 +149,13 @@ DEFAULT_LEVEL_TESTS = (
   ),
   "tests/test_decoder.py::test_bf16_compute_close_to_float32",
   *(
-    f"tests/test_adapter_module.py::test_adapter_group_matches_oracle[False-False-{strategy}]"
+    f"tests/test_adapter.py::test_adapter_group_matches_oracle[False-False-{strategy}]"
     for strategy in ("dense", "ragged")
   ),
 )
 
 
+@pytest.mark.slow  # a second pytest, compiling at XLA's default level
 def test_parity_holds_at_xla_default_optimisation_level():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run(
@@ -176,19 +178,22 @@ def test_parity_holds_at_xla_default_optimisation_level():
   "adapter",
   [
     CUMA,
-    AdapterConfig(
-      targets=("q_proj", "k_proj", "v_proj"),
-      rank=4,
-      alpha=8.0,
-      num_experts=3,
-      top_k=1,
-      shared_a=True,
-      router="token",
-      share_router=True,
-      strategy="ragged",
-      gate="softmax_top_logits",
+    pytest.param(
+      AdapterConfig(
+        targets=("q_proj", "k_proj", "v_proj"),
+        rank=4,
+        alpha=8.0,
+        num_experts=3,
+        top_k=1,
+        shared_a=True,
+        router="token",
+        share_router=True,
+        strategy="ragged",
+        gate="softmax_top_logits",
+      ),
+      marks=pytest.mark.slow,
     ),
-    AdapterConfig(targets=(), prefix_length=3),
+    pytest.param(AdapterConfig(targets=(), prefix_length=3), marks=pytest.mark.slow),
   ],
 )
 def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, pretrained, adapter):
@@ -211,6 +216,7 @@ def test_adapted_model_at_init_equals_frozen_model(tiny_checkpoint, pretrained, 
   assert np.isfinite(float(aux["balance_loss"]))
 
 
+@pytest.mark.slow  # fast at the layer: test_adapter.py
 def test_one_expert_mixture_equals_plain_lora(tiny_checkpoint, pretrained):
   _, torch_model = tiny_checkpoint("llama3")
   ids, mask, z = adapter_inputs(torch_model.config.vocab_size, seed=4)
@@ -273,6 +279,7 @@ def test_lora_projection_matches_numpy_formula(pretrained):
   np.testing.assert_allclose(np.asarray(delta), (6.0 / 3) * h @ a @ b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_scanned_and_unscanned_adapted_models_agree(tiny_checkpoint, pretrained):
   _, torch_model = tiny_checkpoint("qwen3")
   ids, mask, z = adapter_inputs(torch_model.config.vocab_size, seed=6)
@@ -312,7 +319,13 @@ def test_parameter_count_matches_hugging_face(filename, output, expected, scan_l
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
 
 
-@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "qwen3-0.6b",
+    *(pytest.param(n, marks=pytest.mark.slow) for n in ("qwen3-1.7b", "qwen3-4b", "qwen3-8b")),
+  ],
+)
 def test_bundled_qwen3_sizes_count_as_hugging_face_builds_them(name):
   # The sizes the TPU notebook plans over: Hugging Face's own model, built on the meta
   # device from the same file, is the count (a tied head is one tensor in both).

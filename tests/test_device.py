@@ -86,6 +86,7 @@ def _step_config():
   return config
 
 
+@pytest.mark.slow  # on the CPU; a lent accelerator runs it (-m device)
 def test_sharded_step_on_the_devices_mesh_trains_from_hugging_faces_loss(tiny_checkpoint):
   """One jitted, sharded training step on a mesh of the first device. At initialisation
   (B = 0) the adapted model is the frozen one, so the step's loss is Hugging Face's

@@ -63,7 +63,15 @@ def _jit(fn):
 
 @pytest.mark.device
 @pytest.mark.parametrize("shared_a", [True, False], ids=["shared_a", "expert_a"])
-@pytest.mark.parametrize("num_experts,top_k", [(1, 1), (4, 1), (4, 2), (6, 3)])
+@pytest.mark.parametrize(
+  "num_experts,top_k",
+  [
+    pytest.param(1, 1, marks=pytest.mark.slow),
+    pytest.param(4, 1, marks=pytest.mark.slow),
+    (4, 2),
+    (6, 3),
+  ],
+)
 def test_every_strategy_matches_einsum_oracle(num_experts, top_k, shared_a):
   x, a, b, router_w, cot = _inputs(num_experts, shared_a)
   fns = {"oracle": functools.partial(_oracle_delta, top_k=top_k)}
@@ -163,6 +171,7 @@ def _ragged_loss(x, a, b, router_w):
   return jnp.sum(mixture_ragged(x, a, b, select_experts(x @ router_w, 2, "softmax_top_probs")) ** 2)
 
 
+@pytest.mark.slow  # the oracle on one device is fast (above)
 def test_ragged_on_a_mesh_sorts_each_devices_rows_and_matches_the_oracle():
   # Batch over data x fsdp (4 ways), model replicated: each device sorts its own rows.
   layout = Layout(make_mesh((("data", 2), ("fsdp", 2), ("model", 2))), RULES_PRESETS["fsdp_tp"])
@@ -182,6 +191,7 @@ def test_ragged_on_a_mesh_sorts_each_devices_rows_and_matches_the_oracle():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow  # an ahead-of-time TPU compile
 def test_ragged_compiles_for_a_tpu_topology():
   # Ahead of time through libtpu, without a TPU: a batched (vmapped) ragged dot did not
   # compile for TPU at all ("Failed to create RaggedConvSpec").

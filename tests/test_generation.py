@@ -29,7 +29,7 @@ def _prompts(vocab, seed=0, padding="left"):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("name", ["qwen3", "llama3"])
+@pytest.mark.parametrize("name", ["qwen3", pytest.param("llama3", marks=pytest.mark.slow)])
 def test_greedy_equals_hugging_face_generate_left_padded(tiny_checkpoint, name):
   directory, torch_model = tiny_checkpoint(name)
   ids, mask = _prompts(torch_model.config.vocab_size)
@@ -80,11 +80,13 @@ def _randomize(params, seed):
       router_hidden=(8,),
       demographic_dim=D_DEMO,
     ),
-    AdapterConfig(targets=(), prefix_length=3),
+    pytest.param(AdapterConfig(targets=(), prefix_length=3), marks=pytest.mark.slow),
   ],
   ids=["cuma", "prefix"],
 )
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize(
+  "scan", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["loop", "scan"]
+)
 def test_cached_decoding_equals_full_recomputation(tiny_checkpoint, adapter, scan):
   directory, torch_model = tiny_checkpoint("qwen3")
   module, params = load_pretrained(
@@ -167,6 +169,7 @@ def test_align_right_refuses_holes():
     generation.align_right(np.ones((1, 4)), np.array([[1, 0, 1, 1]]), 0)
 
 
+@pytest.mark.slow
 def test_sharded_generation_equals_one_device_and_splits_the_cache(tiny_checkpoint):
   """On a data 2 x fsdp 4 mesh (fsdp rules: weights and batch split), decoding gives one
   device's tokens and logits, and the key/value cache is split over the batch axes."""

@@ -81,19 +81,19 @@ def test_two_processes_train_checkpoint_evaluate_and_export(main_job, tmp_path):
   )
   workdir = tmp_path / "run"
   outputs = _run_two_processes(
-    workdir, *common, "--config.train.num_steps=4", "--config.train.checkpoint_every=2"
+    workdir, *common, "--config.train.num_steps=2", "--config.train.checkpoint_every=1"
   )
   # Process 0 reports; process 1 is silent.
   assert "[test]          trained: accuracy" in outputs[0]
   assert "accuracy" not in outputs[1]
   trained = json.loads((workdir / "results.json").read_text())
-  assert sorted(os.listdir(workdir / "train" / "checkpoints")) == ["2", "4"]
+  assert sorted(os.listdir(workdir / "train" / "checkpoints")) == ["1", "2"]
   exported = load_file(str(workdir / "adapters" / "adapters.safetensors"))
   # The whole of every adapter, gathered from both processes: q's B over 8 heads x 8.
   (q_b,) = [v for k, v in exported.items() if k.endswith("q_proj_lora/b")][:1]
   assert q_b.shape == (config.adapter.num_experts, config.adapter.rank, 64)
   assert any(abs(v).max() > 0 for k, v in exported.items() if k.endswith("lora/b"))
 
-  _run_two_processes(workdir, *common, "--config.train.num_steps=4", "--config.mode=eval")
+  _run_two_processes(workdir, *common, "--config.train.num_steps=2", "--config.mode=eval")
   evaluated = json.loads((workdir / "results.json").read_text())
   assert evaluated["trained"]["test"]["model"] == trained["trained"]["test"]["model"]

@@ -3,12 +3,19 @@
 Each runs through ``colab/execute.py`` (nbclient, a kernel of this interpreter) with the
 tiny presets in place of the demo ones, and in place of hub downloads, a tiny random Qwen3
 and the hand-written WorldValuesBench fixture. Any cell that raises fails the test.
+
+The survey notebooks start from the session's run of the main job (`main_job`, the same
+preset) instead of repeating it: the quickstart resumes a copy of that finished run, and
+fork_the_router's shared inputs are its prepared survey and warmed-up tiny backbone, so the
+variants (trained from scratch in the kernel) are all that runs. The preference notebook
+starts from the data and backbone of the session's preference run (`preference_run`).
 """
 
 import importlib.util
 import json
 import os
 import re
+import shutil
 
 import nbformat
 import pytest
@@ -83,10 +90,20 @@ def test_unknown_or_malformed_parameters_are_refused_before_a_kernel_starts():
   assert cell.source.endswith("NUM_STEPS = 3\n") and len(injected.cells) == len(notebook.cells) + 1
 
 
-def test_quickstart(tmp_path):
+def test_quickstart(main_job, tmp_path):
+  # The main job's finished run, with its steps and baseline: the notebook resumes and
+  # evaluates it.
+  _, main_workdir = main_job
+  shutil.copytree(main_workdir, tmp_path / "run")
   figures = tmp_path / "figures"
   notebook = _run(
-    "quickstart", tmp_path, PRESET="tiny", WORKDIR="run", BASELINES=("lora",), FIGURES_DIR="figures"
+    "quickstart",
+    tmp_path,
+    PRESET="tiny",
+    WORKDIR="run",
+    NUM_STEPS=3,
+    BASELINES=("lora",),
+    FIGURES_DIR="figures",
   )
   expected = {
     "training_curves.png",
@@ -107,7 +124,10 @@ def test_quickstart(tmp_path):
   assert f"| test | lora | {lora['accuracy']:.4f} |" in table
 
 
-def test_fork_the_router(tmp_path):
+def test_fork_the_router(main_job, tmp_path):
+  _, main_workdir = main_job
+  for name in ("tfds", "assets"):  # the shared inputs, as `cuma_jax.prepare` leaves them
+    shutil.copytree(main_workdir / name, tmp_path / "run" / "shared" / name)
   notebook = _run("fork_the_router", tmp_path, PRESET="tiny", NUM_STEPS=3, WORKDIR="run")
   (table,) = _outputs(notebook, "text/markdown")
   for variant, gate, router in (
@@ -124,7 +144,10 @@ def test_fork_the_router(tmp_path):
   assert len(_outputs(notebook, "image/png")) == 7
 
 
-def test_preference(tmp_path):
+def test_preference(preference_run, tmp_path):
+  _, preference_workdir = preference_run
+  for name in ("tfds", "assets"):
+    shutil.copytree(preference_workdir / name, tmp_path / "run" / name)
   notebook = _run("preference", tmp_path, PRESET="preference_tiny", WORKDIR="run", EXAMPLES=2)
   tables = _outputs(notebook, "text/markdown")
   assert len(tables) == 2

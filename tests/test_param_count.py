@@ -9,10 +9,15 @@ from cuma_jax import param_count, presets
   "method, preset, percent",
   [
     ("cuma", "qwen3_8b_r8", 1.53),
-    ("cuma", "qwen3_8b_r64", 4.15),
-    ("hydralora", "qwen3_8b_r64", 2.31),
-    ("lora", "qwen3_8b_r64", 0.37),
-    ("mixlora", "qwen3_8b_r64", 3.01),
+    *(
+      pytest.param(*case, marks=pytest.mark.slow)
+      for case in (
+        ("cuma", "qwen3_8b_r64", 4.15),
+        ("hydralora", "qwen3_8b_r64", 2.31),
+        ("lora", "qwen3_8b_r64", 0.37),
+        ("mixlora", "qwen3_8b_r64", 3.01),
+      )
+    ),
   ],
 )
 def test_trainable_percentages_reproduce_the_paper(method, preset, percent):
@@ -23,7 +28,10 @@ def test_trainable_percentages_reproduce_the_paper(method, preset, percent):
 
 @pytest.mark.parametrize(
   "preset, layers, d_out",
-  [("qwen3_8b_r64_released", 36, (4096, 1024)), ("llama31_8b_r64_released", 32, (4096, 1024))],
+  [
+    pytest.param("qwen3_8b_r64_released", 36, (4096, 1024), marks=pytest.mark.slow),
+    pytest.param("llama31_8b_r64_released", 32, (4096, 1024), marks=pytest.mark.slow),
+  ],
 )
 def test_released_layout_counts(preset, layers, d_out):
   # One A [4096, 64] per target shared by its 8 experts, per-expert B [8, 64, d_out], and one

@@ -11,7 +11,7 @@ import pytest
 from cuma_jax.params import merge_params, split_params
 
 
-@pytest.mark.parametrize("mode", ["adapters", "all"])
+@pytest.mark.parametrize("mode", ["adapters", pytest.param("all", marks=pytest.mark.slow)])
 def test_one_step_updates_only_trainable_parameters(tiny_checkpoint, pretrained, mode):
   _, torch_model = tiny_checkpoint("qwen3")
   ids, mask, z = adapter_inputs(torch_model.config.vocab_size, seed=5)

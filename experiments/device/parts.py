@@ -46,7 +46,7 @@ BF16_PEAK_TFLOPS = (
 TEST_FILES = (
   "tests/test_decoder.py",
   "tests/test_dispatch.py",
-  "tests/test_adapter_module.py",
+  "tests/test_adapter.py",
   "tests/test_generation.py",
   "tests/test_device.py",
 )

@@ -27,6 +27,9 @@ from cuma_jax.params import filter_tree, is_adapter_path, split_params
 from cuma_jax.training import preference
 from cuma_jax.training.step import make_train_step
 
+# Whole training steps on a model; the formulas alone are fast (test_training_preference.py).
+pytestmark = pytest.mark.slow
+
 PROFILES = ("Country: Japan, Age: 25-34", "Country: Peru, Gender: Female")
 PROMPTS = [
   [

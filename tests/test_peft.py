@@ -74,7 +74,7 @@ def _export(params, adapter, directory, base):
   peft_format.export(flat, adapter, adapter_formats.num_layers(flat), directory, base_model=base)
 
 
-@pytest.mark.parametrize("name", ["qwen3", "llama3"])
+@pytest.mark.parametrize("name", ["qwen3", pytest.param("llama3", marks=pytest.mark.slow)])
 def test_trained_lora_loads_in_peft_with_equal_logits(tiny_checkpoint, pretrained, tmp_path, name):
   directory, torch_model = tiny_checkpoint(name)
   module, params = pretrained(name, adapter=LORA, rng=RNG)
@@ -104,7 +104,9 @@ def _perturbed_peft(directory, torch_model, out, **lora_kwargs):
   return model.eval()
 
 
-@pytest.mark.parametrize("name, scan_layers", [("qwen3", False), ("llama3", True)])
+@pytest.mark.parametrize(
+  "name, scan_layers", [("qwen3", False), pytest.param("llama3", True, marks=pytest.mark.slow)]
+)
 def test_peft_adapter_made_in_torch_imports_with_equal_logits(
   tiny_checkpoint, pretrained, tmp_path, name, scan_layers
 ):

@@ -242,7 +242,14 @@ def _group_oracle(params, x, z, adapter, outputs, router_of):
 
 @pytest.mark.device
 @pytest.mark.parametrize("strategy", ["dense", "ragged"])
-@pytest.mark.parametrize("shared_a,share_router", [(True, True), (False, False), (False, True)])
+@pytest.mark.parametrize(
+  "shared_a,share_router",
+  [
+    pytest.param(True, True, marks=pytest.mark.slow),
+    (False, False),
+    pytest.param(False, True, marks=pytest.mark.slow),
+  ],
+)
 def test_adapter_group_matches_oracle(strategy, shared_a, share_router):
   """The decoder's adapter block for q/k/v (one router or one each, shared or per-expert
   A) against the written-out formula: outputs and every gradient."""

@@ -130,6 +130,7 @@ def test_a_baseline_is_trained_the_way_of_its_run():
   assert (baseline.model.checkpoint, baseline.data.data_dir) == ("/backbone", "/tfds")
 
 
+@pytest.mark.slow  # four parameter counts at the demo's size
 def test_the_demos_baselines_get_cumas_parameter_budget_and_their_own_rate():
   run = presets.experiment_config("cuma", "demo")
   lora = presets.baseline_config(run, "lora", backbone="/backbone", data_dir="/tfds")

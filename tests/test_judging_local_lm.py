@@ -92,7 +92,7 @@ def test_reward_from_verdict_scores_the_candidate_shown_as_b():
     judging.reward_from_verdict("Tie")
 
 
-@pytest.mark.parametrize("name", ["qwen3", "llama3"])
+@pytest.mark.parametrize("name", ["qwen3", pytest.param("llama3", marks=pytest.mark.slow)])
 def test_local_judge_equals_chat_template_and_hugging_face_greedy(judge_checkpoint, name):
   directory, torch_model = judge_checkpoint(name)
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -121,6 +121,7 @@ def test_local_judge_equals_chat_template_and_hugging_face_greedy(judge_checkpoi
   assert verdicts == [judging.parse_verdict(t) for t in texts]
 
 
+@pytest.mark.slow
 def test_local_judge_stops_at_its_stop_tokens(judge_checkpoint):
   directory, torch_model = judge_checkpoint("qwen3")
   module, params = load_pretrained(directory, jnp.float32)
