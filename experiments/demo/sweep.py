@@ -53,7 +53,7 @@ LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 METHODS = ("lora", "cuma")  # the baseline first: its rate matters most to fairness
 # The preset's profile-encoder width, and the others tried for CuMA.
 DEMOGRAPHIC_DIM = presets.experiment_config("cuma", "demo").adapter.demographic_dim
-DEMOGRAPHIC_DIMS = (32, 64, 128)
+DEMOGRAPHIC_DIMS = (32, 64, 96)
 
 
 @dataclasses.dataclass(frozen=True)
