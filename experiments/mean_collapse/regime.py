@@ -561,6 +561,33 @@ def _findings(rows: list[dict]) -> list[str]:
       )
       + "."
     )
+  return lines + _off_axis_findings(rows)
+
+
+def _off_axis_findings(rows: list[dict]) -> list[str]:
+  """At each condition off the culture axis: the nearest method in each gap, the
+  population-mean predictor's gaps, and the methods giving every profile one prediction."""
+  lines = []
+  for axis in ("consensus_fraction", "answer_width"):
+    values = sorted({r[axis] for r in rows if r[axis] != getattr(BASE, axis)})
+    for value in values:
+      at = [r for r in rows if _on_axis(r, axis) and r[axis] == value]
+      nearest = {gap: min(at, key=lambda r, gap=gap: r[gap]) for gap in ("accuracy_gap", "emd_gap")}
+      collapsed = [r["method"] for r in at if round(r["diversity"], 2) == 1.0]
+      lines.append(
+        f"- {axis.replace('_', ' ')} {value:g} ({BASE.num_cultures} cultures): nearest the "
+        f"optimum {nearest['accuracy_gap']['method']} in accuracy "
+        f"({nearest['accuracy_gap']['accuracy_gap']:.3f}) and "
+        f"{nearest['emd_gap']['method']} in EMD ({nearest['emd_gap']['emd_gap']:.3f}); the "
+        f"population-mean predictor's gaps {at[0]['population_mean_accuracy_gap']:.3f} and "
+        f"{at[0]['population_mean_emd_gap']:.3f}"
+        + (
+          f"; one prediction for every profile (diversity 1.00): {', '.join(collapsed)}"
+          if collapsed
+          else ""
+        )
+        + "."
+      )
   return lines
 
 
