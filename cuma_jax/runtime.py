@@ -360,7 +360,7 @@ def load_model(config, backbone_dir: str, layout: Layout):
     param_dtype=jnp.dtype(config.model.param_dtype),
     scan_layers=config.model.scan_layers,
     remat=config.model.remat,
-    adapter=schema.adapter_config(config),
+    adapter=adapter,
     rng=jax.random.PRNGKey(config.seed),
     layout=layout,
   )
