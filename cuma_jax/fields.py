@@ -99,6 +99,20 @@ def check(obj: Any, prefix: str) -> None:
       )
 
 
+def config_fields(cls) -> tuple[dataclasses.Field, ...]:
+  """The fields of dataclass ``cls`` that are config keys (metadata ``config=False`` opts a
+  field out, e.g. a dtype set by the code rather than the user)."""
+  return tuple(f for f in dataclasses.fields(cls) if f.metadata.get("config", True))
+
+
+def as_dict(obj: Any) -> dict:
+  """A configurable dataclass as the nested dict of its config keys (what a run records)."""
+  return {
+    f.name: as_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+    for f in config_fields(type(obj))
+  }
+
+
 def _has_float(value: Any) -> bool:
   """Whether ``value`` is, or holds at any depth, a float."""
   if isinstance(value, (tuple, list)):

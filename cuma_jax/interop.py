@@ -16,7 +16,6 @@ import os
 import shutil
 
 from flax import traverse_util
-import ml_collections
 import numpy as np
 
 from cuma_jax import runtime, schema, tasks
@@ -30,14 +29,13 @@ RUN_CONFIG = "cuma_jax_config.json"
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template*", "vocab.json")
 
 
-def _run_config_and_results(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
+def _run_config_and_results(workdir: str) -> tuple[schema.Config, dict]:
   """The run's config and results (results.json; else the latest checkpoint's config)."""
   path = os.path.join(workdir, "results.json")
   if os.path.isfile(path):
     with open(path) as f:
       results = json.load(f)
-    config = schema.as_dict(schema.from_dict(results["run"]["config"]))
-    return ml_collections.ConfigDict(config), results
+    return schema.from_dict(results["run"]["config"]), results
   return tasks.saved_config(workdir), {}
 
 
@@ -52,7 +50,7 @@ def _trained_adapters(workdir: str) -> dict:
   return adapter_formats.unstack(traverse_util.unflatten_dict(tree))
 
 
-def base_model(config, workdir: str) -> str:
+def base_model(config: schema.Config, workdir: str) -> str:
   """The backbone's directory: the config's, or the tiny backbone the run built."""
   if config.model.checkpoint:
     return config.model.checkpoint
@@ -102,7 +100,7 @@ def export_adapters(
     for name in (NATIVE_WEIGHTS, adapter_formats.CONFIG_FILE):
       shutil.copy(os.path.join(workdir, "adapters", name), os.path.join(out, name))
   with open(os.path.join(out, RUN_CONFIG), "w") as f:
-    json.dump(results.get("run") or {"config": config.to_dict()}, f, indent=2)
+    json.dump(results.get("run") or {"config": schema.as_dict(config)}, f, indent=2)
   card = model_card(
     config, results, format=format, base=backbone, command=command or runtime.command_line()
   )
@@ -157,7 +155,9 @@ def _model_name(base: str) -> str:
   return os.path.basename(path)
 
 
-def model_card(config, results: dict, *, format: str, base: str, command: str) -> str:
+def model_card(
+  config: schema.Config, results: dict, *, format: str, base: str, command: str
+) -> str:
   """The export's README.md: model, method, data, metrics by split, and provenance."""
   a = config.adapter
   routed = a.router != "none"

@@ -14,7 +14,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
-from cuma_jax import api, errors, overrides, platforms, runtime, schema
+from cuma_jax import api, errors, overrides, platforms, runtime, schema, tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -71,7 +71,8 @@ def main(argv):
     log = print if jax.process_index() == 0 else _silent
     _, params, given = _PARSED_ARGV
     changes = {**config_flags.get_override_values(flags.FLAGS["config"]), **params}
-    config = overrides.resolve(_CONFIG.value, changes, _WORKDIR.value, config_given=given, log=log)
+    base = _CONFIG.value if given else tasks.recorded_config(_WORKDIR.value)
+    config = overrides.resolve(base, changes, _WORKDIR.value, from_workdir=not given, log=log)
     api.run(config, _WORKDIR.value, log=log)
   except errors.Refusal as refusal:
     if _VERBOSE.value or os.environ.get(TRACEBACK_ENV, "0") not in ("", "0"):

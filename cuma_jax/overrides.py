@@ -2,7 +2,8 @@
 config.
 
 ``python -m cuma_jax.main --workdir=DIR --config.mode=eval`` (no ``--config``) evaluates or
-resumes DIR with the config its newest checkpoint recorded: only what changes is given, as
+resumes DIR with the config its latest checkpoint recorded (``cuma_jax.tasks.recorded_config``,
+which ``cuma_jax.main`` passes here): only what changes is given, as
 ``--config.KEY=VALUE``, and the resume check classes those changes as ever (a key that
 defines the experiment is refused, a free one is taken).  With ``--config=FILE:PRESET`` the
 file's preset is the base, as before.
@@ -26,8 +27,6 @@ from cuma_jax import errors, presets, registry, schema
 from cuma_jax.training import checkpointing
 
 DEFAULT_CONFIG = os.path.abspath(__file__)
-# Where a workdir's runs keep their checkpoints: a survey's training, each preference stage.
-CHECKPOINT_DIRS = ("train", *schema.STAGES)
 _CONFIG_ARG = re.compile(r"^--?config(=|$)")
 _VARIANT_ARGS = tuple(f"--config.{section}." for section in schema.VARIANT_KWARGS)
 
@@ -74,19 +73,6 @@ def _literal(text: str) -> Any:
     return text
 
 
-def recorded_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config of WORKDIR's newest checkpoint, completed with the schema's defaults (its
-  ``adapter.plugins`` imported); None when WORKDIR holds no checkpoint."""
-  newest = None
-  for name in CHECKPOINT_DIRS:
-    directory = os.path.join(workdir, name, "checkpoints")
-    steps = [s for s in os.listdir(directory) if s.isdigit()] if os.path.isdir(directory) else []
-    if steps:
-      written = max(os.path.getmtime(os.path.join(directory, s)) for s in steps)
-      newest = max(newest or (written, directory), (written, directory))
-  return None if newest is None else config_of(newest[1])
-
-
 def config_of(directory: str) -> ml_collections.ConfigDict:
   """The config of the newest checkpoint in ``directory``, completed with the schema's
   defaults (its ``adapter.plugins`` imported)."""
@@ -102,23 +88,22 @@ def config_of(directory: str) -> ml_collections.ConfigDict:
 
 
 def resolve(
-  config: ml_collections.ConfigDict,
+  base: ml_collections.ConfigDict | None,
   overrides: dict[str, Any],
   workdir: str,
   *,
-  config_given: bool,
+  from_workdir: bool,
   log=print,
 ) -> ml_collections.ConfigDict:
-  """The locked, validated config a command line runs: ``config`` (the file's) when
-  ``--config`` was given, else WORKDIR's recorded config; then ``overrides`` (dotted keys)."""
-  base = config
-  if not config_given:
-    base = recorded_config(workdir)
-    if base is None:
-      raise errors.ConfigError(
-        f"--config is not given and {workdir} holds no checkpoint whose config a run could "
-        "start from; give --config=FILE:PRESET (e.g. configs/cuma.py:tiny)"
-      )
+  """The locked, validated config a command line runs: ``base`` with ``overrides`` (dotted
+  keys) set. ``base`` is the file's preset, or with ``from_workdir`` (``--config`` not
+  given) WORKDIR's recorded config (``cuma_jax.tasks.recorded_config``; None: it has none)."""
+  if base is None:  # only without --config
+    raise errors.ConfigError(
+      f"--config is not given and {workdir} holds no checkpoint whose config a run could "
+      "start from; give --config=FILE:PRESET (e.g. configs/cuma.py:tiny)"
+    )
+  if from_workdir:
     changes = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none"
     log(f"starting from the config recorded in {workdir}; command-line changes: {changes}")
   c = presets.apply_overrides(ml_collections.ConfigDict(base.to_dict()), overrides)

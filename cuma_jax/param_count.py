@@ -19,7 +19,9 @@ from cuma_jax.params import is_adapter_path, is_trainable
 from cuma_jax.runtime import architecture
 
 
-def count_parameters(config) -> dict[str, float]:
+def count_parameters(config: schema.ConfigLike) -> dict[str, float]:
+  """Counts from shapes alone (``config`` is validated first)."""
+  config = schema.validate(config)
   module = build_decoder(architecture(config), adapter=schema.adapter_config(config))
   shapes = traverse_util.flatten_dict(nn.unbox(abstract_params(module)))
   sizes = {path: int(np.prod(x.shape)) for path, x in shapes.items()}
@@ -35,8 +37,7 @@ def count_parameters(config) -> dict[str, float]:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  schema.validate(config)
+  config = schema.validate(_CONFIG.value)
   counts = count_parameters(config)
   print(
     f"method={config.method} ablation={config.ablation} "

@@ -147,12 +147,13 @@ def _program(name: str, lowered) -> Program:
   )
 
 
-def model_flops(config, model_config=None) -> dict[str, float]:
+def model_flops(config: schema.ConfigLike, model_config=None) -> dict[str, float]:
   """FLOPs of one training step and one evaluation batch (all devices), from the shapes: 2
   per multiply-add of every matmul and of attention's scores and values; the backward pass
   adds each matmul's activation gradient, and its weight gradient where it is trained
   (recomputation under remat is not counted). XLA's own count sees a scanned layer stack's
   loop body once, so it is not used. ``model_config`` defaults to the config's backbone."""
+  config = schema.validate(config)
   model_config = model_config or runtime.architecture(config)
   module = build_decoder(model_config, adapter=schema.adapter_config(config))
   cfg = module.config
@@ -179,7 +180,7 @@ def _abstract(tree, shardings, dtype=None):
   )
 
 
-def plan(config, devices) -> list[Program]:
+def plan(config: schema.ConfigLike, devices) -> list[Program]:
   """The training step and the evaluation step of ``config`` compiled for ``devices``."""
   return compile_programs(lower(config, devices))
 
@@ -189,9 +190,9 @@ def compile_programs(lowered: dict) -> list[Program]:
   return [_program(name, lowering) for name, lowering in lowered.items()]
 
 
-def lower(config, devices) -> dict:
+def lower(config: schema.ConfigLike, devices) -> dict:
   """{program name: its lowering} of ``config``'s training and evaluation steps."""
-  schema.validate(config)
+  config = schema.validate(config)
   layout = runtime.check_layout(
     config,
     runtime.architecture(config),
@@ -265,7 +266,9 @@ def _size(num_bytes: float) -> str:
   return f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2**20:.2f} MiB"
 
 
-def report(config, target_name: str, target: Target, devices, programs, out=print) -> bool:
+def report(
+  config: schema.Config, target_name: str, target: Target, devices, programs, out=print
+) -> bool:
   """Prints the plan's table; returns whether every program fits."""
   sizes = sharding.mesh_sizes(sharding.mesh_shape(config.mesh), len(devices))
   mesh = " x ".join(f"{axis} {n}" for axis, n in sizes.items() if n > 1) or "one device"
@@ -305,7 +308,7 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={match.group(1)}"
     )
-  config = args.config
+  config = schema.validate(args.config)
   devices, target = target_devices(args.target, args.memory_gib)
   if not args.suggest:
     report(config, args.target, target, devices, plan(config, devices))
@@ -313,9 +316,11 @@ def main(argv):
   fitting = []
   for preset in sharding.RULES_PRESETS:
     for remat in ("none", "dots", "full"):
-      variant = config.copy_and_resolve_references()
-      with variant.unlocked():
-        variant.mesh.rules_preset, variant.mesh.shape, variant.model.remat = preset, (), remat
+      variant = dataclasses.replace(
+        config,
+        mesh=dataclasses.replace(config.mesh, rules_preset=preset, shape=()),
+        model=dataclasses.replace(config.model, remat=remat),
+      )
       try:
         programs = plan(variant, devices)
       except ValueError as error:  # a mesh that does not divide the model

@@ -60,6 +60,14 @@ def apply_overrides(
   return c
 
 
+def with_overrides(config: schema.Config, overrides: Overrides) -> schema.Config:
+  """``config`` with each dotted key of ``overrides`` set (as :func:`apply_overrides`),
+  validated again: how a typed config is changed."""
+  return schema.validate(
+    apply_overrides(ml_collections.ConfigDict(schema.as_dict(config)), overrides)
+  )
+
+
 def _paper_scale(architecture: str, rank: int, learning_rate: float, **extra) -> Callable:
   """A recipe of the paper's section 7: CuMA on an 8B backbone, WorldValuesBench."""
 
@@ -447,15 +455,15 @@ def experiment_config(
 
 
 def baseline_config(
-  c: ml_collections.ConfigDict, method: str, *, backbone: str, data_dir: str
-) -> ml_collections.ConfigDict:
+  c: schema.Config, method: str, *, backbone: str, data_dir: str
+) -> schema.Config:
   """``method`` trained beside run ``c`` (``eval.baselines``): its data, backbone and steps,
   with the method's adapter. On the tiny CPU backbone it keeps the run's optimiser too (the
   method table's is the recipe for an 8B backbone); at an 8B scale it takes the method's
   whole recipe, as ``experiment_config(method, preset)`` does (LoRA: its rank and rate).
   ``eval.lora_baseline_rank`` and ``eval.baseline_learning_rates`` give a baseline its own
   rank and rate over either."""
-  b = ml_collections.ConfigDict(c.to_dict())
+  b = ml_collections.ConfigDict(schema.as_dict(c))
   cpu_scale = c.model.architecture == schema.TINY
   table = {**METHODS[method], **({} if cpu_scale else scale_method(c, method))}
   apply_overrides(b, {k: v for k, v in table.items() if not (cpu_scale and k.startswith("optim."))})
@@ -469,14 +477,14 @@ def baseline_config(
   b.eval.update(baselines=(), lora_baseline_rank=0, baseline_learning_rates=())
   if b.task == "survey":
     b.eval.untrained = False  # the run evaluated the model it starts from
-  schema.validate(b)
-  b.lock()
-  return b
+  return schema.validate(b)
 
 
-def warmup_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The tiny backbone's warm-up stage: full fine-tuning without profiles in the prompt."""
-  w = ml_collections.ConfigDict(c.to_dict())
+def warmup_config(c: schema.Config) -> schema.Config:
+  """The tiny backbone's warm-up stage: full fine-tuning without profiles in the prompt
+  (range-checked; not validated as a run, which a preference config without profiles in its
+  system turn would not pass)."""
+  w = ml_collections.ConfigDict(schema.as_dict(c))
   w.method, w.ablation, w.trainable = "full", "none", "all"
   w.model.update(dtype="float32", param_dtype="float32", scan_layers=False, remat="none")
   w.data.demographic_system_prompt = False
@@ -492,5 +500,4 @@ def warmup_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     num_steps=c.tiny_backbone.warmup_steps,
     checkpoint_every=max(c.tiny_backbone.warmup_steps, 1),
   )
-  w.lock()
-  return w
+  return schema.from_dict(w.to_dict())

@@ -23,9 +23,8 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import ml_collections
 
-from cuma_jax import errors, fingerprint, overrides, presets, schema
+from cuma_jax import errors, fingerprint, presets, schema
 from cuma_jax.checkpoints import adapter_import
 from cuma_jax.data import profile_questions
 from cuma_jax.encoders import (
@@ -65,7 +64,7 @@ class Experiment:
   """What every task's run is made of; a task's own subclass adds what it derives from these
   (``__post_init__``)."""
 
-  config: ml_collections.ConfigDict
+  config: schema.Config
   workdir: str
   data: Data
   backbone_dir: str
@@ -85,18 +84,19 @@ class Task(abc.ABC):
   train_split: str  # the split the demographics are read from and the tiny backbone warms up on
 
   @abc.abstractmethod
-  def load_data(self, config, workdir: str, log=print) -> Data:
+  def load_data(self, config: schema.Config, workdir: str, log=print) -> Data:
     """Opens the prepared dataset of ``config.data`` (prepared once per its inputs)."""
 
   @abc.abstractmethod
-  def check_checkpoints(self, config, workdir: str, inputs: dict) -> None:
+  def check_checkpoints(self, config: schema.Config, workdir: str, inputs: dict) -> None:
     """Refuses a workdir whose checkpoints came from another config or other inputs."""
 
   @abc.abstractmethod
   def checkpoint_dirs(self, workdir: str) -> tuple[str, ...]:
-    """Where its checkpoints may be, the furthest trained first (:func:`saved_config`)."""
+    """Where its checkpoints may be, the furthest trained first (the recorded config is the
+    first one's: ``cuma_jax.tasks.recorded_config``)."""
 
-  def batch_rows(self, config) -> list[tuple[str, int]]:
+  def batch_rows(self, config: schema.Config) -> list[tuple[str, int]]:
     """Its own rows per step besides ``data.batch_size`` (named), split over the batch axes."""
     del config
     return []
@@ -115,22 +115,34 @@ class Task(abc.ABC):
     """The texts the tiny backbone's tokenizer is trained on."""
 
   @abc.abstractmethod
-  def warmup_description(self, warm) -> str:
+  def warmup_description(self, warm: schema.Config) -> str:
     """What the tiny backbone's warm-up trains on, for the log."""
 
   @abc.abstractmethod
-  def warmup_batches(self, warm, data: Data, tokenizer, module) -> tuple[Any, Any]:
+  def warmup_batches(self, warm: schema.Config, data: Data, tokenizer, module) -> tuple[Any, Any]:
     """(batches, objective or None for the SFT one) of the tiny backbone's warm-up ``warm``."""
 
   @abc.abstractmethod
-  def run(self, config, workdir: str, log=print, *, encoders: FittedEncoders | None = None):
-    """Trains and/or evaluates; returns the metrics it printed."""
+  def run(
+    self,
+    config: schema.ConfigLike,
+    workdir: str,
+    log=print,
+    *,
+    encoders: FittedEncoders | None = None,
+  ):
+    """Trains and/or evaluates (validating ``config`` first); returns the metrics it printed."""
 
   @abc.abstractmethod
   def restore(
-    self, workdir: str, config, log=print, *, encoders: FittedEncoders | None = None
+    self,
+    workdir: str,
+    config: schema.ConfigLike,
+    log=print,
+    *,
+    encoders: FittedEncoders | None = None,
   ) -> Experiment:
-    """The trained experiment of ``workdir`` run with ``config``."""
+    """The trained experiment of ``workdir`` run with ``config`` (validated first)."""
 
 
 def process_zero_first(name: str, make):
@@ -143,12 +155,12 @@ def process_zero_first(name: str, make):
   return result if jax.process_index() == 0 else make()
 
 
-def _reads_profiles(config) -> bool:
+def _reads_profiles(config: schema.Config) -> bool:
   adapter = schema.adapter_config(config)
   return adapter is not None and adapter.uses_demographics
 
 
-def encoder_path(config, backbone_dir: str) -> str | None:
+def encoder_path(config: schema.Config, backbone_dir: str) -> str | None:
   """The demographic encoder's checkpoint or .npz (None when the routers read no profiles,
   or when the encoder is fitted to the dataset, which is fingerprinted on its own)."""
   if not _reads_profiles(config) or config.encoder.kind == "fitted_ngrams":
@@ -166,7 +178,7 @@ class FittedEncoders:
   def __init__(self):
     self._fitted: dict[tuple, FittedNgramEncoder] = {}
 
-  def get(self, config, task: Task, train_source) -> FittedNgramEncoder:
+  def get(self, config: schema.Config, task: Task, train_source) -> FittedNgramEncoder:
     """The n-gram encoder fitted to the training split's answers (``encoder.kind``)."""
     info = getattr(train_source, "dataset_info", None)
     if info is None:  # not a prepared dataset: nothing names its contents
@@ -182,7 +194,7 @@ class FittedEncoders:
     return self._fitted[key]
 
 
-def fit_ngram_encoder(config, task: Task, train_source) -> FittedNgramEncoder:
+def fit_ngram_encoder(config: schema.Config, task: Task, train_source) -> FittedNgramEncoder:
   answers = task.answers(train_source)
   questions: dict[str, int] = {}
   return FittedNgramEncoder.fit(
@@ -195,7 +207,7 @@ def fit_ngram_encoder(config, task: Task, train_source) -> FittedNgramEncoder:
 
 
 def make_demographics(
-  config,
+  config: schema.Config,
   backbone_dir: str,
   task: Task,
   train_source,
@@ -248,26 +260,27 @@ _CLUSTER_ENV = {
 }
 
 
-def initialize_distributed(config) -> bool:
+def initialize_distributed(config: schema.ConfigLike) -> bool:
   """Joins this process to a multi-process run as ``config.distributed`` says (before any
   other JAX call); returns whether it did."""
   d = config.distributed
   launched = any(test(os.environ.get(k, "")) for k, test in _CLUSTER_ENV.items())
   if d.initialize == "off" or (d.initialize == "auto" and not (launched or d.coordinator_address)):
     return False
-  kwargs = {
-    "coordinator_address": d.coordinator_address or None,
-    "num_processes": d.num_processes or None,
-    "process_id": None if d.process_id < 0 else d.process_id,
-  }
-  jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+  # Unset values are discovered from the environment.
+  jax.distributed.initialize(
+    coordinator_address=d.coordinator_address or None,
+    num_processes=d.num_processes or None,
+    process_id=None if d.process_id < 0 else d.process_id,
+  )
   return True
 
 
-def validate(config, task: Task) -> None:
-  """What can be refused before anything is read: the schema, a missing backbone, and a
-  mesh that does not fit the model (the tiny backbone's, once it is built)."""
-  schema.validate(config)
+def validate(given: schema.ConfigLike, task: Task) -> schema.Config:
+  """The typed config the task runs with, after what can be refused before anything is read:
+  the schema, a missing backbone, and a mesh that does not fit the model (the tiny
+  backbone's, once it is built)."""
+  config = schema.validate(given)
   _check_init_from(config)
   if config.model.architecture != schema.TINY and not config.model.checkpoint:
     raise errors.ConfigError(
@@ -282,9 +295,10 @@ def validate(config, task: Task) -> None:
       "the tiny backbone is built by single-process runs: run this config once in one "
       "process, then set config.model.checkpoint to its WORKDIR/assets/tiny_backbone_*/warmed_up"
     )
+  return config
 
 
-def _check_init_from(config) -> None:
+def _check_init_from(config: schema.Config) -> None:
   """An ``adapter.init_from`` directory matches the config's adapter (docs/interop.md)."""
   if config.method == "full" and config.adapter.init_from:
     raise errors.ConfigError(
@@ -295,7 +309,7 @@ def _check_init_from(config) -> None:
     adapter_import.check_config(adapter)
 
 
-def architecture(config) -> ModelConfig:
+def architecture(config: schema.Config) -> ModelConfig:
   """The backbone's architecture: the checkpoint's config.json, else the bundled one (for
   the tiny backbone, its section with a vocabulary of ``tiny_backbone.vocab_size``; the
   trained tokenizer adds its few special tokens to that)."""
@@ -311,7 +325,10 @@ def architecture(config) -> ModelConfig:
 
 
 def check_layout(
-  config, model_config: ModelConfig, devices=None, batches: Iterable[tuple[str, int]] = ()
+  config: schema.Config,
+  model_config: ModelConfig,
+  devices=None,
+  batches: Iterable[tuple[str, int]] = (),
 ) -> Layout:
   """The config's mesh and rules, refused (naming the axis and the dimension) when a mesh
   axis does not divide a dimension it splits, or a batch (``batches``: a task's own rows
@@ -350,7 +367,7 @@ def check_layout(
   return layout
 
 
-def load_model(config, backbone_dir: str, layout: Layout):
+def load_model(config: schema.Config, backbone_dir: str, layout: Layout):
   """The backbone with the config's adapter (initialised from ``config.seed``, or read from
   ``adapter.init_from``), loaded sharded onto ``layout`` in the config's dtypes."""
   adapter = schema.adapter_config(config)
@@ -369,7 +386,9 @@ def load_model(config, backbone_dir: str, layout: Layout):
   return module, params
 
 
-def build_tiny_backbone(config, assets: str, data: Data, task: Task, log=print) -> str:
+def build_tiny_backbone(
+  config: schema.Config, assets: str, data: Data, task: Task, log=print
+) -> str:
   """The embedded default's backbone: a tiny Qwen3 given general competence locally.
 
   A random tiny Qwen3 and a BPE tokenizer are built from the task's texts
@@ -418,12 +437,12 @@ def build_tiny_backbone(config, assets: str, data: Data, task: Task, log=print) 
   return final
 
 
-def _warmup_settings(warm) -> dict:
+def _warmup_settings(warm: schema.Config) -> dict:
   """Every setting the warmed-up weights depend on besides the data."""
   return {
     "seed": warm.seed,
-    "tiny_backbone": warm.tiny_backbone.to_dict(),
-    "optim": warm.optim.to_dict(),
+    "tiny_backbone": schema.as_dict(warm.tiny_backbone),
+    "optim": schema.as_dict(warm.optim),
     "max_length": warm.data.max_length,
     "shuffle_seed": warm.data.shuffle_seed,
     "task": warm.task,
@@ -440,7 +459,7 @@ def _warmup_settings(warm) -> dict:
 
 
 def prepare(
-  config, workdir: str, task: Task, log=print, encoders: FittedEncoders | None = None
+  config: schema.Config, workdir: str, task: Task, log=print, encoders: FittedEncoders | None = None
 ) -> Experiment:
   """Prepares data, backbone, model, tokenizer and demographics of a validated config as the
   task's experiment, after refusing a workdir whose checkpoints came from other inputs
@@ -498,16 +517,7 @@ def has_checkpoint(directory: str) -> bool:
   return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
-def saved_config(directory: str) -> ml_collections.ConfigDict:
-  """The config of the latest checkpoint in ``directory``, completed with the schema's
-  defaults, for evaluation."""
-  config = overrides.config_of(directory)
-  config.mode = "eval"
-  config.lock()
-  return config
-
-
-def baseline_of(experiment: Experiment, method: str) -> tuple[ml_collections.ConfigDict, str]:
+def baseline_of(experiment: Experiment, method: str) -> tuple[schema.Config, str]:
   """``method`` trained beside the experiment (``eval.baselines``): its config (the same
   data and backbone) and its workdir."""
   config = experiment.config
@@ -518,7 +528,7 @@ def baseline_of(experiment: Experiment, method: str) -> tuple[ml_collections.Con
   return baseline, os.path.join(experiment.workdir, "baselines", method)
 
 
-def export(config, workdir: str, params: dict, log=print) -> dict[str, str]:
+def export(config: schema.Config, workdir: str, params: dict, log=print) -> dict[str, str]:
   """Exports (or verifies, rewriting what differs) the trained adapters in WORKDIR/adapters;
   returns {path in the workdir: SHA-256} (none for full fine-tuning)."""
   adapter = schema.adapter_config(config)
@@ -532,7 +542,9 @@ def export(config, workdir: str, params: dict, log=print) -> dict[str, str]:
   return {f"adapters/{name}": digest for name, digest in digests.items()}
 
 
-def write_results(config, workdir: str, results: dict, exports: dict, log=print) -> None:
+def write_results(
+  config: schema.Config, workdir: str, results: dict, exports: dict, log=print
+) -> None:
   """Writes WORKDIR/results.json with the exports' digests and what reproduces the run.
 
   An evaluation (mode=eval) updates what it evaluated and keeps the rest (the untrained
@@ -577,7 +589,7 @@ def command_line() -> str:
   return shlex.join([*head, *sys.argv[1:]])
 
 
-def provenance(config) -> dict:
+def provenance(config: schema.Config) -> dict:
   """What reproduces a run: its exact config and seed, the command line, library versions,
   devices."""
   return {

@@ -19,7 +19,7 @@ import dataclasses
 import difflib
 import os
 import typing
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import ml_collections
 
@@ -354,23 +354,21 @@ class Config(Section):
   distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
 
-def _config_fields(cls) -> tuple[dataclasses.Field, ...]:
-  return tuple(f for f in dataclasses.fields(cls) if f.metadata.get("config", True))
+# A config as a caller gives it (a preset's ConfigDict, or a Config): the entry points
+# validate it into the typed Config that everything below them reads.
+ConfigLike: TypeAlias = ml_collections.ConfigDict | Config
 
 
 def _section_types(cls) -> dict[str, type]:
   hints = typing.get_type_hints(cls)
   return {
-    f.name: hints[f.name] for f in _config_fields(cls) if dataclasses.is_dataclass(hints[f.name])
+    f.name: hints[f.name]
+    for f in fields.config_fields(cls)
+    if dataclasses.is_dataclass(hints[f.name])
   }
 
 
-def as_dict(obj) -> dict:
-  """A schema dataclass as the nested dict of its config keys."""
-  return {
-    f.name: as_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
-    for f in _config_fields(type(obj))
-  }
+as_dict = fields.as_dict
 
 
 def from_dict(values: dict, cls=Config, prefix: str = ""):
@@ -378,7 +376,7 @@ def from_dict(values: dict, cls=Config, prefix: str = ""):
 
   A key the schema does not have is refused, naming it.
   """
-  names = {f.name for f in _config_fields(cls)}
+  names = {f.name for f in fields.config_fields(cls)}
   unknown = sorted(set(values) - names)
   if unknown:
     raise ValueError(
@@ -426,7 +424,7 @@ def help_texts() -> dict[str, str]:
 
   def walk(cls, obj, prefix):
     notes, sections = fields.comments(cls), _section_types(cls)
-    for f in _config_fields(cls):
+    for f in fields.config_fields(cls):
       key, value = f"{prefix}{f.name}", getattr(obj, f.name)
       if f.name in sections:
         walk(sections[f.name], value, f"{key}.")
@@ -464,21 +462,23 @@ def eval_splits_available(config: Config) -> tuple[str, ...]:
   return tuple(config.data.synthetic.split_sizes())
 
 
-def validate(c: ml_collections.ConfigDict) -> Config:
-  """Refuses impossible values, naming the key and what is allowed; returns the typed config.
+def validate(c: ConfigLike) -> Config:
+  """Refuses impossible values, naming the key and what is allowed; returns the typed config
+  that the runtime and the tasks read (a typed one is checked again: its sections check
+  their own fields only).
 
   Every refusal is a :class:`~cuma_jax.errors.ConfigError`, also those of the checks a
   section's own class makes (the adapter's, the synthetic survey's)."""
   try:
-    return _checked(c)
+    return _checked(as_dict(c) if isinstance(c, Config) else c.to_dict())
   except ValueError as error:
     if isinstance(error, errors.Refusal):
       raise
     raise errors.ConfigError(str(error)) from error
 
 
-def _checked(c: ml_collections.ConfigDict) -> Config:
-  config = from_dict(c.to_dict())
+def _checked(values: dict) -> Config:
+  config = from_dict(values)
   _check_task(config)
   available = eval_splits_available(config)
   missing = [s for s in config.eval.splits if s not in available]
@@ -677,9 +677,9 @@ def complete(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def adapter_config(c: ml_collections.ConfigDict) -> AdapterConfig | None:
+def adapter_config(config: Config) -> AdapterConfig | None:
   """The adapter the config injects (None for full fine-tuning)."""
-  return None if c.method == "full" else from_dict(c.adapter.to_dict(), AdapterConfig, "adapter.")
+  return None if config.method == "full" else config.adapter
 
 
 def resume_class(key: str) -> str:

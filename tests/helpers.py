@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 import transformers
 
-from cuma_jax import presets, runtime
+from cuma_jax import presets, runtime, schema
 from cuma_jax.checkpoints.safetensors_io import SINGLE_FILE, TensorIndex, write_safetensors
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.tasks import survey
@@ -92,6 +92,17 @@ def tiny_config(**overrides):
   return c
 
 
+def main_job_inputs(workdir):
+  """(the tiny survey, the warmed-up tiny backbone) of the session's main-job run in
+  ``workdir``, as `cuma_jax.run` leaves them (built here if that run failed before)."""
+  config = schema.validate(tiny_config())
+  data = survey.load_data(config, str(workdir))
+  backbone = runtime.build_tiny_backbone(
+    config, os.path.join(workdir, "assets"), data, survey.TASK, log=lambda *_: None
+  )
+  return data, backbone
+
+
 def edit_lines(path, edit):
   """Rewrites a text file through ``edit(lines)`` (lines without their newlines)."""
   lines = path.read_text().split("\n")
@@ -142,7 +153,6 @@ def train_on_survey(
   """``loop.train`` of ``config`` on the survey's training split from ``backbone``, as the
   job trains (resuming a workdir's checkpoints the way it does); ``wrap`` wraps the dataset,
   ``edit`` maps the loaded parameters to those training starts from."""
-  from cuma_jax import schema
   from cuma_jax.data.pipeline import make_dataset
   from cuma_jax.models.pretrained import load_pretrained, load_tokenizer
   from cuma_jax.training import loop

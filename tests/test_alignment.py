@@ -115,7 +115,7 @@ def test_restore_dispatches_a_preference_workdir_to_its_last_stage(preference_ru
 
 def test_each_model_samples_its_replies_with_its_own_key(preference_run):
   _, workdir = preference_run
-  config = presets.experiment_config("cuma", "preference_tiny")
+  config = schema.validate(presets.experiment_config("cuma", "preference_tiny"))
   aligned = preference.prepare(config, str(workdir), log=lambda *_: None)
   ev = preference.evaluation_set(aligned, log=lambda *_: None)
   base = aligned.base()

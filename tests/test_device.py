@@ -83,7 +83,7 @@ def _step_config():
         "optim.warmup_steps": 0,
       },
     )
-  return config
+  return schema.validate(config)
 
 
 @pytest.mark.slow  # on the CPU; a lent accelerator runs it (-m device)

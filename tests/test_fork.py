@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from cuma_jax import api, overrides, presets
+from cuma_jax import api, overrides, presets, tasks
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,8 @@ widths = sorted({{
 }})
 print(json.dumps({{
   "imported": {FORK!r} in sys.modules,
-  "router_kwargs": experiment.config.adapter.router_kwargs.to_dict(),
-  "gate_kwargs": experiment.config.adapter.gate_kwargs.to_dict(),
+  "router_kwargs": cuma_jax.schema.as_dict(experiment.config.adapter.router_kwargs),
+  "gate_kwargs": cuma_jax.schema.as_dict(experiment.config.adapter.gate_kwargs),
   "hidden_widths": widths,
   "test": experiment.evaluate("test")["model"],
 }}))
@@ -59,7 +59,11 @@ def test_the_fork_trains_evaluates_and_restores_from_its_workdir(main_job, tmp_p
 
   # mode=eval from the recorded config alone: no fork flag repeated, nothing refused.
   config = overrides.resolve(
-    overrides.get_config(), {"mode": "eval"}, workdir, config_given=False, log=lambda *_: None
+    tasks.recorded_config(workdir),
+    {"mode": "eval"},
+    workdir,
+    from_workdir=True,
+    log=lambda *_: None,
   )
   assert config.adapter.router_kwargs.to_dict() == {"hidden": 16, "temperature": 1.0}
   assert config.adapter.gate_kwargs.to_dict() == {"sharpness": 3.0}

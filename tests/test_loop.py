@@ -7,13 +7,13 @@ import re
 import shutil
 import time
 
-from helpers import tiny_config, train_on_survey
+from helpers import main_job_inputs, tiny_config, train_on_survey
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cuma_jax import fingerprint, runtime
+from cuma_jax import fingerprint, runtime, schema
 from cuma_jax.tasks import survey
 from cuma_jax.training import checkpointing, loop
 
@@ -24,13 +24,15 @@ def _config(**overrides):
   """The `tiny` config with adapters on q_proj and v_proj only (half the tracing and
   compile time of all seven projections; the main job trains all seven), six steps with
   checkpoints at 2, 4 and 6."""
-  return tiny_config(
-    **{
-      "adapter.targets": ("q_proj", "v_proj"),
-      "train.num_steps": 6,
-      "train.checkpoint_every": 2,
-      **overrides,
-    }
+  return schema.validate(
+    tiny_config(
+      **{
+        "adapter.targets": ("q_proj", "v_proj"),
+        "train.num_steps": 6,
+        "train.checkpoint_every": 2,
+        **overrides,
+      }
+    )
   )
 
 
@@ -42,12 +44,7 @@ def assets(main_job):
   before writing them).
   """
   _, workdir = main_job
-  config = tiny_config()
-  data = survey.load_data(config, str(workdir))
-  backbone = runtime.build_tiny_backbone(
-    config, os.path.join(workdir, "assets"), data, survey.TASK, log=lambda *_: None
-  )
-  return data, backbone
+  return main_job_inputs(workdir)
 
 
 def _inputs(assets, backbone=None):

@@ -9,12 +9,9 @@ import subprocess
 import sys
 
 from conftest import FAST_COMPILE, ROOT
-from helpers import divisible_qwen3, tiny_config
+from helpers import divisible_qwen3, main_job_inputs, tiny_config
 import pytest
 from safetensors.numpy import load_file
-
-from cuma_jax import runtime
-from cuma_jax.tasks import survey
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +61,7 @@ def _run_two_processes(workdir, *overrides):
 def test_two_processes_train_checkpoint_evaluate_and_export(main_job, tmp_path):
   _, main_workdir = main_job
   config = tiny_config()
-  data = survey.load_data(config, str(main_workdir))
-  warmed = runtime.build_tiny_backbone(
-    config, os.path.join(main_workdir, "assets"), data, survey.TASK, log=lambda *_: None
-  )
+  _, warmed = main_job_inputs(main_workdir)
   # Eight heads and kv heads: the model axis of 8 devices splits them across the processes.
   backbone = divisible_qwen3(tmp_path / "backbone", warmed, heads=8, kv_heads=8)
   common = (

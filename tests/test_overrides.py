@@ -2,12 +2,13 @@
 config and the overrides are only what changes, classed for resume as ever; a variant's
 parameters are taken out of absl's arguments."""
 
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 
-from cuma_jax import overrides, presets, schema
+from cuma_jax import fields, overrides, presets, schema, tasks
 from cuma_jax.layers import routing
 from cuma_jax.training import checkpointing
 
@@ -44,7 +45,7 @@ def test_split_argv_takes_out_the_variant_parameters_and_names_the_default_confi
 
 def _trained(directory, **changes):
   """A checkpoint (a stand-in state) written by the tiny preset with ``changes``."""
-  config = presets.experiment_config("cuma", "tiny", overrides=changes)
+  config = schema.validate(presets.experiment_config("cuma", "tiny", overrides=changes))
   ckpt = checkpointing.TrainCheckpoints.of(config, str(directory))
   ckpt.save(1, {"w": np.zeros(2, np.float32)}, {}, force=True)
   ckpt.wait()
@@ -63,19 +64,20 @@ def workdir(tmp_path_factory):
 
 
 def _resolve(workdir, changes, config=None):
-  placeholder = overrides.get_config()
-  given = config is not None
-  return overrides.resolve(
-    config or placeholder, changes, workdir, config_given=given, log=lambda *_: None
+  """The config a command line runs, as ``cuma_jax.main`` resolves it, typed."""
+  from_workdir = config is None
+  base = tasks.recorded_config(workdir) if from_workdir else config
+  return schema.validate(
+    overrides.resolve(base, changes, workdir, from_workdir=from_workdir, log=lambda *_: None)
   )
 
 
 def test_without_config_a_run_starts_from_the_recorded_config(workdir):
   workdir, trained = workdir
-  assert overrides.recorded_config(workdir).to_dict() == trained.to_dict()
+  assert tasks.recorded_config(workdir).to_dict() == schema.as_dict(trained)
   config = _resolve(workdir, {"mode": "eval"})
-  assert config.is_locked and config.mode == "eval"
-  assert {**config.to_dict(), "mode": "train"} == trained.to_dict()
+  assert config.mode == "eval"
+  assert dataclasses.replace(config, mode="train") == trained
   check = dict(config_conflicts=schema.resume_conflicts)
   assert checkpointing.check_workdir(config, os.path.join(workdir, "train", "checkpoints"), **check)
   # A free change is taken; a change of what defines the experiment is refused, as ever.
@@ -105,19 +107,23 @@ def test_without_config_or_checkpoint_the_run_is_refused_in_one_line(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def test_the_newest_stage_s_config_is_the_recorded_one(tmp_path):
+def test_the_furthest_stage_s_config_is_the_recorded_one(tmp_path):
+  """One rule for the command line and for restore: the furthest-trained stage's config,
+  whatever the files' times (a copied workdir does not keep them)."""
   _trained(tmp_path / "sft" / "checkpoints", **{"adapter.rank": 2})
   _trained(tmp_path / "dpo" / "checkpoints", **{"adapter.rank": 3})
   old = os.path.getmtime(tmp_path / "dpo" / "checkpoints" / "1") - 60
   os.utime(tmp_path / "dpo" / "checkpoints" / "1", (old, old))
-  assert overrides.recorded_config(str(tmp_path)).adapter.rank == 2
-  assert overrides.recorded_config(str(tmp_path / "none")) is None
+  assert tasks.recorded_config(str(tmp_path)).adapter.rank == 3
+  saved = tasks.saved_config(str(tmp_path))
+  assert (saved.adapter.rank, saved.mode) == (3, "eval")
+  assert tasks.recorded_config(str(tmp_path / "none")) is None
 
 
 def test_overrides_of_a_variant_s_parameters_apply_over_the_recorded_ones(workdir):
   workdir, _ = workdir
   config = _resolve(workdir, {"adapter.router": "token_and_demographics"})
-  assert config.adapter.router_kwargs.to_dict() == {}
+  assert config.adapter.router_kwargs == fields.NoParams()
   with pytest.raises(ValueError, match=r"router_kwargs\.hidden is not a parameter of router kind"):
     _resolve(workdir, {"adapter.router_kwargs.hidden": 3})
 

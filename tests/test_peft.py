@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 
+from cuma_jax import fields
 from cuma_jax.checkpoints import adapter_formats, adapter_import
 from cuma_jax.checkpoints import peft as peft_format
 from cuma_jax.layers.adapter_config import TARGET_MODULES, AdapterConfig
@@ -137,7 +138,7 @@ def _tensors(directory):
 
 
 def _fields(adapter):
-  return {f.name: getattr(adapter, f.name) for f in AdapterConfig.config_fields()}
+  return {f.name: getattr(adapter, f.name) for f in fields.config_fields(AdapterConfig)}
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ manual directory (any layout), read back by random access; the synthetic data an
 
 import json
 
-import ml_collections
 import pytest
 
+from cuma_jax import schema
 from cuma_jax.data import preference_builder, synthetic_preference
 from cuma_jax.data.pipeline import as_text
 from cuma_jax.tiny.preference_fixture import write_preference_fixture
@@ -14,16 +14,10 @@ SPLITS = ("sft_train", "sft_test", "dpo_train", "dpo_test")
 
 
 def _data(dataset, manual_dir="", **synthetic):
-  return ml_collections.ConfigDict(
-    {
-      "dataset": dataset,
-      "manual_dir": str(manual_dir),
-      "split_mode": "conversation",
-      "synthetic_preference": {
-        **vars(synthetic_preference.SyntheticPreferenceConfig()),
-        **synthetic,
-      },
-    }
+  return schema.DataSection(
+    dataset=dataset,
+    manual_dir=str(manual_dir),
+    synthetic_preference=synthetic_preference.SyntheticPreferenceConfig(**synthetic),
   )
 
 

@@ -39,7 +39,7 @@ def test_every_experiment_of_the_paper_has_a_config_file():
 @pytest.mark.parametrize("path", FILES, ids=lambda p: os.path.basename(p)[:-3])
 @pytest.mark.parametrize("preset", presets.SCALES)
 def test_config_builds_and_keeps_its_method(path, preset):
-  c = _load(path).get_config(preset)
+  c = schema.validate(_load(path).get_config(preset))
   adapter = schema.adapter_config(c)
   if c.method == "lora":
     assert (adapter.router, adapter.num_experts, adapter.top_k) == ("none", 1, 1)
@@ -117,22 +117,24 @@ def test_cpu_scales_keep_their_learning_rate(method):
 
 
 def test_a_baseline_is_trained_the_way_of_its_run():
-  run = presets.experiment_config(
-    "cuma", "tiny", overrides={"eval.baselines": ("lora", "full"), "data.batch_size": 4}
+  run = schema.validate(
+    presets.experiment_config(
+      "cuma", "tiny", overrides={"eval.baselines": ("lora", "full"), "data.batch_size": 4}
+    )
   )
   baseline = presets.baseline_config(run, "lora", backbone="/backbone", data_dir="/tfds")
-  lora = presets.experiment_config("lora", "tiny")
+  lora = schema.validate(presets.experiment_config("lora", "tiny"))
   assert (baseline.method, baseline.ablation, baseline.eval.baselines) == ("lora", "none", ())
   assert baseline.adapter == lora.adapter  # the method's adapter...
   assert baseline.optim == run.optim and baseline.train == run.train  # ...trained as the run
-  same_data = lambda c: {**c.data.to_dict(), "data_dir": ""}  # noqa: E731
+  same_data = lambda c: {**schema.as_dict(c.data), "data_dir": ""}  # noqa: E731
   assert same_data(baseline) == same_data(run) and baseline.seed == run.seed  # profile in prompt
   assert (baseline.model.checkpoint, baseline.data.data_dir) == ("/backbone", "/tfds")
 
 
 @pytest.mark.slow  # four parameter counts at the demo's size
 def test_the_demos_baselines_get_cumas_parameter_budget_and_their_own_rate():
-  run = presets.experiment_config("cuma", "demo")
+  run = schema.validate(presets.experiment_config("cuma", "demo"))
   lora = presets.baseline_config(run, "lora", backbone="/backbone", data_dir="/tfds")
   assert run.data.demographic_system_prompt and lora.data.demographic_system_prompt
   assert (lora.adapter.rank, lora.adapter.alpha / lora.adapter.rank) == (
@@ -166,9 +168,9 @@ def test_the_demos_baselines_get_cumas_parameter_budget_and_their_own_rate():
 def test_a_baseline_at_an_8b_scale_takes_its_methods_recipe(preset):
   # LoRA beside an 8B CuMA run is LoRA's recipe at that scale (CA: rank 64; the rate, its
   # schedule and betas), not CuMA's rank and rate.
-  run = presets.experiment_config("cuma", preset)
+  run = schema.validate(presets.experiment_config("cuma", preset))
   baseline = presets.baseline_config(run, "lora", backbone="/backbone", data_dir="/tfds")
-  lora = presets.experiment_config("lora", preset)
+  lora = schema.validate(presets.experiment_config("lora", preset))
   assert baseline.adapter == lora.adapter and baseline.optim == lora.optim
   assert baseline.adapter.rank == (64 if preset == "ca_qwen3_8b" else 8)
   assert baseline.optim.learning_rate == 2e-5

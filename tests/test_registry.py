@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import flax.linen as nn
+from helpers import main_job_inputs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,12 +80,7 @@ def registered():
 def assets(main_job):
   """The tiny survey and warmed-up tiny backbone of the session's main-job run."""
   _, workdir = main_job
-  config = presets.experiment_config("cuma", "tiny")
-  data = survey.load_data(config, str(workdir))
-  backbone = runtime.build_tiny_backbone(
-    config, os.path.join(workdir, "assets"), data, survey.TASK, log=lambda *_: None
-  )
-  return data, backbone
+  return main_job_inputs(workdir)
 
 
 def _config(**overrides):
@@ -92,8 +88,7 @@ def _config(**overrides):
   c.unlock()
   presets.apply_overrides(c, overrides)
   c.train.update(num_steps=3, checkpoint_every=3)
-  schema.validate(c)
-  return c
+  return schema.validate(c)
 
 
 def _train_and_capture(config, assets, workdir):

@@ -1,6 +1,7 @@
 """The config schema: every field's range, cross-field checks, resume classes."""
 
 import dataclasses
+import json
 import typing
 
 import ml_collections
@@ -197,7 +198,7 @@ def test_config_keys_are_the_dataclass_fields():
   }
   # A value set on the config reaches the dataclass (no hand-written copy to forget).
   c.adapter.gate_temperature = 0.25
-  assert schema.adapter_config(c).gate_temperature == 0.25
+  assert schema.adapter_config(schema.validate(c)).gate_temperature == 0.25
 
 
 def test_resume_conflicts_classify_keys():
@@ -249,3 +250,28 @@ def test_config_validation_names_the_key():
   locked = presets.experiment_config("cuma", "tiny")
   with pytest.raises(AttributeError, match="learning_rte"):
     locked.optim.learning_rte = 1.0
+
+
+@pytest.mark.parametrize("preset", presets.SCALES)
+def test_a_typed_config_records_what_the_configdict_recorded(preset):
+  """Checkpoints record the typed config (``fields.as_dict``); those written from the
+  ConfigDict (its own JSON, before the runtime read the typed config) must compare equal, so
+  that every workdir written before resumes."""
+  c = presets.experiment_config("cuma", preset)
+  typed = schema.validate(c)
+  assert json.loads(json.dumps(schema.as_dict(typed))) == json.loads(c.to_json())
+  assert schema.resume_conflicts(json.loads(c.to_json()), schema.as_dict(typed)) == []
+
+
+def test_a_typed_config_is_validated_again_and_changed_by_overrides():
+  config = schema.validate(_tiny())
+  assert schema.validate(config) == config
+  # Each section checks its own fields; a check across sections runs on validation only.
+  full = dataclasses.replace(config, method="full")
+  with pytest.raises(schema.errors.ConfigError, match="method='full' needs .*trainable='all'"):
+    schema.validate(full)
+  changed = presets.with_overrides(config, {"adapter.rank": 4, "eval.splits": ("valid",)})
+  assert (changed.adapter.rank, changed.eval.splits) == (4, ("valid",))
+  assert dataclasses.replace(changed, adapter=config.adapter, eval=config.eval) == config
+  with pytest.raises(schema.errors.ConfigError, match=r"config\.adapter\.rank=0"):
+    presets.with_overrides(config, {"adapter.rank": 0})

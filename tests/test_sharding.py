@@ -1,10 +1,8 @@
 """Sharded jobs on 8 host devices: the rules presets, sharded loading, training, checkpoints
 and evaluation on several meshes, each against one device."""
 
-import os
-
 from flax import traverse_util
-from helpers import divisible_qwen3, tiny_config, train_on_survey
+from helpers import divisible_qwen3, main_job_inputs, tiny_config, train_on_survey
 import jax
 import numpy as np
 import pytest
@@ -81,20 +79,22 @@ MESH_SIZES = {"fsdp": 2, "model": 4}
 
 
 def _config(preset, shape, **overrides):
-  return tiny_config(
-    **{
-      "adapter.targets": TARGETS,
-      "mesh.rules_preset": preset,
-      "mesh.shape": shape,
-      "model.scan_layers": True,  # one layer body to compile; the 8B presets' form
-      "train.num_steps": 1,
-      "optim.warmup_steps": 0,
-      # Every expert selected: at initialisation the routers' logits are nearly tied, so a
-      # top-2 choice could flip with the rounding of a sharded sum (and with it which
-      # experts are trained); the gates still weigh the experts, the balance loss still runs.
-      "adapter.top_k": 4,
-      **overrides,
-    }
+  return schema.validate(
+    tiny_config(
+      **{
+        "adapter.targets": TARGETS,
+        "mesh.rules_preset": preset,
+        "mesh.shape": shape,
+        "model.scan_layers": True,  # one layer body to compile; the 8B presets' form
+        "train.num_steps": 1,
+        "optim.warmup_steps": 0,
+        # Every expert selected: at initialisation the routers' logits are nearly tied, so a
+        # top-2 choice could flip with the rounding of a sharded sum (and with it which
+        # experts are trained); the gates still weigh the experts, the balance loss still runs.
+        "adapter.top_k": 4,
+        **overrides,
+      }
+    )
   )
 
 
@@ -103,11 +103,7 @@ def assets(main_job, tmp_path_factory):
   """The main job's tiny survey and a random tiny Qwen3 (with its tokenizer) that divides
   the meshes."""
   _, workdir = main_job
-  config = tiny_config()
-  data = survey.load_data(config, str(workdir))
-  warmed = runtime.build_tiny_backbone(
-    config, os.path.join(workdir, "assets"), data, survey.TASK, log=lambda *_: None
-  )
+  data, warmed = main_job_inputs(workdir)
   directory = tmp_path_factory.mktemp("divisible_qwen3")
   return data, divisible_qwen3(directory, warmed, heads=HEADS, kv_heads=KV_HEADS, mlp=MLP)
 

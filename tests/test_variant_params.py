@@ -181,7 +181,7 @@ def test_the_parameters_are_recorded_in_full_and_read_back():
   assert c.adapter.router_kwargs.to_dict() == {"hidden": 5, "temperature": 1.0}
   assert c.adapter.gate_kwargs.to_dict() == {"power": 3.0}
   assert isinstance(c.adapter.gate_kwargs.power, float)
-  recorded = checkpointing.config_to_json(c)
+  recorded = checkpointing.config_to_json(schema.validate(c))
   assert recorded["adapter"]["router_kwargs"] == {"hidden": 5, "temperature": 1.0}
   typed = schema.from_dict(json.loads(json.dumps(recorded)))
   assert typed.adapter == schema.validate(c).adapter
@@ -191,7 +191,9 @@ def test_the_parameters_are_recorded_in_full_and_read_back():
 
 
 def test_changing_a_parameter_is_refused_on_resume_like_an_adapter_key():
-  saved = checkpointing.config_to_json(_tiny(**{"adapter.router_kwargs.hidden": 5}))
+  saved = checkpointing.config_to_json(
+    schema.validate(_tiny(**{"adapter.router_kwargs.hidden": 5}))
+  )
   assert schema.resume_class("adapter.router_kwargs.hidden") == schema.resume_class("adapter.rank")
   changed = _tiny(**{"adapter.router_kwargs.hidden": 6}).to_dict()
   assert schema.resume_conflicts(saved, changed) == [
@@ -215,9 +217,12 @@ def test_changing_the_variant_drops_the_old_variant_s_parameters():
   schema.validate(c)
   # The baseline of a forked run takes its own method's router.
   b = presets.baseline_config(
-    _tiny(**{"adapter.router_kwargs.hidden": 5}), "lora", backbone="b", data_dir="d"
+    schema.validate(_tiny(**{"adapter.router_kwargs.hidden": 5})),
+    "lora",
+    backbone="b",
+    data_dir="d",
   )
-  assert b.adapter.router == "none" and b.adapter.router_kwargs.to_dict() == {}
+  assert b.adapter.router == "none" and b.adapter.router_kwargs == fields.NoParams()
 
 
 # --- adapter.plugins: a fork's module, imported before the config is checked. ---------------

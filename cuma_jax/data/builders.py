@@ -236,7 +236,7 @@ def prepared_builder(data_config, data_dir: str, log=print) -> tfds.core.Dataset
   prepared anew instead of reusing records of the old one.
   """
   if data_config.dataset == "synthetic":
-    survey = synthetic.SyntheticSurveyConfig(**data_config.synthetic.to_dict())
+    survey = data_config.synthetic
     key = fingerprint.digest(dataclasses.asdict(survey))
     builder = CumaSyntheticSurvey(
       data_dir=data_dir, config=SyntheticConfig(name=f"s{key[:12]}", survey=survey)

@@ -95,9 +95,7 @@ def prepared_builder(data_config, data_dir: str, log=print) -> tfds.core.Dataset
   """The preference dataset of ``config.data``, prepared once per content of its inputs
   (the synthetic settings, or the manual directory's files) and split mode."""
   source = data_config.dataset
-  synthetic = synthetic_preference.SyntheticPreferenceConfig(
-    **data_config.synthetic_preference.to_dict()
-  )
+  synthetic = data_config.synthetic_preference
   if source == "synthetic_preference":
     inputs: Any = dataclasses.asdict(synthetic)
     download_config = None

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cuma_jax import schema
 from cuma_jax.data import prompts
 from cuma_jax.data.pipeline import as_text, make_dataset
 from cuma_jax.evaluation import metrics, predict
@@ -20,7 +21,15 @@ EVAL_KEYS = ("input_ids", "attention_mask", "prompt_length", "profile_index", "o
 
 
 def evaluate(
-  config, module, params, tokenizer, source, demographics, oracle=None, *, split: str = "the split"
+  config: schema.Config,
+  module,
+  params,
+  tokenizer,
+  source,
+  demographics,
+  oracle=None,
+  *,
+  split: str = "the split",
 ) -> dict:
   """Restricted-argmax predictions on one split and their metrics (plus the oracle's).
 

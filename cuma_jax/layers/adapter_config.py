@@ -126,11 +126,6 @@ class AdapterConfig:
   def uses_demographics(self) -> bool:
     return bool(self.targets) and ROUTERS.get(self.router).reads_demographics
 
-  @classmethod
-  def config_fields(cls) -> tuple[dataclasses.Field, ...]:
-    """The fields that are config keys (``adapter.<name>``)."""
-    return tuple(f for f in dataclasses.fields(cls) if f.metadata.get("config", True))
-
 
 def check_demographics(adapter: AdapterConfig, demographics, batch: int):
   """Validates the [batch, demographic_dim] embeddings the routers will read."""

@@ -43,7 +43,7 @@ from cuma_jax.training.step import sft_objective
 from cuma_jax.training.workdir import WorkdirLock, check_workdir_path, write_atomically
 
 
-def load_data(config, workdir: str, log=print) -> runtime.Data:
+def load_data(config: schema.Config, workdir: str, log=print) -> runtime.Data:
   """Opens the prepared preference dataset of ``config.data`` (prepared once per inputs)."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
   builder = runtime.process_zero_first(
@@ -138,7 +138,7 @@ def _backbone_params(params: dict, copy: bool) -> dict:
 
 
 def prepare(
-  config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None
+  config: schema.Config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None
 ) -> Aligned:
   """Prepares data, backbone, model, tokenizer and demographics of a validated config, after
   refusing a workdir whose stages' checkpoints came from another config."""
@@ -181,7 +181,6 @@ def _stage(aligned: Aligned, stage: str, previous: str | None, params: dict, log
   """Trains one stage from ``params`` (what ``previous`` left); returns its parameters."""
   config, sources = aligned.config, aligned.data.sources
   p = config.preference
-  batching = dict(seed=config.data.shuffle_seed, num_epochs=None)
   overrides: dict[str, Any] = {}
   lengths = aligned.lengths()
   if stage == "sft":
@@ -229,7 +228,8 @@ def _stage(aligned: Aligned, stage: str, previous: str | None, params: dict, log
     # DPO scores the reply and its end-of-turn token, whatever SFT supervises.
     supervision=config.data.supervision if kind == "sft" else END_OF_TURN,
     truncation=p.sft_truncation if kind == "sft" else "prompt_start",
-    **batching,
+    seed=config.data.shuffle_seed,
+    num_epochs=None,
   )
   log(f"{stage}: {steps} steps of {batch_size} {'prompts' if kind == 'prompt' else 'rows'}")
   result = loop.train(
@@ -491,11 +491,17 @@ def references(aligned: Aligned, ev: Evaluation) -> dict:
   return out
 
 
-def run(config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None):
+def run(
+  config: schema.ConfigLike,
+  workdir: str,
+  log=print,
+  *,
+  encoders: runtime.FittedEncoders | None = None,
+):
   """Trains the stages (``mode='train'``) or restores the last (``'eval'``), evaluates,
   writes results.json; returns the results. ``encoders``: fitted demographic encoders to
   reuse (the run's baselines share them)."""
-  runtime.validate(config, TASK)
+  config = runtime.validate(config, TASK)
   pe = config.preference.eval
   host_side = _host_side_stages(config)
   if jax.process_count() > 1 and host_side:
@@ -536,7 +542,7 @@ def run(config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | N
   return results
 
 
-def _host_side_stages(config) -> list[str]:
+def _host_side_stages(config: schema.Config) -> list[str]:
   """The stages whose batches are prepared on the host with the model (GRPO's sampling; a
   DPO reference other than the frozen backbone)."""
   stages = config.preference.stages
@@ -574,7 +580,11 @@ def _restored(aligned: Aligned, stage: str, log) -> dict:
 
 
 def restore(
-  workdir: str, config, log=print, *, encoders: runtime.FittedEncoders | None = None
+  workdir: str,
+  config: schema.ConfigLike,
+  log=print,
+  *,
+  encoders: runtime.FittedEncoders | None = None,
 ) -> Aligned:
   """The trained run of ``workdir`` with ``config``: its parts, and the last stage's
   parameters as ``params``."""
@@ -583,7 +593,7 @@ def restore(
     raise errors.MissingInput(
       f"{workdir} has no training checkpoint of its last stage in {_checkpoint_dir(workdir, last)}"
     )
-  runtime.validate(config, TASK)
+  config = runtime.validate(config, TASK)
   aligned = prepare(config, workdir, log, encoders=encoders)
   aligned.params = _restored(aligned, last, log)
   return aligned
@@ -619,7 +629,7 @@ def report(name: str, result: dict, log) -> None:
   log(f"[preference] {name:>16}: " + "  ".join(parts))
 
 
-def _check_checkpoints(config, workdir: str, inputs: dict) -> None:
+def _check_checkpoints(config: schema.Config, workdir: str, inputs: dict) -> None:
   """Each stage's checkpoints are of this config (their inputs are checked as each stage
   resumes: a later stage's include the previous stage's last checkpoint)."""
   del inputs
@@ -629,7 +639,7 @@ def _check_checkpoints(config, workdir: str, inputs: dict) -> None:
     )
 
 
-def _batch_rows(config) -> list[tuple[str, int]]:
+def _batch_rows(config: schema.Config) -> list[tuple[str, int]]:
   p = config.preference
   pairs = (p.dpo.batch_size or config.data.batch_size) * jax.process_count()
   samples = (p.grpo.prompts_per_step or config.data.batch_size) * p.grpo.group_size
@@ -656,7 +666,7 @@ def _warmup_corpus(data: runtime.Data):
   yield ca_prompts.PERSONA_SYSTEM_PROMPT
 
 
-def _warmup_batches(warm, data: runtime.Data, tokenizer, module):
+def _warmup_batches(warm: schema.Config, data: runtime.Data, tokenizer, module):
   """The chat SFT rows, each shown under ANOTHER user's profile: the backbone learns the chat
   format and that a profile is there, but not what it implies (the population's preferred
   replies)."""
@@ -693,7 +703,7 @@ class Preference(runtime.Task):
   restore = staticmethod(restore)
 
   @staticmethod
-  def warmup_description(warm) -> str:
+  def warmup_description(warm: schema.Config) -> str:
     return "on the chat SFT rows, each under another user's profile"
 
   @staticmethod

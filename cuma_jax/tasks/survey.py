@@ -24,7 +24,7 @@ from cuma_jax.training import checkpointing, loop
 from cuma_jax.training.workdir import WorkdirLock, check_workdir_path
 
 
-def load_data(config, workdir: str, log=print) -> runtime.Data:
+def load_data(config: schema.Config, workdir: str, log=print) -> runtime.Data:
   """Opens the TFDS array_record dataset the config names, prepared once per input contents."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
   builder = runtime.process_zero_first(
@@ -84,7 +84,7 @@ class Experiment(runtime.Experiment):
 
 
 def prepare(
-  config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None
+  config: schema.Config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None
 ) -> Experiment:
   """Prepares data, backbone, model, tokenizer and demographics of a validated config, after
   refusing a workdir whose checkpoints came from other inputs (before any model loads)."""
@@ -92,14 +92,20 @@ def prepare(
   return cast(Experiment, runtime.prepare(config, workdir, TASK, log, encoders))
 
 
-def run(config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | None = None):
+def run(
+  config: schema.ConfigLike,
+  workdir: str,
+  log=print,
+  *,
+  encoders: runtime.FittedEncoders | None = None,
+):
   """Trains (``config.mode == 'train'``) and/or evaluates; returns the metrics it printed.
 
   The cheap checks come first and write nothing: the config, the workdir's checkpoints being
   of it, and for mode=eval their existence. The workdir is then locked for the rest of the
   run. ``encoders``: fitted demographic encoders to reuse (the run's baselines share them).
   """
-  runtime.validate(config, TASK)
+  config = runtime.validate(config, TASK)
   if config.task != "survey":
     raise errors.ConfigError(
       f"config.task={config.task!r} is not the survey task; cuma_jax.run (and python -m "
@@ -118,7 +124,7 @@ def run(config, workdir: str, log=print, *, encoders: runtime.FittedEncoders | N
     return _run(config, workdir, log, encoders or runtime.FittedEncoders())
 
 
-def _run(config, workdir: str, log, encoders, *, baseline: bool = False) -> dict:
+def _run(config: schema.Config, workdir: str, log, encoders, *, baseline: bool = False) -> dict:
   experiment = prepare(config, workdir, log, encoders=encoders)
   results = {}
   if config.mode == "train" and config.eval.untrained:
@@ -146,14 +152,18 @@ def _run_baseline(experiment: Experiment, method: str, encoders, log) -> dict:
 
 
 def restore(
-  workdir: str, config, log=print, *, encoders: runtime.FittedEncoders | None = None
+  workdir: str,
+  config: schema.ConfigLike,
+  log=print,
+  *,
+  encoders: runtime.FittedEncoders | None = None,
 ) -> Experiment:
   """The trained experiment of ``workdir`` run with ``config``: model, trained parameters,
   tokenizer, data and demographics. With ``adapter.init_from`` set, a workdir without
   checkpoints gives those adapters."""
   if not config.adapter.init_from and not runtime.has_checkpoint(_checkpoint_dir(workdir)):
     raise errors.MissingInput(f"{workdir} has no training checkpoint in {_checkpoint_dir(workdir)}")
-  runtime.validate(config, TASK)
+  config = runtime.validate(config, TASK)
   experiment = prepare(config, workdir, log, encoders=encoders)
   experiment.params = _trained_params(experiment, log)
   return experiment
@@ -225,7 +235,7 @@ def _report(name, results, log, models_only=False):
       )
 
 
-def _check_checkpoints(config, workdir: str, inputs: dict) -> None:
+def _check_checkpoints(config: schema.Config, workdir: str, inputs: dict) -> None:
   checkpointing.check_workdir(
     config, _checkpoint_dir(workdir), inputs, config_conflicts=schema.resume_conflicts
   )
@@ -252,14 +262,14 @@ def _warmup_corpus(data: runtime.Data):
   yield prompts.INSTRUCTION
 
 
-def _warmup_description(warm) -> str:
+def _warmup_description(warm: schema.Config) -> str:
   reading = warm.tiny_backbone.warmup == "profile_reading"
   return "on the survey without profiles" + (
     ", mixed with questions about each profile's own fields" if reading else ""
   )
 
 
-def _warmup_batches(warm, data: runtime.Data, tokenizer, module):
+def _warmup_batches(warm: schema.Config, data: runtime.Data, tokenizer, module):
   """The survey WITHOUT profiles in the prompt: the backbone learns the answer format and the
   population's answers (mean collapse). With ``tiny_backbone.warmup="profile_reading"``,
   questions about each training profile's own fields, asked under that profile, are mixed

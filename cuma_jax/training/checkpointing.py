@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cuma_jax import fingerprint
+from cuma_jax import fields, fingerprint
 from cuma_jax.checkpoints.safetensors_io import safetensors_digest, write_safetensors
 from cuma_jax.errors import Refusal
 from cuma_jax.training.workdir import write_atomically
@@ -78,8 +78,8 @@ def exact_differences(saved: dict, current: dict) -> list[str]:
 
 
 def config_to_json(config) -> dict:
-  """A JSON-safe dict of an ml_collections config (tuples become lists)."""
-  return json.loads(config.to_json())
+  """A JSON-safe dict of a typed config (``cuma_jax.schema.Config``; tuples become lists)."""
+  return json.loads(json.dumps(fields.as_dict(config)))
 
 
 def input_fingerprints(

@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
-import ml_collections
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -149,7 +148,7 @@ def train(
   layout = sharding.Layout.of(config.mesh)
   steps = num_steps
   updates_per_step = config.optim.accumulation_steps
-  optim_config = ml_collections.ConfigDict({**config.optim.to_dict(), **(optim_overrides or {})})
+  optim_config = dataclasses.replace(config.optim, **(optim_overrides or {}))
   objective = objective or default_objective(config, module)
   tx = optim.make_optimizer(optim_config, steps)
   schedule = optim.learning_rate_schedule(optim_config, steps)

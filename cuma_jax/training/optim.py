@@ -9,7 +9,7 @@ import optax
 def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
   """Constant / linear decay / cosine decay to zero, each after a linear warmup."""
   peak, warmup = optim.learning_rate, optim.warmup_steps
-  decay_steps = max((optim.get("horizon_steps") or total_steps) - warmup, 1)
+  decay_steps = max((optim.horizon_steps or total_steps) - warmup, 1)
   if optim.schedule == "constant":
     main = optax.constant_schedule(peak)
   elif optim.schedule == "linear":

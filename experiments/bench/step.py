@@ -116,7 +116,7 @@ def step_config(
         **(overrides or {}),
       },
     )
-  return config
+  return schema.validate(config)
 
 
 def matmul(n: int = 2048):

@@ -16,8 +16,6 @@ import json
 import os
 import sys
 
-import ml_collections
-
 from cuma_jax import schema
 from cuma_jax.param_count import count_parameters
 
@@ -38,7 +36,7 @@ HEADER = (
 
 def _reads(config: dict) -> str:
   text = config["data"]["demographic_system_prompt"]
-  adapter = schema.adapter_config(ml_collections.ConfigDict(config))
+  adapter = schema.adapter_config(schema.from_dict(config))
   routed = adapter is not None and adapter.uses_demographics
   return " and ".join(w for w, on in (("as text", text), ("as z", routed)) if on) or "no"
 
@@ -51,7 +49,7 @@ def table(run_dirs: list[str]) -> list[str]:
     with open(os.path.join(run_dir, "results.json")) as f:
       results = json.load(f)
     config = results["run"]["config"]
-    count = count_parameters(ml_collections.ConfigDict(config))["trainable"]
+    count = count_parameters(schema.from_dict(config))["trainable"]
     label = LABELS.get(config["method"], config["method"])
     if config["adapter"]["targets"] and config["method"] != "full":
       label += f" r={config['adapter']['rank']}"

@@ -29,7 +29,6 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from cuma_jax import presets, runtime, schema
@@ -86,16 +85,18 @@ def candidate_config(candidate: Candidate, backbone: str, data_dir: str, steps: 
     overrides["adapter.demographic_dim"] = candidate.demographic_dim
     overrides["eval.baselines"] = ()
     overrides["eval.baseline_learning_rates"] = ()
-    return presets.experiment_config("cuma", "demo", overrides=overrides)
+    return schema.validate(presets.experiment_config("cuma", "demo", overrides=overrides))
   overrides["eval.baseline_learning_rates"] = ((candidate.method, candidate.learning_rate),)
   overrides["eval.baselines"] = (candidate.method,)
-  run = presets.experiment_config("cuma", "demo", overrides=overrides)
+  run = schema.validate(presets.experiment_config("cuma", "demo", overrides=overrides))
   return presets.baseline_config(run, candidate.method, backbone=backbone, data_dir=data_dir)
 
 
 def shared_inputs(workdir: str, warmup: str, log):
   """The demo's config with ``warmup``, its prepared survey and its warmed-up backbone."""
-  config = presets.experiment_config("cuma", "demo", overrides={"tiny_backbone.warmup": warmup})
+  config = schema.validate(
+    presets.experiment_config("cuma", "demo", overrides={"tiny_backbone.warmup": warmup})
+  )
   data = survey.load_data(config, workdir, log)
   backbone = runtime.build_tiny_backbone(
     config, os.path.join(workdir, "assets"), data, survey.TASK, log
@@ -202,11 +203,10 @@ def read_test(chosen: dict[str, list[Candidate]], workdir: str, data_dir: str, r
     _, _, backbone = shared_inputs(workdir, warmup, log)
     run_dirs = []
     for candidate in candidates:
-      c = candidate_config(candidate, backbone, data_dir, None).to_dict()
-      c = ml_collections.ConfigDict(c)
-      c.mode, c.eval.splits = "eval", ("test", "zero_shot")
-      schema.validate(c)
-      c.lock()
+      c = presets.with_overrides(
+        candidate_config(candidate, backbone, data_dir, None),
+        {"mode": "eval", "eval.splits": ("test", "zero_shot")},
+      )
       run_dirs.append(os.path.join(workdir, candidate.name))
       survey.run(c, run_dirs[-1], log=lambda *_: None)
     tables += [

@@ -45,7 +45,6 @@ matplotlib.use("Agg")
 
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cuma_jax import analysis, figures, presets, runtime, schema, tasks  # noqa: E402
@@ -127,15 +126,13 @@ def run_config(run: Run, preset: str, seed: int, steps: int, backbone: str, data
       **dict(run.overrides),
     },
   )
-  schema.validate(c)
-  c.lock()
-  return c
+  return schema.validate(c)
 
 
 def shared_inputs(preset: str, workdir: str, log, overrides: presets.Overrides | None = None):
   """The prepared survey and the warmed-up tiny backbone every run reads (``overrides``: of the
   data and the backbone's warm-up, as the runs will set them)."""
-  config = presets.experiment_config("cuma", preset, overrides=overrides)
+  config = schema.validate(presets.experiment_config("cuma", preset, overrides=overrides))
   data = survey.load_data(config, workdir, log)
   backbone = runtime.build_tiny_backbone(
     config, os.path.join(workdir, "assets"), data, survey.TASK, log
@@ -167,7 +164,7 @@ def linear_probe(config, data, backbone: str) -> dict[str, dict[str, float]]:
       },
     ),
   ):
-    c = presets.apply_overrides(ml_collections.ConfigDict(config.to_dict()), overrides)
+    c = presets.with_overrides(config, overrides)
     encoders[kind] = runtime.make_demographics(
       c, backbone, survey.TASK, data.sources["train"], encoders=FITTED
     )
