@@ -6,9 +6,12 @@ and the hand-written WorldValuesBench fixture. Any cell that raises fails the te
 
 The survey notebooks start from the session's run of the main job (`main_job`, the same
 preset) instead of repeating it: the quickstart resumes a copy of that finished run, and
-fork_the_router's shared inputs are its prepared survey and warmed-up tiny backbone, so the
-variants (trained from scratch in the kernel) are all that runs. The preference notebook
-starts from the data and backbone of the session's preference run (`preference_run`).
+fork_the_router's shared inputs are its prepared survey and warmed-up tiny backbone, and its
+unchanged CuMA (the same preset and steps) resumes a copy of it, so the two variants (trained
+from scratch in the kernel) are all that trains. The preference notebook
+starts from the data, backbone and SFT stage of the session's preference run
+(`preference_run`, the same preset): its SFT-only run resumes that stage and evaluates it, and
+its DPO stage, added to that finished run, trains in the kernel.
 """
 
 import importlib.util
@@ -128,6 +131,9 @@ def test_fork_the_router(main_job, tmp_path):
   _, main_workdir = main_job
   for name in ("tfds", "assets"):  # the shared inputs, as `cuma_jax.prepare` leaves them
     shutil.copytree(main_workdir / name, tmp_path / "run" / "shared" / name)
+  # The notebook's plain CuMA is the main job's run (the same preset and steps): it resumes
+  # that finished run and evaluates it.
+  shutil.copytree(main_workdir, tmp_path / "run" / "CuMA")
   notebook = _run("fork_the_router", tmp_path, PRESET="tiny", NUM_STEPS=3, WORKDIR="run")
   (table,) = _outputs(notebook, "text/markdown")
   for variant, gate, router in (
@@ -146,7 +152,7 @@ def test_fork_the_router(main_job, tmp_path):
 
 def test_preference(preference_run, tmp_path):
   _, preference_workdir = preference_run
-  for name in ("tfds", "assets"):
+  for name in ("tfds", "assets", "sft"):
     shutil.copytree(preference_workdir / name, tmp_path / "run" / name)
   notebook = _run("preference", tmp_path, PRESET="preference_tiny", WORKDIR="run", EXAMPLES=2)
   tables = _outputs(notebook, "text/markdown")
