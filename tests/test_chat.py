@@ -8,27 +8,12 @@ import numpy as np
 import pytest
 
 from cuma_jax.data import chat
+from cuma_jax.data.preference_sources import make_record
 
 # What each chat format writes before a reply, and the token that ends the reply.
 HEADERS = {
   "qwen3": ("<|im_start|>assistant\n<think>\n\n</think>\n\n", "<|im_end|>"),
   "llama3": ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
-}
-KEYS = {
-  "id": "",
-  "source": "synthetic",
-  "conversation_id": "",
-  "turn": 0,
-  "profile": "",
-  "profile_fields": "{}",
-  "messages": "[]",
-  "chosen": "",
-  "rejected": "",
-  "question": "",
-  "options": [],
-  "answer": -1,
-  "question_id": "",
-  "chosen_option": -1,
 }
 PROFILES = ("Country: Japan, Age: 25-34", "Country: Peru, Gender: Female")
 THREAD = [
@@ -45,18 +30,19 @@ PROMPT = [
   {"role": "user", "content": "Something lighter?"},
 ]
 CHOSEN, REJECTED = "Fresh salads with lemon.", "Roast meat."
+# A thread whose prompt and reply both outgrow the truncation tests' lengths.
+LONG_THREAD = [
+  THREAD[0],
+  {"role": "user", "content": " ".join(["Tell me about the weather and the family dinner."] * 6)},
+  {"role": "assistant", "content": " ".join(["Rest at home with a book."] * 4)},
+]
 LENGTHS = chat.Lengths(max_length=160, max_prompt=140, max_completion=20)
 
 
 def _record(conversation, profile, messages, **fields):
-  return {
-    **KEYS,
-    "id": f"synthetic:{conversation}:0:0",
-    "conversation_id": conversation,
-    "profile": profile,
-    "messages": json.dumps(messages),
-    **fields,
-  }
+  return make_record(
+    "synthetic", conversation, 0, profile=profile, messages=json.dumps(messages), **fields
+  )
 
 
 SFT = [
@@ -127,12 +113,7 @@ def _first_row(source, tokenizer, lengths):
 
 def test_sft_truncation_keeps_the_prompt_end_and_the_reply_start(chat_tokenizer):
   tokenizer = chat_tokenizer("qwen3")
-  long_user = " ".join(["Tell me about the weather and the family dinner."] * 6)
-  messages = [
-    THREAD[0],
-    {"role": "user", "content": long_user},
-    {"role": "assistant", "content": " ".join(["Rest at home with a book."] * 4)},
-  ]
+  messages = LONG_THREAD
   prompt, completion = _split(tokenizer, "qwen3", messages)
   assert len(prompt) > 36 and len(completion) > 7
   lengths = chat.Lengths(max_length=40, max_prompt=36, max_completion=7)
@@ -155,12 +136,7 @@ def test_released_sft_truncation_cuts_the_whole_thread_at_its_end(chat_tokenizer
   # The released chat SFT tokenises the whole thread and right-truncates it at max_length: a
   # long thread keeps its prompt's start and loses its reply's end, or all of the reply.
   tokenizer = chat_tokenizer("qwen3")
-  long_user = " ".join(["Tell me about the weather and the family dinner."] * 6)
-  messages = [
-    THREAD[0],
-    {"role": "user", "content": long_user},
-    {"role": "assistant", "content": " ".join(["Rest at home with a book."] * 4)},
-  ]
+  messages = LONG_THREAD
   prompt, completion = _split(tokenizer, "qwen3", messages)
   record = [_record("c", PROFILES[0], messages)]
   length = len(prompt) + 5  # room for the prompt and 5 reply tokens

@@ -13,6 +13,7 @@ import torch
 
 from cuma_jax.data import ca_prompts
 from cuma_jax.data import synthetic_preference as sp
+from cuma_jax.data.preference_sources import RECORD_KEYS
 from cuma_jax.evaluation import judging
 from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.evaluation.predict import NonFiniteLogits
@@ -200,22 +201,6 @@ def test_win_rate_swaps_positions_by_seed(seed):
 
 # ----------------------------------------------------------------------------- synthetic data
 
-INTERFACE_KEYS = {
-  "id",
-  "source",
-  "conversation_id",
-  "turn",
-  "profile",
-  "profile_fields",
-  "messages",
-  "chosen",
-  "rejected",
-  "question",
-  "options",
-  "answer",
-  "question_id",
-  "chosen_option",
-}
 CONFIG = sp.SyntheticPreferenceConfig(num_users=400)
 
 
@@ -283,7 +268,7 @@ def test_every_record_has_exactly_the_interface_keys(synthetic):
   records, _ = synthetic
   for kind in ("sft", "dpo", "ca"):
     for record in records[kind]:
-      assert set(record) == INTERFACE_KEYS, (kind, record["id"])
+      assert tuple(record) == RECORD_KEYS, (kind, record["id"])
       assert record["source"] == "synthetic"
 
 
