@@ -20,6 +20,20 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+# Bumped whenever any registry changes: caches of traced models key on it, so a variant
+# registered again under the same name (a notebook cell run twice) is traced afresh.
+_generation = 0
+
+
+def generation() -> int:
+  """How many times the registries have changed in this process."""
+  return _generation
+
+
+def _changed() -> None:
+  global _generation
+  _generation += 1
+
 
 class Registry(Generic[T]):
   """A name -> entry table for one kind of extension point."""
@@ -36,13 +50,16 @@ class Registry(Generic[T]):
       if name in self._entries:
         raise ValueError(f"{self.kind} {name!r} is already registered")
       self._entries[name] = value
+      _changed()
       return value
 
     return add if entry is None else add(entry)
 
   def unregister(self, name: str) -> None:
     """Removes ``name`` (for tests and notebooks that re-run their registration)."""
-    self._entries.pop(name, None)
+    if name in self._entries:
+      del self._entries[name]
+      _changed()
 
   def check(self, name: str) -> None:
     if name not in self._entries:

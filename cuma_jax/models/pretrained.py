@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -9,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cuma_jax import registry
 from cuma_jax.checkpoints import hf
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.config import ModelConfig
@@ -48,19 +50,38 @@ def dummy_inputs(module: Decoder, batch: int = 1, length: int = 2) -> dict[str, 
 
 def abstract_params(module: Decoder):
   """Boxed (logically partitioned) parameter shapes, without allocating anything."""
+  # A fresh copy of the cached tree: callers may edit theirs.
+  return jax.tree.map(lambda x: x, _abstract_params(module, registry.generation()))
+
+
+# Traced once per module (modules are frozen and hashable; the registries' generation
+# stands for the variants they name): every load, layout check, plan and training run of
+# the same model in a process reuses the trace.
+@functools.lru_cache(maxsize=64)
+def _abstract_params(module: Decoder, generation: int):
+  del generation  # a key only
   return jax.eval_shape(lambda: module.init(jax.random.key(0), **dummy_inputs(module)))["params"]
 
 
 def init_adapter_params(module: Decoder, rng, shardings=None) -> dict:
   """Initialises only the adapter parameters (XLA drops the unused backbone init), each
   directly in its place when ``shardings`` (the whole model's tree) is given."""
+  out = None if shardings is None else filter_tree(shardings, is_adapter_path)
+  leaves, treedef = jax.tree.flatten(out)
+  return _adapter_initialiser(module, tuple(leaves), treedef, registry.generation())(rng)
+
+
+@functools.lru_cache(maxsize=64)
+def _adapter_initialiser(module: Decoder, sharding_leaves, sharding_treedef, generation: int):
+  """The jitted adapter initialisation of ``module``, traced and compiled once per process."""
+  del generation  # a key only
 
   def init(key):
     params = nn.unbox(module.init(key, **dummy_inputs(module))["params"])
     return filter_tree(params, is_adapter_path)
 
-  out = None if shardings is None else filter_tree(shardings, is_adapter_path)
-  return jax.jit(init, out_shardings=out)(rng)
+  out = jax.tree.unflatten(sharding_treedef, sharding_leaves)
+  return jax.jit(init, out_shardings=out)
 
 
 def load_pretrained(
