@@ -13,8 +13,13 @@ import glob
 import os
 import pathlib
 
-import jax
-
+# XLA:CPU settings for tiny programs, whose compiling takes longer than their running: the
+# costly LLVM passes and the fusion emitters off, one code-generation thread. Set in
+# XLA_FLAGS before JAX starts, by the tests, the quick study and the device run's CPU smoke.
+FAST_CPU_COMPILE_FLAGS = (
+  "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+  "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+)
 # PCI vendor of Google's TPU chips; TPU VMs of v4 and earlier also expose /dev/accel*.
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 # Devices through which JAX finds a GPU (NVIDIA, or AMD through ROCm).
@@ -41,6 +46,8 @@ def skip_absent_tpu() -> bool:
   A platform the user chose (``JAX_PLATFORMS``, ``JAX_FORCE_TPU_INIT``) is left alone, and so
   is a machine with a GPU (JAX picks among its backends as usual there).
   """
+  import jax  # here: the module's constants are read before JAX starts
+
   if (
     "JAX_PLATFORMS" in os.environ
     or "JAX_FORCE_TPU_INIT" in os.environ

@@ -15,8 +15,8 @@ Compilation is most of the suite's time, so:
   `load_pretrained` with the same adapter, every training run of the same config, the main
   job's evaluations) is compiled once, by whichever worker gets there first.  Set ``JAX_COMPILATION_CACHE_DIR`` to keep the cache
   between runs;
-- XLA:CPU skips its costly optimisation passes (``FAST_COMPILE``; an ``XLA_FLAGS`` already
-  in the environment is left as it is).
+- XLA:CPU skips its costly optimisation passes (``platforms.FAST_CPU_COMPILE_FLAGS``; an
+  ``XLA_FLAGS`` already in the environment is left as it is).
 """
 
 import os
@@ -27,10 +27,12 @@ import sys
 import tempfile
 import time
 
-# Tiny programs: XLA:CPU compile time, not run time, dominates; skip its costly passes.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+from cuma_jax.platforms import FAST_CPU_COMPILE_FLAGS
+
 # Tests that build a mesh need several host devices; this must precede importing jax.
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+os.environ.setdefault(
+  "XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_CPU_COMPILE_FLAGS}"
+)
 # CPU only: libtpu (in the test extra, for ahead-of-time TPU compilation) is not a device,
 # and each test process may load it (it takes a lock file otherwise).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -243,7 +245,7 @@ JOBS = {
       "test_fork.py",
       "test_notebooks.py",
     ),
-    FAST_COMPILE,  # one host device, as a user runs it
+    FAST_CPU_COMPILE_FLAGS,  # one host device, as a user runs it
   ),
   # The preference task on `preference_tiny`: every stage, the LoRA baseline.
   "preference_run": (

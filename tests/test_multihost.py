@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 
-from conftest import FAST_COMPILE, ROOT
+from conftest import ROOT
 from helpers import divisible_qwen3, main_job_inputs, tiny_config
 import pytest
 from safetensors.numpy import load_file
+
+from cuma_jax.platforms import FAST_CPU_COMPILE_FLAGS
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +30,7 @@ def _run_two_processes(workdir, *overrides):
   port = _free_port()
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_EACH} {FAST_COMPILE}",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES_EACH} {FAST_CPU_COMPILE_FLAGS}",
     JAX_PLATFORMS="cpu",
   )
   procs = [

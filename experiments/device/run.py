@@ -202,9 +202,11 @@ def main(argv=None) -> int:
   out = os.path.abspath(args.out)
   env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
   if args.cpu_smoke:
+    sys.path.append(ROOT)  # the smoke runs from the checkout
+    from cuma_jax import platforms  # JAX-free
+
     # Tiny programs: XLA:CPU's costly optimisation passes would dominate (as in the tests).
-    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=fast)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=platforms.FAST_CPU_COMPILE_FLAGS)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
   # Compilations shared between parts (the memory part compiles the step's program again).
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, ".jax-cache"))

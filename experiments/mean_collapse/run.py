@@ -33,11 +33,11 @@ import os
 import sys
 import time
 
+from cuma_jax import platforms  # noqa: E402  (no JAX yet: XLA_FLAGS must come first)
+
 if "--quick" in sys.argv:
   # Tiny programs: XLA:CPU's compile time, not run time, dominates; skip its costly passes.
-  os.environ.setdefault(
-    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-  )
+  os.environ.setdefault("XLA_FLAGS", platforms.FAST_CPU_COMPILE_FLAGS)
 
 import matplotlib  # noqa: E402
 
