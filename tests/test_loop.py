@@ -180,11 +180,16 @@ def test_unreadable_checkpoint_stops_or_falls_back(assets, straight, tmp_path):
 def _saved_states(directory):
   """{step: its saved state as numpy arrays}, read back by Orbax without our checks."""
   manager = checkpointing.TrainCheckpoints(str(directory), config_json={}, read_only=True).manager
+  as_numpy = lambda metadata: jax.tree.map(  # noqa: E731
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata
+  )
   states = {
-    step: jax.tree.map(
-      np.array,
-      manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"],
-    )
+    step: manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(restore_args=as_numpy(manager.item_metadata(step)["state"]))
+      ),
+    )["state"]
     for step in manager.all_steps()
   }
   manager.close()

@@ -106,6 +106,23 @@ def input_differences(saved: dict, current: dict) -> list[str]:
   ]
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's handler of the training state, except that on CPU each replicated array is
+  written whole by its first replica: Orbax's replica-parallel writing slices it into one
+  piece per replica, and host devices share one memory, so on CPU the slices only add a
+  dispatch each (8 host devices: a tenth of the preference run's time)."""
+  arrays = ocp.type_handlers.get_type_handler(jax.Array)
+  if jax.default_backend() == "cpu":
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+  handlers = [
+    (kind, arrays if kind is jax.Array else ocp.type_handlers.get_type_handler(kind))
+    for kind in ocp.type_handlers.supported_types()
+  ]
+  return ocp.PyTreeCheckpointHandler(
+    type_handler_registry=ocp.type_handlers.create_type_handler_registry(*handlers)
+  )
+
+
 class TrainCheckpoints:
   """``CheckpointManager`` over {state, data, config, inputs} items, keeping the last K steps.
 
@@ -147,7 +164,10 @@ class TrainCheckpoints:
         cleanup_tmp_directories=not read_only,
         create=not read_only,
       ),
-      item_names=("state", "data", "config", "inputs"),
+      item_handlers={
+        "state": _state_handler(),
+        **{name: ocp.JsonCheckpointHandler() for name in ("data", "config", "inputs")},
+      },
     )
 
   @classmethod
@@ -213,7 +233,7 @@ class TrainCheckpoints:
     return self.manager.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.PyTreeSave(state),
         data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(self.config_json),
         inputs=ocp.args.JsonSave(self.inputs or {}),
@@ -228,7 +248,10 @@ class TrainCheckpoints:
     restored = self.manager.restore(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        state=ocp.args.PyTreeRestore(
+          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        ),
+        data=ocp.args.JsonRestore(),
       ),
     )
     leaves = [x for x in jax.tree.leaves(restored["state"]) if jnp.issubdtype(x.dtype, jnp.inexact)]
