@@ -34,10 +34,6 @@ def _router_of_width(width, traces):
 
   class Router(nn.Module):
     num_experts: int
-    hidden_dims: tuple = ()
-    dropout: float = 0.0
-    in_axis: str = ""
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, z, deterministic=True):
@@ -45,7 +41,8 @@ def _router_of_width(width, traces):
       probe = self.param("probe", nn.initializers.normal(1.0), (width,))
       return jnp.zeros((*x.shape[:-1], self.num_experts)) + probe.sum()
 
-  return adapter.RouterKind(Router, reads_demographics=False)
+  make = lambda num_experts, name, **_: Router(num_experts, name=name)  # noqa: E731
+  return adapter.RouterKind(make, reads_demographics=False)
 
 
 def test_a_models_trace_is_reused_until_a_variant_is_registered_again(tiny_checkpoint):
