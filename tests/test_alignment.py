@@ -26,6 +26,7 @@ from cuma_jax.evaluation import preference as evaluation
 from cuma_jax.params import split_params
 from cuma_jax.tasks import preference
 from cuma_jax.training import loop
+from cuma_jax.training.checkpointing import CheckpointInputsMismatch
 
 pytestmark = pytest.mark.slow
 
@@ -234,14 +235,14 @@ def test_a_stage_retrained_under_a_finished_later_stage_is_refused(preference_ru
   _, workdir = preference_run
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  config = presets.experiment_config("cuma", "preference_tiny")
-  more = _main(
-    f"--workdir={copy}",
-    f"--config.train.num_steps={config.train.num_steps + 1}",
-    "--config.eval.baselines=()",
+  steps = presets.experiment_config("cuma", "preference_tiny").train.num_steps
+  config = presets.experiment_config(
+    "cuma", "preference_tiny", overrides={"train.num_steps": steps + 1, "eval.baselines": ()}
   )
-  assert more.returncode != 0
-  assert "previous_stage" in more.stderr and "dpo" in more.stderr
+  # In this process: the SFT stage trains one more step, then its DPO is refused.
+  with pytest.raises(CheckpointInputsMismatch, match="previous_stage") as refused:
+    cuma_jax.run(config, str(copy), log=lambda *_: None)
+  assert "dpo" in str(refused.value)
 
 
 def test_stage_lengths_follow_epochs_batches_and_accumulation():
