@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import transformers
 
-from cuma_jax import generation
+from cuma_jax import generation, platforms
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.models.pretrained import load_pretrained
 
@@ -135,6 +135,7 @@ def measure(
 
 
 def main():
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a CPU machine
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--repeats", type=int, default=3)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cuma_jax import platforms
 from cuma_jax.layers.adapter_config import AdapterConfig
 from cuma_jax.layers.dispatch import resolve_strategy
 from cuma_jax.layers.group import AdapterGroup
@@ -185,6 +186,7 @@ def ratio(times: dict, num: str, den: str) -> float:
 
 
 def main():
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a CPU machine
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   parser.add_argument("--repeats", type=int, default=5)

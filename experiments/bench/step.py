@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
-from cuma_jax import plan, presets, schema, sharding  # noqa: E402
+from cuma_jax import plan, platforms, presets, schema, sharding  # noqa: E402
 from cuma_jax.models.config import ModelConfig  # noqa: E402
 from cuma_jax.models.pretrained import build_decoder, dummy_inputs  # noqa: E402
 from cuma_jax.params import merge_params, partition  # noqa: E402
@@ -229,6 +229,7 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def main():
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a CPU machine
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--json", action="store_true")

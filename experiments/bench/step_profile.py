@@ -31,6 +31,8 @@ import jax  # noqa: E402
 from jax.profiler import ProfileData  # noqa: E402
 import step as bench_step  # noqa: E402
 
+from cuma_jax import platforms  # noqa: E402
+
 # (part, pattern of the op_name), first match wins.
 PARTS = (
   ("routers", r"_router/"),
@@ -96,6 +98,7 @@ def _module(pattern: str) -> str:
 
 
 def main():
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a CPU machine
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--layout", choices=tuple(bench_step.LAYOUTS), default="released")
   parser.add_argument("--method", choices=("cuma", "lora"), default="cuma")

@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cuma_jax import figures, presets, schema  # noqa: E402
+from cuma_jax import figures, platforms, presets, schema  # noqa: E402
 from cuma_jax.param_count import count_parameters  # noqa: E402
 from cuma_jax.tasks import survey  # noqa: E402
 from cuma_jax.training import checkpointing  # noqa: E402
@@ -640,6 +640,7 @@ def _read_json(path: str) -> dict | None:
 
 
 def main(argv=None) -> int:
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a CPU machine
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny preset, 2 culture counts")
   parser.add_argument("--seeds", type=int, nargs="+", default=None)

@@ -279,6 +279,7 @@ def _save(figure, out: str, name: str) -> None:
 
 
 def main(argv=None) -> int:
+  platforms.skip_absent_tpu()  # no libtpu start-up errors on a CPU machine
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny preset, 20 steps, one seed")
   parser.add_argument("--seeds", type=int, nargs="+", default=None)
