@@ -139,8 +139,8 @@ def test_hidden_states_variant_matches_automodel(tiny_checkpoint, tmp_path, scan
 
 
 # The parity tests, run again at XLA's default optimisation level: the suite compiles with
-# XLA:CPU's costly passes off (platforms.FAST_CPU_COMPILE_FLAGS), and a fault that only the optimised
-# program has (a fusion, a reassociated reduction) would pass there.
+# XLA:CPU's costly passes off (platforms.FAST_CPU_COMPILE_FLAGS), and a fault that only the
+# optimised program has (a fusion, a reassociated reduction) would pass there.
 # One of each (unscanned: scanning repeats the same layer body), to keep the suite fast.
 DEFAULT_LEVEL_TESTS = (
   *(

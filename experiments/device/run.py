@@ -202,7 +202,8 @@ def main(argv=None) -> int:
   out = os.path.abspath(args.out)
   env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
   if args.cpu_smoke:
-    sys.path.append(ROOT)  # the smoke runs from the checkout
+    if ROOT not in sys.path:  # the smoke runs from the checkout
+      sys.path.append(ROOT)
     from cuma_jax import platforms  # JAX-free
 
     # Tiny programs: XLA:CPU's costly optimisation passes would dominate (as in the tests).

@@ -33,7 +33,7 @@ import os
 import sys
 import time
 
-from cuma_jax import platforms  # noqa: E402  (no JAX yet: XLA_FLAGS must come first)
+from cuma_jax import platforms  # JAX-free: XLA_FLAGS is set below, before JAX starts
 
 if "--quick" in sys.argv:
   # Tiny programs: XLA:CPU's compile time, not run time, dominates; skip its costly passes.
